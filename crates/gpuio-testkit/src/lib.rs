@@ -1,0 +1,1 @@
+//! Test support for gpu-io (filled in by the reliability work).

@@ -1,0 +1,248 @@
+//! The portable engine: a pool of worker threads, each issuing blocking `pread`/`pwrite`/`fdatasync`.
+//!
+//! It works on every kernel and filesystem and is the fallback when io_uring is refused. Its cost is a
+//! context switch per request, so at 4 KiB it needs more CPU than io_uring for the same IOPS. The worker
+//! machinery is shared with the [`mmap`](super::mmap) engine through [`Executor`].
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+
+use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Most worker threads a pool starts; deeper queues wait in the job channel.
+pub const WORKERS_MAX: usize = 256;
+
+/// What a worker does with one request: returns bytes transferred or `-errno`.
+pub(crate) trait Executor: Send + Sync + 'static {
+    fn execute(&self, req: &IoRequest) -> i64;
+}
+
+/// `pread`/`pwrite`/`fdatasync` on the request's descriptor, once.
+#[derive(Debug, Default)]
+pub(crate) struct SyscallExecutor;
+
+fn errno() -> i64 {
+    -(std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO) as i64)
+}
+
+impl Executor for SyscallExecutor {
+    fn execute(&self, req: &IoRequest) -> i64 {
+        let fd = req.fd();
+        // SAFETY: the Backend::push contract keeps ptr..ptr+len valid and exclusive until completion.
+        let rc = unsafe {
+            match req.op {
+                IoOp::Read => {
+                    libc::pread(fd, req.ptr.cast(), req.len, req.offset as libc::off_t) as i64
+                }
+                IoOp::Write => libc::pwrite(
+                    fd,
+                    req.ptr.cast_const().cast(),
+                    req.len,
+                    req.offset as libc::off_t,
+                ) as i64,
+                IoOp::Sync => libc::fdatasync(fd) as i64,
+            }
+        };
+        if rc < 0 {
+            errno()
+        } else {
+            rc
+        }
+    }
+}
+
+/// A fixed pool of workers fed through a bounded channel.
+pub(crate) struct WorkerPool {
+    kind: BackendKind,
+    depth: usize,
+    in_flight: usize,
+    jobs: Option<Sender<IoRequest>>,
+    done: Receiver<IoDone>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl WorkerPool {
+    pub(crate) fn new(
+        kind: BackendKind,
+        depth: usize,
+        exec: Arc<dyn Executor>,
+    ) -> Result<WorkerPool> {
+        let (job_tx, job_rx) = bounded::<IoRequest>(depth);
+        let (done_tx, done_rx) = bounded::<IoDone>(depth);
+        let n = depth.min(WORKERS_MAX);
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let rx = job_rx.clone();
+            let tx = done_tx.clone();
+            let exec = exec.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("gpuio-{}-{i}", kind.name()))
+                .spawn(move || {
+                    while let Ok(req) = rx.recv() {
+                        let result = exec.execute(&req);
+                        if tx
+                            .send(IoDone {
+                                tag: req.tag,
+                                result,
+                            })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Unsupported,
+                        format!("cannot start worker thread: {e}"),
+                    )
+                })?;
+            workers.push(handle);
+        }
+        Ok(WorkerPool {
+            kind,
+            depth,
+            in_flight: 0,
+            jobs: Some(job_tx),
+            done: done_rx,
+            workers,
+        })
+    }
+
+    pub(crate) fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+}
+
+impl Backend for WorkerPool {
+    fn kind(&self) -> BackendKind {
+        self.kind
+    }
+    fn queue_depth(&self) -> usize {
+        self.depth
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+    unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
+        if self.in_flight >= self.depth {
+            return Err(req);
+        }
+        let jobs = self.jobs.as_ref().expect("job channel open until drop");
+        // The channel holds `depth` jobs and at most `depth` are in flight, so this never blocks.
+        match jobs.try_send(req) {
+            Ok(()) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner()),
+        }
+    }
+    fn submit_and_reap(
+        &mut self,
+        min_complete: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<IoDone>,
+    ) -> Result<()> {
+        let want = min_complete.min(self.in_flight);
+        let mut got = 0;
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        while got < want {
+            let r = match deadline {
+                Some(d) => self.done.recv_deadline(d),
+                None => self.done.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match r {
+                Ok(d) => {
+                    out.push(d);
+                    got += 1;
+                    self.in_flight -= 1;
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::new(ErrorKind::EngineStopped, "worker threads ended"))
+                }
+            }
+        }
+        while let Ok(d) = self.done.try_recv() {
+            out.push(d);
+            self.in_flight -= 1;
+        }
+        Ok(())
+    }
+    fn notes(&self) -> Vec<String> {
+        vec![format!(
+            "{} worker threads for queue depth {}",
+            self.workers.len(),
+            self.depth
+        )]
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        // Closing the job channel ends each worker after its current request; joining guarantees no
+        // worker touches request memory after the pool is gone.
+        self.jobs = None;
+        // Drain completions so no worker blocks on a full done channel.
+        let done = self.done.clone();
+        let drainer = std::thread::spawn(move || while done.recv().is_ok() {});
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        drop(drainer);
+    }
+}
+
+/// The pread/pwrite thread-pool engine.
+pub struct ThreadsBackend(WorkerPool);
+
+impl ThreadsBackend {
+    pub fn new(config: &BackendConfig) -> Result<ThreadsBackend> {
+        config.validate()?;
+        Ok(ThreadsBackend(WorkerPool::new(
+            BackendKind::Threads,
+            config.queue_depth,
+            Arc::new(SyscallExecutor),
+        )?))
+    }
+}
+
+impl std::fmt::Debug for ThreadsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ThreadsBackend({} workers)", self.0.worker_count())
+    }
+}
+
+impl Backend for ThreadsBackend {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+    fn queue_depth(&self) -> usize {
+        self.0.queue_depth()
+    }
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
+    }
+    unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
+        // SAFETY: same contract, passed through.
+        unsafe { self.0.push(req) }
+    }
+    fn submit_and_reap(
+        &mut self,
+        min_complete: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<IoDone>,
+    ) -> Result<()> {
+        self.0.submit_and_reap(min_complete, timeout, out)
+    }
+    fn notes(&self) -> Vec<String> {
+        self.0.notes()
+    }
+}

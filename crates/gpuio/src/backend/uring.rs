@@ -1,0 +1,389 @@
+//! The io_uring engine: requests become submission-queue entries, submitted in batches with one
+//! `io_uring_enter` per round, and completions are reaped from the completion queue (finding 236/238's
+//! submit-and-continue model, on the host).
+//!
+//! Set-up is probed, never assumed: the ring must build, and every opcode used (READ, WRITE, READ_FIXED,
+//! WRITE_FIXED, FSYNC) must be supported. Registered files and fixed buffers are optimisations: when the
+//! kernel refuses them (old kernel, `RLIMIT_MEMLOCK`, a full table) the engine says so in its notes and
+//! carries on with plain descriptors and unregistered buffers. SQPOLL and IOPOLL are opt-in.
+
+use std::collections::HashMap;
+use std::io;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+
+use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest};
+use crate::error::{Error, ErrorKind, Op, Result};
+use crate::file::File;
+use crate::mem::{BufferPool, Registration};
+
+/// Slots in the registered-file table.
+pub const FILE_SLOTS: u32 = 64;
+/// Slots in the fixed-buffer table.
+pub const BUFFER_SLOTS: u32 = 4096;
+
+/// Why io_uring cannot be used here, or `None` if the sysctl allows it.
+fn sysctl_refusal() -> Option<String> {
+    let v = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok()?;
+    match v.trim() {
+        "2" => Some("io_uring is disabled by sysctl kernel.io_uring_disabled=2".into()),
+        _ => None,
+    }
+}
+
+fn setup_err(what: &str, e: io::Error) -> Error {
+    let mut msg = format!("{what}: {e}");
+    if e.raw_os_error() == Some(libc::EPERM) {
+        msg.push_str(
+            " (kernel.io_uring_disabled=1 without the allowed group, or a seccomp filter)",
+        );
+    }
+    if let Some(r) = sysctl_refusal() {
+        msg = format!("{msg}; {r}");
+    }
+    let kind = match e.raw_os_error() {
+        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES) => ErrorKind::Unsupported,
+        Some(errno) => ErrorKind::from_errno(errno),
+        None => ErrorKind::Unsupported,
+    };
+    Error::new(kind, msg).with_op(Op::Setup)
+}
+
+struct FileSlot {
+    file: File,
+    direct: bool,
+}
+
+/// The io_uring engine.
+pub struct UringBackend {
+    ring: IoUring,
+    depth: usize,
+    in_flight: usize,
+    files_registered: bool,
+    file_slots: Vec<Option<FileSlot>>,
+    file_index: HashMap<(u64, bool), u32>,
+    buffers_registered: bool,
+    buffer_next: u32,
+    /// Pools registered here live as long as the ring: the kernel keeps their pages pinned.
+    pools: Vec<BufferPool>,
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for UringBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringBackend")
+            .field("depth", &self.depth)
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl UringBackend {
+    pub fn new(config: &BackendConfig) -> Result<UringBackend> {
+        config.validate()?;
+        if let Some(r) = sysctl_refusal() {
+            return Err(Error::new(ErrorKind::Unsupported, r).with_op(Op::Setup));
+        }
+        let mut notes = Vec::new();
+        let entries = config.queue_depth.next_power_of_two() as u32;
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(entries * 2);
+        if config.sqpoll {
+            builder.setup_sqpoll(2000);
+        }
+        if config.iopoll {
+            builder.setup_iopoll();
+        }
+        let ring = builder
+            .build(entries)
+            .map_err(|e| setup_err("io_uring_setup failed", e))?;
+        if config.sqpoll {
+            notes.push("SQPOLL on: a kernel thread polls the submission queue".into());
+        }
+        if config.iopoll {
+            notes
+                .push("IOPOLL on: completions are polled (needs a device with poll queues)".into());
+        }
+
+        let mut probe = Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| setup_err("io_uring opcode probe failed", e))?;
+        for (code, name) in [
+            (opcode::Read::CODE, "READ"),
+            (opcode::Write::CODE, "WRITE"),
+            (opcode::ReadFixed::CODE, "READ_FIXED"),
+            (opcode::WriteFixed::CODE, "WRITE_FIXED"),
+            (opcode::Fsync::CODE, "FSYNC"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("io_uring on this kernel lacks the {name} opcode"),
+                )
+                .with_op(Op::Setup));
+            }
+        }
+
+        let files_registered = config.registered_files
+            && match ring.submitter().register_files_sparse(FILE_SLOTS) {
+                Ok(()) => {
+                    notes.push(format!("registered-file table of {FILE_SLOTS} slots"));
+                    true
+                }
+                Err(e) => {
+                    notes.push(format!(
+                        "registered files refused ({e}); using plain descriptors"
+                    ));
+                    false
+                }
+            };
+        if !config.registered_files {
+            notes.push("registered files turned off; using plain descriptors".into());
+        }
+        let buffers_registered = config.fixed_buffers
+            && match ring.submitter().register_buffers_sparse(BUFFER_SLOTS) {
+                Ok(()) => true,
+                Err(e) => {
+                    notes.push(format!(
+                        "fixed-buffer table refused ({e}); buffers stay unregistered"
+                    ));
+                    false
+                }
+            };
+        if !config.fixed_buffers {
+            notes.push("fixed buffers turned off; buffers stay unregistered".into());
+        }
+        Ok(UringBackend {
+            ring,
+            depth: config.queue_depth,
+            in_flight: 0,
+            files_registered,
+            file_slots: (0..FILE_SLOTS).map(|_| None).collect(),
+            file_index: HashMap::new(),
+            buffers_registered,
+            buffer_next: 0,
+            pools: Vec::new(),
+            notes,
+        })
+    }
+
+    /// The registered slot for this file and descriptor, registering it if there is room.
+    fn file_slot(&mut self, file: &File, direct: bool) -> Option<u32> {
+        if !self.files_registered {
+            return None;
+        }
+        let key = (file.id(), direct && file.is_direct());
+        if let Some(&slot) = self.file_index.get(&key) {
+            return Some(slot);
+        }
+        // A free slot, or one whose file only this table still holds (no request in flight holds it:
+        // every in-flight request keeps a clone of its File).
+        let slot = self.file_slots.iter().position(|s| match s {
+            None => true,
+            Some(s) => s.file.ref_count() == 1,
+        })? as u32;
+        let fd = if key.1 {
+            file.fast_fd()
+        } else {
+            file.buffered_fd()
+        };
+        if self
+            .ring
+            .submitter()
+            .register_files_update(slot, &[fd])
+            .is_err()
+        {
+            return None;
+        }
+        if let Some(old) = self.file_slots[slot as usize].take() {
+            self.file_index.remove(&(old.file.id(), old.direct));
+        }
+        self.file_slots[slot as usize] = Some(FileSlot {
+            file: file.clone(),
+            direct: key.1,
+        });
+        self.file_index.insert(key, slot);
+        Some(slot)
+    }
+
+    fn entry(&mut self, req: &IoRequest) -> squeue::Entry {
+        let slot = self.file_slot(&req.file, req.direct);
+        let len = req.len as u32;
+        macro_rules! build {
+            ($fd:expr) => {
+                match (req.op, req.fixed) {
+                    (IoOp::Read, Some(i)) => opcode::ReadFixed::new($fd, req.ptr, len, i)
+                        .offset(req.offset)
+                        .build(),
+                    (IoOp::Read, None) => opcode::Read::new($fd, req.ptr, len)
+                        .offset(req.offset)
+                        .build(),
+                    (IoOp::Write, Some(i)) => {
+                        opcode::WriteFixed::new($fd, req.ptr.cast_const(), len, i)
+                            .offset(req.offset)
+                            .build()
+                    }
+                    (IoOp::Write, None) => opcode::Write::new($fd, req.ptr.cast_const(), len)
+                        .offset(req.offset)
+                        .build(),
+                    (IoOp::Sync, _) => opcode::Fsync::new($fd)
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build(),
+                }
+            };
+        }
+        let e = match slot {
+            Some(s) => build!(types::Fixed(s)),
+            None => build!(types::Fd(req.fd())),
+        };
+        e.user_data(req.tag)
+    }
+}
+
+impl Backend for UringBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Uring
+    }
+    fn queue_depth(&self) -> usize {
+        self.depth
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
+        if self.in_flight >= self.depth || req.len > u32::MAX as usize {
+            return Err(req);
+        }
+        let entry = self.entry(&req);
+        // SAFETY: the caller keeps req.ptr..+len valid until this tag's completion is reaped.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            // The SQ has at least `depth` entries and holds only unsubmitted requests, which are
+            // fewer than in_flight < depth; still, never lose a request.
+            return Err(req);
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn submit_and_reap(
+        &mut self,
+        min_complete: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<IoDone>,
+    ) -> Result<()> {
+        let want = min_complete.min(self.in_flight);
+        // Bounded: EINTR while waiting is retried a few times, then we return what we have.
+        for _ in 0..8 {
+            let r = if want == 0 {
+                self.ring.submit()
+            } else if let Some(t) = timeout {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            } else {
+                self.ring.submit_and_wait(want)
+            };
+            match r {
+                Ok(_) => break,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Timed out, or the CQ needs draining first: reap what is there.
+                    Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => break,
+                    _ => return Err(Error::from_io(Op::Setup, &e)),
+                },
+            }
+        }
+        for cqe in self.ring.completion() {
+            out.push(IoDone {
+                tag: cqe.user_data(),
+                result: cqe.result() as i64,
+            });
+            self.in_flight -= 1;
+        }
+        Ok(())
+    }
+
+    fn register_pool(&mut self, pool: &BufferPool) -> Registration {
+        if !self.buffers_registered {
+            return Registration::Refused(
+                "the fixed-buffer table is unavailable on this ring".into(),
+            );
+        }
+        let count = pool.regions().len() as u32;
+        if self.buffer_next + count > BUFFER_SLOTS {
+            return Registration::Refused(format!(
+                "the fixed-buffer table ({BUFFER_SLOTS} slots) is full"
+            ));
+        }
+        let iovecs: Vec<libc::iovec> = pool
+            .regions()
+            .iter()
+            .map(|&(addr, len)| libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: the pool's buffers never move or get freed while the pool lives, and self.pools
+        // keeps the pool alive as long as this ring.
+        let r = unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(self.buffer_next, &iovecs, None)
+        };
+        match r {
+            Ok(()) => {
+                let base = self.buffer_next as u16;
+                self.buffer_next += count;
+                self.pools.push(pool.clone());
+                Registration::Fixed { base }
+            }
+            Err(e) => {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: getrlimit writes the struct.
+                unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+                Registration::Refused(format!(
+                    "registering {count} buffers failed: {e} (RLIMIT_MEMLOCK {} KiB); using them unregistered",
+                    lim.rlim_cur / 1024
+                ))
+            }
+        }
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut n = self.notes.clone();
+        n.insert(
+            0,
+            format!(
+                "ring of {} entries for queue depth {}",
+                self.ring.params().sq_entries(),
+                self.depth
+            ),
+        );
+        n
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        // Memory of in-flight requests must outlive them: wait for every outstanding completion
+        // (bounded, in case the device never answers, e.g. an IOPOLL ring on a virtio disk).
+        let mut sink = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.in_flight > 0 && std::time::Instant::now() < deadline {
+            if self
+                .submit_and_reap(1, Some(Duration::from_millis(100)), &mut sink)
+                .is_err()
+            {
+                break;
+            }
+            sink.clear();
+        }
+    }
+}

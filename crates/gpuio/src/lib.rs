@@ -1,0 +1,28 @@
+//! gpu-io: moves bytes between storage and (accelerator) memory at the speed of the hardware.
+//!
+//! Layers, bottom to top; each uses only those below it:
+//!
+//! 1. [`error`] — one [`Error`] with a matchable [`ErrorKind`] and file/offset/errno context.
+//! 2. [`mem`] — aligned buffers, recycled [`BufferPool`]s, a [`MemoryBudget`].
+//! 3. [`backend`] — how I/O is issued: io_uring, a pread thread pool, or mmap; [`backend::probe`]
+//!    picks one and explains why.
+//! 4. [`file`] — where bytes live: a [`File`] with its direct-I/O capability.
+//! 5. [`queue`] — the asynchronous API: [`Engine`], [`IoQueue`], [`CommandBuffer`], [`Completion`].
+//!
+//! See the [`queue`] module for an example.
+
+pub mod backend;
+pub mod error;
+pub mod file;
+pub mod mem;
+pub mod queue;
+pub mod size;
+
+pub use backend::{BackendChoice, BackendConfig, BackendKind, Explain, MmapAdvice};
+pub use error::{Error, ErrorKind, Result};
+pub use file::{DirectMode, File, OpenOptions};
+pub use mem::{AlignedBuf, BufferPool, IoBuffer, MemoryBudget, PageSize, PooledBuf, Wait};
+pub use queue::{
+    CommandBuffer, CommandError, CommandId, Completion, Engine, EngineConfig, Finished, IoQueue,
+    Priority, QueueDesc, QueueKind, QueueStats, Status,
+};

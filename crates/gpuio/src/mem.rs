@@ -1,0 +1,618 @@
+//! Memory the engine moves bytes into and out of: page-aligned owned buffers ([`AlignedBuf`]), a pool of
+//! fixed-size buffers that are recycled rather than freed ([`BufferPool`]), and a [`MemoryBudget`] that
+//! pools and staging buffers are charged against.
+//!
+//! Why recycle: freeing a large buffer unmaps its pages, and every unmap of pages another thread touched
+//! costs a TLB shootdown (finding 595). A pool allocates once and hands the same pages out again, so the
+//! hot path never maps or unmaps. Pool buffers can also be registered with io_uring as fixed buffers,
+//! which saves the kernel pinning pages on every I/O.
+//!
+//! This module never does I/O, and never grows past a budget: a caller that would exceed one waits for
+//! memory to be returned or, if it asked not to wait, gets [`ErrorKind::WouldBlock`].
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Alignment of buffers handed to direct I/O. 4 KiB is the x86-64 and common NVMe page; 16 KiB is the
+/// Apple Silicon page, which zero-copy device registration requires there (finding 223).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PageSize {
+    #[default]
+    K4,
+    K16,
+}
+
+impl PageSize {
+    pub const fn bytes(self) -> usize {
+        match self {
+            PageSize::K4 => 4096,
+            PageSize::K16 => 16384,
+        }
+    }
+}
+
+/// Whether a caller that would exceed a budget waits or fails at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Block until memory is returned (optionally at most this long; `None` = no limit).
+    Yes(Option<Duration>),
+    /// Fail with [`ErrorKind::WouldBlock`] instead of waiting.
+    No,
+}
+
+#[derive(Debug)]
+struct BudgetInner {
+    limit_bytes: u64,
+    used_bytes: Mutex<u64>,
+    freed: Condvar,
+}
+
+/// A limit on bytes of buffer memory. Cloning shares the same budget.
+#[derive(Debug, Clone)]
+pub struct MemoryBudget(Arc<BudgetInner>);
+
+/// Bytes held against a [`MemoryBudget`]; returned when dropped.
+#[derive(Debug)]
+pub struct BudgetCharge {
+    budget: MemoryBudget,
+    bytes: u64,
+}
+
+impl MemoryBudget {
+    pub fn new(limit_bytes: u64) -> MemoryBudget {
+        MemoryBudget(Arc::new(BudgetInner {
+            limit_bytes,
+            used_bytes: Mutex::new(0),
+            freed: Condvar::new(),
+        }))
+    }
+
+    /// A budget that never refuses (still counts usage).
+    pub fn unlimited() -> MemoryBudget {
+        MemoryBudget::new(u64::MAX)
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        self.0.limit_bytes
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        *self.0.used_bytes.lock()
+    }
+
+    /// Takes `bytes` from the budget, waiting or failing as `wait` says.
+    pub fn acquire(&self, bytes: u64, wait: Wait) -> Result<BudgetCharge> {
+        if bytes > self.0.limit_bytes {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "a request for {bytes} bytes can never fit a memory budget of {} bytes",
+                    self.0.limit_bytes
+                ),
+            ));
+        }
+        let mut used = self.0.used_bytes.lock();
+        let deadline = match wait {
+            Wait::Yes(Some(d)) => Some(std::time::Instant::now() + d),
+            _ => None,
+        };
+        while *used + bytes > self.0.limit_bytes {
+            let limit = self.0.limit_bytes;
+            let exhausted = |used: u64| {
+                Error::new(
+                    ErrorKind::WouldBlock,
+                    format!(
+                        "memory budget exhausted: {bytes} bytes wanted, {used} of {limit} in use"
+                    ),
+                )
+            };
+            match (wait, deadline) {
+                (Wait::No, _) => return Err(exhausted(*used)),
+                (Wait::Yes(_), Some(d)) => {
+                    if self.0.freed.wait_until(&mut used, d).timed_out()
+                        && *used + bytes > self.0.limit_bytes
+                    {
+                        return Err(exhausted(*used));
+                    }
+                }
+                (Wait::Yes(_), None) => self.0.freed.wait(&mut used),
+            }
+        }
+        *used += bytes;
+        Ok(BudgetCharge {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for BudgetCharge {
+    fn drop(&mut self) {
+        let mut used = self.budget.0.used_bytes.lock();
+        *used -= self.bytes;
+        self.budget.0.freed.notify_all();
+    }
+}
+
+/// An owned, zero-initialised, aligned heap buffer. Its address never changes while it lives, so the
+/// engine can hand it to the kernel; moving the `AlignedBuf` value moves only the handle.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+    _charge: Option<BudgetCharge>,
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation, like Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only allow reads, like &Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes aligned to `align` (a power of two, at least 512).
+    pub fn new(len: usize, align: usize) -> Result<AlignedBuf> {
+        Self::alloc(len, align, None)
+    }
+
+    /// A zeroed buffer aligned to a page of `page`.
+    pub fn with_page(len: usize, page: PageSize) -> Result<AlignedBuf> {
+        Self::new(len, page.bytes())
+    }
+
+    /// Like [`AlignedBuf::new`], charged to `budget`.
+    pub fn new_in(
+        budget: &MemoryBudget,
+        len: usize,
+        align: usize,
+        wait: Wait,
+    ) -> Result<AlignedBuf> {
+        let charge = budget.acquire(len as u64, wait)?;
+        Self::alloc(len, align, Some(charge))
+    }
+
+    fn alloc(len: usize, align: usize, charge: Option<BudgetCharge>) -> Result<AlignedBuf> {
+        if !align.is_power_of_two() || align < 512 {
+            return Err(Error::invalid(format!(
+                "buffer alignment {align} must be a power of two of at least 512"
+            )));
+        }
+        // A zero-length buffer still gets one aligned block so that its pointer is valid and aligned.
+        let size = len.max(1).next_multiple_of(align);
+        let layout = Layout::from_size_align(size, align)
+            .map_err(|_| Error::invalid(format!("buffer of {len} bytes is too large")))?;
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            Error::new(
+                ErrorKind::WouldBlock,
+                format!("out of memory allocating {size} bytes"),
+            )
+        })?;
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            layout,
+            _charge: charge,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Usable bytes: `len` rounded up to the alignment.
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+    pub fn align(&self) -> usize {
+        self.layout.align()
+    }
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Changes the visible length, up to the capacity.
+    pub fn set_len(&mut self, len: usize) -> Result<()> {
+        if len > self.capacity() {
+            return Err(Error::invalid(format!(
+                "length {len} exceeds buffer capacity {}",
+                self.capacity()
+            )));
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for capacity() >= len initialised (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in alloc().
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+/// How a pool's buffers were registered with an io_uring instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// Not (yet) offered to an engine.
+    None,
+    /// Registered: buffer `i` is fixed buffer `base + i`.
+    Fixed { base: u16 },
+    /// Registration was refused; I/O uses the buffers unregistered. The reason says why.
+    Refused(String),
+}
+
+struct PoolInner {
+    buf_size: usize,
+    count: usize,
+    align: usize,
+    free: Mutex<Vec<(u16, AlignedBuf)>>,
+    returned: Condvar,
+    /// Base fixed-buffer index when registered; `u32::MAX` when not registered.
+    fixed_base: AtomicU32,
+    registration: Mutex<Registration>,
+    /// Address and length of every buffer, for registration.
+    regions: Vec<(usize, usize)>,
+}
+
+/// A fixed set of equal-size aligned buffers, allocated once and recycled. Cloning shares the pool.
+#[derive(Clone)]
+pub struct BufferPool(Arc<PoolInner>);
+
+impl fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferPool")
+            .field("buf_size", &self.0.buf_size)
+            .field("count", &self.0.count)
+            .field("available", &self.available())
+            .field("registration", &*self.0.registration.lock())
+            .finish()
+    }
+}
+
+impl BufferPool {
+    /// `count` buffers of `buf_size` bytes aligned to `align`, charged to `budget` up front.
+    pub fn new(
+        budget: &MemoryBudget,
+        buf_size: usize,
+        count: usize,
+        align: usize,
+        wait: Wait,
+    ) -> Result<BufferPool> {
+        if buf_size == 0 || count == 0 {
+            return Err(Error::invalid(format!(
+                "buffer pool needs a non-zero size and count (got {buf_size} x {count})"
+            )));
+        }
+        if count > u16::MAX as usize {
+            return Err(Error::invalid(format!(
+                "buffer pool of {count} buffers exceeds the limit of {}",
+                u16::MAX
+            )));
+        }
+        let mut free = Vec::with_capacity(count);
+        let mut regions = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut buf = AlignedBuf::new_in(budget, buf_size, align, wait)?;
+            regions.push((buf.as_mut_ptr() as usize, buf.capacity()));
+            free.push((i as u16, buf));
+        }
+        free.reverse();
+        Ok(BufferPool(Arc::new(PoolInner {
+            buf_size,
+            count,
+            align,
+            free: Mutex::new(free),
+            returned: Condvar::new(),
+            fixed_base: AtomicU32::new(u32::MAX),
+            registration: Mutex::new(Registration::None),
+            regions,
+        })))
+    }
+
+    pub fn buf_size(&self) -> usize {
+        self.0.buf_size
+    }
+    pub fn count(&self) -> usize {
+        self.0.count
+    }
+    pub fn align(&self) -> usize {
+        self.0.align
+    }
+    pub fn available(&self) -> usize {
+        self.0.free.lock().len()
+    }
+    pub fn registration(&self) -> Registration {
+        self.0.registration.lock().clone()
+    }
+
+    /// Address and length of each buffer, in index order (for registering them with a ring).
+    pub(crate) fn regions(&self) -> &[(usize, usize)] {
+        &self.0.regions
+    }
+
+    pub(crate) fn set_registration(&self, reg: Registration) {
+        let base = match reg {
+            Registration::Fixed { base } => base as u32,
+            _ => u32::MAX,
+        };
+        self.0.fixed_base.store(base, Ordering::Release);
+        *self.0.registration.lock() = reg;
+    }
+
+    /// Takes a buffer, waiting for one to be returned if all are out.
+    pub fn get(&self) -> PooledBuf {
+        let mut free = self.0.free.lock();
+        loop {
+            if let Some((index, buf)) = free.pop() {
+                return PooledBuf {
+                    buf: Some(buf),
+                    index,
+                    pool: self.clone(),
+                };
+            }
+            self.0.returned.wait(&mut free);
+        }
+    }
+
+    /// Takes a buffer, or fails with [`ErrorKind::WouldBlock`] if all are out.
+    pub fn try_get(&self) -> Result<PooledBuf> {
+        let popped = self.0.free.lock().pop();
+        match popped {
+            Some((index, buf)) => Ok(PooledBuf {
+                buf: Some(buf),
+                index,
+                pool: self.clone(),
+            }),
+            None => Err(Error::new(
+                ErrorKind::WouldBlock,
+                format!("all {} pool buffers are in use", self.0.count),
+            )),
+        }
+    }
+}
+
+/// A buffer borrowed from a [`BufferPool`]; goes back to the pool when dropped.
+pub struct PooledBuf {
+    buf: Option<AlignedBuf>,
+    index: u16,
+    pool: BufferPool,
+}
+
+impl PooledBuf {
+    /// The io_uring fixed-buffer index of this buffer, if its pool is registered.
+    pub fn fixed_index(&self) -> Option<u16> {
+        let base = self.pool.0.fixed_base.load(Ordering::Acquire);
+        (base != u32::MAX).then(|| (base + self.index as u32) as u16)
+    }
+
+    /// Changes the visible length, up to the pool's buffer size.
+    pub fn set_len(&mut self, len: usize) -> Result<()> {
+        self.buf_mut().set_len(len)
+    }
+
+    fn buf_mut(&mut self) -> &mut AlignedBuf {
+        self.buf.as_mut().expect("pooled buffer present until drop")
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.deref().as_ptr()
+    }
+}
+
+impl Deref for PooledBuf {
+    type Target = AlignedBuf;
+    fn deref(&self) -> &AlignedBuf {
+        self.buf.as_ref().expect("pooled buffer present until drop")
+    }
+}
+
+impl DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut AlignedBuf {
+        self.buf_mut()
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(mut buf) = self.buf.take() {
+            // Reset a shortened buffer; buf_size never exceeds the capacity, so this cannot fail.
+            let _ = buf.set_len(self.pool.0.buf_size);
+            self.pool.0.free.lock().push((self.index, buf));
+            self.pool.0.returned.notify_one();
+        }
+    }
+}
+
+impl fmt::Debug for PooledBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledBuf")
+            .field("index", &self.index)
+            .field("len", &self.len())
+            .field("fixed", &self.fixed_index())
+            .finish()
+    }
+}
+
+/// A buffer a command reads into or writes from: owned by the command from `load`/`store` until the
+/// command buffer completes, then handed back.
+#[derive(Debug)]
+pub enum IoBuffer {
+    Owned(AlignedBuf),
+    Pooled(PooledBuf),
+}
+
+impl IoBuffer {
+    pub fn len(&self) -> usize {
+        self.as_aligned().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn fixed_index(&self) -> Option<u16> {
+        match self {
+            IoBuffer::Owned(_) => None,
+            IoBuffer::Pooled(p) => p.fixed_index(),
+        }
+    }
+    pub fn as_aligned(&self) -> &AlignedBuf {
+        match self {
+            IoBuffer::Owned(b) => b,
+            IoBuffer::Pooled(p) => p,
+        }
+    }
+    pub fn as_aligned_mut(&mut self) -> &mut AlignedBuf {
+        match self {
+            IoBuffer::Owned(b) => b,
+            IoBuffer::Pooled(p) => p,
+        }
+    }
+    /// Unwraps an owned buffer (a pooled one is copied into a fresh owned buffer).
+    pub fn into_owned(self) -> Result<AlignedBuf> {
+        match self {
+            IoBuffer::Owned(b) => Ok(b),
+            IoBuffer::Pooled(p) => {
+                let mut b = AlignedBuf::new(p.len(), p.align())?;
+                b.copy_from_slice(&p);
+                Ok(b)
+            }
+        }
+    }
+}
+
+impl Deref for IoBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_aligned()
+    }
+}
+
+impl DerefMut for IoBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_aligned_mut()
+    }
+}
+
+impl From<AlignedBuf> for IoBuffer {
+    fn from(b: AlignedBuf) -> IoBuffer {
+        IoBuffer::Owned(b)
+    }
+}
+
+impl From<PooledBuf> for IoBuffer {
+    fn from(b: PooledBuf) -> IoBuffer {
+        IoBuffer::Pooled(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_zeroed() {
+        for page in [PageSize::K4, PageSize::K16] {
+            let b = AlignedBuf::with_page(10_000, page).unwrap();
+            assert_eq!(b.as_ptr() as usize % page.bytes(), 0);
+            assert_eq!(b.len(), 10_000);
+            assert!(b.iter().all(|&x| x == 0));
+        }
+        assert_eq!(
+            AlignedBuf::new(10, 3000).unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn pool_recycles_the_same_pages() {
+        let pool = BufferPool::new(&MemoryBudget::unlimited(), 8192, 2, 4096, Wait::No).unwrap();
+        let a = pool.get();
+        let addr = a.as_ptr() as usize;
+        drop(a);
+        let b = pool.get();
+        assert_eq!(
+            b.as_ptr() as usize,
+            addr,
+            "a returned buffer is handed out again"
+        );
+        let _c = pool.get();
+        assert_eq!(pool.try_get().unwrap_err().kind(), ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn budget_refuses_or_waits() {
+        let budget = MemoryBudget::new(16384);
+        let a = AlignedBuf::new_in(&budget, 12288, 4096, Wait::No).unwrap();
+        let err = AlignedBuf::new_in(&budget, 8192, 4096, Wait::No).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        let timed = AlignedBuf::new_in(
+            &budget,
+            8192,
+            4096,
+            Wait::Yes(Some(Duration::from_millis(20))),
+        );
+        assert_eq!(timed.unwrap_err().kind(), ErrorKind::WouldBlock);
+        let b2 = budget.clone();
+        let t = std::thread::spawn(move || {
+            AlignedBuf::new_in(&b2, 8192, 4096, Wait::Yes(None)).map(|b| b.len())
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        drop(a);
+        assert_eq!(t.join().unwrap().unwrap(), 8192);
+        assert_eq!(budget.used_bytes(), 0);
+        assert_eq!(
+            budget.acquire(1 << 20, Wait::Yes(None)).unwrap_err().kind(),
+            ErrorKind::InvalidInput,
+            "a request larger than the whole budget fails instead of waiting forever"
+        );
+    }
+
+    #[test]
+    fn pool_charges_budget() {
+        let budget = MemoryBudget::new(3 * 4096);
+        let err = BufferPool::new(&budget, 4096, 4, 4096, Wait::No).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        assert_eq!(budget.used_bytes(), 0, "a failed pool returns what it took");
+        let pool = BufferPool::new(&budget, 4096, 3, 4096, Wait::No).unwrap();
+        assert_eq!(budget.used_bytes(), 3 * 4096);
+        drop(pool);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+}

@@ -1,0 +1,492 @@
+//! Command buffers (what to do) and completions (how it went).
+//!
+//! A [`CommandBuffer`] owns the buffers of its commands from `load`/`store` until it completes; the
+//! engine then hands them back through [`Finished`], on success and on failure alike. Dropping a
+//! [`Completion`] early never frees memory the kernel may still be writing: the engine holds it.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::engine::Msg;
+use super::IoQueue;
+use crate::error::{Error, ErrorKind, Op, Result};
+use crate::file::File;
+use crate::mem::IoBuffer;
+
+/// Names one command within its command buffer (its position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CommandId(pub(crate) u32);
+
+impl CommandId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A failed command and why.
+#[derive(Debug, Clone)]
+pub struct CommandError {
+    pub command: CommandId,
+    pub error: Error,
+}
+
+/// Where a command buffer stands.
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// Committed, not finished.
+    Pending,
+    /// Every command succeeded.
+    Complete,
+    /// `try_cancel` took effect; contents of load buffers are unspecified.
+    Cancelled,
+    /// At least one command failed; each failure is listed. Other commands ran to completion.
+    Error(Vec<CommandError>),
+}
+
+impl Status {
+    pub fn is_pending(&self) -> bool {
+        matches!(self, Status::Pending)
+    }
+    pub fn is_complete(&self) -> bool {
+        matches!(self, Status::Complete)
+    }
+    /// The first error, if any (`Cancelled` counts as an error of kind `Cancelled`).
+    pub fn first_error(&self) -> Option<Error> {
+        match self {
+            Status::Error(v) => v.first().map(|e| e.error.clone()),
+            Status::Cancelled => Some(Error::new(ErrorKind::Cancelled, "command buffer cancelled")),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CmdKind {
+    Load { exact: bool },
+    Store,
+    Sync,
+}
+
+/// One recorded command.
+pub(crate) struct Recorded {
+    pub kind: CmdKind,
+    pub file: File,
+    pub offset: u64,
+    pub buf: Option<IoBuffer>,
+    pub buf_offset: usize,
+    pub len: u64,
+}
+
+pub(crate) type Callback = Box<dyn FnOnce(&Status) + Send + 'static>;
+
+/// What a command produced: its buffer back, and bytes transferred.
+#[derive(Debug, Default)]
+pub(crate) struct Output {
+    pub buf: Option<IoBuffer>,
+    pub bytes: u64,
+}
+
+pub(crate) struct CbState {
+    pub status: Status,
+    pub cancel_requested: bool,
+    pub outputs: Vec<Output>,
+    pub waker: Option<Waker>,
+    pub callback: Option<Callback>,
+}
+
+/// The part of a command buffer the engine and the user's [`Completion`] share.
+pub(crate) struct CbShared {
+    pub id: u64,
+    pub state: Mutex<CbState>,
+    pub done: Condvar,
+}
+
+impl CbShared {
+    /// Records the final status and outputs, wakes waiters, runs the callback (on the engine thread).
+    pub(crate) fn finish(&self, status: Status, outputs: Vec<Output>) {
+        let (waker, callback, status) = {
+            let mut st = self.state.lock();
+            st.status = if st.cancel_requested {
+                Status::Cancelled
+            } else {
+                status
+            };
+            st.outputs = outputs;
+            (st.waker.take(), st.callback.take(), st.status.clone())
+        };
+        self.done.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+        if let Some(cb) = callback {
+            cb(&status);
+        }
+    }
+}
+
+/// Commands to run together, recorded then committed to an [`IoQueue`].
+pub struct CommandBuffer {
+    queue: IoQueue,
+    commands: Vec<Recorded>,
+    /// Indices of the first command after each barrier.
+    barriers: Vec<usize>,
+    callback: Option<Callback>,
+}
+
+impl fmt::Debug for CommandBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandBuffer")
+            .field("commands", &self.commands.len())
+            .field("barriers", &self.barriers)
+            .finish()
+    }
+}
+
+impl CommandBuffer {
+    pub(crate) fn new(queue: IoQueue) -> CommandBuffer {
+        CommandBuffer {
+            queue,
+            commands: Vec::new(),
+            barriers: Vec::new(),
+            callback: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    fn push(&mut self, r: Recorded) -> Result<CommandId> {
+        if self.commands.len() >= u32::MAX as usize {
+            return Err(Error::invalid("too many commands in one command buffer"));
+        }
+        self.commands.push(r);
+        Ok(CommandId(self.commands.len() as u32 - 1))
+    }
+
+    fn check_range(
+        file: &File,
+        op: Op,
+        offset: u64,
+        len: u64,
+        buf: &IoBuffer,
+        buf_offset: usize,
+    ) -> Result<()> {
+        let ctx = |e: Error| e.with_op(op).with_path(file.path()).with_range(offset, len);
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(ctx(Error::invalid(
+                "offset + length overflows a file offset",
+            )));
+        }
+        if (buf_offset as u64)
+            .checked_add(len)
+            .is_none_or(|end| end > buf.len() as u64)
+        {
+            return Err(ctx(Error::invalid(format!(
+                "buffer range {buf_offset}+{len} exceeds the buffer's {} bytes",
+                buf.len()
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset` into `buf`. Reaching end of file first fails the
+    /// command with [`ErrorKind::UnexpectedEof`].
+    pub fn load(
+        &mut self,
+        file: &File,
+        offset: u64,
+        buf: impl Into<IoBuffer>,
+    ) -> Result<CommandId> {
+        let buf = buf.into();
+        let len = buf.len() as u64;
+        self.load_range(file, offset, buf, 0, len, true)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; stopping at end of file is not an error, and
+    /// [`Finished::bytes`] says how many arrived.
+    pub fn load_upto(
+        &mut self,
+        file: &File,
+        offset: u64,
+        buf: impl Into<IoBuffer>,
+    ) -> Result<CommandId> {
+        let buf = buf.into();
+        let len = buf.len() as u64;
+        self.load_range(file, offset, buf, 0, len, false)
+    }
+
+    /// Reads `len` bytes at file `offset` into `buf[buf_offset..]`; `exact` as in [`load`](Self::load).
+    pub fn load_range(
+        &mut self,
+        file: &File,
+        offset: u64,
+        buf: impl Into<IoBuffer>,
+        buf_offset: usize,
+        len: u64,
+        exact: bool,
+    ) -> Result<CommandId> {
+        let buf = buf.into();
+        Self::check_range(file, Op::Read, offset, len, &buf, buf_offset)?;
+        self.push(Recorded {
+            kind: CmdKind::Load { exact },
+            file: file.clone(),
+            offset,
+            buf: Some(buf),
+            buf_offset,
+            len,
+        })
+    }
+
+    /// Writes all of `buf` to the file at `offset` (extending the file as needed).
+    pub fn store(
+        &mut self,
+        file: &File,
+        offset: u64,
+        buf: impl Into<IoBuffer>,
+    ) -> Result<CommandId> {
+        let buf = buf.into();
+        let len = buf.len() as u64;
+        self.store_range(file, offset, buf, 0, len)
+    }
+
+    /// Writes `buf[buf_offset..buf_offset+len]` to the file at `offset`.
+    pub fn store_range(
+        &mut self,
+        file: &File,
+        offset: u64,
+        buf: impl Into<IoBuffer>,
+        buf_offset: usize,
+        len: u64,
+    ) -> Result<CommandId> {
+        let buf = buf.into();
+        if !file.is_writable() {
+            return Err(
+                Error::new(ErrorKind::PermissionDenied, "file was opened read-only")
+                    .with_op(Op::Write)
+                    .with_path(file.path())
+                    .with_range(offset, len),
+            );
+        }
+        Self::check_range(file, Op::Write, offset, len, &buf, buf_offset)?;
+        self.push(Recorded {
+            kind: CmdKind::Store,
+            file: file.clone(),
+            offset,
+            buf: Some(buf),
+            buf_offset,
+            len,
+        })
+    }
+
+    /// Flushes the file's written data to stable storage (`fdatasync`). Put a [`barrier`](Self::barrier)
+    /// before it to cover the stores recorded earlier.
+    pub fn sync(&mut self, file: &File) -> Result<CommandId> {
+        self.push(Recorded {
+            kind: CmdKind::Sync,
+            file: file.clone(),
+            offset: 0,
+            buf: None,
+            buf_offset: 0,
+            len: 0,
+        })
+    }
+
+    /// Commands recorded after a barrier start only when every command before it has finished. If one
+    /// of those failed, the commands after the barrier are skipped (reported as cancelled).
+    pub fn barrier(&mut self) {
+        let at = self.commands.len();
+        if self.barriers.last() != Some(&at) && at > 0 {
+            self.barriers.push(at);
+        }
+    }
+
+    /// Runs `f` with the final status when the command buffer finishes. It runs on the engine thread:
+    /// keep it short (signal something, do not do I/O).
+    pub fn on_complete(&mut self, f: impl FnOnce(&Status) + Send + 'static) {
+        self.callback = Some(Box::new(f));
+    }
+
+    /// Hands the commands to the engine. Waits while the queue already has its maximum of command
+    /// buffers in flight.
+    pub fn commit(self) -> Result<Completion> {
+        self.commit_inner(true)
+    }
+
+    /// Like [`commit`](Self::commit), but fails with [`ErrorKind::WouldBlock`] instead of waiting.
+    pub fn try_commit(self) -> Result<Completion> {
+        self.commit_inner(false)
+    }
+
+    fn commit_inner(self, wait: bool) -> Result<Completion> {
+        let CommandBuffer {
+            queue,
+            commands,
+            barriers,
+            callback,
+        } = self;
+        queue.shared.slots.acquire(wait)?;
+        let n = commands.len();
+        let shared = Arc::new(CbShared {
+            id: queue.engine.next_id(),
+            state: Mutex::new(CbState {
+                status: Status::Pending,
+                cancel_requested: false,
+                outputs: Vec::new(),
+                waker: None,
+                callback,
+            }),
+            done: Condvar::new(),
+        });
+        let msg = Msg::Commit {
+            queue: queue.shared.clone(),
+            cb: shared.clone(),
+            commands,
+            barriers,
+        };
+        if queue.engine.send(msg).is_err() {
+            queue.shared.slots.release();
+            return Err(Error::new(
+                ErrorKind::EngineStopped,
+                "the engine thread has stopped",
+            ));
+        }
+        Ok(Completion {
+            shared,
+            queue,
+            commands: n,
+        })
+    }
+}
+
+/// A committed command buffer: wait for it, poll it, await it, or cancel it.
+pub struct Completion {
+    shared: Arc<CbShared>,
+    queue: IoQueue,
+    commands: usize,
+}
+
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completion")
+            .field("id", &self.shared.id)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl Completion {
+    /// The current status, without waiting.
+    pub fn status(&self) -> Status {
+        self.shared.state.lock().status.clone()
+    }
+
+    /// Blocks until the command buffer finishes; returns its final status.
+    pub fn wait(&self) -> Status {
+        let mut st = self.shared.state.lock();
+        while st.status.is_pending() {
+            self.shared.done.wait(&mut st);
+        }
+        st.status.clone()
+    }
+
+    /// Like [`wait`](Self::wait) with a limit; `None` if still pending after `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Status> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.state.lock();
+        while st.status.is_pending() {
+            if self.shared.done.wait_until(&mut st, deadline).timed_out() && st.status.is_pending()
+            {
+                return None;
+            }
+        }
+        Some(st.status.clone())
+    }
+
+    /// Asks the engine to stop this command buffer. Returns `true` if it had not finished: it will end
+    /// [`Status::Cancelled`] once its in-flight transfers drain. Returns `false` if it already finished.
+    pub fn try_cancel(&self) -> bool {
+        {
+            let mut st = self.shared.state.lock();
+            if !st.status.is_pending() {
+                return false;
+            }
+            st.cancel_requested = true;
+        }
+        // If the engine is gone the command buffer has finished already (the engine drains before exit).
+        let _ = self.queue.engine.send(Msg::Cancel(self.shared.id));
+        true
+    }
+
+    /// Waits, then returns the status and everything the commands produced (buffers come back whether
+    /// or not the command buffer succeeded).
+    pub fn wait_parts(self) -> (Status, Finished) {
+        let status = self.wait();
+        let outputs = std::mem::take(&mut self.shared.state.lock().outputs);
+        (status, Finished { outputs })
+    }
+
+    /// Waits; returns the outputs if every command succeeded, else the first error (all of them are in
+    /// [`wait_parts`](Self::wait_parts)).
+    pub fn finish(self) -> Result<Finished> {
+        let (status, finished) = self.wait_parts();
+        match status.first_error() {
+            None => Ok(finished),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Number of commands in the command buffer.
+    pub fn len(&self) -> usize {
+        self.commands
+    }
+    pub fn is_empty(&self) -> bool {
+        self.commands == 0
+    }
+}
+
+impl Future for Completion {
+    type Output = Status;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Status> {
+        let mut st = self.shared.state.lock();
+        if st.status.is_pending() {
+            st.waker = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(st.status.clone())
+        }
+    }
+}
+
+/// The results of a finished command buffer.
+#[derive(Debug, Default)]
+pub struct Finished {
+    outputs: Vec<Output>,
+}
+
+impl Finished {
+    /// Bytes the command transferred (for `load_upto`, fewer than asked at end of file).
+    pub fn bytes(&self, id: CommandId) -> u64 {
+        self.outputs.get(id.index()).map_or(0, |o| o.bytes)
+    }
+    /// Takes the command's buffer back (once).
+    pub fn take_buffer(&mut self, id: CommandId) -> Option<IoBuffer> {
+        self.outputs.get_mut(id.index())?.buf.take()
+    }
+    /// Takes every buffer back, in command order (`None` for syncs and buffers already taken).
+    pub fn into_buffers(self) -> Vec<Option<IoBuffer>> {
+        self.outputs.into_iter().map(|o| o.buf).collect()
+    }
+}

@@ -1,0 +1,1102 @@
+//! The engine thread: turns committed command buffers into backend requests and completions back into
+//! finished commands.
+//!
+//! One thread owns the backend. Each round it takes new messages, hands free backend slots to tasks —
+//! retries first, then queues by priority (high before normal before low, round-robin among equals),
+//! each within its bytes-in-flight bound — submits them all with one call, and reaps completions.
+//!
+//! This is also the one place that decides what a backend's raw result means:
+//! - `EINTR`/`EAGAIN` (and a write of zero bytes): retried as-is, at most `retries_max` times;
+//! - a short transfer: continued from where it stopped, at most `short_transfers_max` times (a direct
+//!   transfer that stopped off a block boundary continues on the buffered descriptor);
+//! - `EINVAL` on a direct transfer: redone buffered once (counted in `direct_fallbacks`);
+//! - a read of zero bytes: end of file (an error only for exact loads);
+//! - anything else: the command fails with a typed error naming file, offset and length.
+//!
+//! Memory safety: a command's buffer lives in the engine's table of active command buffers until its
+//! last task has been reaped, so nothing the user drops can free memory the kernel is still using.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::command::{CbShared, CmdKind, CommandError, CommandId, Output, Recorded, Status};
+use super::plan::{self, PlanInput, SegKind, Segment, TaskPlan};
+use super::{IoQueue, QueueDesc, QueueKind, QueueShared, Slots};
+use crate::backend::{self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoOp, IoRequest};
+use crate::error::{Error, ErrorKind, Op, Result};
+use crate::file::File;
+use crate::mem::{BufferPool, MemoryBudget, PageSize, PooledBuf, Registration, Wait};
+use crate::queue::stats::QueueStats;
+
+/// Default size of the tasks a large command is split into. Measured: see docs/BENCHMARKS.md
+/// ("task size"); 1 MiB reaches the disk's sequential bandwidth at QD 16 with the fewest requests.
+pub const TASK_SIZE_DEFAULT: usize = 1 << 20;
+/// Smallest and largest task sizes accepted.
+pub const TASK_SIZE_MIN: usize = 4096;
+pub const TASK_SIZE_MAX: usize = 64 << 20;
+/// How long the engine waits for a completion before looking at new messages again.
+const REAP_WAIT: Duration = Duration::from_micros(500);
+/// Consecutive backend failures (not I/O errors: the submission machinery itself) before giving up.
+const BACKEND_FAILURES_MAX: u32 = 100;
+
+/// How to build an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub backend: BackendConfig,
+    /// Large commands are split into tasks of at most this many bytes (a multiple of 4096).
+    pub task_size_bytes: usize,
+    /// Bounce buffers (each `task_size_bytes`, at least 64 KiB) for unaligned transfers.
+    pub bounce_buffers: usize,
+    /// Budget that the engine's own buffers and pools made by [`Engine::buffer_pool`] are charged to.
+    pub memory_budget: MemoryBudget,
+    /// Retries of a transient error per task.
+    pub retries_max: u32,
+    /// Continuations of short transfers per task.
+    pub short_transfers_max: u32,
+    pub page: PageSize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            backend: BackendConfig::default(),
+            task_size_bytes: TASK_SIZE_DEFAULT,
+            bounce_buffers: 16,
+            memory_budget: MemoryBudget::new(4 << 30),
+            retries_max: 8,
+            short_transfers_max: 64,
+            page: PageSize::K4,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.backend.validate()?;
+        let t = self.task_size_bytes;
+        if !(TASK_SIZE_MIN..=TASK_SIZE_MAX).contains(&t) || t % 4096 != 0 {
+            return Err(Error::invalid(format!(
+                "task size {t} must be a multiple of 4096 in {TASK_SIZE_MIN}..={TASK_SIZE_MAX}"
+            )));
+        }
+        if self.bounce_buffers == 0 || self.bounce_buffers > 1024 {
+            return Err(Error::invalid(format!(
+                "bounce buffer count {} is out of range 1..=1024",
+                self.bounce_buffers
+            )));
+        }
+        Ok(())
+    }
+
+    fn bounce_size(&self) -> usize {
+        self.task_size_bytes.max(64 << 10)
+    }
+}
+
+pub(crate) enum Msg {
+    Commit {
+        queue: Arc<QueueShared>,
+        cb: Arc<CbShared>,
+        commands: Vec<Recorded>,
+        barriers: Vec<usize>,
+    },
+    Cancel(u64),
+    RegisterPool(BufferPool, Sender<Registration>),
+}
+
+struct EngineInner {
+    tx: Option<Sender<Msg>>,
+    thread: Option<JoinHandle<()>>,
+    explain: Explain,
+    config: EngineConfig,
+    next_id: AtomicU64,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        // Closing the channel tells the thread to finish outstanding work and exit.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A backend and the thread that drives it. Cheap to clone (shared); the thread finishes outstanding
+/// work and exits when the last handle (engine, queue or completion) is gone.
+#[derive(Clone)]
+pub struct Engine(Arc<EngineInner>);
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("backend", &self.0.explain.backend)
+            .finish()
+    }
+}
+
+static SHARED: OnceLock<Mutex<Option<Engine>>> = OnceLock::new();
+
+impl Engine {
+    /// Probes for the best backend `config` allows and starts the engine thread.
+    pub fn new(config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let (backend, explain) = backend::probe(&config.backend)?;
+        Engine::with_backend(config, backend, explain)
+    }
+
+    /// Starts an engine on a backend built elsewhere (a fault-injecting wrapper in tests, say).
+    pub fn with_backend(
+        config: EngineConfig,
+        mut backend: Box<dyn Backend>,
+        mut explain: Explain,
+    ) -> Result<Engine> {
+        config.validate()?;
+        let bounce = BufferPool::new(
+            &config.memory_budget,
+            config.bounce_size(),
+            config.bounce_buffers,
+            config.page.bytes(),
+            Wait::No,
+        )?;
+        let reg = backend.register_pool(&bounce);
+        explain.reasons.push(match &reg {
+            Registration::Fixed { .. } => {
+                "bounce buffers registered as io_uring fixed buffers".into()
+            }
+            Registration::Refused(why) => format!("bounce buffers not registered: {why}"),
+            Registration::None => "bounce buffers not registered".into(),
+        });
+        bounce.set_registration(reg);
+        let (tx, rx) = unbounded::<Msg>();
+        let driver = Driver::new(backend, rx, &config, bounce);
+        let thread = std::thread::Builder::new()
+            .name("gpuio-engine".into())
+            .spawn(move || driver.run())
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("cannot start engine thread: {e}"),
+                )
+            })?;
+        Ok(Engine(Arc::new(EngineInner {
+            tx: Some(tx),
+            thread: Some(thread),
+            explain,
+            config,
+            next_id: AtomicU64::new(1),
+        })))
+    }
+
+    /// The process-wide engine used by [`IoQueue::new`], made on first use.
+    pub fn shared_default() -> Result<Engine> {
+        let cell = SHARED.get_or_init(|| Mutex::new(None));
+        let mut slot = cell.lock();
+        if let Some(e) = slot.as_ref() {
+            return Ok(e.clone());
+        }
+        let e = Engine::new(EngineConfig::default())?;
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+
+    /// Which backend runs and why.
+    pub fn explain(&self) -> &Explain {
+        &self.0.explain
+    }
+    pub fn backend_kind(&self) -> BackendKind {
+        self.0.explain.backend
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.0.config
+    }
+
+    /// A new queue on this engine.
+    pub fn queue(&self, desc: QueueDesc) -> Result<IoQueue> {
+        desc.validate()?;
+        Ok(IoQueue {
+            engine: self.clone(),
+            shared: Arc::new(QueueShared {
+                id: self.next_id(),
+                slots: Slots::new(desc.command_buffers_max),
+                desc,
+                stats: Mutex::new(QueueStats::default()),
+            }),
+        })
+    }
+
+    /// `count` recycled buffers of `buf_size` bytes, charged to the engine's memory budget (fails with
+    /// [`ErrorKind::WouldBlock`] if it is exhausted) and registered with the backend where it can
+    /// (see [`BufferPool::registration`] for why not). A registered pool lives as long as the engine.
+    pub fn buffer_pool(&self, buf_size: usize, count: usize) -> Result<BufferPool> {
+        let pool = BufferPool::new(
+            &self.0.config.memory_budget,
+            buf_size,
+            count,
+            self.0.config.page.bytes(),
+            Wait::No,
+        )?;
+        let (tx, rx) = bounded(1);
+        self.send(Msg::RegisterPool(pool.clone(), tx))?;
+        let reg = rx.recv().map_err(|_| {
+            Error::new(
+                ErrorKind::EngineStopped,
+                "engine stopped during registration",
+            )
+        })?;
+        pool.set_registration(reg);
+        Ok(pool)
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.0.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn send(&self, msg: Msg) -> Result<()> {
+        self.0
+            .tx
+            .as_ref()
+            .expect("sender lives until drop")
+            .send(msg)
+            .map_err(|_| Error::new(ErrorKind::EngineStopped, "the engine thread has stopped"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The engine thread.
+
+/// One command being executed.
+struct CmdExec {
+    rec: Recorded,
+    /// Address of the command's first byte in its buffer.
+    base: *mut u8,
+    fixed: Option<u16>,
+    direct: bool,
+    block: u64,
+    segs: Vec<Segment>,
+    seg: usize,
+    cursor: u64,
+    sync_issued: bool,
+    /// No more tasks will be made (all planned, failed, or cancelled).
+    exhausted: bool,
+    outstanding: usize,
+    bytes: u64,
+    error: Option<Error>,
+    done: bool,
+}
+
+struct ActiveCb {
+    shared: Arc<CbShared>,
+    queue: u64,
+    cmds: Vec<CmdExec>,
+    /// Command index ranges separated by barriers.
+    stages: Vec<std::ops::Range<usize>>,
+    stage: usize,
+    activated: bool,
+    stage_open: usize,
+    cancelled: bool,
+    errors: Vec<CommandError>,
+}
+
+struct QueueState {
+    shared: Arc<QueueShared>,
+    /// Serial queues: committed command buffers waiting for the one before to finish.
+    waiting: VecDeque<u64>,
+    running: usize,
+    /// Commands of active stages that still have tasks to make.
+    ready: VecDeque<(u64, u32)>,
+    bytes_in_flight: u64,
+}
+
+struct Task {
+    cb: u64,
+    cmd: u32,
+    queue: u64,
+    op: IoOp,
+    plan: TaskPlan,
+    file: File,
+    file_off: u64,
+    ptr: *mut u8,
+    len: usize,
+    /// Bytes of this task's I/O done so far (from `plan.io_start`).
+    io_done: usize,
+    direct: bool,
+    fixed: Option<u16>,
+    bounce: Option<PooledBuf>,
+    retries: u32,
+    shorts: u32,
+    started: Instant,
+}
+
+enum TaskEnd {
+    Done,
+    Failed(Error),
+}
+
+struct Driver {
+    backend: Box<dyn Backend>,
+    rx: Receiver<Msg>,
+    task_size: usize,
+    bounce_size: usize,
+    retries_max: u32,
+    shorts_max: u32,
+    bounce: BufferPool,
+    cbs: HashMap<u64, ActiveCb>,
+    queues: HashMap<u64, QueueState>,
+    /// Queue ids by priority, highest first.
+    levels: [Vec<u64>; 3],
+    slab: Vec<Option<Task>>,
+    free_tags: Vec<usize>,
+    retry: VecDeque<Task>,
+    done: Vec<IoDone>,
+    closed: bool,
+}
+
+// SAFETY: raw pointers in tasks and commands point into buffers owned by the same Driver (or by its
+// bounce pool); the Driver moves to the engine thread as a whole and is used only there.
+unsafe impl Send for Driver {}
+
+impl Driver {
+    fn new(
+        backend: Box<dyn Backend>,
+        rx: Receiver<Msg>,
+        cfg: &EngineConfig,
+        bounce: BufferPool,
+    ) -> Driver {
+        Driver {
+            backend,
+            rx,
+            task_size: cfg.task_size_bytes,
+            bounce_size: cfg.bounce_size(),
+            retries_max: cfg.retries_max,
+            shorts_max: cfg.short_transfers_max,
+            bounce,
+            cbs: HashMap::new(),
+            queues: HashMap::new(),
+            levels: Default::default(),
+            slab: Vec::new(),
+            free_tags: Vec::new(),
+            retry: VecDeque::new(),
+            done: Vec::new(),
+            closed: false,
+        }
+    }
+
+    fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            if self.backend.in_flight() == 0 && self.retry.is_empty() {
+                if self.closed && self.cbs.is_empty() {
+                    return;
+                }
+                // Nothing can be dispatched without news: block for the next message.
+                if !self.has_dispatchable() {
+                    match self.rx.recv() {
+                        Ok(m) => self.handle(m),
+                        Err(_) => self.closed = true,
+                    }
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(m) => self.handle(m),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        self.closed = true;
+                        break;
+                    }
+                }
+            }
+            self.dispatch();
+            if self.backend.in_flight() == 0 {
+                continue;
+            }
+            let mut done = std::mem::take(&mut self.done);
+            match self.backend.submit_and_reap(1, Some(REAP_WAIT), &mut done) {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    if failures >= BACKEND_FAILURES_MAX {
+                        self.abandon(e);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            for d in done.drain(..) {
+                self.complete(d);
+            }
+            self.done = done;
+        }
+    }
+
+    /// Whether some queue has a task it could issue now.
+    fn has_dispatchable(&self) -> bool {
+        self.queues.values().any(|q| !q.ready.is_empty())
+    }
+
+    /// The backend itself keeps failing: fail every command buffer. Buffers with I/O possibly still in
+    /// the kernel are leaked on purpose rather than freed under it.
+    fn abandon(&mut self, e: Error) {
+        let err = Error::new(
+            ErrorKind::EngineStopped,
+            format!("the backend failed {BACKEND_FAILURES_MAX} times in a row: {e}"),
+        );
+        for task in self.slab.drain(..).flatten() {
+            std::mem::forget(task);
+        }
+        let ids: Vec<u64> = self.cbs.keys().copied().collect();
+        for id in ids {
+            if let Some(cb) = self.cbs.remove(&id) {
+                let errors = vec![CommandError {
+                    command: CommandId(0),
+                    error: err.clone(),
+                }];
+                if let Some(q) = self.queues.get(&cb.queue) {
+                    q.shared.slots.release();
+                }
+                cb.shared.finish(Status::Error(errors), Vec::new());
+                std::mem::forget(cb.cmds);
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Commit {
+                queue,
+                cb,
+                commands,
+                barriers,
+            } => self.commit(queue, cb, commands, barriers),
+            Msg::Cancel(id) => self.cancel(id),
+            Msg::RegisterPool(pool, reply) => {
+                let reg = self.backend.register_pool(&pool);
+                let _ = reply.send(reg);
+            }
+        }
+    }
+
+    fn commit(
+        &mut self,
+        queue: Arc<QueueShared>,
+        shared: Arc<CbShared>,
+        commands: Vec<Recorded>,
+        barriers: Vec<usize>,
+    ) {
+        let qid = queue.id;
+        if !self.queues.contains_key(&qid) {
+            self.levels[2 - queue.desc.priority as usize].push(qid);
+            self.queues.insert(
+                qid,
+                QueueState {
+                    shared: queue,
+                    waiting: VecDeque::new(),
+                    running: 0,
+                    ready: VecDeque::new(),
+                    bytes_in_flight: 0,
+                },
+            );
+        }
+        let n = commands.len();
+        let mut stages = Vec::with_capacity(barriers.len() + 1);
+        let mut start = 0;
+        for b in barriers.into_iter().chain(std::iter::once(n)) {
+            stages.push(start..b);
+            start = b;
+        }
+        let backend_kind = self.backend.kind();
+        let bounce_size = self.bounce_size as u64;
+        let cmds = commands
+            .into_iter()
+            .map(|mut rec| {
+                let (base, fixed) = match rec.buf.as_mut() {
+                    // SAFETY: buf_offset <= buf.len() was checked when the command was recorded.
+                    Some(b) => (
+                        unsafe { b.as_aligned_mut().as_mut_ptr().add(rec.buf_offset) },
+                        b.fixed_index(),
+                    ),
+                    None => (std::ptr::null_mut(), None),
+                };
+                let align = rec.file.align();
+                let block = (align.offset_align as u64).max(512);
+                // The mmap engine reads through mappings, where O_DIRECT means nothing; a block larger
+                // than a quarter bounce buffer cannot be bounced, so such files go buffered.
+                let direct = rec.file.is_direct()
+                    && backend_kind != BackendKind::Mmap
+                    && block * 4 <= bounce_size;
+                let segs = match rec.kind {
+                    CmdKind::Sync => Vec::new(),
+                    CmdKind::Load { .. } | CmdKind::Store => plan::segments(PlanInput {
+                        write: rec.kind == CmdKind::Store,
+                        direct,
+                        block,
+                        mem_align: (align.mem_align as u64).max(1),
+                        mem_addr: base as usize,
+                        offset: rec.offset,
+                        len: rec.len,
+                    }),
+                };
+                CmdExec {
+                    cursor: segs.first().map_or(0, |s| s.file_start),
+                    rec,
+                    base,
+                    fixed,
+                    direct,
+                    block,
+                    segs,
+                    seg: 0,
+                    sync_issued: false,
+                    exhausted: false,
+                    outstanding: 0,
+                    bytes: 0,
+                    error: None,
+                    done: false,
+                }
+            })
+            .collect();
+        let id = shared.id;
+        self.cbs.insert(
+            id,
+            ActiveCb {
+                shared,
+                queue: qid,
+                cmds,
+                stages,
+                stage: 0,
+                activated: false,
+                stage_open: 0,
+                cancelled: false,
+                errors: Vec::new(),
+            },
+        );
+        let q = self
+            .queues
+            .get_mut(&qid)
+            .expect("queue state inserted above");
+        if q.shared.desc.kind == QueueKind::Serial && q.running > 0 {
+            q.waiting.push_back(id);
+        } else {
+            q.running += 1;
+            self.activate(id);
+        }
+    }
+
+    /// Starts a command buffer's first stage.
+    fn activate(&mut self, id: u64) {
+        if let Some(cb) = self.cbs.get_mut(&id) {
+            cb.activated = true;
+            cb.stage = 0;
+        }
+        self.open_stage(id);
+    }
+
+    /// Opens the current stage of `id`, skipping empty ones; finishes the command buffer after the last.
+    fn open_stage(&mut self, id: u64) {
+        loop {
+            let Some(cb) = self.cbs.get_mut(&id) else {
+                return;
+            };
+            if cb.stage >= cb.stages.len() || cb.cancelled || !cb.errors.is_empty() {
+                self.finish_cb(id);
+                return;
+            }
+            let range = cb.stages[cb.stage].clone();
+            let q = self
+                .queues
+                .get_mut(&cb.queue)
+                .expect("queue of an active command buffer");
+            let mut open = 0;
+            for i in range {
+                let c = &mut cb.cmds[i];
+                let has_work = c.rec.kind == CmdKind::Sync || !c.segs.is_empty();
+                if has_work {
+                    q.ready.push_back((id, i as u32));
+                    open += 1;
+                } else {
+                    c.exhausted = true;
+                    c.done = true;
+                }
+            }
+            cb.stage_open = open;
+            if open > 0 {
+                return;
+            }
+            cb.stage += 1;
+        }
+    }
+
+    fn cancel(&mut self, id: u64) {
+        let Some(cb) = self.cbs.get_mut(&id) else {
+            return;
+        };
+        cb.cancelled = true;
+        if !cb.activated {
+            let q = self
+                .queues
+                .get_mut(&cb.queue)
+                .expect("queue of a command buffer");
+            q.waiting.retain(|&w| w != id);
+            self.finish_cb(id);
+            return;
+        }
+        for c in cb.cmds.iter_mut() {
+            c.exhausted = true;
+        }
+        let range = cb.stages.get(cb.stage).cloned().unwrap_or(0..0);
+        for i in range {
+            self.check_cmd(id, i);
+        }
+    }
+
+    /// If command `i` of `id` has nothing left in flight or to make, closes it and advances the stage.
+    fn check_cmd(&mut self, id: u64, i: usize) {
+        let Some(cb) = self.cbs.get_mut(&id) else {
+            return;
+        };
+        let c = &mut cb.cmds[i];
+        if c.done || !c.exhausted || c.outstanding > 0 {
+            return;
+        }
+        c.done = true;
+        if let (CmdKind::Load { exact: true }, None) = (c.rec.kind, &c.error) {
+            if c.bytes < c.rec.len && !cb.cancelled {
+                c.error = Some(
+                    Error::new(
+                        ErrorKind::UnexpectedEof,
+                        format!("end of file after {} of {} bytes", c.bytes, c.rec.len),
+                    )
+                    .with_op(Op::Read)
+                    .with_path(c.rec.file.path())
+                    .with_range(c.rec.offset, c.rec.len),
+                );
+            }
+        }
+        if let Some(e) = c.error.clone() {
+            cb.errors.push(CommandError {
+                command: CommandId(i as u32),
+                error: e,
+            });
+        }
+        cb.stage_open -= 1;
+        if cb.stage_open == 0 {
+            cb.stage += 1;
+            self.open_stage(id);
+        }
+    }
+
+    fn finish_cb(&mut self, id: u64) {
+        let Some(mut cb) = self.cbs.remove(&id) else {
+            return;
+        };
+        // Commands in stages that never ran were skipped because an earlier one failed.
+        if !cb.cancelled && !cb.errors.is_empty() {
+            let skipped_from = cb.stages.get(cb.stage).map_or(cb.cmds.len(), |r| r.end);
+            for i in skipped_from..cb.cmds.len() {
+                cb.errors.push(CommandError {
+                    command: CommandId(i as u32),
+                    error: Error::new(
+                        ErrorKind::Cancelled,
+                        "skipped: a command before a barrier failed",
+                    ),
+                });
+            }
+        }
+        let outputs = cb
+            .cmds
+            .iter_mut()
+            .map(|c| Output {
+                buf: c.rec.buf.take(),
+                bytes: c.bytes,
+            })
+            .collect();
+        let status = if cb.errors.is_empty() {
+            Status::Complete
+        } else {
+            Status::Error(std::mem::take(&mut cb.errors))
+        };
+        let qid = cb.queue;
+        let mut next = None;
+        if let Some(q) = self.queues.get_mut(&qid) {
+            if cb.activated {
+                q.running -= 1;
+            }
+            if q.shared.desc.kind == QueueKind::Serial && q.running == 0 {
+                next = q.waiting.pop_front();
+                if next.is_some() {
+                    q.running += 1;
+                }
+            }
+            q.shared.slots.release();
+        }
+        cb.shared.finish(status, outputs);
+        if let Some(n) = next {
+            self.activate(n);
+        }
+        self.forget_idle_queue(qid);
+    }
+
+    /// Drops the engine's state for a queue the user has dropped and that has nothing left.
+    fn forget_idle_queue(&mut self, qid: u64) {
+        let idle = self.queues.get(&qid).is_some_and(|q| {
+            Arc::strong_count(&q.shared) == 1
+                && q.running == 0
+                && q.waiting.is_empty()
+                && q.bytes_in_flight == 0
+        });
+        if idle {
+            self.queues.remove(&qid);
+            for level in self.levels.iter_mut() {
+                level.retain(|&q| q != qid);
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while self.backend.in_flight() < self.backend.queue_depth() {
+            let Some(task) = self.retry.pop_front() else {
+                break;
+            };
+            self.issue(task);
+        }
+        for level in 0..3 {
+            loop {
+                let mut progress = false;
+                for qi in 0..self.levels[level].len() {
+                    if self.backend.in_flight() >= self.backend.queue_depth() {
+                        return;
+                    }
+                    let qid = self.levels[level][qi];
+                    if let Some(task) = self.next_task(qid) {
+                        self.issue(task);
+                        progress = true;
+                    }
+                }
+                if !progress {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Makes the next task of queue `qid`, if its bounds and the bounce pool allow.
+    fn next_task(&mut self, qid: u64) -> Option<Task> {
+        let q = self.queues.get_mut(&qid)?;
+        while let Some(&(id, i)) = q.ready.front() {
+            let Some(cb) = self.cbs.get_mut(&id) else {
+                q.ready.pop_front();
+                continue;
+            };
+            let c = &mut cb.cmds[i as usize];
+            if c.exhausted {
+                q.ready.pop_front();
+                continue;
+            }
+            if c.rec.kind == CmdKind::Sync {
+                c.exhausted = true;
+                c.sync_issued = true;
+                c.outstanding += 1;
+                q.ready.pop_front();
+                return Some(Task {
+                    cb: id,
+                    cmd: i,
+                    queue: qid,
+                    op: IoOp::Sync,
+                    plan: TaskPlan {
+                        kind: SegKind::Buffered,
+                        file_start: 0,
+                        len: 0,
+                        io_start: 0,
+                        io_len: 0,
+                    },
+                    file: c.rec.file.clone(),
+                    file_off: 0,
+                    ptr: std::ptr::null_mut(),
+                    len: 0,
+                    io_done: 0,
+                    direct: false,
+                    fixed: None,
+                    bounce: None,
+                    retries: 0,
+                    shorts: 0,
+                    started: Instant::now(),
+                });
+            }
+            let seg = c.segs[c.seg];
+            let tp = plan::next_task(&seg, c.cursor, c.block, self.task_size, self.bounce_size);
+            let bytes_max = q.shared.desc.bytes_in_flight_max;
+            if q.bytes_in_flight > 0 && q.bytes_in_flight + tp.io_len as u64 > bytes_max {
+                return None;
+            }
+            let needs_bounce = matches!(tp.kind, SegKind::BounceRead | SegKind::BounceWrite);
+            let bounce = if needs_bounce {
+                Some(self.bounce.try_get().ok()?)
+            } else {
+                None
+            };
+            // Advance the command's cursor.
+            c.cursor += tp.len as u64;
+            if c.cursor >= seg.file_end {
+                c.seg += 1;
+                match c.segs.get(c.seg) {
+                    Some(s) => c.cursor = s.file_start,
+                    None => {
+                        c.exhausted = true;
+                        q.ready.pop_front();
+                    }
+                }
+            }
+            c.outstanding += 1;
+            q.bytes_in_flight += tp.io_len as u64;
+            let op = if c.rec.kind == CmdKind::Store {
+                IoOp::Write
+            } else {
+                IoOp::Read
+            };
+            // SAFETY: file_start - offset < len <= buffer range, checked when recorded.
+            let user = unsafe { c.base.add((tp.file_start - c.rec.offset) as usize) };
+            let (ptr, fixed, direct) = match (&bounce, tp.kind) {
+                (Some(b), _) => (b.as_ptr().cast_mut(), b.fixed_index(), true),
+                (None, SegKind::Direct) => (user, c.fixed, true),
+                (None, _) => (user, c.fixed, false),
+            };
+            if tp.kind == SegKind::BounceWrite {
+                // SAFETY: user..+len lies in the command's buffer; the bounce buffer holds >= io_len.
+                unsafe { std::ptr::copy_nonoverlapping(user, ptr, tp.len) };
+            }
+            return Some(Task {
+                cb: id,
+                cmd: i,
+                queue: qid,
+                op,
+                plan: tp,
+                file: c.rec.file.clone(),
+                file_off: tp.io_start,
+                ptr,
+                len: tp.io_len,
+                io_done: 0,
+                direct: direct && c.direct,
+                fixed,
+                bounce,
+                retries: 0,
+                shorts: 0,
+                started: Instant::now(),
+            });
+        }
+        None
+    }
+
+    fn issue(&mut self, mut task: Task) {
+        let tag = match self.free_tags.pop() {
+            Some(t) => t,
+            None => {
+                self.slab.push(None);
+                self.slab.len() - 1
+            }
+        };
+        task.started = Instant::now();
+        let req = IoRequest {
+            op: task.op,
+            file: task.file.clone(),
+            direct: task.direct,
+            offset: task.file_off,
+            ptr: task.ptr,
+            len: task.len,
+            fixed: task.fixed,
+            tag: tag as u64,
+        };
+        self.slab[tag] = Some(task);
+        // SAFETY: the task's memory (user buffer held by its ActiveCb, or its bounce buffer held by
+        // the task in the slab) stays alive and untouched until this tag is reaped.
+        if let Err(req) = unsafe { self.backend.push(req) } {
+            // Only happens if the backend filled up behind our back; try again next round.
+            let task = self.slab[req.tag as usize]
+                .take()
+                .expect("task just stored");
+            self.free_tags.push(req.tag as usize);
+            self.retry.push_front(task);
+        }
+    }
+
+    fn complete(&mut self, d: IoDone) {
+        let tag = d.tag as usize;
+        let Some(mut task) = self.slab.get_mut(tag).and_then(Option::take) else {
+            return;
+        };
+        self.free_tags.push(tag);
+        let elapsed = task.started.elapsed();
+        let q = self.queues.get(&task.queue).map(|q| q.shared.clone());
+        let mut st = q.as_ref().map(|q| q.stats.lock());
+        if let Some(s) = st.as_mut() {
+            s.ops += 1;
+            s.record_latency(elapsed);
+            if d.result > 0 {
+                match task.op {
+                    IoOp::Read => s.bytes_read += d.result as u64,
+                    IoOp::Write => s.bytes_written += d.result as u64,
+                    IoOp::Sync => {}
+                }
+            }
+        }
+        let r = d.result;
+        let cancelled = self.cbs.get(&task.cb).is_none_or(|cb| cb.cancelled);
+        let outcome: Option<TaskEnd> = if r < 0 {
+            let errno = (-r) as i32;
+            if ErrorKind::errno_is_transient(errno) && task.retries < self.retries_max && !cancelled
+            {
+                task.retries += 1;
+                if let Some(s) = st.as_mut() {
+                    s.retries += 1;
+                }
+                None
+            } else if errno == libc::EINVAL && task.direct && !cancelled {
+                task.direct = false;
+                if let Some(s) = st.as_mut() {
+                    s.direct_fallbacks += 1;
+                }
+                None
+            } else {
+                let op = match task.op {
+                    IoOp::Read => Op::Read,
+                    IoOp::Write => Op::Write,
+                    IoOp::Sync => Op::Sync,
+                };
+                let mut e = Error::from_errno(op, errno)
+                    .with_path(task.file.path())
+                    .with_range(task.file_off, task.len as u64);
+                if ErrorKind::errno_is_transient(errno) {
+                    e = e.with_kind(ErrorKind::RetriesExhausted);
+                }
+                Some(TaskEnd::Failed(e))
+            }
+        } else if task.op == IoOp::Sync || r as usize == task.len {
+            task.io_done += r as usize;
+            Some(TaskEnd::Done)
+        } else if r == 0 {
+            match task.op {
+                IoOp::Read => Some(TaskEnd::Done), // end of file
+                _ if task.retries < self.retries_max && !cancelled => {
+                    task.retries += 1;
+                    if let Some(s) = st.as_mut() {
+                        s.retries += 1;
+                    }
+                    None
+                }
+                _ => Some(TaskEnd::Failed(
+                    Error::new(
+                        ErrorKind::RetriesExhausted,
+                        "write kept transferring zero bytes",
+                    )
+                    .with_op(Op::Write)
+                    .with_path(task.file.path())
+                    .with_range(task.file_off, task.len as u64),
+                )),
+            }
+        } else {
+            // Short transfer: continue where it stopped.
+            let n = r as usize;
+            task.shorts += 1;
+            if let Some(s) = st.as_mut() {
+                s.short_transfers += 1;
+            }
+            task.io_done += n;
+            task.file_off += n as u64;
+            // SAFETY: n < len, so the pointer stays inside the task's memory.
+            task.ptr = unsafe { task.ptr.add(n) };
+            task.len -= n;
+            let block = self
+                .cbs
+                .get(&task.cb)
+                .map_or(4096, |cb| cb.cmds[task.cmd as usize].block);
+            if task.direct && (n as u64) % block != 0 {
+                // Off a block boundary: the rest cannot go direct.
+                task.direct = false;
+            }
+            if task.shorts > self.shorts_max {
+                Some(TaskEnd::Failed(
+                    Error::new(
+                        ErrorKind::RetriesExhausted,
+                        format!("{} short transfers in a row", task.shorts),
+                    )
+                    .with_op(if task.op == IoOp::Read {
+                        Op::Read
+                    } else {
+                        Op::Write
+                    })
+                    .with_path(task.file.path())
+                    .with_range(task.file_off, task.len as u64),
+                ))
+            } else if cancelled {
+                Some(TaskEnd::Done)
+            } else {
+                None
+            }
+        };
+        drop(st);
+        match outcome {
+            None => self.retry.push_back(task),
+            Some(end) => self.end_task(task, end),
+        }
+    }
+
+    fn end_task(&mut self, task: Task, end: TaskEnd) {
+        let (id, i) = (task.cb, task.cmd as usize);
+        if let Some(q) = self.queues.get_mut(&task.queue) {
+            q.bytes_in_flight -= task.plan.io_len as u64;
+        }
+        let Some(cb) = self.cbs.get_mut(&id) else {
+            return;
+        };
+        let c = &mut cb.cmds[i];
+        c.outstanding -= 1;
+        match end {
+            TaskEnd::Failed(e) => {
+                if c.error.is_none() {
+                    c.error = Some(e);
+                }
+                c.exhausted = true;
+            }
+            TaskEnd::Done => {
+                let delivered = match (task.op, &task.bounce) {
+                    (IoOp::Read, Some(b)) => {
+                        let skip = (task.plan.file_start - task.plan.io_start) as usize;
+                        let n = task.plan.len.min(task.io_done.saturating_sub(skip));
+                        let user = (task.plan.file_start - c.rec.offset) as usize;
+                        // SAFETY: n bytes from the bounce buffer at skip (< io_len) into the user's
+                        // buffer range, which holds plan.len >= n bytes at `user`.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(b.as_ptr().add(skip), c.base.add(user), n)
+                        };
+                        if let Some(q) = self.queues.get(&task.queue) {
+                            q.shared.stats.lock().bounce_bytes += n as u64;
+                        }
+                        n
+                    }
+                    (IoOp::Read, None) => task.io_done.min(task.plan.len),
+                    (IoOp::Write, _) => {
+                        if task.bounce.is_some() {
+                            if let Some(q) = self.queues.get(&task.queue) {
+                                q.shared.stats.lock().bounce_bytes += task.plan.len as u64;
+                            }
+                        }
+                        task.plan.len
+                    }
+                    (IoOp::Sync, _) => 0,
+                };
+                c.bytes += delivered as u64;
+                if task.op == IoOp::Read && delivered < task.plan.len {
+                    // End of file inside this task: nothing after it exists either.
+                    c.exhausted = true;
+                }
+            }
+        }
+        drop(task);
+        self.check_cmd(id, i);
+    }
+}

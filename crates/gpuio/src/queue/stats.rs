@@ -1,0 +1,89 @@
+//! Per-queue counters and the latency histogram of backend operations (submission to completion, as fio
+//! reports completion latency), updated by the engine thread.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LatencySummary {
+    pub samples: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// What a queue has done.
+#[derive(Debug, Clone)]
+pub struct QueueStats {
+    /// Backend operations completed (reads, writes, syncs; retries count again).
+    pub ops: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Transient errors (EINTR, EAGAIN, zero-byte writes) retried.
+    pub retries: u64,
+    /// Short transfers continued.
+    pub short_transfers: u64,
+    /// Bytes that went through a bounce buffer (unaligned heads/tails or memory).
+    pub bounce_bytes: u64,
+    /// Direct transfers the kernel refused with EINVAL and that were redone buffered.
+    pub direct_fallbacks: u64,
+    latency_ns: Histogram<u64>,
+}
+
+impl Default for QueueStats {
+    fn default() -> Self {
+        QueueStats {
+            ops: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            retries: 0,
+            short_transfers: 0,
+            bounce_bytes: 0,
+            direct_fallbacks: 0,
+            // 1 ns .. 1 h at 3 significant digits; values past the top are clamped.
+            latency_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+                .expect("static histogram bounds are valid"),
+        }
+    }
+}
+
+impl QueueStats {
+    pub(crate) fn record_latency(&mut self, d: Duration) {
+        self.latency_ns
+            .saturating_record((d.as_nanos() as u64).max(1));
+    }
+
+    pub(crate) fn reset(&mut self) {
+        *self = QueueStats::default();
+    }
+
+    /// Latency percentiles of backend operations.
+    pub fn latency(&self) -> LatencySummary {
+        let h = &self.latency_ns;
+        let us = |ns: u64| ns as f64 / 1000.0;
+        LatencySummary {
+            samples: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+
+    /// Adds another queue's counts and latencies into this one.
+    pub fn merge(&mut self, other: &QueueStats) {
+        self.ops += other.ops;
+        self.bytes_read += other.bytes_read;
+        self.bytes_written += other.bytes_written;
+        self.retries += other.retries;
+        self.short_transfers += other.short_transfers;
+        self.bounce_bytes += other.bounce_bytes;
+        self.direct_fallbacks += other.direct_fallbacks;
+        let _ = self.latency_ns.add(&other.latency_ns);
+    }
+}
