@@ -1,0 +1,336 @@
+//! `gpuio bench`: the engine's main job measured — on a scratch file by default, or on `--file` — and,
+//! with `--compare`, the references in the same run on the same file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use gpuio::{
+    BackendChoice, DirectMode, Engine, EngineConfig, Error, OpenOptions, QueueDesc, Result,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::report;
+use crate::workload::{self, EngineOpts, Measurement, Pattern, Spec};
+
+/// Largest block size accepted.
+const BLOCK_SIZE_MAX: u64 = 256 << 20;
+/// Size of the scratch file when --size is not given.
+const SCRATCH_SIZE_DEFAULT: u64 = 1 << 30;
+/// Longest run accepted per workload.
+const DURATION_MAX_S: f64 = 3600.0;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// File to measure; default: a scratch file in the system temp directory, removed afterwards. A
+    /// missing file is created with --size bytes and left in place.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Bytes of the file to use: the scratch file's size (default 1G); for an existing --file, at most
+    /// its length (default: all of it).
+    #[arg(long, value_parser = crate::parse_size)]
+    size: Option<u64>,
+    /// Workload; default: the standard suite (randread 4K QD64, read 1M QD16, write 1M QD16, randwrite 4K QD64).
+    #[arg(long, value_enum)]
+    pattern: Option<Pattern>,
+    /// Bytes per I/O; default 4K for random patterns, 1M for sequential ones.
+    #[arg(long, value_parser = crate::parse_size)]
+    block_size: Option<u64>,
+    /// I/Os in flight; default 64 for random patterns, 16 for sequential ones.
+    #[arg(long)]
+    queue_depth: Option<usize>,
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+    #[arg(long, default_value = "auto")]
+    direct: DirectMode,
+    /// Size of the tasks large commands are split into.
+    #[arg(long, value_parser = crate::parse_size, default_value = "1M")]
+    task_size: u64,
+    /// Also run, on the same file: a single-thread pread loop, the thread-pool and mmap backends, and fio
+    /// (when installed); print each one's ratio to gpu-io.
+    #[arg(long)]
+    compare: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Allow write patterns on an existing `--file` (its first `--size` bytes are overwritten).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// The workload and its reference measurements.
+pub struct Outcome {
+    pub spec: Spec,
+    pub engine: Measurement,
+    pub baselines: Vec<Measurement>,
+    pub notes: Vec<String>,
+}
+
+fn default_suite() -> Vec<(Pattern, u64, usize)> {
+    vec![
+        (Pattern::Randread, 4096, 64),
+        (Pattern::Read, 1 << 20, 16),
+        (Pattern::Write, 1 << 20, 16),
+        (Pattern::Randwrite, 4096, 64),
+    ]
+}
+
+fn validate(a: &BenchArgs) -> Result<()> {
+    if let Some(bs) = a.block_size {
+        if bs == 0 || bs > BLOCK_SIZE_MAX {
+            return Err(Error::invalid(format!(
+                "--block-size {bs} is out of range 1..={BLOCK_SIZE_MAX}"
+            )));
+        }
+    }
+    if let Some(qd) = a.queue_depth {
+        if qd == 0 || qd > gpuio::backend::QUEUE_DEPTH_MAX {
+            return Err(Error::invalid(format!(
+                "--queue-depth {qd} is out of range 1..={}",
+                gpuio::backend::QUEUE_DEPTH_MAX
+            )));
+        }
+    }
+    if !(a.duration > 0.0 && a.duration <= DURATION_MAX_S) {
+        return Err(Error::invalid(format!(
+            "--duration {} is out of range (0, {DURATION_MAX_S}] seconds",
+            a.duration
+        )));
+    }
+    if a.size == Some(0) {
+        return Err(Error::invalid("--size must be larger than 0"));
+    }
+    Ok(())
+}
+
+/// Makes sure `path` holds at least `size` bytes of written (not sparse) data.
+fn prepare_file(
+    path: &Path,
+    size: u64,
+    created: bool,
+    direct: DirectMode,
+    pb: Option<&ProgressBar>,
+) -> Result<()> {
+    if !created {
+        return Ok(());
+    }
+    if let Some(pb) = pb {
+        pb.set_message(format!(
+            "writing {} scratch file",
+            gpuio::size::format_bytes(size as f64)
+        ));
+    }
+    let engine = Engine::new(EngineConfig::default())?;
+    let queue = engine.queue(QueueDesc::default())?;
+    let file = OpenOptions::create().direct(direct).open(path)?;
+    let chunk = (4u64 << 20).min(size) as usize;
+    let pool = engine.buffer_pool(chunk, 8)?;
+    let mut inflight = std::collections::VecDeque::new();
+    let mut off = 0u64;
+    let mut seed = 1;
+    while off < size {
+        let len = chunk.min((size - off) as usize);
+        let mut buf = pool.get();
+        buf.set_len(len)?;
+        workload::fill_pattern(&mut buf, seed);
+        seed += 1;
+        let mut cb = queue.command_buffer();
+        cb.store(&file, off, buf)?;
+        inflight.push_back(cb.commit()?);
+        if inflight.len() >= 8 {
+            inflight.pop_front().expect("non-empty").finish()?;
+        }
+        off += len as u64;
+        if let Some(pb) = pb {
+            pb.set_position(off * 1000 / size);
+        }
+    }
+    for c in inflight {
+        c.finish()?;
+    }
+    file.sync_all()
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    validate(&a)?;
+    let suite: Vec<(Pattern, u64, usize)> = match a.pattern {
+        Some(p) => {
+            let (bs, qd) = if p.is_random() {
+                (4096, 64)
+            } else {
+                (1 << 20, 16)
+            };
+            vec![(p, a.block_size.unwrap_or(bs), a.queue_depth.unwrap_or(qd))]
+        }
+        None => default_suite()
+            .into_iter()
+            .map(|(p, bs, qd)| (p, a.block_size.unwrap_or(bs), a.queue_depth.unwrap_or(qd)))
+            .collect(),
+    };
+    let show_progress = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let make_pb = |len: u64, msg: String| -> Option<ProgressBar> {
+        show_progress.then(|| {
+            let pb = ProgressBar::new(len);
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} {msg:40} [{bar:30}] {percent:>3}%")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            pb.set_message(msg);
+            pb
+        })
+    };
+
+    // The file: the user's, or a scratch file that is removed however we leave.
+    let (_scratch, path, created) = match &a.file {
+        Some(p) => {
+            let exists = p.exists();
+            if exists && suite.iter().any(|(p, ..)| p.is_write()) && !a.overwrite {
+                let meta = std::fs::metadata(p)
+                    .map_err(|e| Error::from_io(gpuio::error::Op::Stat, &e).with_path(p))?;
+                if meta.len() > 0 {
+                    return Err(Error::invalid(format!(
+                        "{} exists and write patterns would overwrite it: pass --overwrite, or a --pattern that reads",
+                        p.display()
+                    )));
+                }
+            }
+            (None, p.clone(), !exists)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("gpuio-bench-")
+                .tempfile_in(std::env::temp_dir())
+                .map_err(|e| {
+                    Error::from_io(gpuio::error::Op::Open, &e).with_path(&std::env::temp_dir())
+                })?;
+            let path = t.path().to_path_buf();
+            (Some(t.into_temp_path()), path, true)
+        }
+    };
+    let region = if created {
+        a.size.unwrap_or(SCRATCH_SIZE_DEFAULT)
+    } else {
+        let len = OpenOptions::read()
+            .direct(DirectMode::Off)
+            .open(&path)?
+            .len()?;
+        match a.size {
+            Some(s) if s > len => {
+                return Err(Error::invalid(format!(
+                    "{} is {len} bytes, smaller than --size {s}",
+                    path.display()
+                )))
+            }
+            Some(s) => s,
+            None => len,
+        }
+    };
+    if region == 0 {
+        return Err(Error::invalid(format!(
+            "{} is empty: nothing to measure",
+            path.display()
+        )));
+    }
+    {
+        let pb = make_pb(1000, String::new());
+        let prepared = prepare_file(&path, region, created, a.direct, pb.as_ref());
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        if let Err(e) = prepared {
+            if created && a.file.is_some() {
+                // Do not leave a half-written file the user never had.
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(e);
+        }
+        if created && a.file.is_some() {
+            eprintln!("gpuio: created {} ({region} bytes)", path.display());
+        }
+    }
+
+    let mut outcomes = Vec::new();
+    for (pattern, bs, qd) in suite {
+        if bs > region {
+            return Err(Error::invalid(format!(
+                "block size {bs} is larger than the {region} bytes of {}",
+                path.display()
+            )));
+        }
+        let spec = Spec {
+            pattern,
+            block_size: bs as usize,
+            queue_depth: qd,
+            duration: Duration::from_secs_f64(a.duration),
+            region,
+        };
+        let opts = EngineOpts {
+            backend: a.backend,
+            direct: a.direct,
+            task_size: a.task_size as usize,
+        };
+        let title = format!(
+            "{} {} QD{}",
+            pattern.name(),
+            gpuio::size::format_bytes(bs as f64),
+            qd
+        );
+        let ms = (a.duration * 1000.0) as u64;
+        let pb = make_pb(ms, format!("gpu-io {title}"));
+        let engine = workload::run_engine(&spec, &path, opts, "gpu-io", pb.as_ref())?;
+        if let Some(pb) = &pb {
+            pb.finish_and_clear();
+        }
+        let mut baselines = Vec::new();
+        let mut notes = Vec::new();
+        if a.compare {
+            let direct = engine.direct;
+            let pb = make_pb(ms, format!("pread loop {title}"));
+            baselines.push(workload::run_pread_loop(&spec, &path, direct, pb.as_ref())?);
+            for (choice, label) in [
+                (BackendChoice::Threads, "threads"),
+                (BackendChoice::Mmap, "mmap"),
+            ] {
+                if choice == a.backend {
+                    continue;
+                }
+                let pb = make_pb(ms, format!("{label} {title}"));
+                let o = EngineOpts {
+                    backend: choice,
+                    ..opts
+                };
+                baselines.push(workload::run_engine(&spec, &path, o, label, pb.as_ref())?);
+                if let Some(pb) = &pb {
+                    pb.finish_and_clear();
+                }
+            }
+            if workload::fio_available() {
+                match workload::run_fio(&spec, &path, direct) {
+                    Ok(m) => baselines.push(m),
+                    Err(e) => notes.push(format!("fio did not run: {e}")),
+                }
+            } else {
+                notes.push("fio is not installed (apt-get install fio): no fio reference".into());
+            }
+            if pattern.is_write() {
+                notes.push("mmap writes use pwrite: a mapping cannot extend a file".into());
+            }
+        }
+        outcomes.push(Outcome {
+            spec,
+            engine,
+            baselines,
+            notes,
+        });
+    }
+    if a.json {
+        println!("{}", report::json(&outcomes, &path, a.pattern.is_some()));
+    } else {
+        print!("{}", report::table(&outcomes, &path));
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! `gpuio info [PATH]`: what this machine's kernel allows, which backend the probe picks and why, and,
+//! for a file, whether it will be read direct or buffered and why.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use gpuio::backend::{self, BackendChoice, BackendConfig};
+use gpuio::{DirectMode, OpenOptions, Result};
+use serde_json::{json, Value};
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// A file to describe (direct-I/O support, alignment, size).
+    path: Option<PathBuf>,
+    /// Direct-I/O mode to try on PATH.
+    #[arg(long, default_value = "auto")]
+    direct: DirectMode,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_trim(p: &str) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn memlock_kib() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    lim.rlim_cur / 1024
+}
+
+fn fs_type(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs fills the zeroed struct for a NUL-terminated path.
+    let st = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    Some(match st.f_type as i64 {
+        0xEF53 => "ext2/3/4".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x6573_5546 => "fuse".into(),
+        0x794C_7630 => "overlayfs".into(),
+        other => format!("0x{other:x}"),
+    })
+}
+
+pub fn run(a: InfoArgs) -> Result<()> {
+    let probe_cfg = BackendConfig::default();
+    let (_, chosen) = backend::probe(&probe_cfg)?;
+    let mut engines = Vec::new();
+    for (choice, name) in [
+        (BackendChoice::Uring, "uring"),
+        (BackendChoice::Threads, "threads"),
+        (BackendChoice::Mmap, "mmap"),
+    ] {
+        let cfg = BackendConfig {
+            choice,
+            ..BackendConfig::default()
+        };
+        let status = match backend::probe(&cfg) {
+            Ok((_, ex)) => json!({"name": name, "available": true, "notes": ex.reasons}),
+            Err(e) => json!({"name": name, "available": false, "why": e.to_string()}),
+        };
+        engines.push(status);
+    }
+    let mut v = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "kernel": read_trim("/proc/sys/kernel/osrelease"),
+        "io_uring_disabled": read_trim("/proc/sys/kernel/io_uring_disabled"),
+        "memlock_kib": memlock_kib(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "backend": chosen.backend.name(),
+        "reasons": chosen.reasons,
+        "backends": engines,
+    });
+    if let Some(p) = &a.path {
+        let f = OpenOptions::read().direct(a.direct).open(p)?;
+        v["file"] = json!({
+            "path": p.display().to_string(),
+            "size": f.len()?,
+            "filesystem": fs_type(p),
+            "direct": f.is_direct(),
+            "direct_reason": f.direct_reason(),
+            "offset_align": f.align().offset_align,
+            "mem_align": f.align().mem_align,
+        });
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
+        );
+    } else {
+        print!("{}", human(&v));
+    }
+    Ok(())
+}
+
+fn human(v: &Value) -> String {
+    let s = |k: &str| {
+        v[k].as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v[k].to_string())
+    };
+    let mut out = format!(
+        "gpu-io {}\nkernel {}, io_uring_disabled={}, RLIMIT_MEMLOCK {} KiB, {} CPUs\n\nchosen backend: {}\n",
+        s("version"),
+        s("kernel"),
+        s("io_uring_disabled"),
+        s("memlock_kib"),
+        s("cpus"),
+        s("backend"),
+    );
+    for r in v["reasons"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  - {}\n", r.as_str().unwrap_or_default()));
+    }
+    out.push_str("\nbackends:\n");
+    for b in v["backends"].as_array().into_iter().flatten() {
+        let name = b["name"].as_str().unwrap_or_default();
+        if b["available"].as_bool() == Some(true) {
+            out.push_str(&format!("  {name:8} available\n"));
+        } else {
+            out.push_str(&format!(
+                "  {name:8} unavailable: {}\n",
+                b["why"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(f) = v.get("file") {
+        out.push_str(&format!(
+            "\nfile {} ({} bytes, {}):\n  {}\n",
+            f["path"].as_str().unwrap_or_default(),
+            f["size"],
+            f["filesystem"].as_str().unwrap_or("unknown filesystem"),
+            f["direct_reason"].as_str().unwrap_or_default(),
+        ));
+    }
+    out
+}

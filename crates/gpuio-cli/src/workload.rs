@@ -1,0 +1,519 @@
+//! The measured workloads: the engine itself (any backend), and the references it is compared with in the
+//! same run on the same file — a plain single-thread pread/pwrite loop, and fio when it is installed.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use gpuio::queue::LatencySummary;
+use gpuio::{
+    AlignedBuf, BackendChoice, Completion, DirectMode, Engine, EngineConfig, Error, ErrorKind,
+    IoBuffer, OpenOptions, QueueDesc, Result,
+};
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pattern {
+    Read,
+    Write,
+    Randread,
+    Randwrite,
+}
+
+impl Pattern {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Read => "read",
+            Pattern::Write => "write",
+            Pattern::Randread => "randread",
+            Pattern::Randwrite => "randwrite",
+        }
+    }
+    pub fn is_write(self) -> bool {
+        matches!(self, Pattern::Write | Pattern::Randwrite)
+    }
+    pub fn is_random(self) -> bool {
+        matches!(self, Pattern::Randread | Pattern::Randwrite)
+    }
+}
+
+/// What to run: the same for the engine and every reference.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub pattern: Pattern,
+    pub block_size: usize,
+    pub queue_depth: usize,
+    pub duration: Duration,
+    /// Bytes of the file the workload touches, from offset 0.
+    pub region: u64,
+}
+
+/// One measured run.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    /// Who ran: `gpu-io`, `threads`, `mmap`, `pread loop`, `fio`.
+    pub name: String,
+    pub backend: String,
+    pub direct: bool,
+    pub ops: u64,
+    pub bytes: u64,
+    pub elapsed_s: f64,
+    pub latency: LatencySummary,
+    pub cpu_user_s: f64,
+    pub cpu_sys_s: f64,
+}
+
+impl Measurement {
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.elapsed_s
+    }
+    pub fn bytes_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.elapsed_s
+    }
+    /// CPU microseconds per I/O (user + system).
+    pub fn cpu_us_per_io(&self) -> f64 {
+        (self.cpu_user_s + self.cpu_sys_s) * 1e6 / self.ops.max(1) as f64
+    }
+}
+
+/// Offsets for a pattern. Sequential wraps around the region. Random visits every block once per pass
+/// in a scrambled order, like fio's default random map: a full-period LCG over the next power of two,
+/// skipping values past the last block.
+pub struct Offsets {
+    random: bool,
+    blocks: u64,
+    block: u64,
+    mask: u64,
+    next: u64,
+}
+
+impl Offsets {
+    pub fn new(spec: &Spec, seed: u64) -> Offsets {
+        let blocks = (spec.region / spec.block_size as u64).max(1);
+        let mask = blocks.next_power_of_two() - 1;
+        Offsets {
+            random: spec.pattern.is_random(),
+            blocks,
+            block: spec.block_size as u64,
+            mask,
+            next: if spec.pattern.is_random() {
+                seed & mask
+            } else {
+                0
+            },
+        }
+    }
+}
+
+impl Iterator for Offsets {
+    type Item = u64;
+    fn next(&mut self) -> Option<u64> {
+        let b = if self.random {
+            // x -> a*x + c mod 2^k has full period when a % 4 == 1 and c is odd (Hull–Dobell).
+            // Its low bits cycle quickly, so the output goes through a bijection of the k-bit space
+            // (xor-shift and odd multiply) before values past the last block are skipped.
+            let shift = (self.mask.count_ones() / 2).max(1);
+            loop {
+                self.next = self
+                    .next
+                    .wrapping_mul(0x5851_F42D_4C95_7F2D)
+                    .wrapping_add(0x1405_7B7E_F767_814F)
+                    & self.mask;
+                let mut x = self.next;
+                x ^= x >> shift;
+                x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15) & self.mask;
+                x ^= x >> shift;
+                if x < self.blocks {
+                    break x;
+                }
+            }
+        } else {
+            let b = self.next;
+            self.next = (self.next + 1) % self.blocks;
+            b
+        };
+        Some(b * self.block)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Cpu {
+    user_s: f64,
+    sys_s: f64,
+}
+
+pub fn cpu_now() -> Cpu {
+    // SAFETY: getrusage fills the zeroed struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Cpu {
+        user_s: tv(ru.ru_utime),
+        sys_s: tv(ru.ru_stime),
+    }
+}
+
+/// Command buffers committed per backend slot (see [`run_engine`]).
+const COMMITTED_PER_SLOT: usize = 2;
+
+/// Engine settings for one run.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOpts {
+    pub backend: BackendChoice,
+    pub direct: DirectMode,
+    pub task_size: usize,
+}
+
+fn progress_tick(pb: Option<&ProgressBar>, start: Instant, last: &mut Instant) {
+    if let Some(pb) = pb {
+        if last.elapsed() > Duration::from_millis(100) {
+            pb.set_position(start.elapsed().as_millis() as u64);
+            *last = Instant::now();
+        }
+    }
+}
+
+/// Runs `spec` through the engine for `duration`.
+///
+/// The backend keeps at most `queue_depth` I/Os in the kernel (the bound fio's `iodepth` sets). The
+/// benchmark records I/Os into command buffers of `queue_depth / 8` (at least one) and keeps twice
+/// `queue_depth` I/Os committed, re-issuing each command buffer with its buffers as soon as it completes:
+/// a slot freed in the kernel never waits for the application, and per-command-buffer costs are shared
+/// the way an application that batches its requests shares them.
+pub fn run_engine(
+    spec: &Spec,
+    path: &Path,
+    opts: EngineOpts,
+    label: &str,
+    pb: Option<&ProgressBar>,
+) -> Result<Measurement> {
+    let mut cfg = EngineConfig::default();
+    cfg.backend.choice = opts.backend;
+    cfg.backend.queue_depth = spec.queue_depth;
+    cfg.task_size_bytes = opts.task_size;
+    let engine = Engine::new(cfg)?;
+    let batch = (spec.queue_depth / 8).max(1);
+    let cbs = (spec.queue_depth * COMMITTED_PER_SLOT).div_ceil(batch);
+    let queue = engine.queue(QueueDesc {
+        command_buffers_max: cbs,
+        bytes_in_flight_max: u64::MAX,
+        ..QueueDesc::default()
+    })?;
+    let open = if spec.pattern.is_write() {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read()
+    };
+    let file = open.direct(opts.direct).open(path)?;
+    if !spec.pattern.is_write() {
+        file.drop_page_cache()?;
+    }
+    let pool = engine.buffer_pool(spec.block_size, cbs * batch)?;
+    let (tx, rx) = mpsc::channel::<usize>();
+    let mut slots: Vec<Option<Completion>> = (0..cbs).map(|_| None).collect();
+    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15);
+    let mut submit = |slot: usize, bufs: Vec<IoBuffer>| -> Result<Completion> {
+        let mut cb = queue.command_buffer();
+        for buf in bufs {
+            let off = offsets.next().unwrap_or(0);
+            if spec.pattern.is_write() {
+                cb.store(&file, off, buf)?;
+            } else {
+                cb.load(&file, off, buf)?;
+            }
+        }
+        let tx = tx.clone();
+        cb.on_complete(move |_| {
+            let _ = tx.send(slot);
+        });
+        cb.commit()
+    };
+
+    let cpu0 = cpu_now();
+    let start = Instant::now();
+    let deadline = start + spec.duration;
+    for (slot, entry) in slots.iter_mut().enumerate() {
+        let bufs = (0..batch)
+            .map(|i| {
+                let mut buf = pool.get();
+                if spec.pattern.is_write() {
+                    fill_pattern(&mut buf, (slot * batch + i) as u64);
+                }
+                IoBuffer::from(buf)
+            })
+            .collect();
+        *entry = Some(submit(slot, bufs)?);
+    }
+    let mut ops = 0u64;
+    let mut outstanding = cbs;
+    let mut last_tick = start;
+    let mut first_error: Option<Error> = None;
+    while outstanding > 0 {
+        let slot = rx.recv().map_err(|_| {
+            Error::new(
+                ErrorKind::EngineStopped,
+                "engine stopped during the benchmark",
+            )
+        })?;
+        let c = slots[slot].take().expect("completed slot was in flight");
+        outstanding -= 1;
+        let (status, finished) = c.wait_parts();
+        if let Some(e) = status.first_error() {
+            first_error.get_or_insert(e);
+            continue;
+        }
+        ops += batch as u64;
+        progress_tick(pb, start, &mut last_tick);
+        if Instant::now() < deadline && first_error.is_none() {
+            let bufs = finished.into_buffers().into_iter().flatten().collect();
+            slots[slot] = Some(submit(slot, bufs)?);
+            outstanding += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = cpu_now();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let stats = queue.stats();
+    Ok(Measurement {
+        name: label.to_string(),
+        backend: engine.backend_kind().to_string(),
+        direct: file.is_direct() && engine.backend_kind() != gpuio::BackendKind::Mmap,
+        ops,
+        bytes: ops * spec.block_size as u64,
+        elapsed_s: elapsed,
+        latency: stats.latency(),
+        cpu_user_s: cpu1.user_s - cpu0.user_s,
+        cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
+    })
+}
+
+/// Fills a write buffer with bytes that do not compress or dedupe trivially.
+pub fn fill_pattern(buf: &mut [u8], seed: u64) {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let b = s.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+/// The reference every user has: one thread, one blocking `pread`/`pwrite` at a time.
+pub fn run_pread_loop(
+    spec: &Spec,
+    path: &Path,
+    direct: bool,
+    pb: Option<&ProgressBar>,
+) -> Result<Measurement> {
+    use std::os::fd::AsRawFd;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(spec.pattern.is_write());
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let f = o
+        .open(path)
+        .map_err(|e| Error::from_io(gpuio::error::Op::Open, &e).with_path(path))?;
+    if !spec.pattern.is_write() {
+        // SAFETY: plain advisory syscall on an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    let mut buf = AlignedBuf::new(spec.block_size, 4096)?;
+    fill_pattern(&mut buf, 7);
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15);
+    let cpu0 = cpu_now();
+    let start = Instant::now();
+    let mut last_tick = start;
+    let mut ops = 0u64;
+    while start.elapsed() < spec.duration {
+        let off = offsets.next().unwrap_or(0);
+        let t = Instant::now();
+        // SAFETY: buf is a live buffer of block_size bytes.
+        let n = unsafe {
+            if spec.pattern.is_write() {
+                libc::pwrite(
+                    f.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    spec.block_size,
+                    off as libc::off_t,
+                )
+            } else {
+                libc::pread(
+                    f.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    spec.block_size,
+                    off as libc::off_t,
+                )
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(Error::from_io(gpuio::error::Op::Read, &e)
+                .with_path(path)
+                .with_range(off, spec.block_size as u64));
+        }
+        hist.saturating_record((t.elapsed().as_nanos() as u64).max(1));
+        ops += 1;
+        progress_tick(pb, start, &mut last_tick);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = cpu_now();
+    Ok(Measurement {
+        name: "pread loop".into(),
+        backend: if spec.pattern.is_write() {
+            "pwrite"
+        } else {
+            "pread"
+        }
+        .into(),
+        direct,
+        ops,
+        bytes: ops * spec.block_size as u64,
+        elapsed_s: elapsed,
+        latency: summarize(&hist),
+        cpu_user_s: cpu1.user_s - cpu0.user_s,
+        cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
+    })
+}
+
+fn summarize(h: &Histogram<u64>) -> LatencySummary {
+    let us = |ns: u64| ns as f64 / 1000.0;
+    LatencySummary {
+        samples: h.len(),
+        mean_us: h.mean() / 1000.0,
+        p50_us: us(h.value_at_quantile(0.5)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+    }
+}
+
+/// Whether fio is on the PATH.
+pub fn fio_available() -> bool {
+    std::process::Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// fio with io_uring, one job, the same file, pattern, block size and queue depth.
+pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=gpuio-compare",
+            &format!("--filename={}", path.display()),
+            &format!("--rw={}", spec.pattern.name()),
+            &format!("--bs={}", spec.block_size),
+            &format!("--iodepth={}", spec.queue_depth),
+            "--ioengine=io_uring",
+            &format!("--direct={}", u8::from(direct)),
+            &format!("--runtime={}ms", spec.duration.as_millis()),
+            "--time_based",
+            &format!("--size={}", spec.region),
+            "--numjobs=1",
+            "--randrepeat=0",
+            "--invalidate=1",
+            "--output-format=json",
+        ])
+        .output()
+        .map_err(|e| Error::new(ErrorKind::Unsupported, format!("cannot run fio: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "fio failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notes before the JSON document.
+    let json_start = text.find('{').unwrap_or(0);
+    let v: serde_json::Value = serde_json::from_str(&text[json_start..]).map_err(|e| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("cannot parse fio's JSON output: {e}"),
+        )
+    })?;
+    let job = &v["jobs"][0];
+    let side = if spec.pattern.is_write() {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    let runtime_s = side["runtime"].as_f64().unwrap_or(0.0) / 1000.0;
+    let ops = side["total_ios"].as_u64().unwrap_or(0);
+    let bytes = side["io_bytes"].as_u64().unwrap_or(0);
+    let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    let job_runtime_s = job["job_runtime"].as_f64().unwrap_or(runtime_s * 1000.0) / 1000.0;
+    Ok(Measurement {
+        name: "fio".into(),
+        backend: "io_uring".into(),
+        direct,
+        ops,
+        bytes,
+        elapsed_s: runtime_s.max(1e-9),
+        latency: LatencySummary {
+            samples: ops,
+            mean_us: side["clat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+            p50_us: pct("50.000000"),
+            p99_us: pct("99.000000"),
+            p999_us: pct("99.900000"),
+            max_us: side["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1000.0,
+        },
+        cpu_user_s: job["usr_cpu"].as_f64().unwrap_or(0.0) / 100.0 * job_runtime_s,
+        cpu_sys_s: job["sys_cpu"].as_f64().unwrap_or(0.0) / 100.0 * job_runtime_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_offsets_visit_every_block_once_per_pass() {
+        for blocks in [1u64, 2, 3, 1000, 4096, 5000] {
+            let spec = Spec {
+                pattern: Pattern::Randread,
+                block_size: 4096,
+                queue_depth: 1,
+                duration: Duration::from_secs(1),
+                region: blocks * 4096 + 100,
+            };
+            let mut seen = vec![false; blocks as usize];
+            for off in Offsets::new(&spec, 12345).take(blocks as usize) {
+                assert_eq!(off % 4096, 0);
+                let b = (off / 4096) as usize;
+                assert!(!seen[b], "block {b} repeated within a pass of {blocks}");
+                seen[b] = true;
+            }
+            assert!(seen.iter().all(|&s| s));
+        }
+    }
+
+    #[test]
+    fn sequential_offsets_wrap() {
+        let spec = Spec {
+            pattern: Pattern::Read,
+            block_size: 1 << 20,
+            queue_depth: 1,
+            duration: Duration::from_secs(1),
+            region: 3 << 20,
+        };
+        let v: Vec<u64> = Offsets::new(&spec, 1).take(4).collect();
+        assert_eq!(v, [0, 1 << 20, 2 << 20, 0]);
+    }
+}

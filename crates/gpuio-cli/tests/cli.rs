@@ -1,0 +1,352 @@
+//! The `gpuio` binary as a new user meets it: every bad input gets one line naming the cause and a
+//! non-zero exit, never a panic or a backtrace; the happy paths print what the README promises.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gpuio(args: &[&str]) -> Output {
+    gpuio_in(&std::env::temp_dir(), args)
+}
+
+/// Runs gpuio with `tmp` as its temp directory (where scratch files go).
+fn gpuio_in(tmp: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpuio"))
+        .args(args)
+        .env("TMPDIR", tmp)
+        .output()
+        .expect("run gpuio")
+}
+
+/// Fails with one line that contains every `needles`, and no panic.
+fn assert_clean_failure(args: &[&str], needles: &[&str]) {
+    let out = gpuio(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail; stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{args:?} panicked: {err}"
+    );
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "{args:?}: stderr should mention '{n}': {err}"
+        );
+    }
+    if err.starts_with("gpuio: error:") {
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}
+
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn bad_input_gets_one_line_and_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing").display().to_string();
+    let d = dir.path().display().to_string();
+    let empty = write_file(dir.path(), "empty", b"");
+    let small = write_file(dir.path(), "small", &[1u8; 10000]);
+
+    assert_clean_failure(&["cat", &missing], &["missing", "not found"]);
+    assert_clean_failure(&["cat", &d], &["is a directory"]);
+    assert_clean_failure(
+        &["cat", &small, "--offset", "20000"],
+        &["beyond the end", "small"],
+    );
+    assert_clean_failure(
+        &["cat", &small, "--offset", "9000", "--length", "5000"],
+        &["end of file", "small", "9000"],
+    );
+    // bench creates a missing --file (as fio does), but not a missing directory.
+    let missing_dir = dir.path().join("no-such-dir/f").display().to_string();
+    assert_clean_failure(
+        &[
+            "bench",
+            "--file",
+            &missing_dir,
+            "--pattern",
+            "randread",
+            "--duration",
+            "0.1",
+        ],
+        &["no-such-dir", "not found"],
+    );
+    assert_clean_failure(
+        &[
+            "bench",
+            "--file",
+            &d,
+            "--pattern",
+            "randread",
+            "--duration",
+            "0.1",
+        ],
+        &["is a directory"],
+    );
+    assert_clean_failure(
+        &[
+            "bench",
+            "--file",
+            &empty,
+            "--pattern",
+            "read",
+            "--duration",
+            "0.1",
+        ],
+        &["empty"],
+    );
+    assert_clean_failure(
+        &[
+            "bench",
+            "--file",
+            &small,
+            "--pattern",
+            "read",
+            "--block-size",
+            "1M",
+            "--duration",
+            "0.1",
+        ],
+        &["larger than"],
+    );
+    assert_clean_failure(
+        &[
+            "bench",
+            "--file",
+            &small,
+            "--pattern",
+            "write",
+            "--duration",
+            "0.1",
+        ],
+        &["--overwrite"],
+    );
+    assert_clean_failure(
+        &["bench", "--queue-depth", "0", "--duration", "0.1"],
+        &["queue-depth"],
+    );
+    assert_clean_failure(
+        &["bench", "--queue-depth", "1000000", "--duration", "0.1"],
+        &["queue-depth"],
+    );
+    assert_clean_failure(
+        &["bench", "--block-size", "0", "--duration", "0.1"],
+        &["block-size"],
+    );
+    assert_clean_failure(
+        &["bench", "--block-size", "1T", "--duration", "0.1"],
+        &["block-size"],
+    );
+    assert_clean_failure(
+        &["bench", "--block-size", "4X", "--duration", "0.1"],
+        &["not a size"],
+    );
+    assert_clean_failure(&["bench", "--duration=-1"], &["duration"]);
+    assert_clean_failure(&["bench", "--duration", "0"], &["duration"]);
+    assert_clean_failure(&["bench", "--backend", "nvme"], &["not one of"]);
+    assert_clean_failure(
+        &[
+            "bench",
+            "--task-size",
+            "100",
+            "--duration",
+            "0.1",
+            "--size",
+            "1M",
+        ],
+        &["task size"],
+    );
+    assert_clean_failure(&["info", &missing], &["missing"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn permission_denied_is_named() {
+    // Root reads anything; only meaningful for ordinary users.
+    if unsafe { libc::geteuid() } == 0 {
+        eprintln!("skipped: running as root, who bypasses file permissions");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_file(dir.path(), "secret", &[1u8; 4096]);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
+    assert_clean_failure(&["cat", &p], &["permission denied"]);
+}
+
+#[test]
+fn direct_on_where_impossible_is_refused_clearly() {
+    // /proc files never accept O_DIRECT; --direct on must fail at open, naming the file.
+    assert_clean_failure(
+        &["cat", "/proc/self/status", "--direct", "on"],
+        &["/proc/self/status", "direct"],
+    );
+}
+
+#[test]
+fn cat_prints_exact_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let p = write_file(dir.path(), "data", &data);
+    for (off, len) in [
+        (0usize, 100usize),
+        (4095, 4099),
+        (1_000_001, 1_500_000),
+        (2_999_990, 10),
+    ] {
+        let out = gpuio(&[
+            "cat",
+            &p,
+            "--offset",
+            &off.to_string(),
+            "--length",
+            &len.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, &data[off..off + len], "range {off}+{len}");
+    }
+    let all = gpuio(&["cat", &p]);
+    assert_eq!(all.stdout, data);
+}
+
+#[test]
+fn bench_json_has_the_documented_keys() {
+    let out = gpuio(&[
+        "bench",
+        "--size",
+        "8M",
+        "--pattern",
+        "randread",
+        "--duration",
+        "0.3",
+        "--queue-depth",
+        "8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for k in [
+        "pattern",
+        "block_size",
+        "queue_depth",
+        "backend",
+        "direct",
+        "iops",
+        "bytes_per_sec",
+        "latency_us",
+        "cpu",
+    ] {
+        assert!(v.get(k).is_some(), "missing key {k}: {v}");
+    }
+    assert_eq!(v["pattern"], "randread");
+    assert_eq!(v["block_size"], 4096);
+    assert!(v["iops"].as_f64().unwrap() > 0.0);
+    assert!(v["latency_us"]["p99"].as_f64().unwrap() >= v["latency_us"]["p50"].as_f64().unwrap());
+}
+
+#[test]
+fn bench_compare_reports_ratios_for_every_reference() {
+    let out = gpuio(&[
+        "bench",
+        "--size",
+        "8M",
+        "--pattern",
+        "read",
+        "--block-size",
+        "64K",
+        "--duration",
+        "0.3",
+        "--compare",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["baselines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    for n in ["pread loop", "threads", "mmap"] {
+        assert!(names.contains(&n), "missing reference {n}: {names:?}");
+    }
+    for b in v["baselines"].as_array().unwrap() {
+        assert!(b["gpuio_ratio"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn bench_suite_runs_on_every_backend_and_cleans_up() {
+    for backend in ["uring", "threads", "mmap"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = gpuio_in(
+            tmp.path(),
+            &[
+                "bench",
+                "--size",
+                "4M",
+                "--duration",
+                "0.2",
+                "--backend",
+                backend,
+                "--queue-depth",
+                "4",
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for p in ["randread", "read", "write", "randwrite"] {
+            assert!(stdout.contains(p), "{backend}: table lacks {p}: {stdout}");
+        }
+        assert!(
+            stdout.contains(backend),
+            "{backend}: table names the backend: {stdout}"
+        );
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{backend}: scratch files left behind: {left:?}"
+        );
+    }
+}
+
+#[test]
+fn info_explains_the_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_file(dir.path(), "f", &[0u8; 8192]);
+    let out = gpuio(&["info", &p, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v["reasons"].as_array().unwrap().is_empty());
+    assert!(v["file"]["direct_reason"].as_str().unwrap().len() > 5);
+    let human = gpuio(&["info"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("chosen backend"));
+}
