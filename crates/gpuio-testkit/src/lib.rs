@@ -1,1 +1,152 @@
-//! Test support for gpu-io (filled in by the reliability work).
+//! Test support for gpu-io: seeded randomness ([`rng`]), a fault-injecting backend ([`fault`]),
+//! fio-style verify patterns ([`verify`]), and helpers that build engines and scratch directories so
+//! one test body can run against every backend (STYLE item 5).
+//!
+//! Everything here is for tests: it panics on setup mistakes instead of returning errors, and it is
+//! never published (`publish = false`).
+
+pub mod fault;
+pub mod rng;
+pub mod verify;
+
+pub use fault::{
+    Fault, FaultBackend, FaultCounts, FaultHandle, FaultPlan, Injection, NthFault, LOG_MAX,
+};
+pub use rng::Rng;
+pub use verify::{Header, Pattern, Problem, VerifyError};
+
+use std::path::Path;
+
+use gpuio::backend::{self, BackendChoice, BackendConfig, BackendKind};
+use gpuio::{Engine, EngineConfig, MemoryBudget};
+
+/// Every backend kind, in the order tests run them.
+pub const ALL_KINDS: [BackendKind; 3] =
+    [BackendKind::Uring, BackendKind::Threads, BackendKind::Mmap];
+
+/// The [`BackendChoice`] that asks for exactly `kind`.
+pub fn choice_for(kind: BackendKind) -> BackendChoice {
+    match kind {
+        BackendKind::Uring => BackendChoice::Uring,
+        BackendKind::Threads => BackendChoice::Threads,
+        BackendKind::Mmap => BackendChoice::Mmap,
+    }
+}
+
+/// A small engine configuration for tests of `kind`: queue depth 16, 64 KiB tasks (so modest commands
+/// still split into several tasks), 8 bounce buffers, a 256 MiB budget.
+pub fn test_config(kind: BackendKind) -> EngineConfig {
+    EngineConfig {
+        backend: BackendConfig {
+            choice: choice_for(kind),
+            queue_depth: 16,
+            ..BackendConfig::default()
+        },
+        task_size_bytes: 64 << 10,
+        bounce_buffers: 8,
+        memory_budget: MemoryBudget::new(256 << 20),
+        ..EngineConfig::default()
+    }
+}
+
+/// Whether a backend of `kind` can start here (io_uring may be refused by the kernel or a sandbox).
+pub fn kind_works(kind: BackendKind) -> bool {
+    backend::probe(&test_config(kind).backend).is_ok()
+}
+
+/// The backend kinds that start here.
+pub fn working_kinds() -> Vec<BackendKind> {
+    ALL_KINDS.into_iter().filter(|&k| kind_works(k)).collect()
+}
+
+/// An engine of `kind` with [`test_config`].
+pub fn engine(kind: BackendKind) -> gpuio::Result<Engine> {
+    Engine::new(test_config(kind))
+}
+
+/// One engine for every backend kind that works here, labelled by kind name. io_uring is left out only
+/// where the kernel refuses it (the label list says which ran).
+pub fn engines() -> Vec<(String, Engine)> {
+    ALL_KINDS
+        .into_iter()
+        .filter_map(|k| engine(k).ok().map(|e| (k.name().to_string(), e)))
+        .collect()
+}
+
+/// An engine whose `inner` backend is wrapped in a [`FaultBackend`] with `seed` and `plan`, and the
+/// handle to its fault counts. Uses [`test_config`].
+pub fn faulty_engine(
+    seed: u64,
+    plan: FaultPlan,
+    inner: BackendKind,
+) -> gpuio::Result<(Engine, FaultHandle)> {
+    faulty_engine_with(test_config(inner), seed, plan)
+}
+
+/// Like [`faulty_engine`] with a configuration of the caller's (its `backend.choice` picks the inner
+/// engine).
+pub fn faulty_engine_with(
+    config: EngineConfig,
+    seed: u64,
+    plan: FaultPlan,
+) -> gpuio::Result<(Engine, FaultHandle)> {
+    let (inner, mut explain) = backend::probe(&config.backend)?;
+    let (wrapped, handle) = FaultBackend::new(inner, seed, plan);
+    explain
+        .reasons
+        .push(format!("wrapped in a fault-injecting backend, seed {seed}"));
+    let engine = Engine::with_backend(config, Box::new(wrapped), explain)?;
+    Ok((engine, handle))
+}
+
+/// Where a scratch directory lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The system temporary directory (`/tmp`: ext4 here, where O_DIRECT works).
+    Disk,
+    /// `/dev/shm` (tmpfs: a page-cache-only filesystem), or the temporary directory where there is
+    /// no `/dev/shm`.
+    Shm,
+}
+
+/// A fresh scratch directory at `place`, removed when dropped.
+///
+/// # Panics
+/// If it cannot be made.
+pub fn scratch_dir(place: Place) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let made = match place {
+        Place::Shm if shm.is_dir() => tempfile::Builder::new()
+            .prefix("gpuio-test-")
+            .tempdir_in(shm),
+        _ => tempfile::Builder::new().prefix("gpuio-test-").tempdir(),
+    };
+    made.unwrap_or_else(|e| panic!("cannot make a scratch directory ({place:?}): {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_always_work_and_engines_are_labelled() {
+        assert!(kind_works(BackendKind::Threads));
+        let es = engines();
+        assert!(es.iter().any(|(l, _)| l == "threads"), "{es:?}");
+        for (label, e) in &es {
+            assert_eq!(e.backend_kind().name(), label);
+        }
+    }
+
+    #[test]
+    fn faulty_engine_explains_the_wrapper() {
+        let (e, h) = faulty_engine(1, FaultPlan::none(), BackendKind::Threads).unwrap();
+        assert_eq!(e.backend_kind(), BackendKind::Threads);
+        assert!(
+            e.explain().to_string().contains("fault-injecting"),
+            "{}",
+            e.explain()
+        );
+        assert_eq!(h.counts(), FaultCounts::default());
+    }
+}

@@ -123,7 +123,12 @@ impl Drop for EngineInner {
         // Closing the channel tells the thread to finish outstanding work and exit.
         self.tx = None;
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The last handle can be dropped on the engine thread itself, by a completion callback
+            // that owned a queue. A thread cannot join itself (std panics with EDEADLK); it exits on
+            // its own once it has drained, so leave it detached.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -268,6 +273,16 @@ impl Engine {
     }
 }
 
+/// The OS page size (the page cache's granularity), 4096 if it cannot be read.
+fn os_page_bytes() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    // SAFETY: sysconf reads a system constant.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The engine thread.
 
@@ -351,6 +366,8 @@ struct Driver {
     queues: HashMap<u64, QueueState>,
     /// Queue ids by priority, highest first.
     levels: [Vec<u64>; 3],
+    /// Per level, the index in `levels` of the queue whose turn is next (round-robin).
+    turn: [usize; 3],
     slab: Vec<Option<Task>>,
     free_tags: Vec<usize>,
     retry: VecDeque<Task>,
@@ -380,6 +397,7 @@ impl Driver {
             cbs: HashMap::new(),
             queues: HashMap::new(),
             levels: Default::default(),
+            turn: [0; 3],
             slab: Vec::new(),
             free_tags: Vec::new(),
             retry: VecDeque::new(),
@@ -525,7 +543,14 @@ impl Driver {
                     None => (std::ptr::null_mut(), None),
                 };
                 let align = rec.file.align();
-                let block = (align.offset_align as u64).max(512);
+                let mut block = (align.offset_align as u64).max(512);
+                if rec.kind == CmdKind::Store {
+                    // A store's buffered head and tail must not share a page with its direct middle
+                    // (nor with another store's direct blocks): the kernel cannot invalidate a page
+                    // dirtied during a direct write, warns "Page cache invalidation failure on direct
+                    // I/O", fails the next fsync with EIO and may write the stale page back.
+                    block = block.max(os_page_bytes());
+                }
                 // The mmap engine reads through mappings, where O_DIRECT means nothing; a block larger
                 // than a quarter bounce buffer cannot be bounced, so such files go buffered.
                 let direct = rec.file.is_direct()
@@ -695,9 +720,10 @@ impl Driver {
         let Some(mut cb) = self.cbs.remove(&id) else {
             return;
         };
-        // Commands in stages that never ran were skipped because an earlier one failed.
+        // Commands in stages that never ran were skipped because an earlier one failed. `cb.stage` is
+        // the first stage that did not run, so skipping starts at its first command.
         if !cb.cancelled && !cb.errors.is_empty() {
-            let skipped_from = cb.stages.get(cb.stage).map_or(cb.cmds.len(), |r| r.end);
+            let skipped_from = cb.stages.get(cb.stage).map_or(cb.cmds.len(), |r| r.start);
             for i in skipped_from..cb.cmds.len() {
                 cb.errors.push(CommandError {
                     command: CommandId(i as u32),
@@ -768,14 +794,20 @@ impl Driver {
         for level in 0..3 {
             loop {
                 let mut progress = false;
-                for qi in 0..self.levels[level].len() {
+                // Start after the queue served last at this level: when slots free up one at a
+                // time, starting at the first queue every round would starve the others.
+                let n = self.levels[level].len();
+                let start = self.turn[level];
+                for k in 0..n {
                     if self.backend.in_flight() >= self.backend.queue_depth() {
                         return;
                     }
+                    let qi = (start + k) % n;
                     let qid = self.levels[level][qi];
                     if let Some(task) = self.next_task(qid) {
                         self.issue(task);
                         progress = true;
+                        self.turn[level] = qi + 1;
                     }
                 }
                 if !progress {

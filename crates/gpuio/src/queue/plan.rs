@@ -13,7 +13,9 @@
 //! Unaligned write heads and tails go through the page cache rather than a read-modify-write of the
 //! block: two stores into the same block in one command buffer would otherwise race, and the kernel
 //! already keeps page-cache and direct I/O of one file coherent (a direct read flushes dirty cached
-//! pages of its range first). Files without O_DIRECT use `Buffered` for everything.
+//! pages of its range first) — as long as no page is written both ways at once, which is why the
+//! engine plans stores with a block of at least the OS page size. Files without O_DIRECT use
+//! `Buffered` for everything.
 
 /// How one segment's bytes travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
