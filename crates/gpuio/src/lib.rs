@@ -11,6 +11,11 @@
 //!
 //! See the [`queue`] module for an example.
 
+// The README's example is compiled as a doc test so that it cannot rot.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub mod backend;
 pub mod error;
 pub mod file;
