@@ -314,7 +314,8 @@ impl CommandBuffer {
     }
 
     /// Runs `f` with the final status when the command buffer finishes. It runs on the engine thread:
-    /// keep it short (signal something, do not do I/O).
+    /// keep it short (signal something, do not do I/O). Waiters are woken just before it runs, so
+    /// `wait()` may return before the callback has finished.
     pub fn on_complete(&mut self, f: impl FnOnce(&Status) + Send + 'static) {
         self.callback = Some(Box::new(f));
     }

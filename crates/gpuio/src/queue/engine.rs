@@ -510,6 +510,12 @@ impl Driver {
     ) {
         let qid = queue.id;
         if !self.queues.contains_key(&qid) {
+            // A queue the user dropped while idle is forgotten here, so the table holds at most the
+            // live queues plus those dropped since the last new one.
+            let known: Vec<u64> = self.queues.keys().copied().collect();
+            for q in known {
+                self.forget_idle_queue(q);
+            }
             self.levels[2 - queue.desc.priority as usize].push(qid);
             self.queues.insert(
                 qid,
@@ -1130,5 +1136,67 @@ impl Driver {
         }
         drop(task);
         self.check_cmd(id, i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::command::CbState;
+    use parking_lot::Condvar;
+
+    fn empty_cb(id: u64) -> Arc<CbShared> {
+        Arc::new(CbShared {
+            id,
+            state: Mutex::new(CbState {
+                status: Status::Pending,
+                cancel_requested: false,
+                outputs: Vec::new(),
+                waker: None,
+                callback: None,
+            }),
+            done: Condvar::new(),
+        })
+    }
+
+    #[test]
+    fn dropped_queues_are_forgotten() {
+        let cfg = EngineConfig {
+            backend: BackendConfig {
+                choice: crate::BackendChoice::Threads,
+                queue_depth: 2,
+                ..BackendConfig::default()
+            },
+            ..EngineConfig::default()
+        };
+        let (backend, _) = backend::probe(&cfg.backend).unwrap();
+        let bounce =
+            BufferPool::new(&MemoryBudget::unlimited(), 64 << 10, 1, 4096, Wait::No).unwrap();
+        let (_tx, rx) = unbounded();
+        let mut d = Driver::new(backend, rx, &cfg, bounce);
+        for id in 0..100u64 {
+            let q = Arc::new(QueueShared {
+                id,
+                desc: QueueDesc::default(),
+                slots: Slots::new(1),
+                stats: Mutex::new(QueueStats::default()),
+            });
+            q.slots.acquire(true).unwrap();
+            let cb = empty_cb(1000 + id);
+            // The user still holds the queue when its work finishes, and drops it afterwards.
+            let user_handle = q.clone();
+            d.commit(q, cb.clone(), Vec::new(), Vec::new());
+            drop(user_handle);
+            assert!(
+                cb.state.lock().status.is_complete(),
+                "an empty command buffer completes at once"
+            );
+            assert!(
+                d.queues.len() <= 2,
+                "{} queue states kept for 1 live queue",
+                d.queues.len()
+            );
+        }
+        assert!(d.levels.iter().map(Vec::len).sum::<usize>() <= 2);
     }
 }
