@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Size of the tasks large commands are split into.
     #[arg(long, value_parser = crate::parse_size, default_value = "1M")]
     task_size: u64,
+    /// io_uring: submit every N queued requests (default: the engine's, 8).
+    #[arg(long)]
+    submit_batch: Option<usize>,
     /// Also run, on the same file: a single-thread pread loop, the thread-pool and mmap backends, and fio
     /// (when installed); print each one's ratio to gpu-io.
     #[arg(long)]
@@ -272,6 +275,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             backend: a.backend,
             direct: a.direct,
             task_size: a.task_size as usize,
+            submit_batch: a.submit_batch,
         };
         let title = format!(
             "{} {} QD{}",

@@ -167,6 +167,8 @@ pub struct EngineOpts {
     pub backend: BackendChoice,
     pub direct: DirectMode,
     pub task_size: usize,
+    /// io_uring submission batch (`None`: the engine's default).
+    pub submit_batch: Option<usize>,
 }
 
 fn progress_tick(pb: Option<&ProgressBar>, start: Instant, last: &mut Instant) {
@@ -196,6 +198,9 @@ pub fn run_engine(
     cfg.backend.choice = opts.backend;
     cfg.backend.queue_depth = spec.queue_depth;
     cfg.task_size_bytes = opts.task_size;
+    if let Some(b) = opts.submit_batch {
+        cfg.backend.submit_batch_max = b;
+    }
     let engine = Engine::new(cfg)?;
     let batch = (spec.queue_depth / 8).max(1);
     let cbs = (spec.queue_depth * COMMITTED_PER_SLOT).div_ceil(batch);

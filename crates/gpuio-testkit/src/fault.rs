@@ -641,6 +641,12 @@ impl Backend for FaultBackend {
         }
     }
 
+    fn waker(&self) -> Option<gpuio::backend::Waker> {
+        // Ends the inner backend's wait; held (delayed or injected) completions are released by
+        // the loop below as usual.
+        self.inner.waker()
+    }
+
     fn submit_and_reap(
         &mut self,
         min_complete: usize,

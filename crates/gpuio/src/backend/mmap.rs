@@ -143,6 +143,9 @@ impl Backend for MmapBackend {
     ) -> Result<()> {
         self.pool.submit_and_reap(min_complete, timeout, out)
     }
+    fn waker(&self) -> Option<super::Waker> {
+        self.pool.waker()
+    }
     fn notes(&self) -> Vec<String> {
         let mut n = self.pool.notes();
         n.push(format!(

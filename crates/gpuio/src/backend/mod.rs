@@ -93,11 +93,18 @@ pub struct BackendConfig {
     pub fixed_buffers: bool,
     /// io_uring: register files (saves an fd lookup per request).
     pub registered_files: bool,
+    /// io_uring: hand queued requests to the kernel every this many, rather than all at once per
+    /// round. Devices that answer a batch at a time (virtio disks) stay busy when they receive work
+    /// in small groups; see docs/BENCHMARKS.md ("submission batch").
+    pub submit_batch_max: usize,
     /// mmap: advice for each mapping.
     pub mmap_advice: MmapAdvice,
     /// mmap: prefault the whole mapping at map time (`MAP_POPULATE`).
     pub mmap_populate: bool,
 }
+
+/// Default for [`BackendConfig::submit_batch_max`], measured (docs/BENCHMARKS.md).
+pub const SUBMIT_BATCH_DEFAULT: usize = 8;
 
 /// The deepest queue a backend accepts.
 pub const QUEUE_DEPTH_MAX: usize = 4096;
@@ -111,6 +118,7 @@ impl Default for BackendConfig {
             iopoll: false,
             fixed_buffers: true,
             registered_files: true,
+            submit_batch_max: SUBMIT_BATCH_DEFAULT,
             mmap_advice: MmapAdvice::Random,
             mmap_populate: false,
         }
@@ -124,6 +132,9 @@ impl BackendConfig {
                 "queue depth {} is out of range 1..={QUEUE_DEPTH_MAX}",
                 self.queue_depth
             )));
+        }
+        if self.submit_batch_max == 0 {
+            return Err(Error::invalid("submission batch must be at least 1"));
         }
         Ok(())
     }
@@ -178,6 +189,12 @@ pub struct IoDone {
     pub result: i64,
 }
 
+/// Ends a wait in [`Backend::submit_and_reap`] early, from any thread (new work has arrived).
+pub type Waker = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// The tag backends use internally for wake-ups; never used by a request, never reported.
+pub const WAKE_TAG: u64 = u64::MAX;
+
 /// An I/O engine. See the module docs for the contract.
 pub trait Backend: Send {
     fn kind(&self) -> BackendKind;
@@ -199,6 +216,11 @@ pub trait Backend: Send {
         timeout: Option<Duration>,
         out: &mut Vec<IoDone>,
     ) -> Result<()>;
+    /// A handle that makes a current or next wait in `submit_and_reap` return early, if the backend
+    /// has one (otherwise waits end only by completion or timeout).
+    fn waker(&self) -> Option<Waker> {
+        None
+    }
     /// Offers a pool's buffers for registration; says how it went.
     fn register_pool(&mut self, _pool: &BufferPool) -> Registration {
         Registration::Refused(format!("the {} backend has no fixed buffers", self.kind()))

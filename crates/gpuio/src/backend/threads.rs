@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
-use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest};
+use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest, Waker, WAKE_TAG};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Most worker threads a pool starts; deeper queues wait in the job channel.
@@ -64,6 +64,8 @@ pub(crate) struct WorkerPool {
     in_flight: usize,
     jobs: Option<Sender<IoRequest>>,
     done: Receiver<IoDone>,
+    /// Sends wake-ups into the completion channel.
+    wake: Sender<IoDone>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -74,7 +76,8 @@ impl WorkerPool {
         exec: Arc<dyn Executor>,
     ) -> Result<WorkerPool> {
         let (job_tx, job_rx) = bounded::<IoRequest>(depth);
-        let (done_tx, done_rx) = bounded::<IoDone>(depth);
+        // Room for every in-flight completion plus one pending wake-up.
+        let (done_tx, done_rx) = bounded::<IoDone>(depth + 1);
         let n = depth.min(WORKERS_MAX);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
@@ -111,6 +114,7 @@ impl WorkerPool {
             in_flight: 0,
             jobs: Some(job_tx),
             done: done_rx,
+            wake: done_tx,
             workers,
         })
     }
@@ -159,6 +163,7 @@ impl Backend for WorkerPool {
                 None => self.done.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match r {
+                Ok(d) if d.tag == WAKE_TAG => break,
                 Ok(d) => {
                     out.push(d);
                     got += 1;
@@ -171,10 +176,22 @@ impl Backend for WorkerPool {
             }
         }
         while let Ok(d) = self.done.try_recv() {
-            out.push(d);
-            self.in_flight -= 1;
+            if d.tag != WAKE_TAG {
+                out.push(d);
+                self.in_flight -= 1;
+            }
         }
         Ok(())
+    }
+    fn waker(&self) -> Option<Waker> {
+        let tx = self.wake.clone();
+        // A full channel holds completions, which end the wait anyway.
+        Some(std::sync::Arc::new(move || {
+            let _ = tx.try_send(IoDone {
+                tag: WAKE_TAG,
+                result: 0,
+            });
+        }))
     }
     fn notes(&self) -> Vec<String> {
         vec![format!(
@@ -190,13 +207,21 @@ impl Drop for WorkerPool {
         // Closing the job channel ends each worker after its current request; joining guarantees no
         // worker touches request memory after the pool is gone.
         self.jobs = None;
-        // Drain completions so no worker blocks on a full done channel.
+        // Drain completions meanwhile, so no worker blocks on a full completion channel. (Wakers may
+        // outlive the pool and keep the channel open, so the drainer stops on a flag, not on close.)
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let done = self.done.clone();
-        let drainer = std::thread::spawn(move || while done.recv().is_ok() {});
+        let stop2 = stop.clone();
+        let drainer = std::thread::spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = done.recv_timeout(Duration::from_millis(5));
+            }
+        });
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        drop(drainer);
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = drainer.join();
     }
 }
 
@@ -241,6 +266,9 @@ impl Backend for ThreadsBackend {
         out: &mut Vec<IoDone>,
     ) -> Result<()> {
         self.0.submit_and_reap(min_complete, timeout, out)
+    }
+    fn waker(&self) -> Option<super::Waker> {
+        self.0.waker()
     }
     fn notes(&self) -> Vec<String> {
         self.0.notes()

@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
-use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest};
+use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest, Waker, WAKE_TAG};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::{BufferPool, Registration};
@@ -60,6 +62,9 @@ pub struct UringBackend {
     ring: IoUring,
     depth: usize,
     in_flight: usize,
+    /// Entries pushed since the last submission, and how many trigger one.
+    unsubmitted: usize,
+    submit_batch: usize,
     files_registered: bool,
     file_slots: Vec<Option<FileSlot>>,
     file_index: HashMap<(u64, bool), u32>,
@@ -67,6 +72,10 @@ pub struct UringBackend {
     buffer_next: u32,
     /// Pools registered here live as long as the ring: the kernel keeps their pages pinned.
     pools: Vec<BufferPool>,
+    /// An eventfd watched by a multishot poll on the ring: writing it ends a wait in the kernel.
+    wake_fd: Option<Arc<OwnedFd>>,
+    /// The poll on `wake_fd` must be (re)armed before the next wait.
+    wake_armed: bool,
     notes: Vec<String>,
 }
 
@@ -86,7 +95,8 @@ impl UringBackend {
             return Err(Error::new(ErrorKind::Unsupported, r).with_op(Op::Setup));
         }
         let mut notes = Vec::new();
-        let entries = config.queue_depth.next_power_of_two() as u32;
+        // One spare entry for re-arming the wake-up poll next to a full queue of requests.
+        let entries = (config.queue_depth + 1).next_power_of_two() as u32;
         let mut builder = IoUring::builder();
         builder.setup_cqsize(entries * 2);
         if config.sqpoll {
@@ -116,6 +126,7 @@ impl UringBackend {
             (opcode::ReadFixed::CODE, "READ_FIXED"),
             (opcode::WriteFixed::CODE, "WRITE_FIXED"),
             (opcode::Fsync::CODE, "FSYNC"),
+            (opcode::PollAdd::CODE, "POLL_ADD"),
         ] {
             if !probe.is_supported(code) {
                 return Err(Error::new(
@@ -155,10 +166,26 @@ impl UringBackend {
         if !config.fixed_buffers {
             notes.push("fixed buffers turned off; buffers stay unregistered".into());
         }
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        let wake_fd = if efd >= 0 {
+            // SAFETY: efd is a fresh descriptor we own.
+            Some(Arc::new(unsafe { OwnedFd::from_raw_fd(efd) }))
+        } else {
+            notes.push(format!(
+                "no eventfd ({}): new work waits for the next completion or a short timeout",
+                io::Error::last_os_error()
+            ));
+            None
+        };
         Ok(UringBackend {
             ring,
+            wake_fd,
+            wake_armed: false,
             depth: config.queue_depth,
             in_flight: 0,
+            unsubmitted: 0,
+            submit_batch: config.submit_batch_max,
             files_registered,
             file_slots: (0..FILE_SLOTS).map(|_| None).collect(),
             file_index: HashMap::new(),
@@ -266,6 +293,14 @@ impl Backend for UringBackend {
             return Err(req);
         }
         self.in_flight += 1;
+        self.unsubmitted += 1;
+        if self.unsubmitted >= self.submit_batch {
+            // Submit now, without waiting. On failure the entries stay queued and the next
+            // submit_and_reap submits them (and reports a persistent error).
+            if self.ring.submit().is_ok() {
+                self.unsubmitted = 0;
+            }
+        }
         Ok(())
     }
 
@@ -276,6 +311,19 @@ impl Backend for UringBackend {
         out: &mut Vec<IoDone>,
     ) -> Result<()> {
         let want = min_complete.min(self.in_flight);
+        if !self.wake_armed {
+            if let Some(fd) = &self.wake_fd {
+                let poll = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(WAKE_TAG);
+                // SAFETY: the poll references only the eventfd, which lives as long as the ring.
+                // The ring has a spare entry beyond the queue depth for exactly this.
+                if unsafe { self.ring.submission().push(&poll) }.is_ok() {
+                    self.wake_armed = true;
+                }
+            }
+        }
         // Bounded: EINTR while waiting is retried a few times, then we return what we have.
         for _ in 0..8 {
             let r = if want == 0 {
@@ -297,7 +345,20 @@ impl Backend for UringBackend {
                 },
             }
         }
+        self.unsubmitted = 0;
         for cqe in self.ring.completion() {
+            if cqe.user_data() == WAKE_TAG {
+                // Consume the wake-up; a multishot poll that ended (no MORE flag) is re-armed next time.
+                if let Some(fd) = &self.wake_fd {
+                    let mut v = 0u64;
+                    // SAFETY: reads 8 bytes into v from our nonblocking eventfd.
+                    unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+                }
+                if !io_uring::cqueue::more(cqe.flags()) {
+                    self.wake_armed = false;
+                }
+                continue;
+            }
             out.push(IoDone {
                 tag: cqe.user_data(),
                 result: cqe.result() as i64,
@@ -305,6 +366,15 @@ impl Backend for UringBackend {
             self.in_flight -= 1;
         }
         Ok(())
+    }
+
+    fn waker(&self) -> Option<Waker> {
+        let fd = self.wake_fd.clone()?;
+        Some(Arc::new(move || {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes to our eventfd; a full counter (EAGAIN) is already a wake-up.
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }))
     }
 
     fn register_pool(&mut self, pool: &BufferPool) -> Registration {
@@ -361,9 +431,10 @@ impl Backend for UringBackend {
         n.insert(
             0,
             format!(
-                "ring of {} entries for queue depth {}",
+                "ring of {} entries for queue depth {}, submitted every {} requests",
                 self.ring.params().sq_entries(),
-                self.depth
+                self.depth,
+                self.submit_batch
             ),
         );
         n

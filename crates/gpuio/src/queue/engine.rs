@@ -17,7 +17,7 @@
 //! last task has been reaped, so nothing the user drops can free memory the kernel is still using.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,7 +28,9 @@ use parking_lot::Mutex;
 use super::command::{CbShared, CmdKind, CommandError, CommandId, Output, Recorded, Status};
 use super::plan::{self, PlanInput, SegKind, Segment, TaskPlan};
 use super::{IoQueue, QueueDesc, QueueKind, QueueShared, Slots};
-use crate::backend::{self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoOp, IoRequest};
+use crate::backend::{
+    self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoOp, IoRequest, Waker,
+};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::{BufferPool, MemoryBudget, PageSize, PooledBuf, Registration, Wait};
@@ -112,6 +114,9 @@ pub(crate) enum Msg {
 
 struct EngineInner {
     tx: Option<Sender<Msg>>,
+    /// Set while the engine thread waits in the backend; senders then wake it.
+    waiting: Arc<AtomicBool>,
+    waker: Option<Waker>,
     thread: Option<JoinHandle<()>>,
     explain: Explain,
     config: EngineConfig,
@@ -180,7 +185,16 @@ impl Engine {
         });
         bounce.set_registration(reg);
         let (tx, rx) = unbounded::<Msg>();
-        let driver = Driver::new(backend, rx, &config, bounce);
+        let waker = backend.waker();
+        if waker.is_none() {
+            explain.reasons.push(format!(
+                "the backend cannot be woken: work committed during a wait starts within {} µs",
+                REAP_WAIT.as_micros()
+            ));
+        }
+        let waiting = Arc::new(AtomicBool::new(false));
+        let mut driver = Driver::new(backend, rx, &config, bounce);
+        driver.waiting = waiting.clone();
         let thread = std::thread::Builder::new()
             .name("gpuio-engine".into())
             .spawn(move || driver.run())
@@ -192,6 +206,8 @@ impl Engine {
             })?;
         Ok(Engine(Arc::new(EngineInner {
             tx: Some(tx),
+            waiting,
+            waker,
             thread: Some(thread),
             explain,
             config,
@@ -269,7 +285,15 @@ impl Engine {
             .as_ref()
             .expect("sender lives until drop")
             .send(msg)
-            .map_err(|_| Error::new(ErrorKind::EngineStopped, "the engine thread has stopped"))
+            .map_err(|_| Error::new(ErrorKind::EngineStopped, "the engine thread has stopped"))?;
+        // Pairs with the engine's store-then-check in `Driver::reap`: either it sees this message
+        // before waiting, or we see it waiting and wake it.
+        if self.0.waiting.load(Ordering::SeqCst) {
+            if let Some(w) = &self.0.waker {
+                w();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -373,6 +397,8 @@ struct Driver {
     retry: VecDeque<Task>,
     done: Vec<IoDone>,
     closed: bool,
+    /// Shared with the engine handle: true while waiting in the backend.
+    waiting: Arc<AtomicBool>,
 }
 
 // SAFETY: raw pointers in tasks and commands point into buffers owned by the same Driver (or by its
@@ -403,6 +429,7 @@ impl Driver {
             retry: VecDeque::new(),
             done: Vec::new(),
             closed: false,
+            waiting: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -436,7 +463,16 @@ impl Driver {
                 continue;
             }
             let mut done = std::mem::take(&mut self.done);
-            match self.backend.submit_and_reap(1, Some(REAP_WAIT), &mut done) {
+            // Announce the wait, then look for messages once more (see `Engine::send`): a message
+            // that arrived in between means submitting without waiting.
+            self.waiting.store(true, Ordering::SeqCst);
+            let want = usize::from(self.rx.is_empty());
+            let reaped = self
+                .backend
+                .submit_and_reap(want, Some(REAP_WAIT), &mut done);
+            self.waiting.store(false, Ordering::SeqCst);
+            let reaped_at = Instant::now();
+            match reaped {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
@@ -447,8 +483,18 @@ impl Driver {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
+            // Refill the slots just freed before doing the completions' bookkeeping: devices that
+            // complete in bursts would otherwise sit idle while we finish command buffers.
+            if !done.is_empty() {
+                let before = self.backend.in_flight();
+                self.dispatch();
+                if self.backend.in_flight() > before {
+                    // Errors here resurface on the next full round.
+                    let _ = self.backend.submit_and_reap(0, None, &mut done);
+                }
+            }
             for d in done.drain(..) {
-                self.complete(d);
+                self.complete(d, reaped_at);
             }
             self.done = done;
         }
@@ -962,13 +1008,14 @@ impl Driver {
         }
     }
 
-    fn complete(&mut self, d: IoDone) {
+    /// Interprets one raw result (see the module docs). `reaped_at` is when it left the kernel.
+    fn complete(&mut self, d: IoDone, reaped_at: Instant) {
         let tag = d.tag as usize;
         let Some(mut task) = self.slab.get_mut(tag).and_then(Option::take) else {
             return;
         };
         self.free_tags.push(tag);
-        let elapsed = task.started.elapsed();
+        let elapsed = reaped_at.saturating_duration_since(task.started);
         let q = self.queues.get(&task.queue).map(|q| q.shared.clone());
         let mut st = q.as_ref().map(|q| q.stats.lock());
         if let Some(s) = st.as_mut() {
