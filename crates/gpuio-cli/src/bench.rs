@@ -39,7 +39,8 @@ pub struct BenchArgs {
     /// I/Os in flight; default 64 for random patterns, 16 for sequential ones.
     #[arg(long)]
     queue_depth: Option<usize>,
-    /// Seconds per workload.
+    /// Seconds per workload. Read patterns also stop after one pass over the file, so that no read
+    /// is served from a page cache warmed by an earlier one.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
     #[arg(long, default_value = "auto")]

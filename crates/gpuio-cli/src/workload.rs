@@ -50,6 +50,24 @@ pub struct Spec {
     pub region: u64,
 }
 
+impl Spec {
+    /// Blocks in the region: the I/Os of one pass.
+    pub fn blocks(&self) -> u64 {
+        (self.region / self.block_size as u64).max(1)
+    }
+
+    /// Most I/Os a run issues. Reads stop after one pass over the region (random order visits each
+    /// block once per pass), so that no engine reads a block an earlier read left in the page cache:
+    /// buffered and mmap runs stay as cold as direct ones. Writes are bounded by the duration only.
+    pub fn ops_max(&self) -> u64 {
+        if self.pattern.is_write() {
+            u64::MAX
+        } else {
+            self.blocks()
+        }
+    }
+}
+
 /// One measured run.
 #[derive(Debug, Clone)]
 pub struct Measurement {
@@ -91,7 +109,7 @@ pub struct Offsets {
 
 impl Offsets {
     pub fn new(spec: &Spec, seed: u64) -> Offsets {
-        let blocks = (spec.region / spec.block_size as u64).max(1);
+        let blocks = spec.blocks();
         let mask = blocks.next_power_of_two() - 1;
         Offsets {
             random: spec.pattern.is_random(),
@@ -222,7 +240,14 @@ pub fn run_engine(
     let (tx, rx) = mpsc::channel::<usize>();
     let mut slots: Vec<Option<Completion>> = (0..cbs).map(|_| None).collect();
     let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15);
-    let mut submit = |slot: usize, bufs: Vec<IoBuffer>| -> Result<Completion> {
+    // I/Os still to issue: one pass for reads (see `Spec::ops_max`), unbounded for writes.
+    let mut to_issue = spec.ops_max();
+    let mut submit = |slot: usize, mut bufs: Vec<IoBuffer>| -> Result<Option<Completion>> {
+        bufs.truncate(to_issue.min(bufs.len() as u64) as usize);
+        if bufs.is_empty() {
+            return Ok(None);
+        }
+        to_issue -= bufs.len() as u64;
         let mut cb = queue.command_buffer();
         for buf in bufs {
             let off = offsets.next().unwrap_or(0);
@@ -236,7 +261,7 @@ pub fn run_engine(
         cb.on_complete(move |_| {
             let _ = tx.send(slot);
         });
-        cb.commit()
+        cb.commit().map(Some)
     };
 
     let cpu0 = cpu_now();
@@ -252,10 +277,10 @@ pub fn run_engine(
                 IoBuffer::from(buf)
             })
             .collect();
-        *entry = Some(submit(slot, bufs)?);
+        *entry = submit(slot, bufs)?;
     }
     let mut ops = 0u64;
-    let mut outstanding = cbs;
+    let mut outstanding = slots.iter().filter(|s| s.is_some()).count();
     let mut last_tick = start;
     let mut first_error: Option<Error> = None;
     while outstanding > 0 {
@@ -267,17 +292,18 @@ pub fn run_engine(
         })?;
         let c = slots[slot].take().expect("completed slot was in flight");
         outstanding -= 1;
+        let n = c.len() as u64;
         let (status, finished) = c.wait_parts();
         if let Some(e) = status.first_error() {
             first_error.get_or_insert(e);
             continue;
         }
-        ops += batch as u64;
+        ops += n;
         progress_tick(pb, start, &mut last_tick);
         if Instant::now() < deadline && first_error.is_none() {
             let bufs = finished.into_buffers().into_iter().flatten().collect();
-            slots[slot] = Some(submit(slot, bufs)?);
-            outstanding += 1;
+            slots[slot] = submit(slot, bufs)?;
+            outstanding += usize::from(slots[slot].is_some());
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -340,7 +366,7 @@ pub fn run_pread_loop(
     let start = Instant::now();
     let mut last_tick = start;
     let mut ops = 0u64;
-    while start.elapsed() < spec.duration {
+    while start.elapsed() < spec.duration && ops < spec.ops_max() {
         let off = offsets.next().unwrap_or(0);
         let t = Instant::now();
         // SAFETY: buf is a live buffer of block_size bytes.
@@ -416,23 +442,28 @@ pub fn fio_available() -> bool {
 
 /// fio with io_uring, one job, the same file, pattern, block size and queue depth.
 pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
+    let mut args = vec![
+        "--name=gpuio-compare".to_string(),
+        format!("--filename={}", path.display()),
+        format!("--rw={}", spec.pattern.name()),
+        format!("--bs={}", spec.block_size),
+        format!("--iodepth={}", spec.queue_depth),
+        "--ioengine=io_uring".into(),
+        format!("--direct={}", u8::from(direct)),
+        format!("--runtime={}ms", spec.duration.as_millis()),
+        format!("--size={}", spec.region),
+        "--numjobs=1".into(),
+        "--randrepeat=0".into(),
+        "--invalidate=1".into(),
+        "--output-format=json".into(),
+    ];
+    // Like our own runs (`Spec::ops_max`): reads make one pass over the region, writes run for the
+    // whole duration.
+    if spec.pattern.is_write() {
+        args.push("--time_based".into());
+    }
     let out = std::process::Command::new("fio")
-        .args([
-            "--name=gpuio-compare",
-            &format!("--filename={}", path.display()),
-            &format!("--rw={}", spec.pattern.name()),
-            &format!("--bs={}", spec.block_size),
-            &format!("--iodepth={}", spec.queue_depth),
-            "--ioengine=io_uring",
-            &format!("--direct={}", u8::from(direct)),
-            &format!("--runtime={}ms", spec.duration.as_millis()),
-            "--time_based",
-            &format!("--size={}", spec.region),
-            "--numjobs=1",
-            "--randrepeat=0",
-            "--invalidate=1",
-            "--output-format=json",
-        ])
+        .args(&args)
         .output()
         .map_err(|e| Error::new(ErrorKind::Unsupported, format!("cannot run fio: {e}")))?;
     if !out.status.success() {
