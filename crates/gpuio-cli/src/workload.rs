@@ -216,6 +216,12 @@ pub fn run_engine(
     cfg.backend.choice = opts.backend;
     cfg.backend.queue_depth = spec.queue_depth;
     cfg.task_size_bytes = opts.task_size;
+    // What a user of mmap would advise for the pattern (finding 226).
+    cfg.backend.mmap_advice = if spec.pattern.is_random() {
+        gpuio::MmapAdvice::Random
+    } else {
+        gpuio::MmapAdvice::Sequential
+    };
     if let Some(b) = opts.submit_batch {
         cfg.backend.submit_batch_max = b;
     }

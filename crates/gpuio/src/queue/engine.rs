@@ -464,8 +464,11 @@ impl Driver {
             }
             let mut done = std::mem::take(&mut self.done);
             // Announce the wait, then look for messages once more (see `Engine::send`): a message
-            // that arrived in between means submitting without waiting.
-            self.waiting.store(true, Ordering::SeqCst);
+            // that arrived in between means submitting without waiting. With every slot taken, new
+            // work could not start before a completion anyway, and that completion ends the wait:
+            // senders then need not pay for a wake-up (a syscall and a context switch).
+            let slots_free = self.backend.in_flight() < self.backend.queue_depth();
+            self.waiting.store(slots_free, Ordering::SeqCst);
             let want = usize::from(self.rx.is_empty());
             let reaped = self
                 .backend
