@@ -81,12 +81,7 @@ pub fn json(outcomes: &[Outcome], path: &Path, single: bool) -> String {
 }
 
 fn row(t: &mut Table, o: &Outcome, m: &Measurement, engine_iops: f64) {
-    let ratio = if std::ptr::eq(m, &o.engine) {
-        "1.00".to_string()
-    } else {
-        format!("{:.2}", engine_iops / m.iops().max(1e-9))
-    };
-    let cells = vec![
+    let mut cells = vec![
         Cell::new(&m.name),
         Cell::new(format!(
             "{}{}",
@@ -100,8 +95,15 @@ fn row(t: &mut Table, o: &Outcome, m: &Measurement, engine_iops: f64) {
         Cell::new(format!("{:.0}", m.latency.p999_us)),
         Cell::new(format!("{:.2}/{:.2}", m.cpu_user_s, m.cpu_sys_s)),
         Cell::new(format!("{:.1}", m.cpu_us_per_io())),
-        Cell::new(ratio),
     ];
+    if !o.baselines.is_empty() {
+        let ratio = if std::ptr::eq(m, &o.engine) {
+            "1.00".to_string()
+        } else {
+            format!("{:.2}", engine_iops / m.iops().max(1e-9))
+        };
+        cells.push(Cell::new(ratio));
+    }
     t.add_row(cells);
 }
 
@@ -111,7 +113,7 @@ pub fn table(outcomes: &[Outcome], path: &Path) -> String {
     for o in outcomes {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
-        t.set_header(vec![
+        let mut header = vec![
             "engine",
             "path",
             "IOPS",
@@ -121,8 +123,11 @@ pub fn table(outcomes: &[Outcome], path: &Path) -> String {
             "p99.9 µs",
             "CPU usr/sys s",
             "CPU µs/IO",
-            "gpu-io ×",
-        ]);
+        ];
+        if !o.baselines.is_empty() {
+            header.push("gpu-io ×");
+        }
+        t.set_header(header);
         let iops = o.engine.iops();
         row(&mut t, o, &o.engine, iops);
         for b in &o.baselines {

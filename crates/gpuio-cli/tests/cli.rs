@@ -167,6 +167,7 @@ fn bad_input_gets_one_line_and_nonzero_exit() {
 #[test]
 fn permission_denied_is_named() {
     // Root reads anything; only meaningful for ordinary users.
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         eprintln!("skipped: running as root, who bypasses file permissions");
         return;

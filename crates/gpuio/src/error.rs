@@ -229,7 +229,8 @@ impl Error {
     pub fn offset(&self) -> Option<u64> {
         self.0.offset
     }
-    pub fn len(&self) -> Option<u64> {
+    /// Length of the byte range the failed operation covered.
+    pub fn range_len(&self) -> Option<u64> {
         self.0.len
     }
     /// The OS error number, when the error came from the OS.

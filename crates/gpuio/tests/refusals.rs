@@ -171,9 +171,11 @@ fn memlock_limit_refuses_registration_and_io_goes_on_unregistered() {
     };
     // SAFETY: lowering our own limit.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) }, 0);
-    let mut cfg = EngineConfig::default();
-    cfg.bounce_buffers = 1;
-    cfg.task_size_bytes = 64 << 10; // the engine's own bounce buffer (64 KiB) fits under 1 MiB
+    let mut cfg = EngineConfig {
+        bounce_buffers: 1,
+        task_size_bytes: 64 << 10, // the engine's own bounce buffer (64 KiB) fits under 1 MiB
+        ..EngineConfig::default()
+    };
     cfg.backend.choice = gpuio::BackendChoice::Uring;
     let engine = match Engine::new(cfg) {
         Ok(e) => e,
