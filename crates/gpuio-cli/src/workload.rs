@@ -11,7 +11,6 @@ use gpuio::{
     AlignedBuf, BackendChoice, Completion, DirectMode, Engine, EngineConfig, Error, ErrorKind,
     IoBuffer, OpenOptions, QueueDesc, Result,
 };
-use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -365,8 +364,7 @@ pub fn run_pread_loop(
     }
     let mut buf = AlignedBuf::new(spec.block_size, 4096)?;
     fill_pattern(&mut buf, 7);
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+    let mut hist = LatencySummary::histogram_ns();
     let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15);
     let cpu0 = cpu_now();
     let start = Instant::now();
@@ -420,22 +418,10 @@ pub fn run_pread_loop(
         ops,
         bytes: ops * spec.block_size as u64,
         elapsed_s: elapsed,
-        latency: summarize(&hist),
+        latency: LatencySummary::from_ns(&hist),
         cpu_user_s: cpu1.user_s - cpu0.user_s,
         cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
     })
-}
-
-fn summarize(h: &Histogram<u64>) -> LatencySummary {
-    let us = |ns: u64| ns as f64 / 1000.0;
-    LatencySummary {
-        samples: h.len(),
-        mean_us: h.mean() / 1000.0,
-        p50_us: us(h.value_at_quantile(0.5)),
-        p99_us: us(h.value_at_quantile(0.99)),
-        p999_us: us(h.value_at_quantile(0.999)),
-        max_us: us(h.max()),
-    }
 }
 
 /// Whether fio is on the PATH.

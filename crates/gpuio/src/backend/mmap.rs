@@ -10,13 +10,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use memmap2::{Mmap, MmapOptions};
 use parking_lot::Mutex;
 
 use super::threads::{Executor, SyscallExecutor, WorkerPool};
-use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest, MmapAdvice};
+use super::{BackendConfig, BackendKind, IoOp, IoRequest, MmapAdvice};
 use crate::error::Result;
 
 struct Mapper {
@@ -92,68 +91,23 @@ impl Executor for Mapper {
     }
 }
 
-/// The mmap engine.
-pub struct MmapBackend {
-    pool: WorkerPool,
-    advice: MmapAdvice,
-    populate: bool,
-}
-
-impl std::fmt::Debug for MmapBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MmapBackend({:?})", self.advice)
-    }
-}
-
-impl MmapBackend {
-    pub fn new(config: &BackendConfig) -> Result<MmapBackend> {
-        config.validate()?;
-        let mapper = Arc::new(Mapper {
-            advice: config.mmap_advice,
-            populate: config.mmap_populate,
-            maps: Mutex::new(HashMap::new()),
-        });
-        Ok(MmapBackend {
-            pool: WorkerPool::new(BackendKind::Mmap, config.queue_depth, mapper)?,
-            advice: config.mmap_advice,
-            populate: config.mmap_populate,
-        })
-    }
-}
-
-impl Backend for MmapBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Mmap
-    }
-    fn queue_depth(&self) -> usize {
-        self.pool.queue_depth()
-    }
-    fn in_flight(&self) -> usize {
-        self.pool.in_flight()
-    }
-    unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
-        // SAFETY: same contract, passed through.
-        unsafe { self.pool.push(req) }
-    }
-    fn submit_and_reap(
-        &mut self,
-        min_complete: usize,
-        timeout: Option<Duration>,
-        out: &mut Vec<IoDone>,
-    ) -> Result<()> {
-        self.pool.submit_and_reap(min_complete, timeout, out)
-    }
-    fn waker(&self) -> Option<super::Waker> {
-        self.pool.waker()
-    }
-    fn notes(&self) -> Vec<String> {
-        let mut n = self.pool.notes();
-        n.push(format!(
-            "reads copy from a shared mapping (madvise {:?}{}); writes use pwrite on the buffered descriptor; \
-             direct I/O does not apply to mappings",
-            self.advice,
-            if self.populate { ", MAP_POPULATE" } else { "" }
-        ));
-        n
-    }
+/// The mmap engine: a worker pool whose workers copy out of mappings.
+pub fn new(config: &BackendConfig) -> Result<WorkerPool> {
+    config.validate()?;
+    let mapper = Arc::new(Mapper {
+        advice: config.mmap_advice,
+        populate: config.mmap_populate,
+        maps: Mutex::new(HashMap::new()),
+    });
+    let note = format!(
+        "reads copy from a shared mapping (madvise {:?}{}); writes use pwrite on the buffered \
+         descriptor; direct I/O does not apply to mappings",
+        config.mmap_advice,
+        if config.mmap_populate {
+            ", MAP_POPULATE"
+        } else {
+            ""
+        }
+    );
+    WorkerPool::new(BackendKind::Mmap, config.queue_depth, mapper, vec![note])
 }

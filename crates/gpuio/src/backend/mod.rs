@@ -259,11 +259,11 @@ pub fn probe(config: &BackendConfig) -> Result<(Box<dyn Backend>, Explain)> {
         }
         BackendChoice::Threads => {
             reasons.push("thread pool chosen explicitly".into());
-            Box::new(threads::ThreadsBackend::new(config)?)
+            Box::new(threads::new(config)?)
         }
         BackendChoice::Mmap => {
             reasons.push("mmap chosen explicitly".into());
-            Box::new(mmap::MmapBackend::new(config)?)
+            Box::new(mmap::new(config)?)
         }
         BackendChoice::Auto => match uring::UringBackend::new(config) {
             Ok(b) => {
@@ -276,7 +276,7 @@ pub fn probe(config: &BackendConfig) -> Result<(Box<dyn Backend>, Explain)> {
                 reasons.push(format!(
                     "io_uring refused ({e}); falling back to the pread/pwrite thread pool"
                 ));
-                Box::new(threads::ThreadsBackend::new(config)?)
+                Box::new(threads::new(config)?)
             }
         },
     };

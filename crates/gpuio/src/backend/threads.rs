@@ -57,9 +57,12 @@ impl Executor for SyscallExecutor {
     }
 }
 
-/// A fixed pool of workers fed through a bounded channel.
-pub(crate) struct WorkerPool {
+/// A fixed pool of worker threads fed through a bounded channel: the engine behind both the `threads`
+/// and the `mmap` backends, which differ only in what a worker does with a request.
+pub struct WorkerPool {
     kind: BackendKind,
+    /// What the constructor wants `notes()` to add.
+    notes: Vec<String>,
     depth: usize,
     in_flight: usize,
     jobs: Option<Sender<IoRequest>>,
@@ -74,6 +77,7 @@ impl WorkerPool {
         kind: BackendKind,
         depth: usize,
         exec: Arc<dyn Executor>,
+        notes: Vec<String>,
     ) -> Result<WorkerPool> {
         let (job_tx, job_rx) = bounded::<IoRequest>(depth);
         // Room for every in-flight completion plus one pending wake-up.
@@ -110,6 +114,7 @@ impl WorkerPool {
         }
         Ok(WorkerPool {
             kind,
+            notes,
             depth,
             in_flight: 0,
             jobs: Some(job_tx),
@@ -119,8 +124,19 @@ impl WorkerPool {
         })
     }
 
-    pub(crate) fn worker_count(&self) -> usize {
+    pub fn worker_count(&self) -> usize {
         self.workers.len()
+    }
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WorkerPool({}, {} workers)",
+            self.kind,
+            self.workers.len()
+        )
     }
 }
 
@@ -194,11 +210,13 @@ impl Backend for WorkerPool {
         }))
     }
     fn notes(&self) -> Vec<String> {
-        vec![format!(
+        let mut n = vec![format!(
             "{} worker threads for queue depth {}",
             self.workers.len(),
             self.depth
-        )]
+        )];
+        n.extend(self.notes.iter().cloned());
+        n
     }
 }
 
@@ -226,51 +244,12 @@ impl Drop for WorkerPool {
 }
 
 /// The pread/pwrite thread-pool engine.
-pub struct ThreadsBackend(WorkerPool);
-
-impl ThreadsBackend {
-    pub fn new(config: &BackendConfig) -> Result<ThreadsBackend> {
-        config.validate()?;
-        Ok(ThreadsBackend(WorkerPool::new(
-            BackendKind::Threads,
-            config.queue_depth,
-            Arc::new(SyscallExecutor),
-        )?))
-    }
-}
-
-impl std::fmt::Debug for ThreadsBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ThreadsBackend({} workers)", self.0.worker_count())
-    }
-}
-
-impl Backend for ThreadsBackend {
-    fn kind(&self) -> BackendKind {
-        self.0.kind()
-    }
-    fn queue_depth(&self) -> usize {
-        self.0.queue_depth()
-    }
-    fn in_flight(&self) -> usize {
-        self.0.in_flight()
-    }
-    unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
-        // SAFETY: same contract, passed through.
-        unsafe { self.0.push(req) }
-    }
-    fn submit_and_reap(
-        &mut self,
-        min_complete: usize,
-        timeout: Option<Duration>,
-        out: &mut Vec<IoDone>,
-    ) -> Result<()> {
-        self.0.submit_and_reap(min_complete, timeout, out)
-    }
-    fn waker(&self) -> Option<super::Waker> {
-        self.0.waker()
-    }
-    fn notes(&self) -> Vec<String> {
-        self.0.notes()
-    }
+pub fn new(config: &BackendConfig) -> Result<WorkerPool> {
+    config.validate()?;
+    WorkerPool::new(
+        BackendKind::Threads,
+        config.queue_depth,
+        Arc::new(SyscallExecutor),
+        Vec::new(),
+    )
 }

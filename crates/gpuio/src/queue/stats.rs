@@ -16,6 +16,28 @@ pub struct LatencySummary {
     pub max_us: f64,
 }
 
+impl LatencySummary {
+    /// A new histogram of nanoseconds covering 1 ns .. 1 h at 3 significant digits (values past the
+    /// top are clamped by `saturating_record`).
+    pub fn histogram_ns() -> Histogram<u64> {
+        Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+            .expect("static histogram bounds are valid")
+    }
+
+    /// Percentiles of a histogram of nanoseconds.
+    pub fn from_ns(h: &Histogram<u64>) -> LatencySummary {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        LatencySummary {
+            samples: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+}
+
 /// What a queue has done.
 #[derive(Debug, Clone)]
 pub struct QueueStats {
@@ -44,9 +66,7 @@ impl Default for QueueStats {
             short_transfers: 0,
             bounce_bytes: 0,
             direct_fallbacks: 0,
-            // 1 ns .. 1 h at 3 significant digits; values past the top are clamped.
-            latency_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
-                .expect("static histogram bounds are valid"),
+            latency_ns: LatencySummary::histogram_ns(),
         }
     }
 }
@@ -63,16 +83,7 @@ impl QueueStats {
 
     /// Latency percentiles of backend operations.
     pub fn latency(&self) -> LatencySummary {
-        let h = &self.latency_ns;
-        let us = |ns: u64| ns as f64 / 1000.0;
-        LatencySummary {
-            samples: h.len(),
-            mean_us: h.mean() / 1000.0,
-            p50_us: us(h.value_at_quantile(0.50)),
-            p99_us: us(h.value_at_quantile(0.99)),
-            p999_us: us(h.value_at_quantile(0.999)),
-            max_us: us(h.max()),
-        }
+        LatencySummary::from_ns(&self.latency_ns)
     }
 
     /// Adds another queue's counts and latencies into this one.
