@@ -163,20 +163,34 @@ fn bad_input_gets_one_line_and_nonzero_exit() {
     assert_clean_failure(&["info", &missing], &["missing"]);
 }
 
-#[cfg(unix)]
 #[test]
 fn permission_denied_is_named() {
-    // Root reads anything; only meaningful for ordinary users.
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        eprintln!("skipped: running as root, who bypasses file permissions");
-        return;
-    }
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let p = write_file(dir.path(), "secret", &[1u8; 4096]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
-    assert_clean_failure(&["cat", &p], &["permission denied"]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return assert_clean_failure(&["cat", &p], &["secret", "permission denied"]);
+    }
+    // Root reads anything, so run the binary as `nobody` (setpriv, from util-linux).
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_gpuio"))
+        .args(["cat", &p])
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipped: running as root and setpriv is not installed to drop to another user");
+        return;
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody read a 000 file: {err}");
+    assert!(
+        err.contains("secret") && err.contains("permission denied"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
