@@ -4,6 +4,19 @@
 //!
 //! Everything here is for tests: it panics on setup mistakes instead of returning errors, and it is
 //! never published (`publish = false`).
+//!
+//! A verify pattern catches a block that landed in the wrong place, not only a flipped bit:
+//!
+//! ```
+//! use gpuio_testkit::Pattern;
+//! let p = Pattern::new(4096, 42);
+//! let mut disk = p.bytes(0, 3 * 4096, 1);
+//! assert!(p.verify(&disk, 0, 1).is_ok());
+//! // A misdirected write: block 2's bytes stored where block 1 belongs.
+//! let (a, b) = disk.split_at_mut(2 * 4096);
+//! a[4096..].copy_from_slice(&b[..4096]);
+//! assert!(p.verify(&disk, 0, 1).is_err());
+//! ```
 
 pub mod fault;
 pub mod rng;
