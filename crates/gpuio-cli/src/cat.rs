@@ -1,9 +1,10 @@
-//! `gpuio cat FILE [--offset N] [--length N]`: streams a byte range to stdout through the engine, a few
-//! loads in flight at once. Handy, and an end-to-end test of the read path.
+//! `gpuio cat FILE|PACK:ENTRY [--offset N] [--length N]`: streams a byte range to stdout through the
+//! engine, a few loads in flight at once; for a pack entry only the chunks the range touches are read and
+//! decompressed. Handy, and an end-to-end test of the read paths.
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use gpuio::{DirectMode, Engine, EngineConfig, Error, ErrorKind, OpenOptions, QueueDesc, Result};
@@ -14,41 +15,78 @@ const LOADS_IN_FLIGHT: usize = 4;
 
 #[derive(Args, Debug)]
 pub struct CatArgs {
-    file: PathBuf,
+    /// A file, or an entry of a pack as PACK:ENTRY.
+    file: String,
     /// First byte to print.
     #[arg(long, value_parser = crate::parse_size, default_value = "0")]
     offset: u64,
-    /// Bytes to print; default: to the end of the file. Asking for bytes past the end is an error.
+    /// Bytes to print; default: to the end. Asking for bytes past the end is an error.
     #[arg(long, value_parser = crate::parse_size)]
     length: Option<u64>,
     #[arg(long, default_value = "auto")]
     direct: DirectMode,
 }
 
-pub fn run(a: CatArgs) -> Result<()> {
-    let file = OpenOptions::read().direct(a.direct).open(&a.file)?;
-    let size = file.len()?;
+/// The end of the byte range `a` asks for, from a source of `size` bytes named `name`.
+fn range_end(a: &CatArgs, size: u64, name: &Path) -> Result<u64> {
     if a.offset > size {
         return Err(Error::new(
             ErrorKind::InvalidInput,
-            format!(
-                "offset {} is beyond the end of the file ({size} bytes)",
-                a.offset
-            ),
+            format!("offset {} is beyond the end ({size} bytes)", a.offset),
         )
-        .with_path(&a.file));
+        .with_path(name));
     }
-    let end = match a.length {
-        None => size,
+    match a.length {
+        None => Ok(size),
         Some(l) => a
             .offset
             .checked_add(l)
-            .ok_or_else(|| Error::invalid(format!("offset {} + length {l} overflows", a.offset)))?,
-    };
+            .ok_or_else(|| Error::invalid(format!("offset {} + length {l} overflows", a.offset))),
+    }
+}
+
+fn stdout_error(e: std::io::Error) -> Result<()> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return Ok(()); // the reader has had enough (e.g. `| head`)
+    }
+    Err(Error::from_io(gpuio::error::Op::Write, &e).with_path(Path::new("<stdout>")))
+}
+
+pub fn run(a: CatArgs) -> Result<()> {
     let engine = Engine::new(EngineConfig::default())?;
     let queue = engine.queue(QueueDesc::serial())?;
-    let pool = engine.buffer_pool(CHUNK_BYTES, LOADS_IN_FLIGHT + 1)?;
     let mut out = std::io::stdout().lock();
+    if let Some((pack_path, entry_name)) = gpuio_pack::split_pack_path(&a.file) {
+        let pack = gpuio_pack::Pack::open_with(&pack_path, a.direct)?;
+        let entry = pack.entry(&entry_name)?;
+        let name = PathBuf::from(&a.file);
+        let end = range_end(&a, entry.len(), &name)?;
+        if end > entry.len() {
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                format!(
+                    "the range ends at {end}, past the end of the entry ({} bytes)",
+                    entry.len()
+                ),
+            )
+            .with_path(&name)
+            .with_range(a.offset, end - a.offset));
+        }
+        crate::pack_cmd::stream_entry(
+            &entry,
+            &queue,
+            a.offset,
+            end,
+            &mut out,
+            Path::new("<stdout>"),
+            None,
+        )?;
+        return out.flush().or_else(stdout_error);
+    }
+    let path = PathBuf::from(&a.file);
+    let file = OpenOptions::read().direct(a.direct).open(&path)?;
+    let end = range_end(&a, file.len()?, &path)?;
+    let pool = engine.buffer_pool(CHUNK_BYTES, LOADS_IN_FLIGHT + 1)?;
     let mut inflight = VecDeque::new();
     let mut next = a.offset;
     loop {
@@ -66,24 +104,10 @@ pub fn run(a: CatArgs) -> Result<()> {
             break;
         };
         let mut done = c.finish()?;
-        let buf = done.take_buffer(id).expect("load returns its buffer");
+        let buf = done.take_buffer(id).expect("a load returns its buffer");
         if let Err(e) = out.write_all(&buf) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(()); // the reader has had enough (e.g. `| head`)
-            }
-            return Err(Error::from_io(gpuio::error::Op::Write, &e)
-                .with_path(std::path::Path::new("<stdout>")));
+            return stdout_error(e);
         }
     }
-    out.flush()
-        .or_else(|e| {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(|e| {
-            Error::from_io(gpuio::error::Op::Write, &e).with_path(std::path::Path::new("<stdout>"))
-        })
+    out.flush().or_else(stdout_error)
 }

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// A file to describe (direct-I/O support, alignment, size).
+    /// A file to describe (direct-I/O support, alignment, size), a pack (its entries, codecs and
+    /// ratios; every chunk with --json), or one entry as PACK:ENTRY.
     path: Option<PathBuf>,
     /// Direct-I/O mode to try on PATH.
     #[arg(long, default_value = "auto")]
@@ -58,7 +59,99 @@ fn fs_type(path: &std::path::Path) -> Option<String> {
     })
 }
 
+/// `gpuio info PACK`: entries, codecs and ratios; with `--json` every chunk, so any chunk can be located
+/// and decoded by other tools.
+fn describe_pack(path: &std::path::Path, only: Option<&str>, json: bool) -> Result<()> {
+    let pack = gpuio_pack::Pack::open_with(path, DirectMode::Off)?;
+    if let Some(name) = only {
+        pack.entry(name)?; // a clear error naming the entry if it is not there
+    }
+    let shown: Vec<&gpuio_pack::EntryInfo> = pack
+        .entries()
+        .iter()
+        .filter(|e| only.is_none_or(|n| n == e.name))
+        .collect();
+    let entries: Vec<Value> = shown
+        .iter()
+        .map(|e| {
+            let stored: u64 = e.chunks.iter().map(|c| c.stored_len as u64).sum();
+            json!({
+                "name": e.name,
+                "size": e.size,
+                "stored_size": stored,
+                "ratio": e.size as f64 / stored.max(1) as f64,
+                "codec": e.codec.name(),
+                "chunk_size": e.chunk_size,
+                "chunks": e.chunks.iter().map(|c| json!({
+                    "logical_offset": c.logical_offset,
+                    "logical_length": c.logical_len,
+                    "file_offset": c.file_offset,
+                    "stored_length": c.stored_len,
+                    "codec": c.codec.name(),
+                    "crc32c": c.crc32c_stored,
+                    "crc32c_logical": c.crc32c_logical,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if json {
+        let v = json!({
+            "pack": path.display().to_string(),
+            "file_size": pack.file().len()?,
+            "entries": entries,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
+        );
+        return Ok(());
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    t.set_header(vec![
+        "entry",
+        "size",
+        "stored",
+        "ratio",
+        "codec",
+        "chunk",
+        "chunks",
+        "raw chunks",
+    ]);
+    for (e, v) in shown.iter().zip(&entries) {
+        let raw = e
+            .chunks
+            .iter()
+            .filter(|c| c.codec == gpuio_pack::Codec::None)
+            .count();
+        t.add_row(vec![
+            e.name.clone(),
+            gpuio::size::format_bytes(e.size as f64),
+            gpuio::size::format_bytes(v["stored_size"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}", v["ratio"].as_f64().unwrap_or(0.0)),
+            e.codec.name().to_string(),
+            gpuio::size::format_bytes(e.chunk_size as f64),
+            e.chunks.len().to_string(),
+            raw.to_string(),
+        ]);
+    }
+    println!(
+        "pack {} ({} entries)\n{t}",
+        path.display(),
+        pack.entries().len()
+    );
+    Ok(())
+}
+
 pub fn run(a: InfoArgs) -> Result<()> {
+    if let Some(p) = &a.path {
+        if gpuio_pack::Pack::is_pack(p) {
+            return describe_pack(p, None, a.json);
+        }
+        if let Some((pack, entry)) = gpuio_pack::split_pack_path(&p.to_string_lossy()) {
+            return describe_pack(&pack, Some(&entry), a.json);
+        }
+    }
     let probe_cfg = BackendConfig::default();
     let (_, chosen) = backend::probe(&probe_cfg)?;
     let mut engines = Vec::new();

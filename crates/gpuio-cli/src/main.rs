@@ -4,6 +4,7 @@
 mod bench;
 mod cat;
 mod info;
+mod pack_cmd;
 mod report;
 mod workload;
 
@@ -26,18 +27,31 @@ struct Cli {
 enum Command {
     /// Measure the engine: IOPS, bandwidth, latency and CPU, optionally against pread, mmap and fio.
     Bench(bench::BenchArgs),
-    /// Show what the engine can do here and which path it picks for a file, with reasons.
+    /// Show what the engine can do here and which path it picks for a file, with reasons; describe a pack.
     Info(info::InfoArgs),
-    /// Write a byte range of a file to standard output, read through the engine.
+    /// Write a byte range of a file or pack entry (PACK:ENTRY) to standard output.
     Cat(cat::CatArgs),
+    /// Compress files into a pack of chunked entries readable at any offset.
+    Pack(pack_cmd::PackArgs),
+    /// Extract a pack's entries (or one with --entry).
+    Unpack(pack_cmd::UnpackArgs),
+    /// Check every checksum of a pack; the exit status says whether it is intact.
+    Verify(pack_cmd::VerifyArgs),
 }
 
 fn main() -> ExitCode {
+    // Like other Unix filters, end quietly when the reader of our output goes away (`gpuio info | head`)
+    // instead of panicking in println!.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
         Command::Info(a) => info::run(a),
         Command::Cat(a) => cat::run(a),
+        Command::Pack(a) => pack_cmd::pack(a),
+        Command::Unpack(a) => pack_cmd::unpack(a),
+        Command::Verify(a) => pack_cmd::verify(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -507,6 +507,71 @@ pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
     })
 }
 
+/// Runs a read pattern over a pack entry: `queue_depth` entry loads in flight, each re-issued with its
+/// buffer when it completes (oldest first). Reports logical bytes; every load reads and decompresses
+/// the chunks its range touches. Latency is that of the chunk reads from storage.
+pub fn run_pack(
+    spec: &Spec,
+    pack: &gpuio_pack::Pack,
+    entry: &gpuio_pack::Entry,
+    opts: EngineOpts,
+    pb: Option<&ProgressBar>,
+) -> Result<Measurement> {
+    if spec.pattern.is_write() {
+        return Err(Error::invalid(
+            "packs are read-only: use --pattern read or randread with PACK:ENTRY",
+        ));
+    }
+    let mut cfg = EngineConfig::default();
+    cfg.backend.choice = opts.backend;
+    cfg.backend.queue_depth = spec.queue_depth;
+    cfg.task_size_bytes = opts.task_size;
+    let engine = Engine::new(cfg)?;
+    let queue = engine.queue(QueueDesc {
+        command_buffers_max: spec.queue_depth * COMMITTED_PER_SLOT,
+        bytes_in_flight_max: u64::MAX,
+        ..QueueDesc::default()
+    })?;
+    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15);
+    let mut to_issue = spec.ops_max();
+    let mut inflight = std::collections::VecDeque::new();
+    let cpu0 = cpu_now();
+    let start = Instant::now();
+    let deadline = start + spec.duration;
+    let mut last_tick = start;
+    for _ in 0..spec.queue_depth {
+        if to_issue == 0 {
+            break;
+        }
+        to_issue -= 1;
+        let buf = AlignedBuf::new(spec.block_size, 4096)?;
+        inflight.push_back(entry.load(&queue, offsets.next().unwrap_or(0), buf)?);
+    }
+    let mut ops = 0u64;
+    while let Some(load) = inflight.pop_front() {
+        let buf = load.wait()?;
+        ops += 1;
+        progress_tick(pb, start, &mut last_tick);
+        if Instant::now() < deadline && to_issue > 0 {
+            to_issue -= 1;
+            inflight.push_back(entry.load(&queue, offsets.next().unwrap_or(0), buf)?);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = cpu_now();
+    Ok(Measurement {
+        name: "gpu-io pack".into(),
+        backend: format!("{} {}", engine.backend_kind(), entry.info().codec.name()),
+        direct: pack.file().is_direct(),
+        ops,
+        bytes: ops * spec.block_size as u64,
+        elapsed_s: elapsed,
+        latency: queue.stats().latency(),
+        cpu_user_s: cpu1.user_s - cpu0.user_s,
+        cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -365,3 +365,35 @@ fn info_explains_the_choice() {
     let human = gpuio(&["info"]);
     assert!(String::from_utf8_lossy(&human.stdout).contains("chosen backend"));
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_output_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_file(dir.path(), "big", &vec![b'x'; 8 << 20]);
+    // A pack of 2048 chunks: its JSON description is far larger than a pipe's buffer.
+    let pack = dir.path().join("big.gpk").display().to_string();
+    let made = gpuio(&["pack", &p, "-o", &pack, "--chunk-size", "4K"]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    for args in [
+        vec!["cat", p.as_str()],
+        vec!["info", pack.as_str(), "--json"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gpuio"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 10];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe closes
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

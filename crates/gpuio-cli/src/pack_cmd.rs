@@ -1,0 +1,342 @@
+//! `gpuio pack`, `gpuio unpack` and `gpuio verify`: making, extracting and checking compressed packs.
+
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use gpuio::{Engine, EngineConfig, Error, ErrorKind, QueueDesc, Result};
+use gpuio_pack::{Codec, Entry, Pack, PackOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Bytes per load while streaming an entry out, and loads kept in flight.
+const STREAM_CHUNK_BYTES: usize = 4 << 20;
+const STREAM_LOADS_IN_FLIGHT: usize = 4;
+
+#[derive(Args, Debug)]
+pub struct PackArgs {
+    /// Files or directories to pack (a directory packs every file below it, named by relative path).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// The pack to write (replaced atomically if it exists).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// none, lz4, zstd, zlib, xz (lzma) or lzfse.
+    #[arg(long, default_value = "lz4")]
+    codec: Codec,
+    /// Compression level (codec-specific; default: the codec's own).
+    #[arg(long, allow_hyphen_values = true)]
+    level: Option<i32>,
+    /// Logical bytes per chunk: the unit of random access.
+    #[arg(long, value_parser = crate::parse_size, default_value = "64K")]
+    chunk_size: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UnpackArgs {
+    pack: PathBuf,
+    /// Directory to extract every entry into, or with --entry the file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Extract only this entry, to the file named by --output.
+    #[arg(long)]
+    entry: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    pack: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn progress_bar(total: u64, msg: &str, show: bool) -> Option<ProgressBar> {
+    show.then(|| {
+        let pb = ProgressBar::new(total);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        pb.set_message(msg.to_string());
+        pb
+    })
+}
+
+fn on_terminal() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+/// The (entry name, path) pairs for the inputs: files by their file name, directories by the path of
+/// each file below them relative to the directory.
+fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input)
+            .map_err(|e| Error::from_io(gpuio::error::Op::Stat, &e).with_path(input))?;
+        if meta.is_dir() {
+            let mut stack = vec![input.clone()];
+            while let Some(dir) = stack.pop() {
+                let rd = std::fs::read_dir(&dir)
+                    .map_err(|e| Error::from_io(gpuio::error::Op::Open, &e).with_path(&dir))?;
+                let mut children: Vec<PathBuf> =
+                    rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                children.sort();
+                for child in children {
+                    let ft = std::fs::symlink_metadata(&child)
+                        .map_err(|e| Error::from_io(gpuio::error::Op::Stat, &e).with_path(&child))?
+                        .file_type();
+                    if ft.is_dir() {
+                        stack.push(child);
+                    } else if ft.is_file() {
+                        let rel = child.strip_prefix(input).expect("child is below its input");
+                        out.push((rel.to_string_lossy().into_owned(), child));
+                    }
+                }
+            }
+        } else {
+            let name = input
+                .file_name()
+                .ok_or_else(|| Error::invalid(format!("{} has no file name", input.display())))?;
+            out.push((name.to_string_lossy().into_owned(), input.clone()));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (name, path) in &out {
+        if !seen.insert(name.as_str()) {
+            return Err(Error::invalid(format!(
+                "two inputs would both be entry '{name}' (the second is {})",
+                path.display()
+            )));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("no files to pack in the given inputs"));
+    }
+    Ok(out)
+}
+
+pub fn pack(a: PackArgs) -> Result<()> {
+    let chunk_size = u32::try_from(a.chunk_size)
+        .map_err(|_| Error::invalid(format!("--chunk-size {} is too large", a.chunk_size)))?;
+    let inputs = collect_inputs(&a.inputs)?;
+    let opts = PackOptions {
+        codec: a.codec,
+        level: a.level,
+        chunk_size,
+        ..PackOptions::default()
+    };
+    let pb = progress_bar(0, "packing", !a.json && on_terminal());
+    let mut progress = |done: u64, total: u64| {
+        if let Some(pb) = &pb {
+            pb.set_length(total);
+            pb.set_position(done);
+        }
+    };
+    let s = gpuio_pack::pack_files(&inputs, &a.output, &opts, &mut progress)?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    let ratio = s.logical_bytes as f64 / (s.stored_bytes.max(1)) as f64;
+    if a.json {
+        let v = serde_json::json!({
+            "pack": a.output.display().to_string(),
+            "entries": s.entries,
+            "codec": a.codec.name(),
+            "chunk_size": chunk_size,
+            "logical_bytes": s.logical_bytes,
+            "stored_bytes": s.stored_bytes,
+            "ratio": ratio,
+            "seconds": secs,
+            "bytes_per_sec": s.logical_bytes as f64 / secs,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
+        );
+    } else {
+        println!(
+            "packed {} entr{} into {}: {} -> {} ({ratio:.2}:1, {}) in {secs:.2} s, {}/s",
+            s.entries,
+            if s.entries == 1 { "y" } else { "ies" },
+            a.output.display(),
+            gpuio::size::format_bytes(s.logical_bytes as f64),
+            gpuio::size::format_bytes(s.stored_bytes as f64),
+            a.codec.name(),
+            gpuio::size::format_bytes(s.logical_bytes as f64 / secs),
+        );
+    }
+    Ok(())
+}
+
+/// Refuses entry names that would escape the output directory.
+fn safe_relative(name: &str) -> Result<PathBuf> {
+    let p = Path::new(name);
+    let ok = !name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if !ok {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("entry name '{name}' is not a safe relative path; extract it alone with --entry NAME -o FILE"),
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Streams an entry's logical bytes to `out` through the engine, a few loads in flight.
+pub(crate) fn stream_entry(
+    entry: &Entry,
+    queue: &gpuio::IoQueue,
+    offset: u64,
+    end: u64,
+    out: &mut dyn Write,
+    out_name: &Path,
+    pb: Option<&ProgressBar>,
+) -> Result<()> {
+    let mut inflight = std::collections::VecDeque::new();
+    let mut next = offset;
+    loop {
+        while inflight.len() < STREAM_LOADS_IN_FLIGHT && next < end {
+            let len = STREAM_CHUNK_BYTES.min((end - next) as usize);
+            let buf = gpuio::AlignedBuf::new(len, 4096)?;
+            inflight.push_back(entry.load(queue, next, buf)?);
+            next += len as u64;
+        }
+        let Some(load) = inflight.pop_front() else {
+            break;
+        };
+        let buf = load.wait()?;
+        if let Err(e) = out.write_all(&buf) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(Error::from_io(gpuio::error::Op::Write, &e).with_path(out_name));
+        }
+        if let Some(pb) = pb {
+            pb.inc(buf.len() as u64);
+        }
+    }
+    Ok(())
+}
+
+/// Writes an entry to `dest` crash-safely: a temporary file beside it, fsynced, renamed over it.
+fn extract(
+    entry: &Entry,
+    queue: &gpuio::IoQueue,
+    dest: &Path,
+    pb: Option<&ProgressBar>,
+) -> Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::from_io(gpuio::error::Op::Open, &e).with_path(dir))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".gpuio-unpack-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::from_io(gpuio::error::Op::Open, &e).with_path(dir))?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+        stream_entry(entry, queue, 0, entry.len(), &mut w, dest, pb)?;
+        w.flush()
+            .map_err(|e| Error::from_io(gpuio::error::Op::Write, &e).with_path(dest))?;
+    }
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::from_io(gpuio::error::Op::Sync, &e).with_path(dest))?;
+    tmp.persist(dest)
+        .map_err(|e| Error::from_io(gpuio::error::Op::Write, &e.error).with_path(dest))?;
+    Ok(())
+}
+
+pub fn unpack(a: UnpackArgs) -> Result<()> {
+    let pack = Pack::open(&a.pack)?;
+    let engine = Engine::new(EngineConfig::default())?;
+    let queue = engine.queue(QueueDesc::default())?;
+    let entries: Vec<Entry> = match &a.entry {
+        Some(name) => vec![pack.entry(name)?],
+        None => pack
+            .entries()
+            .iter()
+            .map(|e| pack.entry(&e.name))
+            .collect::<Result<_>>()?,
+    };
+    let total: u64 = entries.iter().map(Entry::len).sum();
+    let pb = progress_bar(total, "unpacking", on_terminal());
+    let start = Instant::now();
+    for entry in &entries {
+        let dest = match &a.entry {
+            Some(_) => a.output.clone(),
+            None => a.output.join(safe_relative(entry.name())?),
+        };
+        extract(entry, &queue, &dest, pb.as_ref())?;
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    eprintln!(
+        "unpacked {} entr{} ({}) in {:.2} s",
+        entries.len(),
+        if entries.len() == 1 { "y" } else { "ies" },
+        gpuio::size::format_bytes(total as f64),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Exit status: success when every checksum matches.
+pub fn verify(a: VerifyArgs) -> Result<()> {
+    let pack = Pack::open(&a.pack)?;
+    let engine = Engine::new(EngineConfig::default())?;
+    let queue = engine.queue(QueueDesc::default())?;
+    let total: u64 = pack.entries().iter().map(|e| e.size).sum();
+    let chunks: usize = pack.entries().iter().map(|e| e.chunks.len()).sum();
+    let pb = progress_bar(total, "verifying", !a.json && on_terminal());
+    let mut progress = |done: u64, _total: u64| {
+        if let Some(pb) = &pb {
+            pb.set_position(done);
+        }
+    };
+    let problems = pack.verify(&queue, &mut progress)?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "pack": a.pack.display().to_string(),
+            "intact": problems.is_empty(),
+            "entries": pack.entries().len(),
+            "chunks": chunks,
+            "problems": problems.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
+        );
+    } else if problems.is_empty() {
+        println!(
+            "{}: intact ({} entries, {chunks} chunks, {} checked)",
+            a.pack.display(),
+            pack.entries().len(),
+            gpuio::size::format_bytes(total as f64)
+        );
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{}: {} corrupt chunk(s)", a.pack.display(), problems.len()),
+        ))
+    }
+}
