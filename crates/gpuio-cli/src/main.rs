@@ -2,7 +2,10 @@
 //! prints tables, JSON and progress. Every error is one line on stderr and a non-zero exit status.
 
 mod bench;
+mod bfs;
 mod cat;
+mod gather;
+mod graph;
 mod info;
 mod pack_cmd;
 mod report;
@@ -37,6 +40,12 @@ enum Command {
     Unpack(pack_cmd::UnpackArgs),
     /// Check every checksum of a pack; the exit status says whether it is intact.
     Verify(pack_cmd::VerifyArgs),
+    /// Generate graphs in the EMOGI/BaM .bel CSR layout (`graph gen`).
+    Graph(graph::GraphArgs),
+    /// Breadth-first search over a .bel graph, its edges through the page cache, RAM or mmap.
+    Bfs(bfs::BfsArgs),
+    /// DLRM-style embedding lookups through the page cache, optionally prefetching the next batch.
+    Gather(gather::GatherArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +61,9 @@ fn main() -> ExitCode {
         Command::Pack(a) => pack_cmd::pack(a),
         Command::Unpack(a) => pack_cmd::unpack(a),
         Command::Verify(a) => pack_cmd::verify(a),
+        Command::Graph(a) => graph::run(a),
+        Command::Bfs(a) => bfs::run(a),
+        Command::Gather(a) => gather::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

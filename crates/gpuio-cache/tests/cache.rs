@@ -1,0 +1,493 @@
+//! Page cache behaviour against simple models, on every backend, with injected faults.
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use gpuio::backend::BackendKind;
+use gpuio::{ErrorKind, File, OpenOptions};
+use gpuio_cache::{Array, CacheConfig, CachedFile, LineState, PageCache};
+use gpuio_testkit::{FaultPlan, Rng};
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut r = Rng::new(seed);
+    (0..len).map(|_| r.next_u64() as u8).collect()
+}
+
+fn config(lines: u64, line: usize) -> CacheConfig {
+    CacheConfig {
+        line_bytes: line,
+        capacity_bytes: lines * line as u64,
+        queue_depth: 16,
+    }
+}
+
+fn rw(path: &std::path::Path) -> File {
+    OpenOptions::read_write().open(path).unwrap()
+}
+
+/// Runs `f` on another thread and fails the test if it does not finish in `secs`.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .expect("operation hung")
+}
+
+#[test]
+fn reads_and_gathers_match_the_file_on_every_backend() {
+    for (label, engine) in gpuio_testkit::engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = pattern(100_000, 1); // not a multiple of the line: a short last line
+        std::fs::write(&path, &data).unwrap();
+        let cache = PageCache::new(&engine, config(8, 4096)).unwrap();
+        let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+        assert_eq!(cache.len(src), 100_000);
+        let mut rng = Rng::new(7);
+        for _ in 0..300 {
+            let len = rng.below(9000) as usize;
+            let off = rng.below(100_000 - len as u64);
+            let mut out = vec![0u8; len];
+            cache.read(src, off, &mut out).unwrap();
+            assert_eq!(out, data[off as usize..off as usize + len], "{label}");
+        }
+        let ranges: Vec<(u64, usize)> = (0..200)
+            .map(|_| {
+                let len = rng.below(300) as usize + 1;
+                (rng.below(100_000 - len as u64), len)
+            })
+            .collect();
+        let r = cache.gather(src, &ranges).unwrap().wait().unwrap();
+        assert_eq!(r.len(), ranges.len());
+        for (i, &(o, l)) in ranges.iter().enumerate() {
+            assert_eq!(
+                r.get(i),
+                &data[o as usize..o as usize + l],
+                "{label} range {i}"
+            );
+        }
+        let st = cache.stats();
+        assert_eq!(st.accesses, st.hits + st.misses);
+        assert!(st.evictions > 0 && st.reads_issued > 0, "{label} {st:?}");
+        assert!(st.read_amplification() > 0.0);
+        // The tail line and past-the-end reads.
+        let mut out = vec![0u8; 10];
+        cache.read(src, 99_990, &mut out).unwrap();
+        assert_eq!(out, data[99_990..]);
+        let e = cache.read(src, 99_995, &mut out).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
+        let e = cache.gather(src, &[(0, 1), (100_000, 1)]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
+    }
+}
+
+#[test]
+fn bad_configuration_and_input_are_errors() {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    for (cfg, what) in [
+        (config(1, 4096).with_cap(4095), "smaller than one"),
+        (config(4, 3000), "power of two"),
+        (config(4, 256), "power of two"),
+        (config(4, 1 << 17), "power of two"),
+        (
+            CacheConfig {
+                queue_depth: 0,
+                ..config(4, 4096)
+            },
+            "queue depth",
+        ),
+    ] {
+        let e = PageCache::new(&engine, cfg).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, pattern(10_000, 2)).unwrap();
+    let cache = PageCache::new(&engine, config(4, 4096)).unwrap();
+    let ro = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    let e = cache.write(ro, 0, b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    let w = cache.attach_file(&rw(&path)).unwrap();
+    let e = cache.write(w, 9_999, b"xy").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let e = cache.read(w, u64::MAX, &mut [0u8; 2]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UnexpectedEof);
+    assert_eq!(Array::<u64>::new(&cache, w).unwrap().len(), 1250);
+    let e = Array::<[u8; 3]>::new(&cache, w).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    let a = Array::<u32>::from_offset(&cache, w, 16, 10).unwrap();
+    assert_eq!(a.get(10).unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert!(Array::<u32>::from_offset(&cache, w, 16, 2497).is_err());
+}
+
+trait WithCap {
+    fn with_cap(self, c: u64) -> Self;
+}
+impl WithCap for CacheConfig {
+    fn with_cap(mut self, c: u64) -> Self {
+        self.capacity_bytes = c;
+        self
+    }
+}
+
+#[test]
+fn concurrent_misses_on_one_line_issue_one_read() {
+    // Slow completions so that every thread arrives while the load is in flight.
+    let (engine, _h) = gpuio_testkit::faulty_engine(
+        3,
+        FaultPlan::none().with_delay(1.0, Duration::from_millis(50)),
+        BackendKind::Threads,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = pattern(64 << 10, 3);
+    std::fs::write(&path, &data).unwrap();
+    let cache = PageCache::new(&engine, config(16, 4096)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    let n = 16;
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|t| {
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut out = vec![0u8; 100];
+                cache.read(src, 8192 + t as u64 * 10, &mut out).unwrap();
+                out
+            })
+        })
+        .collect();
+    for (t, h) in handles.into_iter().enumerate() {
+        let o = 8192 + t * 10;
+        assert_eq!(h.join().unwrap(), data[o..o + 100]);
+    }
+    let st = cache.stats();
+    assert_eq!(st.reads_issued, 1, "{st:?}");
+    assert!(st.joined > 0, "{st:?}");
+    assert_eq!(st.accesses, n as u64);
+}
+
+#[test]
+fn a_cache_whose_lines_are_all_held_says_so() {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, pattern(64 << 10, 4)).unwrap();
+    let cache = PageCache::new(&engine, config(4, 4096)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    let held = cache.pin(src, 0, 4 * 4096).unwrap();
+    assert_eq!(held.lines(), 4);
+    let c2 = cache.clone();
+    let e = within(10, move || {
+        c2.read(src, 5 * 4096, &mut [0u8; 8]).unwrap_err()
+    });
+    assert_eq!(e.kind(), ErrorKind::WouldBlock);
+    assert!(e.to_string().contains("all 4 lines are pinned"), "{e}");
+    let e = cache.gather(src, &[(40_000, 8)]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WouldBlock);
+    // Held lines are still readable; released, the cache works again.
+    cache.read(src, 100, &mut [0u8; 8]).unwrap();
+    drop(held);
+    cache.read(src, 5 * 4096, &mut [0u8; 8]).unwrap();
+}
+
+#[test]
+fn a_failed_read_leaves_no_ready_line_and_a_retry_succeeds() {
+    let (engine, h) =
+        gpuio_testkit::faulty_engine(5, FaultPlan::none(), BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = pattern(64 << 10, 5);
+    std::fs::write(&path, &data).unwrap();
+    let cache = PageCache::new(&engine, config(8, 4096)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    h.set_plan(FaultPlan::none().with_read_eio(1.0));
+    let ranges = [(0u64, 10usize), (5000, 10), (20_000, 5000)];
+    let c2 = cache.clone();
+    let r = within(10, move || c2.gather(src, &ranges).unwrap().wait());
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    for &(o, _) in &ranges {
+        assert_ne!(cache.resident_state(src, o), Some(LineState::Ready));
+    }
+    let c2 = cache.clone();
+    let e = within(10, move || c2.read(src, 0, &mut [0u8; 4]).unwrap_err());
+    assert_eq!(e.kind(), ErrorKind::Io);
+    h.set_plan(FaultPlan::none());
+    let before = cache.stats().reads_issued;
+    let r = cache.gather(src, &ranges).unwrap().wait().unwrap();
+    for (i, &(o, l)) in ranges.iter().enumerate() {
+        assert_eq!(r.get(i), &data[o as usize..o as usize + l]);
+        assert_eq!(cache.resident_state(src, o), Some(LineState::Ready));
+    }
+    assert_eq!(cache.stats().reads_issued - before, 5); // lines 0, 1, 4, 5, 6
+}
+
+#[test]
+fn a_failed_write_back_keeps_the_line_dirty_and_flush_reports_it() {
+    let (engine, h) =
+        gpuio_testkit::faulty_engine(6, FaultPlan::none(), BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let mut model = pattern(32 << 10, 6);
+    std::fs::write(&path, &model).unwrap();
+    let cache = PageCache::new(&engine, config(4, 4096)).unwrap();
+    let src = cache.attach_file(&rw(&path)).unwrap();
+    for l in 0..4u64 {
+        let line = vec![l as u8 + 1; 4096];
+        cache.write(src, l * 4096, &line).unwrap(); // whole lines: no reads
+        model[l as usize * 4096..(l as usize + 1) * 4096].copy_from_slice(&line);
+    }
+    assert_eq!(cache.stats().reads_issued, 0);
+    assert_eq!(cache.resident_state(src, 0), Some(LineState::Modified));
+    // The first operation from now on (the first eviction's write-back) fails.
+    h.set_plan(FaultPlan::none().with_fail_nth(1, libc_eio(), false));
+    let c2 = cache.clone();
+    let mut out = [0u8; 16];
+    let got = within(10, move || c2.read(src, 5 * 4096, &mut out).map(|()| out)).unwrap();
+    assert_eq!(got[..], model[5 * 4096..5 * 4096 + 16]);
+    let dirty = (0..4u64)
+        .filter(|l| cache.resident_state(src, l * 4096) == Some(LineState::Modified))
+        .count();
+    assert_eq!(
+        dirty, 3,
+        "the failed line stays dirty, one other was written back"
+    );
+    let e = cache.flush(true).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.to_string().contains("since the last flush"), "{e}");
+    cache.flush(true).unwrap();
+    for l in 0..4u64 {
+        if let Some(s) = cache.resident_state(src, l * 4096) {
+            assert_eq!(s, LineState::Ready);
+        }
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), model);
+    // A flush whose own write-back fails reports it and keeps the line dirty.
+    cache.write(src, 100, b"hello").unwrap();
+    model[100..105].copy_from_slice(b"hello");
+    h.set_plan(FaultPlan::none().with_write_eio(1.0));
+    assert_eq!(cache.flush(false).unwrap_err().kind(), ErrorKind::Io);
+    assert_eq!(cache.resident_state(src, 0), Some(LineState::Modified));
+    h.set_plan(FaultPlan::none());
+    cache.flush(false).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), model);
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+#[test]
+fn pack_entries_are_read_only_sources() {
+    use gpuio_pack::{pack_files, Codec, Pack, PackOptions};
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("w.bin");
+    let data: Vec<u8> = (0..300_000u32)
+        .flat_map(|i| (i / 7).to_le_bytes())
+        .collect();
+    std::fs::write(&input, &data).unwrap();
+    let out = dir.path().join("p.gpk");
+    let opts = PackOptions {
+        codec: Codec::Lz4,
+        ..PackOptions::default()
+    };
+    pack_files(&[("w.bin".into(), input)], &out, &opts, &mut |_, _| {}).unwrap();
+    let pack = Pack::open(&out).unwrap();
+    let cache = PageCache::new(&engine, config(16, 8192)).unwrap();
+    let src = cache.attach_entry(&pack.entry("w.bin").unwrap()).unwrap();
+    assert!(!cache.is_writable(src));
+    let arr = Array::<u32>::new(&cache, src).unwrap();
+    assert_eq!(arr.len(), 300_000);
+    let mut rng = Rng::new(8);
+    let idx: Vec<u64> = (0..500).map(|_| rng.below(300_000)).collect();
+    let got = within(20, move || arr.gather(&idx).map(|v| (v, idx))).unwrap();
+    for (v, i) in got.0.iter().zip(&got.1) {
+        assert_eq!(*v, *i as u32 / 7);
+    }
+    let e = cache.write(src, 0, b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    let mut out = vec![0u8; 50_000];
+    cache.read(src, 1_000_000, &mut out).unwrap();
+    assert_eq!(out, data[1_000_000..1_050_000]);
+}
+
+#[test]
+fn array_operations_match_a_vec() {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let n = 20_000u64;
+    let mut model: Vec<u64> = (0..n).map(|i| i * 3 + 1).collect();
+    let mut bytes = vec![0u8; 16]; // a header to skip
+    bytes.extend(model.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(&path, &bytes).unwrap();
+    let cache = PageCache::new(&engine, config(8, 1024)).unwrap();
+    let src = cache.attach_file(&rw(&path)).unwrap();
+    let a = Array::<u64>::from_offset(&cache, src, 16, n).unwrap();
+    let mut rng = Rng::new(9);
+    for round in 0..20 {
+        let idx: Vec<u64> = (0..100).map(|_| rng.below(n)).collect();
+        let vals: Vec<u64> = idx.iter().map(|_| rng.next_u64()).collect();
+        a.scatter(&idx, &vals).unwrap();
+        for (&i, &v) in idx.iter().zip(&vals) {
+            model[i as usize] = v;
+        }
+        let i = rng.below(n);
+        a.set(i, round).unwrap();
+        model[i as usize] = round;
+        let q: Vec<u64> = (0..300).map(|_| rng.below(n)).collect();
+        let want: Vec<u64> = q.iter().map(|&i| model[i as usize]).collect();
+        assert_eq!(a.gather(&q).unwrap(), want);
+        assert_eq!(a.gather_async(&q).unwrap().wait().unwrap(), want);
+        let k = rng.below(n);
+        assert_eq!(a.get(k).unwrap(), model[k as usize]);
+        let s = rng.below(n - 500);
+        let mut out = vec![0u64; 500];
+        a.read_range(s, &mut out).unwrap();
+        assert_eq!(out, model[s as usize..s as usize + 500]);
+    }
+    let all: Vec<u64> = a.iter().collect::<gpuio::Result<_>>().unwrap();
+    assert_eq!(all, model);
+    cache.flush(true).unwrap();
+    let disk = std::fs::read(&path).unwrap();
+    let on_disk: Vec<u64> = disk[16..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(on_disk, model);
+    // A CachedFile view of the same source sees the same bytes.
+    let f = CachedFile::from_source(&cache, src);
+    let mut b = [0u8; 8];
+    f.read_at(16 + 8 * 5, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), model[5]);
+    f.write_at(16, &7u64.to_le_bytes()).unwrap();
+    assert_eq!(a.get(0).unwrap(), 7);
+    f.flush(true).unwrap();
+}
+
+#[test]
+fn many_threads_read_and_write_against_a_model() {
+    for (label, engine) in gpuio_testkit::engines() {
+        if label == "mmap" {
+            continue; // same engine code; keep the run short
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let size = 256 << 10;
+        let init = pattern(size, 10);
+        std::fs::write(&path, &init).unwrap();
+        // 8 lines of 1 KiB over 256 KiB: evictions all the time.
+        let cache = PageCache::new(&engine, config(8, 1024)).unwrap();
+        let src = cache.attach_file(&rw(&path)).unwrap();
+        // Each thread owns the 100-byte slots k with k % threads == t (ranges may span lines, and
+        // lines are shared between threads), so the model is well defined.
+        let threads = 4;
+        let slot = 100usize;
+        let slots = size / slot;
+        let model = Arc::new(parking_lot::Mutex::new(init));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (cache, model) = (cache.clone(), model.clone());
+                std::thread::spawn(move || {
+                    let mut rng = Rng::new(100 + t as u64);
+                    let mut mine: Vec<usize> = (0..slots).filter(|k| k % threads == t).collect();
+                    mine.truncate(400);
+                    for step in 0..600 {
+                        let k = mine[rng.below(mine.len() as u64) as usize];
+                        let off = k * slot;
+                        match rng.below(3) {
+                            0 => {
+                                let v = pattern(slot, rng.next_u64());
+                                cache.write(src, off as u64, &v).unwrap();
+                                model.lock()[off..off + slot].copy_from_slice(&v);
+                            }
+                            1 => {
+                                let mut out = vec![0u8; slot];
+                                cache.read(src, off as u64, &mut out).unwrap();
+                                assert_eq!(out, model.lock()[off..off + slot], "step {step}");
+                            }
+                            _ => {
+                                let ks: Vec<usize> = (0..8)
+                                    .map(|_| mine[rng.below(mine.len() as u64) as usize])
+                                    .collect();
+                                let ranges: Vec<(u64, usize)> =
+                                    ks.iter().map(|&k| ((k * slot) as u64, slot)).collect();
+                                let r = cache.gather(src, &ranges).unwrap().wait().unwrap();
+                                let m = model.lock();
+                                for (i, &k) in ks.iter().enumerate() {
+                                    assert_eq!(r.get(i), &m[k * slot..(k + 1) * slot]);
+                                }
+                            }
+                        }
+                        if step % 200 == 199 && t == 0 {
+                            cache.flush(false).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        cache.flush(true).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap(), &*model.lock(), "{label}");
+        let st = cache.stats();
+        assert!(st.evictions > 100 && st.writes_issued > 0, "{label} {st:?}");
+    }
+}
+
+#[test]
+fn gather_returns_before_its_misses_complete_and_can_be_awaited() {
+    let (engine, _h) = gpuio_testkit::faulty_engine(
+        11,
+        FaultPlan::none().with_delay(1.0, Duration::from_millis(30)),
+        BackendKind::Threads,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = pattern(1 << 20, 11);
+    std::fs::write(&path, &data).unwrap();
+    let cache = PageCache::new(&engine, config(64, 4096)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    let ranges: Vec<(u64, usize)> = (0..32).map(|i| (i * 30_000, 64)).collect();
+    let g = cache.gather(src, &ranges).unwrap();
+    assert!(!g.is_complete());
+    // A tiny executor: poll until ready.
+    let r = block_on(g).unwrap();
+    for (i, &(o, l)) in ranges.iter().enumerate() {
+        assert_eq!(r.get(i), &data[o as usize..o as usize + l]);
+    }
+    let p = cache.prefetch(src, 0, 64 * 4096).unwrap();
+    p.wait().unwrap();
+    cache.reset_stats();
+    cache.read(src, 60 * 4096, &mut [0u8; 8]).unwrap();
+    assert_eq!(cache.stats().hits, 1);
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct W(std::thread::Thread);
+    impl Wake for W {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(W(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "future hung");
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}

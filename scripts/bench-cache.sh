@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The page cache against its references, in one run (issue 4).
+#
+#   scripts/bench-cache.sh [SECONDS] [GRAPH_SCALE]
+#
+# 1. Miss-bound: uniform 4 KiB-row gather over a 1 GiB table 10x the cache, against fio's 4 KiB random
+#    read at the same queue depth on the same file, alternating.
+# 2. Hit-bound: resident-line lookups per second on one and two threads (examples/cache_bench).
+# 3. Overlap: gather with compute per batch about equal to its I/O time, prefetch on against off.
+# 4. BFS on a Kronecker graph whose edge file is 5x the cache (cache = 20 % of edge bytes): cache
+#    against memory and mmap (cold) runs of the same BFS.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+g="$here/target/release/gpuio"
+secs=${1:-5}
+scale=${2:-21}
+cargo build --release --quiet --manifest-path "$here/Cargo.toml" --bins --examples
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpuio-cache.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+echo "$(nproc) CPUs, kernel $(uname -r), $("$g" --version), $(fio --version)"
+table="$work/table.bin"
+fio --name=prepare --filename="$table" --rw=write --bs=1M --size=1G --direct=1 --ioengine=io_uring \
+    --iodepth=16 >/dev/null
+j() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
+
+echo
+echo "== 1. miss-bound gather, 4 KiB rows, table 1 GiB, cache 102 MiB, QD 64 =="
+batches=$((secs * 20))
+for r in 1 2 3; do
+  gi=$("$g" gather --table "$table" --row-bytes 4096 --batch 4096 --batches "$batches" --dist uniform \
+        --cache-size 10% --queue-depth 64 --json | j 'round(v["iops"])')
+  fi=$(fio --name=ref --filename="$table" --rw=randread --bs=4k --iodepth=64 --ioengine=io_uring --direct=1 \
+        --runtime="${secs}s" --time_based --size=1G --output-format=terse | awk -F';' '{print $8}')
+  python3 -c "print('round $r: gather $gi IOPS, fio $fi IOPS, ratio %.3f' % ($gi / $fi))"
+done
+
+echo
+echo "== 2. hit-bound lookups =="
+"$here/target/release/examples/cache_bench" "$table" 1024 "$secs" 2>&1 | grep -iE "hit|thread|lookup" || true
+
+echo
+echo "== 3. overlap: compute per batch ~ I/O time per batch =="
+# Measure one batch's I/O time without compute, then compute that long per batch.
+io_us=$("$g" gather --table "$table" --row-bytes 4096 --batch 256 --batches 200 --dist uniform \
+        --cache-size 10% --queue-depth 64 --json | j 'round(v["seconds"] * 1e6 / 200)')
+echo "one batch of 256 rows takes about $io_us us of I/O"
+for r in 1 2 3; do
+  "$g" gather --table "$table" --row-bytes 4096 --batch 256 --batches 400 --dist uniform --cache-size 10% \
+      --queue-depth 64 --prefetch on --compute-us "$io_us" --json | \
+      j '"round %s: prefetch speedup %.2f, rows/s %.0f, hit rate %.3f" % ('"$r"', v["speedup"], v["rows_per_sec"], v["hit_rate"])'
+done
+
+echo
+echo "== 4. BFS, Kronecker scale $scale, degree 16 =="
+"$g" graph gen --kind kron --scale "$scale" --degree 16 --seed 1 -o "$work/kron" --json | j '"%d vertices, %d edges" % (v.get("vertices", 0), v.get("edges", 0))'
+ls -la "$work"/kron.bel.*
+for mode in cache memory mmap; do
+  "$g" bfs "$work/kron" --source 0 --mode "$mode" --cache-size 20% --json | \
+    j '"%-6s %.2f s, %.1f M TEPS, hit rate %s, reads %s, IOPS %s" % (v["mode"], v["seconds"], v["teps"] / 1e6, v.get("hit_rate"), v.get("reads_issued"), v.get("iops"))'
+done
