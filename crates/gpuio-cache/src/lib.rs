@@ -356,8 +356,9 @@ impl PageCache {
         let align = config.line_bytes.clamp(512, 4096);
         let budget = &engine.config().memory_budget;
         let mut slots = Vec::with_capacity(lines);
-        for _ in 0..lines {
-            let mut buf = AlignedBuf::new_in(budget, config.line_bytes, align, Wait::No)?;
+        // One slab for all lines: a separate aligned allocation per line would cost about twice the
+        // capacity in memory, and time to match.
+        for mut buf in AlignedBuf::carve(budget, lines, config.line_bytes, align, Wait::No)? {
             buf.prefault();
             slots.push(Slot {
                 word: AtomicU64::new(0),

@@ -149,10 +149,38 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     layout: Layout,
+    /// Who frees the memory: the buffer itself, or a slab it was carved from.
+    owner: Owner,
+}
+
+enum Owner {
+    /// Allocated alone with `layout`; freed on drop; charged to a budget if any.
+    Alone(Option<BudgetCharge>),
+    /// A piece of a slab shared by many buffers; the slab is freed when its last piece is.
+    Slab(#[allow(dead_code)] Arc<Slab>),
+}
+
+/// One allocation that [`AlignedBuf::carve`] cut into many buffers.
+struct Slab {
+    ptr: NonNull<u8>,
+    layout: Layout,
     _charge: Option<BudgetCharge>,
 }
 
-// SAFETY: AlignedBuf uniquely owns its allocation, like Vec<u8>.
+// SAFETY: the slab's memory is only reached through the buffers carved from it, each of which owns a
+// disjoint piece.
+unsafe impl Send for Slab {}
+// SAFETY: as above; the slab itself is never read or written through a shared reference.
+unsafe impl Sync for Slab {}
+
+impl Drop for Slab {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in carve().
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation (or its piece of a slab), like Vec<u8>.
 unsafe impl Send for AlignedBuf {}
 // SAFETY: shared references only allow reads, like &Vec<u8>.
 unsafe impl Sync for AlignedBuf {}
@@ -201,8 +229,59 @@ impl AlignedBuf {
             ptr,
             len,
             layout,
-            _charge: charge,
+            owner: Owner::Alone(charge),
         })
+    }
+
+    /// `count` zeroed buffers of `len` bytes aligned to `align`, cut from one allocation charged to
+    /// `budget`. Many small aligned allocations cost far more than their size (an allocator pads each
+    /// 4 KiB-aligned 4 KiB block to two pages); one slab costs what it holds. The memory returns to the
+    /// system when the last of the buffers is dropped.
+    pub fn carve(
+        budget: &MemoryBudget,
+        count: usize,
+        len: usize,
+        align: usize,
+        wait: Wait,
+    ) -> Result<Vec<AlignedBuf>> {
+        if !align.is_power_of_two() || align < 512 {
+            return Err(Error::invalid(format!(
+                "buffer alignment {align} must be a power of two of at least 512"
+            )));
+        }
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let stride = len.max(1).next_multiple_of(align);
+        let total = stride.checked_mul(count).ok_or_else(|| {
+            Error::invalid(format!("{count} buffers of {len} bytes are too large"))
+        })?;
+        let charge = budget.acquire(total as u64, wait)?;
+        let layout = Layout::from_size_align(total, align)
+            .map_err(|_| Error::invalid(format!("{count} buffers of {len} bytes are too large")))?;
+        // SAFETY: layout has non-zero size.
+        let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) }).ok_or_else(|| {
+            Error::new(
+                ErrorKind::WouldBlock,
+                format!("out of memory allocating {total} bytes"),
+            )
+        })?;
+        let slab = Arc::new(Slab {
+            ptr: base,
+            layout,
+            _charge: Some(charge),
+        });
+        let piece =
+            Layout::from_size_align(stride, align).expect("a piece of a valid layout is valid");
+        Ok((0..count)
+            .map(|i| AlignedBuf {
+                // SAFETY: i * stride < total, inside the slab's allocation.
+                ptr: unsafe { NonNull::new_unchecked(base.as_ptr().add(i * stride)) },
+                len,
+                layout: piece,
+                owner: Owner::Slab(slab.clone()),
+            })
+            .collect())
     }
 
     pub fn len(&self) -> usize {
@@ -264,8 +343,10 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated with this layout in alloc().
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        if let Owner::Alone(_) = self.owner {
+            // SAFETY: allocated alone with this layout in alloc().
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
     }
 }
 
@@ -339,8 +420,10 @@ impl BufferPool {
         }
         let mut free = Vec::with_capacity(count);
         let mut regions = Vec::with_capacity(count);
-        for i in 0..count {
-            let mut buf = AlignedBuf::new_in(budget, buf_size, align, wait)?;
+        for (i, mut buf) in AlignedBuf::carve(budget, count, buf_size, align, wait)?
+            .into_iter()
+            .enumerate()
+        {
             buf.prefault();
             regions.push((buf.as_mut_ptr() as usize, buf.capacity()));
             free.push((i as u16, buf));
@@ -616,13 +699,49 @@ mod tests {
     }
 
     #[test]
+    fn carved_buffers_are_disjoint_aligned_and_freed_together() {
+        let budget = MemoryBudget::new(1 << 20);
+        let mut bufs = AlignedBuf::carve(&budget, 3, 5000, 4096, Wait::No).unwrap();
+        assert_eq!(
+            budget.used_bytes(),
+            3 * 8192,
+            "one charge for the whole slab"
+        );
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.as_ptr() as usize % 4096, 0);
+            assert_eq!(b.len(), 5000);
+            assert!(b.iter().all(|&x| x == 0));
+            b.fill(i as u8 + 1);
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(b.iter().all(|&x| x == i as u8 + 1), "pieces do not overlap");
+        }
+        let last = bufs.pop().unwrap();
+        drop(bufs);
+        assert_eq!(
+            budget.used_bytes(),
+            3 * 8192,
+            "still held by the last piece"
+        );
+        drop(last);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
     fn pool_charges_budget() {
         let budget = MemoryBudget::new(3 * 4096);
         let err = BufferPool::new(&budget, 4096, 4, 4096, Wait::No).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::WouldBlock);
-        assert_eq!(budget.used_bytes(), 0, "a failed pool returns what it took");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::InvalidInput,
+            "a pool larger than the budget can never fit"
+        );
+        assert_eq!(budget.used_bytes(), 0);
         let pool = BufferPool::new(&budget, 4096, 3, 4096, Wait::No).unwrap();
         assert_eq!(budget.used_bytes(), 3 * 4096);
+        let err = BufferPool::new(&budget, 4096, 1, 4096, Wait::No).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WouldBlock, "the budget is in use");
+        assert_eq!(budget.used_bytes(), 3 * 4096, "a failed pool takes nothing");
         drop(pool);
         assert_eq!(budget.used_bytes(), 0);
     }
