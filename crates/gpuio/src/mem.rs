@@ -154,8 +154,8 @@ pub struct AlignedBuf {
 }
 
 enum Owner {
-    /// Allocated alone with `layout`; freed on drop; charged to a budget if any.
-    Alone(Option<BudgetCharge>),
+    /// Allocated alone with `layout`; freed on drop; charged to a budget if any (held for its Drop).
+    Alone(#[allow(dead_code)] Option<BudgetCharge>),
     /// A piece of a slab shared by many buffers; the slab is freed when its last piece is.
     Slab(#[allow(dead_code)] Arc<Slab>),
 }
