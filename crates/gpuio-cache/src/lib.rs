@@ -562,9 +562,10 @@ impl PageCache {
         Ok(())
     }
 
-    /// The hit path: copies from a resident line, if it is resident and readable right now.
+    /// The hit path: if `line` of `src` is resident and readable right now, pins it, runs `read` on
+    /// the address of its bytes, marks it recently used, unpins it and returns `true`.
     #[inline]
-    fn try_hit_copy(&self, s: &Source, src: u32, line: u64, off: usize, out: &mut [u8]) -> bool {
+    fn with_resident(&self, s: &Source, src: u32, line: u64, read: impl FnOnce(*const u8)) -> bool {
         let Some(e) = s.table.get(line as usize) else {
             return false;
         };
@@ -576,14 +577,21 @@ impl PageCache {
         let seen = line::pin(&slot.word);
         let ok = line::readable(seen) && slot.tag.load(Ordering::Acquire) == make_tag(src, line);
         if ok {
-            let p = slot.ptr.load(Ordering::Acquire);
-            // SAFETY: the slot is pinned and readable (no writer, not Busy), so its buffer lives and
-            // nobody writes it; off + out.len() <= line_bytes by construction.
-            unsafe { std::ptr::copy_nonoverlapping(p.add(off), out.as_mut_ptr(), out.len()) };
+            read(slot.ptr.load(Ordering::Acquire).cast_const());
             line::touch(&slot.word, seen);
         }
         line::unpin(&slot.word);
         ok
+    }
+
+    /// Copies `out.len()` bytes at `off` of a resident line (see [`Self::with_resident`]).
+    #[inline]
+    fn try_hit_copy(&self, s: &Source, src: u32, line: u64, off: usize, out: &mut [u8]) -> bool {
+        self.with_resident(s, src, line, |p| {
+            // SAFETY: the slot is pinned and readable (no writer, not Busy), so its buffer lives and
+            // nobody writes it; off + out.len() <= line_bytes by construction.
+            unsafe { std::ptr::copy_nonoverlapping(p.add(off), out.as_mut_ptr(), out.len()) };
+        })
     }
 
     /// Writes `data` at `offset` of `src` into the cache (write-back: lines become Modified and reach
@@ -848,21 +856,10 @@ impl PageCache {
         pieces: &[(u64, Piece)],
         out: &mut [u8],
     ) -> bool {
-        let Some(e) = s.table.get(line as usize) else {
-            return false;
-        };
-        let e = e.load(Ordering::Acquire);
-        if e == 0 {
-            return false;
-        }
-        let slot = &self.inner.slots[e as usize - 1];
-        let seen = line::pin(&slot.word);
-        let ok = line::readable(seen) && slot.tag.load(Ordering::Acquire) == make_tag(src, line);
-        if ok {
-            let p = slot.ptr.load(Ordering::Acquire);
+        self.with_resident(s, src, line, |p| {
             for (_, pc) in pieces {
                 let dst = &mut out[pc.out_off..pc.out_off + pc.len as usize];
-                // SAFETY: pinned and readable, as in try_hit_copy.
+                // SAFETY: pinned and readable, as in try_hit_copy; the piece lies within the line.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         p.add(pc.line_off as usize),
@@ -871,10 +868,7 @@ impl PageCache {
                     )
                 };
             }
-            line::touch(&slot.word, seen);
-        }
-        line::unpin(&slot.word);
-        ok
+        })
     }
 
     /// Serves, joins or issues one line for a pending gather.

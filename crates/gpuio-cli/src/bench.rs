@@ -65,6 +65,32 @@ pub struct BenchArgs {
     overwrite: bool,
 }
 
+impl BenchArgs {
+    /// The workload and engine settings for one pattern of the suite.
+    fn spec_and_opts(
+        &self,
+        pattern: Pattern,
+        bs: u64,
+        qd: usize,
+        region: u64,
+    ) -> (Spec, EngineOpts) {
+        let spec = Spec {
+            pattern,
+            block_size: bs as usize,
+            queue_depth: qd,
+            duration: Duration::from_secs_f64(self.duration),
+            region,
+        };
+        let opts = EngineOpts {
+            backend: self.backend,
+            direct: self.direct,
+            task_size: self.task_size as usize,
+            submit_batch: self.submit_batch,
+        };
+        (spec, opts)
+    }
+}
+
 /// The workload and its reference measurements.
 pub struct Outcome {
     pub spec: Spec,
@@ -272,19 +298,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 path.display()
             )));
         }
-        let spec = Spec {
-            pattern,
-            block_size: bs as usize,
-            queue_depth: qd,
-            duration: Duration::from_secs_f64(a.duration),
-            region,
-        };
-        let opts = EngineOpts {
-            backend: a.backend,
-            direct: a.direct,
-            task_size: a.task_size as usize,
-            submit_batch: a.submit_batch,
-        };
+        let (spec, opts) = a.spec_and_opts(pattern, bs, qd, region);
         let title = format!(
             "{} {} QD{}",
             pattern.name(),
@@ -390,19 +404,7 @@ fn run_pack(
                 "block size {bs} is larger than the {region} bytes of entry {entry_name}"
             )));
         }
-        let spec = Spec {
-            pattern,
-            block_size: bs as usize,
-            queue_depth: qd,
-            duration: Duration::from_secs_f64(a.duration),
-            region,
-        };
-        let opts = EngineOpts {
-            backend: a.backend,
-            direct: a.direct,
-            task_size: a.task_size as usize,
-            submit_batch: a.submit_batch,
-        };
+        let (spec, opts) = a.spec_and_opts(pattern, bs, qd, region);
         let pb = show_progress.then(|| ProgressBar::new((a.duration * 1000.0) as u64));
         let m = workload::run_pack(&spec, &pack, &entry, opts, pb.as_ref())?;
         if let Some(pb) = pb {
