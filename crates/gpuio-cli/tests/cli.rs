@@ -1,41 +1,12 @@
 //! The `gpuio` binary as a new user meets it: every bad input gets one line naming the cause and a
 //! non-zero exit, never a panic or a backtrace; the happy paths print what the README promises.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn gpuio(args: &[&str]) -> Output {
-    gpuio_in(&std::env::temp_dir(), args)
-}
-
-/// Runs gpuio with `tmp` as its temp directory (where scratch files go).
-fn gpuio_in(tmp: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpuio"))
-        .args(args)
-        .env("TMPDIR", tmp)
-        .output()
-        .expect("run gpuio")
-}
-
-/// Fails with one line that contains every `needles`, and no panic.
-fn assert_clean_failure(args: &[&str], needles: &[&str]) {
-    let out = gpuio(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail; stderr: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{args:?} panicked: {err}"
-    );
-    for n in needles {
-        assert!(
-            err.contains(n),
-            "{args:?}: stderr should mention '{n}': {err}"
-        );
-    }
-    if err.starts_with("gpuio: error:") {
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    }
-}
+use common::{fails_cleanly as assert_clean_failure, gpuio, gpuio_in};
 
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);
@@ -172,7 +143,8 @@ fn permission_denied_is_named() {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return assert_clean_failure(&["cat", &p], &["secret", "permission denied"]);
+        assert_clean_failure(&["cat", &p], &["secret", "permission denied"]);
+        return;
     }
     // Root reads anything, so run the binary as `nobody` (setpriv, from util-linux).
     let out = Command::new("setpriv")

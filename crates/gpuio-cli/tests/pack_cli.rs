@@ -1,35 +1,11 @@
 //! The pack commands end to end: pack a directory, describe it, read ranges of entries, unpack, verify;
 //! and the failures a user meets: a corrupt pack, something that is not a pack, unsafe entry names.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn gpuio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpuio"))
-        .args(args)
-        .output()
-        .expect("run gpuio")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = gpuio(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fails_cleanly(args: &[&str], needles: &[&str]) {
-    let out = gpuio(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr lacks '{n}': {err}");
-    }
-}
+use common::{fails_cleanly, ok};
 
 /// Text-and-numbers content that compresses, of `len` bytes.
 fn compressible(len: usize, seed: u32) -> Vec<u8> {

@@ -5,56 +5,12 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn gpuio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpuio"))
-        .args(args)
-        .output()
-        .expect("run gpuio")
-}
+mod common;
 
-fn ok(args: &[&str]) -> Output {
-    let out = gpuio(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ok_json(args: &[&str]) -> Value {
-    let out = ok(args);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-/// Fails with exactly one line that contains every `needles`, and no panic.
-fn fails_cleanly(args: &[&str], needles: &[&str]) {
-    let out = gpuio(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail; stderr: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{args:?} panicked: {err}"
-    );
-    assert!(err.starts_with("gpuio: error:"), "{args:?}: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{args:?}: one line: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr lacks '{n}': {err}");
-    }
-}
+use common::{fails_with_error_line as fails_cleanly, gpuio, ok, ok_json};
 
 fn s(p: &Path) -> String {
     p.display().to_string()
