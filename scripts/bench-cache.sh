@@ -68,18 +68,26 @@ print(best)
 PY
 )
 echo "source vertex $src"
-bfs() { # label mode line-size queue-depth [cgroup]
-  local cmd=("$g" bfs "$work/kron" --source "$src" --mode "$2" --cache-size 20% --line-size "$3" --queue-depth "$4" --json)
-  if [ -n "${5:-}" ]; then
-    bash -c 'echo $$ > "$0/tasks"; exec "$@"' "$5" "${cmd[@]}"
+bfs() { # label mode line-size queue-depth coalesce [cgroup]
+  local cmd=("$g" bfs "$work/kron" --source "$src" --mode "$2" --cache-size 20% --line-size "$3" --queue-depth "$4" --coalesce "$5" --json)
+  if [ -n "${6:-}" ]; then
+    bash -c 'echo $$ > "$0/tasks"; exec "$@"' "$6" "${cmd[@]}"
   else
     "${cmd[@]}"
-  fi | j '"%-34s %.2f s, %6.1f M TEPS, hit rate %s, reads %s, IOPS %s" % ("'"$1"'", v["seconds"], v["teps"] / 1e6, v.get("hit_rate"), v.get("reads_issued"), round(v["iops"]) if v.get("iops") else None)'
+  fi | j '"%-44s %.2f s, %6.1f M TEPS, hit rate %s, reads %s (%s lines), IOPS %s" % ("'"$1"'", v["seconds"], v["teps"] / 1e6, v.get("hit_rate"), v.get("reads_issued"), v.get("lines_loaded"), round(v["iops"]) if v.get("iops") else None)'
 }
-bfs "memory (all in RAM)" memory 4K 64
-bfs "mmap (page cache unbounded)" mmap 4K 64
-bfs "cache 4 KiB lines, QD 64" cache 4K 64
-bfs "cache 16 KiB lines, QD 256" cache 16K 256
+for round in $(seq 1 "${BFS_ROUNDS:-2}"); do
+  echo "-- round $round"
+  bfs "memory (all in RAM)" memory 4K 64 0
+  bfs "mmap (page cache unbounded)" mmap 4K 64 0
+  bfs "cache 4 KiB lines, QD 64, no coalescing" cache 4K 64 0
+  bfs "cache 4 KiB lines, QD 64, coalesce 128 KiB" cache 4K 64 128K
+  bfs "cache 16 KiB lines, QD 64, coalesce 128 KiB" cache 16K 64 128K
+done
+echo "-- coalescing sweep (4 KiB lines, QD 64)"
+for c in 16K 32K 64K 128K 256K 1M; do
+  bfs "cache 4 KiB lines, coalesce $c" cache 4K 64 "$c"
+done
 # Equal memory: the same cgroup v1 memory limit for mmap (its page cache counts) and for the cache.
 cg=/sys/fs/cgroup/memory/gpuio-bench-$$
 if mkdir "$cg" 2>/dev/null; then
@@ -87,9 +95,12 @@ if mkdir "$cg" 2>/dev/null; then
   limit=$((dst / 5 + 200 * 1024 * 1024))
   echo $limit > "$cg/memory.limit_in_bytes"
   echo "-- equal memory: cgroup limit $((limit >> 20)) MiB for each run"
-  bfs "mmap, limited" mmap 4K 64 "$cg"
-  bfs "cache 4 KiB lines, QD 64, limited" cache 4K 64 "$cg"
-  bfs "cache 16 KiB lines, QD 256, limited" cache 16K 256 "$cg"
+  for round in $(seq 1 "${BFS_ROUNDS:-2}"); do
+    bfs "mmap, limited" mmap 4K 64 0 "$cg"
+    bfs "cache 4 KiB lines, no coalescing, limited" cache 4K 64 0 "$cg"
+    bfs "cache 4 KiB lines, coalesce 128 KiB, limited" cache 4K 64 128K "$cg"
+    bfs "cache 16 KiB lines, coalesce 128 KiB, limited" cache 16K 64 128K "$cg"
+  done
   rmdir "$cg" 2>/dev/null || true
 else
   echo "-- no cgroup v1 memory controller here: equal-memory runs skipped"

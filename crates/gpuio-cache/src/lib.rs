@@ -58,8 +58,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use gpuio::{
-    AlignedBuf, CommandBuffer, CommandId, Completion, Engine, Error, ErrorKind, File, Finished,
-    IoBuffer, IoQueue, QueueDesc, Result, Status, Wait,
+    AlignedBuf, BufferPool, CommandBuffer, CommandId, Completion, Engine, Error, ErrorKind, File,
+    Finished, IoBuffer, IoQueue, QueueDesc, Result, Status, Wait,
 };
 use gpuio_pack::{Entry, PackLoad};
 use parking_lot::{Condvar, Mutex};
@@ -73,6 +73,8 @@ pub const SOURCE_LINES_MAX: u64 = 1 << 32;
 /// How long an operation waits for a line someone else has busy (a load or write-back in flight)
 /// before giving up with [`ErrorKind::WouldBlock`].
 pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Most memory for coalesced reads' bounce buffers (besides the lines).
+const BOUNCE_BYTES_MAX: usize = 16 << 20;
 /// Loads per command buffer are `queue_depth / LOADS_PER_CB_DIVISOR` (at least 1, at most 64).
 const LOADS_PER_CB_DIVISOR: usize = 8;
 
@@ -89,7 +91,19 @@ pub struct CacheConfig {
     /// keeps its own queue depth (`EngineConfig::backend.queue_depth`) full. Misses in flight are
     /// bounded by the number of lines.
     pub queue_depth: usize,
+    /// Largest read a gather or prefetch issues for a run of adjacent missing lines of one file: the
+    /// run is read once into a bounce buffer and copied into its lines, one I/O instead of one per
+    /// line (a sorted frontier or a range scan misses line after line). `0` or anything up to one
+    /// line turns this off. At most [`COALESCE_BYTES_MAX`]. Pack entries are not coalesced here:
+    /// their reader already merges adjacent chunks.
+    pub coalesce_bytes: usize,
 }
+
+/// Largest [`CacheConfig::coalesce_bytes`].
+pub const COALESCE_BYTES_MAX: usize = 4 << 20;
+/// Default [`CacheConfig::coalesce_bytes`]: 128 KiB, where this machine's disk reaches its bandwidth
+/// (docs/BENCHMARKS.md, the coalescing sweep).
+pub const COALESCE_BYTES_DEFAULT: usize = 128 << 10;
 
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -97,6 +111,7 @@ impl Default for CacheConfig {
             line_bytes: 4096,
             capacity_bytes: 256 << 20,
             queue_depth: 64,
+            coalesce_bytes: COALESCE_BYTES_DEFAULT,
         }
     }
 }
@@ -127,6 +142,12 @@ impl CacheConfig {
                 self.queue_depth
             )));
         }
+        if self.coalesce_bytes > COALESCE_BYTES_MAX {
+            return Err(Error::invalid(format!(
+                "coalesced read size {} exceeds the limit of {COALESCE_BYTES_MAX} bytes",
+                self.coalesce_bytes
+            )));
+        }
         Ok(())
     }
 }
@@ -150,7 +171,10 @@ pub struct CacheStats {
     pub misses: u64,
     /// Misses that joined a load already in flight instead of issuing one.
     pub joined: u64,
+    /// Reads issued to sources (one read may fill several adjacent lines: see `lines_loaded`).
     pub reads_issued: u64,
+    /// Lines filled by those reads.
+    pub lines_loaded: u64,
     pub writes_issued: u64,
     pub evictions: u64,
     /// Bytes loaded from sources.
@@ -212,6 +236,7 @@ fn shard_index() -> usize {
 struct Counters {
     joined: AtomicU64,
     reads_issued: AtomicU64,
+    lines_loaded: AtomicU64,
     writes_issued: AtomicU64,
     evictions: AtomicU64,
     bytes_read: AtomicU64,
@@ -285,6 +310,10 @@ struct Inner {
     line_shift: u32,
     align: usize,
     loads_per_cb: usize,
+    /// Most adjacent lines one read fills (1: no coalescing).
+    run_lines_max: usize,
+    /// Bounce buffers for coalesced reads, `run_lines_max` lines each; `None` when not coalescing.
+    bounce: Option<BufferPool>,
     slots: Box<[Slot]>,
     hand: AtomicUsize,
     sources: Box<[OnceLock<Arc<Source>>]>,
@@ -376,6 +405,19 @@ impl PageCache {
         };
         let queue = engine.queue(desc.clone())?;
         let wb_queue = engine.queue(desc)?;
+        // A run never spans more lines than a quarter of the cache, so that coalescing cannot take
+        // the lines an earlier part of the same gather still needs.
+        let run_lines_max = (config.coalesce_bytes / config.line_bytes).clamp(1, (lines / 4).max(1));
+        // One bounce buffer per load the cache aims to have in flight, at most BOUNCE_BYTES_MAX in
+        // all (memory besides the lines, charged to the engine's budget); when they are all busy a
+        // run is read line by line instead (never a wait).
+        let bounce = if run_lines_max > 1 {
+            let run_bytes = run_lines_max * config.line_bytes;
+            let count = config.queue_depth.min(BOUNCE_BYTES_MAX / run_bytes).max(2);
+            Some(engine.buffer_pool(run_bytes, count)?)
+        } else {
+            None
+        };
         Ok(PageCache {
             inner: Arc::new(Inner {
                 engine: engine.clone(),
@@ -385,6 +427,8 @@ impl PageCache {
                 line_shift: config.line_bytes.trailing_zeros(),
                 align,
                 loads_per_cb,
+                run_lines_max,
+                bounce,
                 slots: slots.into_boxed_slice(),
                 hand: AtomicUsize::new(0),
                 sources: (0..SOURCES_MAX).map(|_| OnceLock::new()).collect(),
@@ -478,6 +522,7 @@ impl PageCache {
             misses,
             joined: c.joined.load(Ordering::Relaxed),
             reads_issued: c.reads_issued.load(Ordering::Relaxed),
+            lines_loaded: c.lines_loaded.load(Ordering::Relaxed),
             writes_issued: c.writes_issued.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             bytes_read: c.bytes_read.load(Ordering::Relaxed),
@@ -495,6 +540,7 @@ impl PageCache {
         for a in [
             &c.joined,
             &c.reads_issued,
+            &c.lines_loaded,
             &c.writes_issued,
             &c.evictions,
             &c.bytes_read,
@@ -698,7 +744,7 @@ impl PageCache {
                     .compare_exchange(0, i as u32 + 1, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    let p = self.ensure_buffer(slot)?;
+                    let p = slot_buffer(&self.inner, slot)?;
                     // SAFETY: the slot is Busy and ours; the buffer is line_bytes long.
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
                     line::publish(&slot.word, LineState::Modified, true);
@@ -712,22 +758,6 @@ impl PageCache {
             let g = self.load_lines(src, s, &[line])?;
             g.wait()?;
         }
-    }
-
-    /// Makes sure the slot (Busy, ours) has its buffer; returns the bytes' address.
-    fn ensure_buffer(&self, slot: &Slot) -> Result<*mut u8> {
-        let mut b = slot.buf.lock();
-        if b.is_none() {
-            let mut nb = AlignedBuf::new_in(
-                &self.inner.engine.config().memory_budget,
-                self.inner.line_bytes,
-                self.inner.align,
-                Wait::No,
-            )?;
-            slot.ptr.store(nb.as_mut_ptr(), Ordering::Release);
-            *b = Some(nb);
-        }
-        Ok(slot.ptr.load(Ordering::Acquire))
     }
 
     /// Starts loading many small ranges; returns at once with the misses in flight. Resident lines
@@ -1067,7 +1097,7 @@ impl PageCache {
                     let Backing::File(f) = &s.backing else {
                         return Err(Error::invalid("write-back to a read-only source"));
                     };
-                    self.ensure_buffer(slot)?;
+                    slot_buffer(&self.inner, slot)?;
                     let buf = slot.buf.lock().take().expect("buffer ensured");
                     let len = s.line_len(line, inner.line_bytes);
                     cb.store_range(f, line * inner.line_bytes as u64, buf, 0, len as u64)
@@ -1277,13 +1307,34 @@ fn command_result(status: &Status, id: CommandId) -> Result<()> {
     }
 }
 
-/// Records loads and commits them in command buffers of `loads_per_cb`.
+/// Records loads and commits them in command buffers of `loads_per_cb` reads. Adjacent missing lines
+/// of a file are collected into a run and read together (see [`CacheConfig::coalesce_bytes`]).
 struct IssueCtx<'a> {
     inner: &'a Arc<Inner>,
     source: &'a Arc<Source>,
     src: SourceId,
     cb: Option<CommandBuffer>,
-    lines: Vec<(u32, CommandId, u64)>,
+    issued: Vec<Issued>,
+    /// Adjacent lines waiting to be read together: (slot, line), lines ascending by one.
+    run: Vec<(u32, u64)>,
+}
+
+/// A read recorded in the current command buffer.
+enum Issued {
+    /// One line read straight into its slot's buffer.
+    Line(u32, CommandId),
+    /// Adjacent lines read into one bounce buffer: their slots and lengths, in file order.
+    Run(CommandId, Vec<(u32, u32)>),
+}
+
+impl Issued {
+    fn slots(&self) -> impl Iterator<Item = u32> + '_ {
+        let (one, many) = match self {
+            Issued::Line(i, _) => (Some(*i), &[][..]),
+            Issued::Run(_, lines) => (None, &lines[..]),
+        };
+        one.into_iter().chain(many.iter().map(|&(i, _)| i))
+    }
 }
 
 impl<'a> IssueCtx<'a> {
@@ -1293,12 +1344,102 @@ impl<'a> IssueCtx<'a> {
             source,
             src,
             cb: None,
-            lines: Vec::new(),
+            issued: Vec::new(),
+            run: Vec::new(),
         }
     }
 
-    /// Issues a load of `line` into slot `i` (Busy, ours, tag and page table set).
+    /// Issues a load of `line` into slot `i` (Busy, ours, tag and page table set) — now, or with
+    /// the next lines when they follow it.
     fn add_load(&mut self, i: u32, line: u64) -> Result<()> {
+        if self.inner.run_lines_max <= 1 || !matches!(self.source.backing, Backing::File(_)) {
+            return self.load_line(i, line);
+        }
+        if let Some(&(_, last)) = self.run.last() {
+            if line == last + 1 && self.run.len() < self.inner.run_lines_max {
+                self.run.push((i, line));
+                return Ok(());
+            }
+            if let Err(e) = self.flush_run() {
+                finish_line(self.inner, i, Err(e.clone()), None);
+                return Err(e);
+            }
+        }
+        self.run.push((i, line));
+        Ok(())
+    }
+
+    /// Issues the run collected so far.
+    fn flush_run(&mut self) -> Result<()> {
+        let run = std::mem::take(&mut self.run);
+        match run.len() {
+            0 => Ok(()),
+            1 => self.load_line(run[0].0, run[0].1),
+            _ => self.load_run(run),
+        }
+    }
+
+    /// Reads adjacent lines with one read into a bounce buffer; [`Batch::finish`] copies each line
+    /// into its slot. With every bounce buffer in flight, the reads recorded so far are committed
+    /// and this waits (at most [`BUSY_WAIT_MAX`]) for one to come back: back-pressure, like a gather
+    /// that needs more lines than are free. (Reading the run line by line instead was measured: a
+    /// BFS level then issued almost every run as single lines, and coalescing bought nothing.)
+    fn load_run(&mut self, run: Vec<(u32, u64)>) -> Result<()> {
+        let inner = self.inner;
+        let Backing::File(file) = &self.source.backing else {
+            unreachable!("only file lines are collected into runs")
+        };
+        let pool = inner.bounce.as_ref().expect("runs are collected only with bounce buffers");
+        let bounce = match pool.try_get() {
+            Ok(b) => Ok(b),
+            Err(_) => self
+                .commit_issued()
+                .and_then(|()| pool.get_timeout(BUSY_WAIT_MAX)),
+        };
+        let bounce = match bounce {
+            Ok(b) => b,
+            Err(e) => {
+                // Lines not issued must not stay Busy.
+                for &(i, _) in &run {
+                    finish_line(inner, i, Err(e.clone()), None);
+                }
+                return Err(e);
+            }
+        };
+        // The lines keep their own buffers (the bytes are copied in); a buffer lost with a refused
+        // command buffer is replaced now.
+        for &(i, _) in &run {
+            if let Err(e) = slot_buffer(inner, &inner.slots[i as usize]) {
+                for &(j, _) in &run {
+                    finish_line(inner, j, Err(e.clone()), None);
+                }
+                return Err(e);
+            }
+        }
+        let lines: Vec<(u32, u32)> = run
+            .iter()
+            .map(|&(i, line)| (i, self.source.line_len(line, inner.line_bytes) as u32))
+            .collect();
+        let total: u64 = lines.iter().map(|&(_, n)| n as u64).sum();
+        let offset = run[0].1 * inner.line_bytes as u64;
+        let c = &inner.counters;
+        c.reads_issued.fetch_add(1, Ordering::Relaxed);
+        c.lines_loaded.fetch_add(run.len() as u64, Ordering::Relaxed);
+        c.bytes_read.fetch_add(total, Ordering::Relaxed);
+        let cb = self.cb.get_or_insert_with(|| inner.queue.command_buffer());
+        match cb.load_range(file, offset, bounce, 0, total, true) {
+            Ok(id) => self.issued.push(Issued::Run(id, lines)),
+            Err(e) => {
+                for &(i, _) in &lines {
+                    finish_line(inner, i, Err(e.clone()), None);
+                }
+            }
+        }
+        self.commit_if_full()
+    }
+
+    /// Reads one line straight into its slot's buffer.
+    fn load_line(&mut self, i: u32, line: u64) -> Result<()> {
         let inner = self.inner;
         let slot = &inner.slots[i as usize];
         let len = self.source.line_len(line, inner.line_bytes);
@@ -1320,11 +1461,10 @@ impl<'a> IssueCtx<'a> {
                 }
             }
         };
-        inner.counters.reads_issued.fetch_add(1, Ordering::Relaxed);
-        inner
-            .counters
-            .bytes_read
-            .fetch_add(len as u64, Ordering::Relaxed);
+        let c = &inner.counters;
+        c.reads_issued.fetch_add(1, Ordering::Relaxed);
+        c.lines_loaded.fetch_add(1, Ordering::Relaxed);
+        c.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
         match &self.source.backing {
             Backing::Entry(entry) => {
                 match entry.load_range(&inner.queue, offset, buf, 0, len as u64) {
@@ -1350,29 +1490,38 @@ impl<'a> IssueCtx<'a> {
             Backing::File(file) => {
                 let cb = self.cb.get_or_insert_with(|| inner.queue.command_buffer());
                 match cb.load_range(file, offset, buf, 0, len as u64, true) {
-                    Ok(id) => self.lines.push((i, id, line)),
+                    Ok(id) => self.issued.push(Issued::Line(i, id)),
                     Err(e) => finish_line(inner, i, Err(e), None),
                 }
-                if self.lines.len() >= inner.loads_per_cb {
-                    self.commit()?;
-                }
-                Ok(())
+                self.commit_if_full()
             }
         }
     }
 
-    /// Commits the loads recorded so far.
+    fn commit_if_full(&mut self) -> Result<()> {
+        if self.issued.len() >= self.inner.loads_per_cb {
+            self.commit_issued()?;
+        }
+        Ok(())
+    }
+
+    /// Commits every load recorded so far, the pending run included.
     fn commit(&mut self) -> Result<()> {
+        self.flush_run()?;
+        self.commit_issued()
+    }
+
+    fn commit_issued(&mut self) -> Result<()> {
         let Some(mut cb) = self.cb.take() else {
             return Ok(());
         };
-        let lines = std::mem::take(&mut self.lines);
-        if lines.is_empty() {
+        let issued = std::mem::take(&mut self.issued);
+        if issued.is_empty() {
             return Ok(());
         }
         let batch = Arc::new(Batch {
             inner: self.inner.clone(),
-            lines,
+            issued,
             cell: Mutex::new(Cell2::Empty),
         });
         let b2 = batch.clone();
@@ -1401,7 +1550,7 @@ impl<'a> IssueCtx<'a> {
             }
             Err(e) => {
                 // The buffers went with the command buffer: the slots get new ones when next used.
-                for &(i, _, _) in &batch.lines {
+                for i in batch.issued.iter().flat_map(Issued::slots) {
                     finish_line(&batch.inner, i, Err(e.clone()), None);
                 }
                 Err(e)
@@ -1413,8 +1562,10 @@ impl<'a> IssueCtx<'a> {
 impl Drop for IssueCtx<'_> {
     fn drop(&mut self) {
         // Every recorded load must be committed or failed, or its line would stay Busy.
-        if self.cb.is_some() && !self.lines.is_empty() {
-            let _ = self.commit();
+        // Errors here were already given to the lines' consumers by whoever failed.
+        if !self.run.is_empty() || (self.cb.is_some() && !self.issued.is_empty()) {
+            let _ = self.flush_run();
+            let _ = self.commit_issued();
         }
     }
 }
@@ -1429,18 +1580,69 @@ enum Cell2 {
 /// One committed command buffer of loads.
 struct Batch {
     inner: Arc<Inner>,
-    lines: Vec<(u32, CommandId, u64)>,
+    issued: Vec<Issued>,
     cell: Mutex<Cell2>,
 }
 
 impl Batch {
     fn finish(&self, comp: Completion) {
         let (status, mut fin) = comp.wait_parts();
-        for &(i, id, _) in &self.lines {
-            let buf = fin.take_buffer(id);
-            finish_line(&self.inner, i, command_result(&status, id), buf);
+        let inner = &*self.inner;
+        for it in &self.issued {
+            match it {
+                Issued::Line(i, id) => {
+                    let buf = fin.take_buffer(*id);
+                    finish_line(inner, *i, command_result(&status, *id), buf);
+                }
+                Issued::Run(id, lines) => {
+                    let r = command_result(&status, *id);
+                    let bounce = fin.take_buffer(*id);
+                    let r = match (r, &bounce) {
+                        (Ok(()), None) => Err(Error::new(
+                            ErrorKind::Io,
+                            "a coalesced read's buffer did not come back from the engine",
+                        )),
+                        (r, _) => r,
+                    };
+                    let mut from = bounce.as_ref().map(|b| b.as_aligned().as_ptr());
+                    for &(i, len) in lines {
+                        if let (Ok(()), Some(p)) = (&r, from) {
+                            let slot = &inner.slots[i as usize];
+                            // SAFETY: the slot is Busy and ours, its buffer (line_bytes ≥ len) was
+                            // made sure of before the read; the bounce buffer holds every line of
+                            // the run back to back, `len` bytes of this one at `p`.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    p,
+                                    slot.ptr.load(Ordering::Acquire),
+                                    len as usize,
+                                );
+                                from = Some(p.add(len as usize));
+                            }
+                        }
+                        finish_line(inner, i, r.clone(), None);
+                    }
+                    // The bounce buffer goes back to its pool when `bounce` drops here.
+                }
+            }
         }
     }
+}
+
+/// Makes sure the slot (Busy, ours) has its buffer; returns the bytes' address.
+fn slot_buffer(inner: &Inner, slot: &Slot) -> Result<*mut u8> {
+    let mut b = slot.buf.lock();
+    if b.is_none() {
+        let mut nb = AlignedBuf::new_in(
+            &inner.engine.config().memory_budget,
+            inner.line_bytes,
+            inner.align,
+            Wait::No,
+        )?;
+        slot.ptr.store(nb.as_mut_ptr(), Ordering::Release);
+        *b = Some(nb);
+    }
+    Ok(slot.ptr.load(Ordering::Acquire))
 }
 
 /// A load of slot `i` ended: the buffer goes back to the slot, every consumer gets its bytes (or
@@ -1468,9 +1670,13 @@ fn finish_line(inner: &Inner, i: u32, r: Result<()>, buf: Option<IoBuffer>) {
             let p = slot.ptr.load(Ordering::Acquire);
             for c in &consumers {
                 c.gather.copy_from(p, &c.pieces);
+            }
+            // Ready before anyone is woken: a caller whose gather has completed finds its lines
+            // resident. (The bytes were copied out first, so an eviction from here on is harmless.)
+            line::publish(&slot.word, LineState::Ready, true);
+            for c in &consumers {
                 c.gather.sub_pending();
             }
-            line::publish(&slot.word, LineState::Ready, true);
         }
         Err(e) => {
             let tag = slot.tag.load(Ordering::Acquire);

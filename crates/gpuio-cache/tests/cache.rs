@@ -18,6 +18,7 @@ fn config(lines: u64, line: usize) -> CacheConfig {
         line_bytes: line,
         capacity_bytes: lines * line as u64,
         queue_depth: 16,
+        ..CacheConfig::default()
     }
 }
 
@@ -224,7 +225,119 @@ fn a_failed_read_leaves_no_ready_line_and_a_retry_succeeds() {
         assert_eq!(r.get(i), &data[o as usize..o as usize + l]);
         assert_eq!(cache.resident_state(src, o), Some(LineState::Ready));
     }
-    assert_eq!(cache.stats().reads_issued - before, 5); // lines 0, 1, 4, 5, 6
+    // Lines 0, 1, 4, 5, 6; an 8-line cache coalesces at most 2 adjacent lines: [0 1] [4 5] [6].
+    let st = cache.stats();
+    assert_eq!(st.reads_issued - before, 3, "{st:?}");
+}
+
+#[test]
+fn adjacent_misses_are_read_together_and_land_in_their_lines() {
+    for (label, engine) in gpuio_testkit::engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = pattern(1_000_000, 21); // a short last line
+        std::fs::write(&path, &data).unwrap();
+        for coalesce in [0, 4096, 16 << 10, 128 << 10] {
+            // Queue depth 64: a bounce buffer for every run here, so none falls back to line reads.
+            let cfg = CacheConfig {
+                coalesce_bytes: coalesce,
+                queue_depth: 64,
+                ..config(256, 4096)
+            };
+            let cache = PageCache::new(&engine, cfg).unwrap();
+            let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+            // 40 adjacent lines, a gap, the last 5 lines (the final one short), one line resident
+            // already in the middle of the first run.
+            cache.read(src, 20 * 4096, &mut [0u8; 1]).unwrap();
+            let ranges = [(0u64, 40 * 4096usize), (900_000, 100_000), (12345, 7)];
+            let r = cache.gather(src, &ranges).unwrap().wait().unwrap();
+            for (i, &(o, l)) in ranges.iter().enumerate() {
+                assert_eq!(r.get(i), &data[o as usize..o as usize + l], "{label} {coalesce}");
+            }
+            let st = cache.stats();
+            let lines = 1 + 39 + 26; // the first read, the rest of [0, 40), lines 219..=244
+            assert_eq!(st.lines_loaded, lines, "{label} {coalesce} {st:?}");
+            let reads = match coalesce {
+                // One line a read.
+                0 | 4096 => lines,
+                // 4-line runs: [0,20) = 5, [21,40) = 5, [219,245) = 7, plus the first read.
+                16384 => 1 + 5 + 5 + 7,
+                // 32-line runs (capped at a quarter of the 256 lines = 64): 1, 1, 1, and the first.
+                _ => 1 + 1 + 1 + 1,
+            };
+            assert_eq!(st.reads_issued, reads, "{label} {coalesce} {st:?}");
+            // Every line landed whole: read each back as a hit.
+            cache.reset_stats();
+            let mut out = vec![0u8; 40 * 4096];
+            cache.read(src, 0, &mut out).unwrap();
+            assert_eq!(out, data[..40 * 4096]);
+            assert_eq!(cache.stats().misses, 0, "{label} {coalesce}");
+        }
+    }
+}
+
+#[test]
+fn a_failed_coalesced_read_fails_every_line_of_its_run() {
+    let (engine, h) =
+        gpuio_testkit::faulty_engine(22, FaultPlan::none(), BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = pattern(1 << 20, 22);
+    std::fs::write(&path, &data).unwrap();
+    let cache = PageCache::new(&engine, config(64, 4096)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    // The second of three reads fails: lines [0,16) come, [16,32) fail, [32,48) come.
+    h.set_plan(FaultPlan::none().with_fail_nth(2, libc_eio(), false));
+    let ranges = [(0u64, 48 * 4096usize)];
+    let c2 = cache.clone();
+    let e = within(10, move || c2.gather(src, &ranges).unwrap().wait()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert_eq!(cache.stats().reads_issued, 3);
+    for line in 0..48u64 {
+        let st = cache.resident_state(src, line * 4096);
+        if (16..32).contains(&line) {
+            assert_ne!(st, Some(LineState::Ready), "line {line}");
+        } else {
+            assert_eq!(st, Some(LineState::Ready), "line {line}");
+        }
+    }
+    h.set_plan(FaultPlan::none());
+    let r = cache.gather(src, &ranges).unwrap().wait().unwrap();
+    assert_eq!(r.get(0), &data[..48 * 4096]);
+}
+
+#[test]
+fn with_every_bounce_buffer_busy_a_run_waits_for_one() {
+    // Slow reads so that the bounce buffers (2: the least a cache has) are all in flight.
+    let (engine, _h) = gpuio_testkit::faulty_engine(
+        23,
+        FaultPlan::none().with_delay(1.0, Duration::from_millis(30)),
+        BackendKind::Threads,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = pattern(1 << 20, 23);
+    std::fs::write(&path, &data).unwrap();
+    let cfg = CacheConfig {
+        queue_depth: 1,
+        coalesce_bytes: 8192,
+        ..config(64, 4096)
+    };
+    let cache = PageCache::new(&engine, cfg).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    // Five runs of two lines, separated by gaps: two take the bounce buffers, the others wait for
+    // them and are still read whole.
+    let ranges: Vec<(u64, usize)> = (0..5).map(|k| (k * 4 * 4096, 8192usize)).collect();
+    let c2 = cache.clone();
+    let r2 = ranges.clone();
+    let r = within(10, move || c2.gather(src, &r2).unwrap().wait().unwrap());
+    for (i, &(o, l)) in ranges.iter().enumerate() {
+        assert_eq!(r.get(i), &data[o as usize..o as usize + l]);
+    }
+    let st = cache.stats();
+    // Every run read whole (line by line it would be 10 reads).
+    assert_eq!((st.lines_loaded, st.reads_issued), (10, 5), "{st:?}");
 }
 
 #[test]
@@ -382,8 +495,14 @@ fn many_threads_read_and_write_against_a_model() {
         let size = 256 << 10;
         let init = pattern(size, 10);
         std::fs::write(&path, &init).unwrap();
-        // 8 lines of 1 KiB over 256 KiB: evictions all the time.
-        let cache = PageCache::new(&engine, config(8, 1024)).unwrap();
+        // 8 lines of 1 KiB over 256 KiB: evictions all the time. Runs of 2 lines are coalesced on
+        // the threads engine, not on io_uring, so both ways are checked.
+        let coalesce = if label == "threads" { 2048 } else { 0 };
+        let cfg = CacheConfig {
+            coalesce_bytes: coalesce,
+            ..config(8, 1024)
+        };
+        let cache = PageCache::new(&engine, cfg).unwrap();
         let src = cache.attach_file(&rw(&path)).unwrap();
         // Each thread owns the 100-byte slots k with k % threads == t (ranges may span lines, and
         // lines are shared between threads), so the model is well defined.

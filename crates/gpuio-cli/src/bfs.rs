@@ -143,6 +143,9 @@ pub struct BfsArgs {
     /// Reads in flight (cache mode).
     #[arg(long, default_value_t = 64)]
     queue_depth: usize,
+    /// Largest read for a run of adjacent missing lines (0: one read per line).
+    #[arg(long, value_parser = crate::parse_size, default_value = "128K")]
+    coalesce: u64,
     /// Write every vertex's depth here as little-endian i32, -1 for unreachable.
     #[arg(long, value_name = "FILE")]
     depths_out: Option<PathBuf>,
@@ -520,6 +523,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
                     line_bytes: a.line_size as usize,
                     capacity_bytes: capacity,
                     queue_depth: a.queue_depth,
+                    coalesce_bytes: a.coalesce.try_into().unwrap_or(usize::MAX),
                 },
             )?;
             let src = cache.attach_file(&file)?;
@@ -545,11 +549,13 @@ pub fn run(a: BfsArgs) -> Result<()> {
             extra.insert("hits".into(), json!(s.hits));
             extra.insert("misses".into(), json!(s.misses));
             extra.insert("joined".into(), json!(s.joined));
+            extra.insert("coalesce_bytes".into(), json!(a.coalesce));
+            extra.insert("lines_loaded".into(), json!(s.lines_loaded));
             extra.insert("evictions".into(), json!(s.evictions));
             extra.insert("bytes_read".into(), json!(s.bytes_read));
             extra.insert("bytes_requested".into(), json!(s.bytes_requested));
             lines.push(format!(
-                "cache: {} ({:.0}% of {}), {} lines, QD {}, {}: hit rate {:.1}%, {} reads ({}), {:.0} IOPS",
+                "cache: {} ({:.0}% of {}), {} lines, QD {}, {}: hit rate {:.1}%, {} reads ({}, {} lines), {:.0} IOPS",
                 format_bytes(capacity as f64),
                 capacity as f64 * 100.0 / bel.dst_bytes as f64,
                 format_bytes(bel.dst_bytes as f64),
@@ -563,6 +569,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
                 s.hit_rate() * 100.0,
                 s.reads_issued,
                 format_bytes(s.bytes_read as f64),
+                s.lines_loaded,
                 s.reads_issued as f64 / t.seconds.max(1e-9)
             ));
             (t, Some(s))

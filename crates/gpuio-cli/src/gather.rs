@@ -92,6 +92,9 @@ pub struct GatherArgs {
     /// Reads in flight.
     #[arg(long, default_value_t = 64)]
     queue_depth: usize,
+    /// Largest read for a run of adjacent missing lines (0: one read per line).
+    #[arg(long, value_parser = crate::parse_size, default_value = "128K")]
+    coalesce: u64,
     /// Issue the next batch's gather before computing the current one; also run the synchronous
     /// version and report the speedup.
     #[arg(long, value_enum, default_value = "off")]
@@ -299,6 +302,7 @@ fn run_once(p: &Plan<'_>, prefetch: bool) -> Result<RunResult> {
             line_bytes: a.line_size as usize,
             capacity_bytes: p.capacity,
             queue_depth: a.queue_depth,
+            coalesce_bytes: a.coalesce.try_into().unwrap_or(usize::MAX),
         },
     )?;
     let src = cache.attach_file(p.file)?;

@@ -475,31 +475,51 @@ impl BufferPool {
     pub fn get(&self) -> PooledBuf {
         let mut free = self.0.free.lock();
         loop {
-            if let Some((index, buf)) = free.pop() {
-                return PooledBuf {
-                    buf: Some(buf),
-                    index,
-                    pool: self.clone(),
-                };
+            if let Some(b) = self.pop(&mut free) {
+                return b;
             }
             self.0.returned.wait(&mut free);
         }
     }
 
+    /// Takes a buffer, waiting at most `timeout` for one to be returned; then fails with
+    /// [`ErrorKind::WouldBlock`].
+    pub fn get_timeout(&self, timeout: std::time::Duration) -> Result<PooledBuf> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut free = self.0.free.lock();
+        loop {
+            if let Some(b) = self.pop(&mut free) {
+                return Ok(b);
+            }
+            if self.0.returned.wait_until(&mut free, deadline).timed_out() && free.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::WouldBlock,
+                    format!(
+                        "all {} pool buffers stayed in use for {timeout:?}",
+                        self.0.count
+                    ),
+                ));
+            }
+        }
+    }
+
     /// Takes a buffer, or fails with [`ErrorKind::WouldBlock`] if all are out.
     pub fn try_get(&self) -> Result<PooledBuf> {
-        let popped = self.0.free.lock().pop();
-        match popped {
-            Some((index, buf)) => Ok(PooledBuf {
-                buf: Some(buf),
-                index,
-                pool: self.clone(),
-            }),
-            None => Err(Error::new(
+        let popped = self.pop(&mut self.0.free.lock());
+        popped.ok_or_else(|| {
+            Error::new(
                 ErrorKind::WouldBlock,
                 format!("all {} pool buffers are in use", self.0.count),
-            )),
-        }
+            )
+        })
+    }
+
+    fn pop(&self, free: &mut Vec<(u16, AlignedBuf)>) -> Option<PooledBuf> {
+        free.pop().map(|(index, buf)| PooledBuf {
+            buf: Some(buf),
+            index,
+            pool: self.clone(),
+        })
     }
 }
 
@@ -668,6 +688,16 @@ mod tests {
         );
         let _c = pool.get();
         assert_eq!(pool.try_get().unwrap_err().kind(), ErrorKind::WouldBlock);
+        let e = pool.get_timeout(Duration::from_millis(20)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WouldBlock);
+        // A buffer returned by another thread ends the wait.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(b);
+        });
+        let d = pool.get_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(d.as_ptr() as usize, addr);
+        t.join().unwrap();
     }
 
     #[test]
