@@ -407,7 +407,8 @@ impl PageCache {
         let wb_queue = engine.queue(desc)?;
         // A run never spans more lines than a quarter of the cache, so that coalescing cannot take
         // the lines an earlier part of the same gather still needs.
-        let run_lines_max = (config.coalesce_bytes / config.line_bytes).clamp(1, (lines / 4).max(1));
+        let run_lines_max =
+            (config.coalesce_bytes / config.line_bytes).clamp(1, (lines / 4).max(1));
         // One bounce buffer per load the cache aims to have in flight, at most BOUNCE_BYTES_MAX in
         // all (memory besides the lines, charged to the engine's budget); when they are all busy a
         // run is read line by line instead (never a wait).
@@ -600,7 +601,7 @@ impl PageCache {
             }
             // A miss: gather the rest in one go (it counts its own accesses).
             let rest = (out.len() - done) as u64;
-            let g = self.gather_inner(src, s, &[(pos, rest as usize)], false)?;
+            let g = self.gather_inner(src, s, &[(pos, rest as usize)], false, Vec::new())?;
             let r = g.wait()?;
             r.copy_to(0, &mut out[done..]);
             return Ok(());
@@ -768,8 +769,20 @@ impl PageCache {
     /// for its own earlier loads to finish (each line's bytes are copied out as its load completes,
     /// so lines are not held while a `Gather` is pending).
     pub fn gather(&self, src: SourceId, ranges: &[(u64, usize)]) -> Result<Gather> {
+        self.gather_into(src, ranges, Vec::new())
+    }
+
+    /// [`gather`](Self::gather) into `buf`'s memory: pass the bytes of an earlier result
+    /// ([`GatherResult::into_bytes`]) so that a loop of gathers does not fault in fresh pages for
+    /// every batch (measured: ~10 % of a BFS's CPU time).
+    pub fn gather_into(
+        &self,
+        src: SourceId,
+        ranges: &[(u64, usize)],
+        buf: Vec<u8>,
+    ) -> Result<Gather> {
         let s = self.source(src)?;
-        self.gather_inner(src, s, ranges, true)
+        self.gather_inner(src, s, ranges, true, buf)
     }
 
     /// Starts loading `[offset, offset + len)` into the cache (clamped to the source's end), without
@@ -804,6 +817,7 @@ impl PageCache {
         s: &Arc<Source>,
         ranges: &[(u64, usize)],
         count_bytes: bool,
+        mut buf: Vec<u8>,
     ) -> Result<Gather> {
         let lb = self.inner.line_bytes;
         let mut bounds = Vec::with_capacity(ranges.len() + 1);
@@ -844,7 +858,13 @@ impl PageCache {
         }
         pieces.sort_unstable_by_key(|p| p.0);
         // Pass 1: hits straight into the buffer, before it is shared.
-        let mut buf = vec![0u8; total];
+        // Every byte of `buf[..total]` is written by exactly one piece before the gather completes,
+        // so reused bytes need no zeroing; only growth is zeroed.
+        if buf.len() >= total {
+            buf.truncate(total);
+        } else {
+            buf.resize(total, 0);
+        }
         let mut missing: Vec<(u64, Vec<Piece>)> = Vec::new();
         let mut i = 0;
         while i < pieces.len() {
@@ -1389,7 +1409,10 @@ impl<'a> IssueCtx<'a> {
         let Backing::File(file) = &self.source.backing else {
             unreachable!("only file lines are collected into runs")
         };
-        let pool = inner.bounce.as_ref().expect("runs are collected only with bounce buffers");
+        let pool = inner
+            .bounce
+            .as_ref()
+            .expect("runs are collected only with bounce buffers");
         let bounce = match pool.try_get() {
             Ok(b) => Ok(b),
             Err(_) => self
@@ -1424,7 +1447,8 @@ impl<'a> IssueCtx<'a> {
         let offset = run[0].1 * inner.line_bytes as u64;
         let c = &inner.counters;
         c.reads_issued.fetch_add(1, Ordering::Relaxed);
-        c.lines_loaded.fetch_add(run.len() as u64, Ordering::Relaxed);
+        c.lines_loaded
+            .fetch_add(run.len() as u64, Ordering::Relaxed);
         c.bytes_read.fetch_add(total, Ordering::Relaxed);
         let cb = self.cb.get_or_insert_with(|| inner.queue.command_buffer());
         match cb.load_range(file, offset, bounce, 0, total, true) {
@@ -1879,6 +1903,10 @@ impl GatherResult {
     /// All ranges back to back.
     pub fn as_bytes(&self) -> &[u8] {
         &self.data
+    }
+    /// The bytes, to hand to the next [`PageCache::gather_into`].
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.data
     }
 }
 

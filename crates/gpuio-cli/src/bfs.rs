@@ -232,6 +232,8 @@ struct CacheEdges<'a> {
     batch: usize,
     /// Whether the next batch is issued before the current one is consumed.
     overlap: bool,
+    /// Result buffers of consumed gathers, for the next ones.
+    spare: Vec<Vec<u8>>,
 }
 
 /// Walks a frontier's adjacency lists as byte ranges of the `.dst` file, each within one line.
@@ -303,30 +305,38 @@ impl Edges for CacheEdges<'_> {
         };
         let mut cur = Vec::with_capacity(self.batch);
         let mut nxt = Vec::with_capacity(self.batch);
+        // The bytes of consumed results are handed to the next gather: no fresh pages per batch.
+        let mut spare = std::mem::take(&mut self.spare);
         pieces.fill(self.batch, &mut cur);
         let mut pending = if cur.is_empty() {
             None
         } else {
-            Some(self.cache.gather(self.src, &cur)?)
+            Some(
+                self.cache
+                    .gather_into(self.src, &cur, spare.pop().unwrap_or_default())?,
+            )
         };
         while let Some(g) = pending.take() {
             if self.overlap {
                 pieces.fill(self.batch, &mut nxt);
                 if !nxt.is_empty() {
-                    pending = Some(self.cache.gather(self.src, &nxt)?);
+                    let buf = spare.pop().unwrap_or_default();
+                    pending = Some(self.cache.gather_into(self.src, &nxt, buf)?);
                 }
             }
             let got = g.wait()?;
             Self::consume(&cur, &got, vis)?;
-            drop(got);
+            spare.push(got.into_bytes());
             if !self.overlap {
                 pieces.fill(self.batch, &mut nxt);
                 if !nxt.is_empty() {
-                    pending = Some(self.cache.gather(self.src, &nxt)?);
+                    let buf = spare.pop().unwrap_or_default();
+                    pending = Some(self.cache.gather_into(self.src, &nxt, buf)?);
                 }
             }
             std::mem::swap(&mut cur, &mut nxt);
         }
+        self.spare = spare;
         Ok(())
     }
 }
@@ -537,6 +547,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
                 line: a.line_size,
                 batch,
                 overlap,
+                spare: Vec::new(),
             };
             let t = traverse(&bel, source, &mut e, pb.as_ref())?;
             let s = cache.stats();
