@@ -4,11 +4,14 @@
 mod bench;
 mod bfs;
 mod cat;
+mod checksum;
+mod cp;
 mod gather;
 mod graph;
 mod info;
 mod pack_cmd;
 mod report;
+mod stream;
 mod workload;
 
 use std::process::ExitCode;
@@ -46,6 +49,12 @@ enum Command {
     Bfs(bfs::BfsArgs),
     /// DLRM-style embedding lookups through the page cache, optionally prefetching the next batch.
     Gather(gather::GatherArgs),
+    /// Copy a file (or PACK:ENTRY) through the pipeline; DST is replaced crash-safely.
+    Cp(cp::CpArgs),
+    /// Stream a file through read -> compute -> write with N buffers; report each stage's busy time.
+    Stream(stream::StreamArgs),
+    /// CRC-32C of a file's or pack entry's bytes, streamed.
+    Checksum(checksum::ChecksumArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +73,9 @@ fn main() -> ExitCode {
         Command::Graph(a) => graph::run(a),
         Command::Bfs(a) => bfs::run(a),
         Command::Gather(a) => gather::run(a),
+        Command::Cp(a) => cp::run(a),
+        Command::Stream(a) => stream::run(a),
+        Command::Checksum(a) => checksum::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -68,7 +68,7 @@ pub(crate) fn progress_bar(total: u64, msg: &str, show: bool) -> Option<Progress
     })
 }
 
-fn on_terminal() -> bool {
+pub(crate) fn on_terminal() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
@@ -224,7 +224,8 @@ pub(crate) fn stream_entry(
     Ok(())
 }
 
-/// Writes an entry to `dest` crash-safely: a temporary file beside it, fsynced, renamed over it.
+/// Writes an entry to `dest` crash-safely (a [`gpuio::ReplaceFile`]: temporary file beside it, fsync,
+/// rename over it, directory fsync).
 fn extract(
     entry: &Entry,
     queue: &gpuio::IoQueue,
@@ -237,22 +238,14 @@ fn extract(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::from_io(gpuio::error::Op::Open, &e).with_path(dir))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".gpuio-unpack-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::from_io(gpuio::error::Op::Open, &e).with_path(dir))?;
+    let tmp = gpuio::ReplaceFile::create(dest)?;
     {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
         stream_entry(entry, queue, 0, entry.len(), &mut w, dest, pb)?;
         w.flush()
             .map_err(|e| Error::from_io(gpuio::error::Op::Write, &e).with_path(dest))?;
     }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::from_io(gpuio::error::Op::Sync, &e).with_path(dest))?;
-    tmp.persist(dest)
-        .map_err(|e| Error::from_io(gpuio::error::Op::Write, &e.error).with_path(dest))?;
-    Ok(())
+    tmp.commit()
 }
 
 pub fn unpack(a: UnpackArgs) -> Result<()> {

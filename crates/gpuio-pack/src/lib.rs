@@ -40,6 +40,7 @@ mod codec;
 pub mod format;
 mod pool;
 mod reader;
+mod source;
 mod staging;
 mod writer;
 
@@ -49,6 +50,7 @@ pub use codec::Codec;
 pub use format::{ChunkInfo, EntryInfo};
 pub use pool::decode_threads;
 pub use reader::{Entry, LoadStats, Pack, PackLoad, GROUP_BYTES_MAX, STAGING_BYTES_MAX};
+pub use source::EntrySource;
 pub use writer::{inputs_from_paths, pack_files, PackOptions, PackSummary};
 
 /// Splits `"PACK:ENTRY"` when the part before a `':'` is an existing pack file: the last `':'` first,

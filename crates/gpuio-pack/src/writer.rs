@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gpuio::error::Op;
-use gpuio::{Error, ErrorKind, Result};
+use gpuio::{Error, ErrorKind, ReplaceFile, Result};
 
 use crate::codec::{self, Codec};
 use crate::format::{
@@ -68,8 +68,8 @@ pub struct PackSummary {
 const THREADS_MAX: usize = 1024;
 
 /// Packs files as named entries into `out`: `inputs` are (entry name, file) pairs. The pack is written
-/// to a temporary file in `out`'s directory, synced, renamed over `out`, and the directory synced, so
-/// a crash never leaves a partial pack at `out`. Compression runs on `opts.threads` threads.
+/// through a [`ReplaceFile`] (a temporary file in `out`'s directory, synced, renamed over `out`, the
+/// directory synced), so a crash never leaves a partial pack at `out`. Compression runs on `opts.threads` threads.
 /// `progress(done_logical_bytes, total_logical_bytes)` is called now and then from the calling thread.
 ///
 /// Entry names are relative `/`-separated paths without empty, `.` or `..` components (so that
@@ -154,9 +154,9 @@ pub fn pack_files(
     let logical_total: u64 = entries.iter().map(|e| e.size).sum();
     progress(0, logical_total);
 
-    let tmp = TempFile::create(out)?;
-    let werr = |e: std::io::Error| Error::from_io(Op::Write, &e).with_path(&tmp.path);
-    let mut w = BufWriter::with_capacity(1 << 20, &tmp.file);
+    let tmp = ReplaceFile::create(out)?;
+    let werr = |e: std::io::Error| Error::from_io(Op::Write, &e).with_path(tmp.temp_path());
+    let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
     w.write_all(&[0u8; HEADER_LEN as usize]).map_err(werr)?;
     let mut pos = HEADER_LEN as u64;
     let mut stored_total = 0u64;
@@ -278,8 +278,10 @@ pub fn pack_files(
         names_len,
         table_crc32c: crc32c(&table),
     };
-    tmp.file.write_all_at(&header.encode(), 0).map_err(werr)?;
-    tmp.commit(out)?;
+    tmp.as_file()
+        .write_all_at(&header.encode(), 0)
+        .map_err(werr)?;
+    tmp.commit()?;
     progress(logical_total, logical_total);
     Ok(PackSummary {
         entries: entries.len(),
@@ -433,61 +435,4 @@ fn write_zeros(w: &mut impl Write, n: u64) -> std::io::Result<()> {
         left -= k as u64;
     }
     Ok(())
-}
-
-/// A file being written beside its final path; removed unless committed.
-struct TempFile {
-    path: PathBuf,
-    file: fs::File,
-    committed: bool,
-}
-
-impl TempFile {
-    fn create(out: &Path) -> Result<TempFile> {
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::invalid("output path has no file name").with_path(out))?;
-        let dir = match out.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let path = dir.join(format!(
-            ".{}.{}-{}.tmp",
-            name.to_string_lossy(),
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::from_io(Op::Open, &e).with_path(&path))?;
-        Ok(TempFile {
-            path,
-            file,
-            committed: false,
-        })
-    }
-
-    /// Syncs, renames over `out`, syncs the directory.
-    fn commit(mut self, out: &Path) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::from_io(Op::Sync, &e).with_path(&self.path))?;
-        fs::rename(&self.path, out).map_err(|e| Error::from_io(Op::Write, &e).with_path(out))?;
-        self.committed = true;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::from_io(Op::Sync, &e).with_path(dir))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
 }

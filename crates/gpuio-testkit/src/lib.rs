@@ -28,7 +28,7 @@ pub use fault::{
 pub use rng::Rng;
 pub use verify::{Header, Pattern, Problem, VerifyError};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use gpuio::backend::{self, BackendChoice, BackendConfig, BackendKind};
 use gpuio::{Engine, EngineConfig, MemoryBudget};
@@ -135,6 +135,23 @@ pub fn scratch_dir(place: Place) -> tempfile::TempDir {
         _ => tempfile::Builder::new().prefix("gpuio-test-").tempdir(),
     };
     made.unwrap_or_else(|e| panic!("cannot make a scratch directory ({place:?}): {e}"))
+}
+
+/// The temporary files of crash-safe replacements (`.NAME.PID-RAND.tmp`, see `gpuio::replace`) in
+/// `dir`: what a failed or killed write may leave behind.
+///
+/// # Panics
+/// If `dir` cannot be read.
+pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            name.is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -116,6 +116,8 @@ struct Inner {
     len: Option<u64>,
     errno: Option<i32>,
     message: String,
+    /// What the caller was doing, outermost first (`"pipeline write stage, slot 3"`).
+    context: Option<String>,
 }
 
 /// An engine error: kind, context and message. Clone is cheap (shared).
@@ -136,6 +138,7 @@ impl Error {
             len: None,
             errno: None,
             message: message.into(),
+            context: None,
         }))
     }
 
@@ -190,6 +193,7 @@ impl Error {
                     len: i.len,
                     errno: i.errno,
                     message: i.message.clone(),
+                    context: i.context.clone(),
                 };
                 f(&mut inner);
                 Error(Arc::new(inner))
@@ -216,6 +220,18 @@ impl Error {
     pub fn with_kind(self, kind: ErrorKind) -> Error {
         self.edit(|i| i.kind = kind)
     }
+    /// Says what the caller was doing when the error happened; printed first. Kind, errno, file and
+    /// range stay as they were, so the error can still be matched on. Contexts added later (by outer
+    /// callers) come first.
+    pub fn with_context(self, context: impl Into<String>) -> Error {
+        let outer = context.into();
+        self.edit(|i| {
+            i.context = Some(match i.context.take() {
+                Some(inner) => format!("{outer}: {inner}"),
+                None => outer,
+            })
+        })
+    }
 
     pub fn kind(&self) -> ErrorKind {
         self.0.kind
@@ -240,12 +256,19 @@ impl Error {
     pub fn message(&self) -> &str {
         &self.0.message
     }
+    /// What the caller was doing, if one said (see [`with_context`](Self::with_context)).
+    pub fn context(&self) -> Option<&str> {
+        self.0.context.as_deref()
+    }
 }
 
 impl fmt::Display for Error {
     /// One line: `read /data/x at offset 4096 (+512 bytes): I/O error: Input/output error (os error 5)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = &self.0;
+        if let Some(c) = &i.context {
+            write!(f, "{c}: ")?;
+        }
         let mut wrote = false;
         if let Some(op) = i.op {
             write!(f, "{op}")?;
@@ -321,6 +344,24 @@ mod tests {
         );
         assert!(ErrorKind::errno_is_transient(libc::EINTR));
         assert!(!ErrorKind::errno_is_transient(libc::EIO));
+    }
+
+    #[test]
+    fn context_is_printed_first_and_keeps_the_kind() {
+        let e = Error::from_errno(Op::Write, libc::ENOSPC)
+            .with_path(Path::new("/data/y"))
+            .with_range(8192, 4096)
+            .with_context("slot 2")
+            .with_context("pipeline write stage");
+        assert_eq!(e.kind(), ErrorKind::NoSpace);
+        assert_eq!(e.errno(), Some(libc::ENOSPC));
+        assert_eq!(e.offset(), Some(8192));
+        assert_eq!(e.context(), Some("pipeline write stage: slot 2"));
+        let s = e.to_string();
+        assert!(
+            s.starts_with("pipeline write stage: slot 2: write /data/y at offset 8192"),
+            "{s}"
+        );
     }
 
     #[test]

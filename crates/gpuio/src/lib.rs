@@ -8,6 +8,10 @@
 //!    picks one and explains why.
 //! 4. [`file`] — where bytes live: a [`File`] with its direct-I/O capability.
 //! 5. [`queue`] — the asynchronous API: [`Engine`], [`IoQueue`], [`CommandBuffer`], [`Completion`].
+//! 6. [`pipeline`] — N-buffered read → compute → write streams over the queue: [`Pipeline`].
+//!
+//! Beside [`file`]: [`replace`], crash-safe replacement of a file ([`ReplaceFile`]: temporary file,
+//! fsync, rename, directory fsync).
 //!
 //! See the [`queue`] module for an example.
 
@@ -20,14 +24,18 @@ pub mod backend;
 pub mod error;
 pub mod file;
 pub mod mem;
+pub mod pipeline;
 pub mod queue;
+pub mod replace;
 pub mod size;
 
 pub use backend::{BackendChoice, BackendConfig, BackendKind, Explain, MmapAdvice};
 pub use error::{Error, ErrorKind, Result};
 pub use file::{DirectMode, File, OpenOptions};
 pub use mem::{AlignedBuf, BufferPool, IoBuffer, MemoryBudget, PageSize, PooledBuf, Wait};
+pub use pipeline::{Pipeline, PipelineError, PipelineStats};
 pub use queue::{
     CommandBuffer, CommandError, CommandId, Completion, Engine, EngineConfig, Finished, IoQueue,
     Priority, QueueDesc, QueueKind, QueueStats, Status,
 };
+pub use replace::ReplaceFile;
