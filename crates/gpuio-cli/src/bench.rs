@@ -63,6 +63,13 @@ pub struct BenchArgs {
     /// Allow write patterns on an existing `--file` (its first `--size` bytes are overwritten).
     #[arg(long)]
     overwrite: bool,
+    /// Where reads land: cpu (host memory, the default suite) or cuda:N (a sequential read of the
+    /// file staged into device memory; with --compare, fio's sequential read of the same file).
+    #[arg(long, default_value = "cpu")]
+    target: String,
+    /// Staging buffers for --target cuda:N.
+    #[arg(long, default_value_t = gpuio_cuda::loader::STAGING_BUFFERS_DEFAULT)]
+    staging_buffers: usize,
 }
 
 impl BenchArgs {
@@ -186,6 +193,18 @@ fn prepare_file(
 
 pub fn run(a: BenchArgs) -> Result<()> {
     validate(&a)?;
+    // A device target is opened first, so a missing GPU fails at once with the reason.
+    let device = match a.target.parse::<gpuio_cuda::Target>()? {
+        gpuio_cuda::Target::Cpu => None,
+        t => {
+            if a.pattern.is_some_and(|p| p != Pattern::Read) {
+                return Err(Error::invalid(format!(
+                    "--target {t} measures sequential reads into device memory: use --pattern read"
+                )));
+            }
+            Some(gpuio_cuda::open_target(t)?)
+        }
+    };
     let suite: Vec<(Pattern, u64, usize)> = match a.pattern {
         Some(p) => {
             let (bs, qd) = if p.is_random() {
@@ -290,6 +309,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
 
+    if let Some(device) = device {
+        return crate::load::bench_device(
+            &path,
+            region,
+            device,
+            a.staging_buffers,
+            a.compare,
+            a.json,
+        );
+    }
     let mut outcomes = Vec::new();
     for (pattern, bs, qd) in suite {
         if bs > region {

@@ -180,6 +180,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
         "reasons": chosen.reasons,
         "backends": engines,
     });
+    v["gpu"] = gpu_json();
     if let Some(p) = &a.path {
         let f = OpenOptions::read().direct(a.direct).open(p)?;
         v["file"] = json!({
@@ -201,6 +202,48 @@ pub fn run(a: InfoArgs) -> Result<()> {
         print!("{}", human(&v));
     }
     Ok(())
+}
+
+/// The GPU section: driver, GPUs, cuFile, and which device paths work here, with reasons.
+fn gpu_json() -> Value {
+    let d = gpuio_cuda::cuda::driver_status();
+    let mut gpus = Vec::new();
+    for i in 0..d.devices {
+        match gpuio_cuda::open_device(&format!("cuda:{i}")) {
+            Ok(dev) => {
+                let mem = dev.mem_info().ok();
+                gpus.push(json!({
+                    "device": dev.label(),
+                    "description": dev.description(),
+                    "memory_total": mem.map(|m| m.total_bytes),
+                    "memory_free": mem.map(|m| m.free_bytes),
+                }));
+            }
+            Err(e) => gpus.push(json!({"device": format!("cuda:{i}"), "error": e.to_string()})),
+        }
+    }
+    let cf = gpuio_cuda::cufile::status();
+    let staged = if d.available {
+        json!({"path": "staged", "works": true, "why": "pinned staging buffers, copies on a copy stream"})
+    } else {
+        json!({"path": "staged", "works": false, "why": d.reason})
+    };
+    json!({
+        "driver_available": d.available,
+        "driver_version": d.version.map(|v| gpuio_cuda::cuda::fmt_version(Some(v))),
+        "driver_reason": d.reason,
+        "gpus": gpus,
+        "cufile": {"library": cf.library, "usable": cf.usable, "nvidia_fs": cf.nvidia_fs, "reasons": cf.reasons},
+        "paths": [
+            staged,
+            {"path": "gds", "works": false, "why": if cf.usable {
+                "cuFile opens here, but gpu-io's cuFile read path is not implemented yet: loads are staged".to_string()
+            } else {
+                cf.reasons.join("; ")
+            }},
+            {"path": "cpu", "works": true, "why": "host memory standing in for a device (--device cpu)"},
+        ],
+    })
 }
 
 fn human(v: &Value) -> String {
@@ -232,6 +275,39 @@ fn human(v: &Value) -> String {
                 b["why"].as_str().unwrap_or_default()
             ));
         }
+    }
+    let g = &v["gpu"];
+    out.push_str(&format!(
+        "\nGPU: driver {}\n  - {}\n",
+        g["driver_version"].as_str().unwrap_or("not loaded"),
+        g["driver_reason"].as_str().unwrap_or_default()
+    ));
+    for d in g["gpus"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {} {}\n",
+            d["device"].as_str().unwrap_or_default(),
+            d["description"]
+                .as_str()
+                .or(d["error"].as_str())
+                .unwrap_or_default()
+        ));
+    }
+    out.push_str("  cuFile (GPUDirect Storage):\n");
+    for r in g["cufile"]["reasons"].as_array().into_iter().flatten() {
+        out.push_str(&format!("    - {}\n", r.as_str().unwrap_or_default()));
+    }
+    out.push_str("  device paths:\n");
+    for p in g["paths"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "    {:7} {}: {}\n",
+            p["path"].as_str().unwrap_or_default(),
+            if p["works"].as_bool() == Some(true) {
+                "works"
+            } else {
+                "unavailable"
+            },
+            p["why"].as_str().unwrap_or_default()
+        ));
     }
     if let Some(f) = v.get("file") {
         out.push_str(&format!(

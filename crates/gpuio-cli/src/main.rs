@@ -9,6 +9,7 @@ mod cp;
 mod gather;
 mod graph;
 mod info;
+mod load;
 mod pack_cmd;
 mod report;
 mod stream;
@@ -55,6 +56,8 @@ enum Command {
     Stream(stream::StreamArgs),
     /// CRC-32C of a file's or pack entry's bytes, streamed.
     Checksum(checksum::ChecksumArgs),
+    /// Load a .safetensors file into device memory (cpu stand-in or cuda:N); report GB/s, tensors, CRCs.
+    Load(load::LoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Cp(a) => cp::run(a),
         Command::Stream(a) => stream::run(a),
         Command::Checksum(a) => checksum::run(a),
+        Command::Load(a) => load::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,6 +39,8 @@ pub enum ErrorKind {
     Corrupt,
     /// The engine stopped (its thread ended) while work was outstanding.
     EngineStopped,
+    /// An accelerator (device) memory allocation failed: the device is full.
+    OutOfMemory,
 }
 
 impl ErrorKind {
@@ -79,6 +81,7 @@ impl ErrorKind {
             ErrorKind::RetriesExhausted => "retries exhausted",
             ErrorKind::Corrupt => "corrupt data",
             ErrorKind::EngineStopped => "engine stopped",
+            ErrorKind::OutOfMemory => "out of device memory",
         }
     }
 }

@@ -1,0 +1,214 @@
+//! `gpuio load`, `gpuio bench --target` and the GPU section of `gpuio info`, end to end through the
+//! binary: JSON keys and CRCs that match the file's bytes, one-line errors for bad files, and a clear
+//! error for a GPU that is not here.
+
+mod common;
+
+use common::{fails_with_error_line, ok, ok_json};
+
+fn crc32c(b: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, b) as u32
+}
+
+/// A safetensors image written by hand (the format is simple): tensors in body order.
+fn image(tensors: &[(&str, &str, &[u64], &[u8])]) -> Vec<u8> {
+    let mut fields = Vec::new();
+    let mut off = 0usize;
+    for (name, dtype, shape, bytes) in tensors {
+        let shape: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        fields.push(format!(
+            r#""{name}":{{"dtype":"{dtype}","shape":[{}],"data_offsets":[{off},{}]}}"#,
+            shape.join(","),
+            off + bytes.len()
+        ));
+        off += bytes.len();
+    }
+    let json = format!(
+        r#"{{"__metadata__":{{"format":"pt"}},{}}}"#,
+        fields.join(",")
+    );
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    for (.., b) in tensors {
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+fn path_str(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn load_json_reports_every_tensor_with_the_crc_of_its_device_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let b: Vec<u8> = (0..6u8).collect();
+    let c: Vec<u8> = (0..4096u32).map(|i| (i >> 3) as u8).collect();
+    let p = dir.path().join("m.safetensors");
+    std::fs::write(
+        &p,
+        image(&[
+            ("embed", "F32", &[75_000], &a),
+            ("bias", "F16", &[3], &b),
+            ("norm", "BF16", &[2, 1024], &c),
+        ]),
+    )
+    .unwrap();
+    for buffers in ["1", "2", "3"] {
+        let v = ok_json(&[
+            "load",
+            path_str(&p),
+            "--json",
+            "--staging-buffers",
+            buffers,
+            "--staging-size",
+            "64K",
+        ]);
+        for k in ["bytes", "seconds", "bytes_per_sec", "path", "tensors"] {
+            assert!(v.get(k).is_some(), "missing {k}: {v}");
+        }
+        assert_eq!(v["bytes"], 300_000 + 6 + 4096);
+        assert_eq!(v["path"], "staged");
+        assert_eq!(v["device"], "cpu");
+        let ts = v["tensors"].as_array().unwrap();
+        assert_eq!(ts.len(), 3);
+        for (t, (name, dtype, bytes)) in ts.iter().zip([
+            ("embed", "F32", &a),
+            ("bias", "F16", &b),
+            ("norm", "BF16", &c),
+        ]) {
+            assert_eq!(t["name"], name);
+            assert_eq!(t["dtype"], dtype);
+            assert_eq!(t["bytes"], bytes.len());
+            assert_eq!(t["crc32c"], format!("{:08x}", crc32c(bytes)), "{name}");
+            let ieee = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32IsoHdlc, bytes) as u32;
+            assert_eq!(t["crc32"], format!("{ieee:08x}"), "{name}");
+        }
+        assert_eq!(ts[2]["shape"], serde_json::json!([2, 1024]));
+    }
+    let out = ok(&["load", path_str(&p)]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("loaded 3 tensors") && s.contains("via staged"),
+        "{s}"
+    );
+}
+
+#[test]
+fn bad_files_fail_with_one_line_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.safetensors");
+    let w = vec![0u8; 16];
+    let good = image(&[("w", "F32", &[4], &w)]);
+
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() - 4);
+    std::fs::write(&p, &truncated).unwrap();
+    fails_with_error_line(
+        &["load", path_str(&p)],
+        &["truncated body", "'w'", "bad.safetensors"],
+    );
+
+    std::fs::write(&p, image(&[("w", "Q3", &[4], &w)])).unwrap();
+    fails_with_error_line(
+        &["load", path_str(&p), "--json"],
+        &["'w'", "unknown dtype 'Q3'"],
+    );
+
+    std::fs::write(&p, image(&[("w", "F32", &[5], &w)])).unwrap();
+    fails_with_error_line(
+        &["load", path_str(&p)],
+        &["'w'", "20 bytes but data_offsets"],
+    );
+
+    let mut long = good.clone();
+    long[..8].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    std::fs::write(&p, &long).unwrap();
+    fails_with_error_line(&["load", path_str(&p)], &["runs past the end of the file"]);
+
+    fails_with_error_line(
+        &["load", path_str(&dir.path().join("missing.safetensors"))],
+        &["missing.safetensors", "not found"],
+    );
+    // A bad file fails before any device is needed, even a missing one.
+    std::fs::write(&p, &truncated).unwrap();
+    fails_with_error_line(
+        &["load", path_str(&p), "--device", "cuda:0"],
+        &["truncated body"],
+    );
+}
+
+#[test]
+fn a_gpu_that_is_not_here_is_a_clear_error() {
+    if gpuio_cuda::cuda::driver_status().available {
+        eprintln!("skipped: a GPU is present here; the missing-GPU error cannot be provoked");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    std::fs::write(&p, image(&[("w", "U8", &[4], &[1, 2, 3, 4])])).unwrap();
+    fails_with_error_line(
+        &["load", path_str(&p), "--device", "cuda:0"],
+        &["cuda:0 is unavailable", "libcuda"],
+    );
+    fails_with_error_line(
+        &["load", path_str(&p), "--device", "gpu7"],
+        &["unknown device 'gpu7'"],
+    );
+    fails_with_error_line(
+        &["bench", "--target", "cuda:0", "--size", "1M"],
+        &["cuda:0 is unavailable", "libcuda"],
+    );
+    fails_with_error_line(
+        &["bench", "--target", "tpu:0", "--size", "1M"],
+        &["unknown device"],
+    );
+}
+
+#[test]
+fn bench_target_cpu_lands_reads_in_stand_in_device_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("data.bin");
+    std::fs::write(&p, vec![5u8; 3 << 20]).unwrap();
+    // --target cpu is today's suite; a device target needs a GPU, so this checks the flag parses and
+    // the default path is unchanged.
+    let v = ok_json(&[
+        "bench",
+        "--file",
+        path_str(&p),
+        "--pattern",
+        "read",
+        "--duration",
+        "0.2",
+        "--target",
+        "cpu",
+        "--json",
+    ]);
+    assert!(v.get("bytes_per_sec").is_some(), "{v}");
+}
+
+#[test]
+fn info_has_a_gpu_section_with_reasons() {
+    let v = ok_json(&["info", "--json"]);
+    let g = &v["gpu"];
+    assert!(
+        g["driver_reason"].as_str().is_some_and(|s| !s.is_empty()),
+        "{v}"
+    );
+    assert!(
+        g["cufile"]["reasons"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "{v}"
+    );
+    let paths = g["paths"].as_array().unwrap();
+    let names: Vec<&str> = paths.iter().filter_map(|p| p["path"].as_str()).collect();
+    assert_eq!(names, ["staged", "gds", "cpu"]);
+    for p in paths {
+        assert!(p["why"].as_str().is_some_and(|s| !s.is_empty()), "{p}");
+    }
+    let out = ok(&["info"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("GPU:") && s.contains("cuFile"), "{s}");
+}

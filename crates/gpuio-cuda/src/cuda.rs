@@ -1,0 +1,466 @@
+//! The real device: an NVIDIA GPU through the CUDA driver API, loaded at run time (cudarc with
+//! `dynamic-loading`), so this crate builds and its tests run where CUDA is absent.
+//!
+//! Every entry point first checks that the driver library can be loaded ([`driver_status`]); cudarc
+//! itself would panic on the first call otherwise. Missing library, no GPU, an out-of-range ordinal
+//! or a failing `cuInit` each become an [`ErrorKind::Unsupported`] error naming what was looked for.
+//! A failed allocation is [`ErrorKind::OutOfMemory`].
+//!
+//! The copy stream is a non-blocking CUDA stream (its host → device copies run on the copy engines,
+//! leaving the SMs to kernels, finding 493); each copy records an event, which is its [`Ticket`].
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::sys;
+use gpuio::{Error, ErrorKind, Result};
+
+use crate::device::{CopyStream, Device, DevicePtr, MemInfo, Ticket};
+
+/// Most copies a stream keeps events for before it waits on the oldest (bounds the event pool).
+const EVENTS_MAX: usize = 256;
+
+/// What the driver library looks like here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverStatus {
+    /// Whether libcuda could be loaded and initialized.
+    pub available: bool,
+    /// Driver API version (`13000` for 13.0), when loaded.
+    pub version: Option<i32>,
+    /// Number of GPUs the driver sees.
+    pub devices: usize,
+    /// Why not, or what was found.
+    pub reason: String,
+}
+
+/// The library names cudarc tries for the driver, versioned first as CUDA images ship them.
+pub fn driver_library_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for n in cudarc::get_lib_name_candidates("cuda") {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    // The names a Linux driver install actually has first (libcuda.so.1 is what the driver ships).
+    names.sort_by_key(|n| match n.as_str() {
+        "libcuda.so.1" => 0,
+        "libcuda.so" => 1,
+        _ => 2,
+    });
+    names
+}
+
+fn check(r: sys::CUresult, what: &str) -> Result<()> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let e = cudarc::driver::DriverError(r);
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{r:?}"));
+    let kind = match r {
+        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => ErrorKind::OutOfMemory,
+        sys::CUresult::CUDA_ERROR_NO_DEVICE
+        | sys::CUresult::CUDA_ERROR_INVALID_DEVICE
+        | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED
+        | sys::CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH => ErrorKind::Unsupported,
+        sys::CUresult::CUDA_ERROR_INVALID_VALUE => ErrorKind::InvalidInput,
+        _ => ErrorKind::Io,
+    };
+    Err(Error::new(kind, format!("{what}: {text} ({r:?})")))
+}
+
+/// Loads and initializes the driver once; the outcome (with its reason) is remembered.
+pub fn driver_status() -> DriverStatus {
+    static STATUS: OnceLock<DriverStatus> = OnceLock::new();
+    STATUS
+        .get_or_init(|| {
+            // SAFETY: only tries to dlopen candidate names; never calls into the library.
+            if !unsafe { sys::is_culib_present() } {
+                let names: Vec<String> = driver_library_names()
+                    .into_iter()
+                    .filter(|n| n.starts_with("libcuda.so"))
+                    .collect();
+                return DriverStatus {
+                    available: false,
+                    version: None,
+                    devices: 0,
+                    reason: format!(
+                        "the CUDA driver library was not found (looked for {}; install the NVIDIA driver or add its directory to LD_LIBRARY_PATH)",
+                        names.join(", ")
+                    ),
+                };
+            }
+            // SAFETY: the library is present; cuInit and the queries only write their out-params.
+            unsafe {
+                if let Err(e) = check(sys::cuInit(0), "cuInit") {
+                    return DriverStatus {
+                        available: false,
+                        version: None,
+                        devices: 0,
+                        reason: format!("libcuda loaded but the driver did not initialize: {e}"),
+                    };
+                }
+                let mut v = 0;
+                let version = check(sys::cuDriverGetVersion(&mut v), "cuDriverGetVersion")
+                    .ok()
+                    .map(|_| v);
+                let mut n = 0;
+                let devices = match check(sys::cuDeviceGetCount(&mut n), "cuDeviceGetCount") {
+                    Ok(()) => n.max(0) as usize,
+                    Err(_) => 0,
+                };
+                DriverStatus {
+                    available: devices > 0,
+                    version,
+                    devices,
+                    reason: if devices > 0 {
+                        format!("libcuda loaded, driver API {}, {devices} GPU(s)", fmt_version(version))
+                    } else {
+                        format!("libcuda loaded (driver API {}) but it sees no GPU", fmt_version(version))
+                    },
+                }
+            }
+        })
+        .clone()
+}
+
+/// `13.0` from `13000`.
+pub fn fmt_version(v: Option<i32>) -> String {
+    match v {
+        Some(v) => format!("{}.{}", v / 1000, (v % 1000) / 10),
+        None => "unknown".into(),
+    }
+}
+
+/// One GPU, through its primary context.
+pub struct CudaDevice {
+    ordinal: usize,
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+    name: String,
+    version: Option<i32>,
+}
+
+// SAFETY: a CUDA context may be used from any thread once made current there; every method makes it
+// current first.
+unsafe impl Send for CudaDevice {}
+// SAFETY: as above; the driver API is thread-safe.
+unsafe impl Sync for CudaDevice {}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.ordinal)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`. Fails with [`ErrorKind::Unsupported`] (naming the libraries looked for)
+    /// where there is no driver or no such GPU; never panics.
+    pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        let st = driver_status();
+        if !st.available {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("cuda:{ordinal} is unavailable: {}", st.reason),
+            ));
+        }
+        if ordinal >= st.devices {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cuda:{ordinal} does not exist: the driver sees {} GPU(s) (cuda:0..cuda:{})",
+                    st.devices,
+                    st.devices.saturating_sub(1)
+                ),
+            ));
+        }
+        // SAFETY: the driver is initialized (driver_status); out-params are valid locals.
+        unsafe {
+            let mut dev = 0;
+            check(sys::cuDeviceGet(&mut dev, ordinal as i32), "cuDeviceGet")?;
+            let mut name = [0 as std::ffi::c_char; 256];
+            check(
+                sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev),
+                "cuDeviceGetName",
+            )?;
+            let name = std::ffi::CStr::from_ptr(name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let mut ctx = std::ptr::null_mut();
+            check(
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            )?;
+            Ok(Arc::new(CudaDevice {
+                ordinal,
+                dev,
+                ctx,
+                name,
+                version: st.version,
+            }))
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn bind(&self) -> Result<()> {
+        // SAFETY: ctx is the retained primary context of a live device.
+        check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+    }
+
+    /// Maps host memory read-only into the device's address space (zero-copy: kernels read it in
+    /// place, the CUDA analog of Metal's `makeBuffer(bytesNoCopy:)`) and returns its device address.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` stays mapped until [`Device::unpin_host`] is called on it.
+    pub unsafe fn map_host_read_only(&self, ptr: *const u8, len: usize) -> Result<DevicePtr> {
+        self.bind()?;
+        let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY;
+        // SAFETY: the caller keeps the range mapped; the driver only pins it.
+        unsafe {
+            check(
+                sys::cuMemHostRegister_v2(ptr as *mut c_void, len, flags),
+                "cuMemHostRegister(DEVICEMAP | READ_ONLY)",
+            )?;
+            let mut d = 0;
+            if let Err(e) = check(
+                sys::cuMemHostGetDevicePointer_v2(&mut d, ptr as *mut c_void, 0),
+                "cuMemHostGetDevicePointer",
+            ) {
+                sys::cuMemHostUnregister(ptr as *mut c_void);
+                return Err(e);
+            }
+            Ok(d)
+        }
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        // SAFETY: retained in open.
+        unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
+    }
+}
+
+impl Device for CudaDevice {
+    fn label(&self) -> String {
+        format!("cuda:{}", self.ordinal)
+    }
+    fn description(&self) -> String {
+        format!("{}, driver API {}", self.name, fmt_version(self.version))
+    }
+    fn alloc_raw(&self, bytes: usize) -> Result<DevicePtr> {
+        self.bind()?;
+        let mut p = 0;
+        // SAFETY: out-param is a local.
+        check(unsafe { sys::cuMemAlloc_v2(&mut p, bytes) }, "cuMemAlloc").map_err(|e| {
+            e.with_context(format!("allocating {bytes} bytes on cuda:{}", self.ordinal))
+        })?;
+        Ok(p)
+    }
+    unsafe fn free_raw(&self, ptr: DevicePtr, _bytes: usize) {
+        if self.bind().is_ok() {
+            // SAFETY: the caller promises ptr is a live allocation with no pending copies.
+            unsafe { sys::cuMemFree_v2(ptr) };
+        }
+    }
+    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<bool> {
+        self.bind()?;
+        // PORTABLE: usable from every context. Not WRITECOMBINED: the CPU reads staging buffers when
+        // it decompresses pack chunks into them.
+        check(
+            // SAFETY: the caller keeps the range allocated until unpin_host.
+            unsafe {
+                sys::cuMemHostRegister_v2(ptr as *mut c_void, len, sys::CU_MEMHOSTREGISTER_PORTABLE)
+            },
+            "cuMemHostRegister",
+        )?;
+        Ok(true)
+    }
+    unsafe fn unpin_host(&self, ptr: *mut u8, _len: usize) {
+        if self.bind().is_ok() {
+            // SAFETY: registered by pin_host / map_host_read_only.
+            unsafe { sys::cuMemHostUnregister(ptr as *mut c_void) };
+        }
+    }
+    fn copy_stream(&self) -> Result<Box<dyn CopyStream>> {
+        self.bind()?;
+        let mut s = std::ptr::null_mut();
+        check(
+            // SAFETY: out-param is a local.
+            unsafe {
+                sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            },
+            "cuStreamCreate",
+        )?;
+        Ok(Box::new(CudaStream {
+            ctx: self.ctx,
+            stream: s,
+            pending: VecDeque::new(),
+            spare: Vec::new(),
+            next: 1,
+            done: 0,
+        }))
+    }
+    unsafe fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        self.bind()?;
+        check(
+            // SAFETY: the caller promises the device range is live and quiet; dst is a valid slice.
+            unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len()) },
+            "cuMemcpyDtoH",
+        )
+    }
+    fn mem_info(&self) -> Result<MemInfo> {
+        self.bind()?;
+        let (mut free, mut total) = (0, 0);
+        check(
+            // SAFETY: out-params are locals.
+            unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) },
+            "cuMemGetInfo",
+        )?;
+        Ok(MemInfo {
+            free_bytes: free as u64,
+            total_bytes: total as u64,
+        })
+    }
+}
+
+/// A non-blocking stream and the events recorded after its copies.
+struct CudaStream {
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    /// (ticket, event) of copies not yet known to be done, in order.
+    pending: VecDeque<(Ticket, sys::CUevent)>,
+    spare: Vec<sys::CUevent>,
+    next: Ticket,
+    done: Ticket,
+}
+
+// SAFETY: CUDA streams and events may be used from any thread with the context current.
+unsafe impl Send for CudaStream {}
+
+impl fmt::Debug for CudaStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaStream")
+            .field("next", &self.next)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl CudaStream {
+    fn bind(&self) -> Result<()> {
+        // SAFETY: ctx is a retained primary context (the device outlives its streams in the loaders).
+        check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+    }
+    fn event(&mut self) -> Result<sys::CUevent> {
+        if let Some(e) = self.spare.pop() {
+            return Ok(e);
+        }
+        let mut e = std::ptr::null_mut();
+        check(
+            // SAFETY: out-param is a local.
+            unsafe {
+                sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            },
+            "cuEventCreate",
+        )?;
+        Ok(e)
+    }
+    /// Retires pending events up to `ticket`, waiting (`block`) or only polling.
+    fn retire(&mut self, ticket: Ticket, block: bool) -> Result<bool> {
+        self.bind()?;
+        while self.done < ticket {
+            let Some(&(t, ev)) = self.pending.front() else {
+                return Ok(true);
+            };
+            // SAFETY: ev is a live event owned by this stream.
+            let r = unsafe {
+                if block {
+                    sys::cuEventSynchronize(ev)
+                } else {
+                    sys::cuEventQuery(ev)
+                }
+            };
+            if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+                return Ok(false);
+            }
+            check(r, "waiting for a host-to-device copy")?;
+            self.pending.pop_front();
+            self.spare.push(ev);
+            self.done = t;
+        }
+        Ok(true)
+    }
+}
+
+impl CopyStream for CudaStream {
+    unsafe fn copy_h2d_async(
+        &mut self,
+        src: *const u8,
+        len: usize,
+        dst: DevicePtr,
+    ) -> Result<Ticket> {
+        self.bind()?;
+        if self.pending.len() >= EVENTS_MAX {
+            let oldest = self.pending.front().map_or(0, |p| p.0);
+            self.retire(oldest, true)?;
+        }
+        let ev = self.event()?;
+        // SAFETY: the caller keeps src valid until the ticket completes and dst inside an allocation.
+        unsafe {
+            check(
+                sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, self.stream),
+                "cuMemcpyHtoDAsync",
+            )?;
+            check(sys::cuEventRecord(ev, self.stream), "cuEventRecord")?;
+        }
+        let t = self.next;
+        self.next += 1;
+        self.pending.push_back((t, ev));
+        Ok(t)
+    }
+    fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
+        self.retire(ticket, false)
+    }
+    fn wait(&mut self, ticket: Ticket) -> Result<()> {
+        self.retire(ticket, true).map(|_| ())
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        self.bind()?;
+        check(
+            // SAFETY: a live stream.
+            unsafe { sys::cuStreamSynchronize(self.stream) },
+            "cuStreamSynchronize",
+        )?;
+        self.retire(self.next - 1, true).map(|_| ())
+    }
+}
+
+impl Drop for CudaStream {
+    fn drop(&mut self) {
+        if self.bind().is_err() {
+            return;
+        }
+        // SAFETY: a live stream and its events; synchronize first so no copy reads freed memory.
+        unsafe {
+            sys::cuStreamSynchronize(self.stream);
+            for (_, e) in self.pending.drain(..) {
+                sys::cuEventDestroy_v2(e);
+            }
+            for e in self.spare.drain(..) {
+                sys::cuEventDestroy_v2(e);
+            }
+            sys::cuStreamDestroy_v2(self.stream);
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! What the loaders need from an accelerator, as two small traits, and a host-memory stand-in that
+//! implements them so the staging, ordering and error logic runs (and is tested) where no GPU is.
+//!
+//! - [`Device`]: allocate and free device memory, page-lock host staging buffers, make a
+//!   [`CopyStream`], copy device → host synchronously (to read results back and check them).
+//! - [`CopyStream`]: host → device copies queued in order on a stream of their own (the copy engines,
+//!   not the SMs); each returns a [`Ticket`] that can be polled or waited for, so a staging buffer is
+//!   reused only after the copy that reads it has finished.
+//! - [`DeviceBuffer`]: an owned device allocation, freed when dropped.
+//! - [`HostDevice`]: the stand-in. Device memory is host memory (its "device pointers" are host
+//!   addresses, checked against live allocations on every copy); a capacity limit makes it run out of
+//!   memory; copies run on a worker thread, in order, with an optional injected delay and an optional
+//!   injected failure; it counts allocated and pinned bytes and logs every copy, and it checks that the
+//!   source of each copy was not changed between queueing and execution (a staging buffer reused too
+//!   early).
+//!
+//! Nothing here does file I/O.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpuio::{Error, ErrorKind, Result};
+use parking_lot::{Condvar, Mutex};
+
+/// An address in device memory.
+pub type DevicePtr = u64;
+
+/// Identifies one queued copy on a [`CopyStream`]; tickets of a stream increase in queue order.
+pub type Ticket = u64;
+
+/// Free and total device memory, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemInfo {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// An accelerator the loaders can copy into.
+pub trait Device: Send + Sync + fmt::Debug {
+    /// `cpu` or `cuda:N`.
+    fn label(&self) -> String;
+    /// A longer description (`NVIDIA H200, driver 13.0`).
+    fn description(&self) -> String;
+    /// Allocates `bytes` (> 0) of device memory; [`ErrorKind::OutOfMemory`] when the device is full.
+    fn alloc_raw(&self, bytes: usize) -> Result<DevicePtr>;
+    /// Frees an allocation.
+    ///
+    /// # Safety
+    /// `ptr` came from [`alloc_raw`](Self::alloc_raw) with `bytes` on this device, is not freed yet,
+    /// and no queued copy still writes to it.
+    unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize);
+    /// Page-locks host memory used as a staging buffer (so copies from it are true DMA). Returns
+    /// false with nothing done where the device has no such notion.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` is valid host memory that stays allocated until [`unpin_host`](Self::unpin_host).
+    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<bool>;
+    /// Undoes [`pin_host`](Self::pin_host).
+    ///
+    /// # Safety
+    /// `ptr` was pinned with `pin_host` on this device and no queued copy still reads it.
+    unsafe fn unpin_host(&self, ptr: *mut u8, len: usize);
+    /// A new stream for host → device copies.
+    fn copy_stream(&self) -> Result<Box<dyn CopyStream>>;
+    /// Copies `dst.len()` bytes from device address `src` into host memory, synchronously.
+    ///
+    /// # Safety
+    /// `src..src+dst.len()` lies inside a live allocation of this device with no copy pending to it.
+    unsafe fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()>;
+    /// Free and total memory.
+    fn mem_info(&self) -> Result<MemInfo>;
+}
+
+/// Host → device copies, executed in the order they were queued.
+pub trait CopyStream: Send + fmt::Debug {
+    /// Queues a copy of `len` bytes from host `src` to device `dst` and returns at once.
+    ///
+    /// # Safety
+    /// `src..src+len` stays valid and unmodified until the returned ticket is complete; `dst..dst+len`
+    /// lies inside a live allocation of this stream's device.
+    unsafe fn copy_h2d_async(
+        &mut self,
+        src: *const u8,
+        len: usize,
+        dst: DevicePtr,
+    ) -> Result<Ticket>;
+    /// Whether the copy of `ticket` (and so every copy before it) has finished. A failed copy is an
+    /// error here and from every later call.
+    fn is_done(&mut self, ticket: Ticket) -> Result<bool>;
+    /// Waits until the copy of `ticket` has finished.
+    fn wait(&mut self, ticket: Ticket) -> Result<()>;
+    /// Waits until every queued copy has finished.
+    fn synchronize(&mut self) -> Result<()>;
+}
+
+/// An owned device allocation; freed when dropped. Zero-length buffers allocate nothing.
+pub struct DeviceBuffer {
+    device: Arc<dyn Device>,
+    ptr: DevicePtr,
+    len: usize,
+}
+
+impl fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceBuffer")
+            .field("device", &self.device.label())
+            .field("ptr", &format_args!("{:#x}", self.ptr))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl DeviceBuffer {
+    /// Allocates `len` bytes on `device`.
+    pub fn alloc(device: &Arc<dyn Device>, len: usize) -> Result<DeviceBuffer> {
+        let ptr = if len == 0 { 0 } else { device.alloc_raw(len)? };
+        Ok(DeviceBuffer {
+            device: device.clone(),
+            ptr,
+            len,
+        })
+    }
+    /// The device address of the first byte (0 for an empty buffer).
+    pub fn ptr(&self) -> DevicePtr {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.device
+    }
+    /// Copies `dst.len()` bytes from `offset` in this buffer to host memory (synchronously). The
+    /// caller must have waited for the copies into this range.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(dst.len()).filter(|&e| e <= self.len);
+        if end.is_none() {
+            return Err(Error::invalid(format!(
+                "read of {} bytes at offset {offset} is outside a device buffer of {} bytes",
+                dst.len(),
+                self.len
+            )));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the range was checked against this live allocation.
+        unsafe { self.device.copy_d2h(self.ptr + offset as u64, dst) }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated by alloc with len; whoever queued copies into it waited for them
+            // (the loaders synchronize their stream before giving a buffer back or dropping it).
+            unsafe { self.device.free_raw(self.ptr, self.len) };
+        }
+    }
+}
+
+/// Knobs of the [`HostDevice`] stand-in.
+#[derive(Debug, Clone, Default)]
+pub struct HostDeviceConfig {
+    /// Device memory, bytes; `None` for no limit (host memory then limits).
+    pub capacity_bytes: Option<u64>,
+    /// Time each copy takes on top of the memcpy (a slow copy engine).
+    pub copy_delay: Duration,
+    /// Fail the N-th copy (counted from 1) as a device would report a failed transfer.
+    pub fail_copy_nth: Option<u64>,
+}
+
+/// One executed copy, for ordering tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyRecord {
+    pub ticket: Ticket,
+    pub dst: DevicePtr,
+    pub len: usize,
+    pub started: Instant,
+    pub finished: Instant,
+}
+
+#[derive(Debug, Default)]
+struct HostState {
+    /// Live allocations by address → length; the memory itself is `Box<[u8]>` owned here.
+    allocs: BTreeMap<u64, Box<[u8]>>,
+    allocated_bytes: u64,
+    pinned: BTreeMap<usize, usize>,
+}
+
+#[derive(Debug)]
+struct HostShared {
+    cfg: HostDeviceConfig,
+    state: Mutex<HostState>,
+    copies_started: AtomicU64,
+    alloc_calls: AtomicU64,
+    log: Mutex<Vec<CopyRecord>>,
+    /// Copies whose source changed between queueing and execution.
+    reuse_violations: AtomicU64,
+}
+
+/// Device memory that is host memory: the stand-in for a GPU in tests and on machines without one
+/// (`--device cpu`).
+#[derive(Debug, Clone)]
+pub struct HostDevice(Arc<HostShared>);
+
+impl HostDevice {
+    pub fn new(cfg: HostDeviceConfig) -> HostDevice {
+        HostDevice(Arc::new(HostShared {
+            cfg,
+            state: Mutex::new(HostState::default()),
+            copies_started: AtomicU64::new(0),
+            alloc_calls: AtomicU64::new(0),
+            log: Mutex::new(Vec::new()),
+            reuse_violations: AtomicU64::new(0),
+        }))
+    }
+    /// Bytes allocated and not freed.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.0.state.lock().allocated_bytes
+    }
+    /// Allocations asked for so far (successful or not).
+    pub fn alloc_calls(&self) -> u64 {
+        self.0.alloc_calls.load(Ordering::Relaxed)
+    }
+    /// Live allocations.
+    pub fn allocations(&self) -> usize {
+        self.0.state.lock().allocs.len()
+    }
+    /// Bytes of host memory pinned and not unpinned.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.0.state.lock().pinned.values().map(|&l| l as u64).sum()
+    }
+    /// Every copy executed so far, in execution order.
+    pub fn copy_log(&self) -> Vec<CopyRecord> {
+        self.0.log.lock().clone()
+    }
+    /// Copies whose source bytes changed between queueing and execution (must stay 0).
+    pub fn reuse_violations(&self) -> u64 {
+        self.0.reuse_violations.load(Ordering::Relaxed)
+    }
+
+    /// Checks that `ptr..ptr+len` lies in one live allocation.
+    fn check_range(&self, ptr: DevicePtr, len: usize) -> Result<()> {
+        let st = self.0.state.lock();
+        let ok = st
+            .allocs
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(&base, mem)| {
+                ptr.checked_add(len as u64)
+                    .is_some_and(|end| end <= base + mem.len() as u64)
+            });
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "device range {ptr:#x} (+{len} bytes) is not inside a live allocation"
+            )))
+        }
+    }
+}
+
+fn crc(bytes: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
+}
+
+impl Device for HostDevice {
+    fn label(&self) -> String {
+        "cpu".into()
+    }
+    fn description(&self) -> String {
+        "host memory standing in for a device".into()
+    }
+    fn alloc_raw(&self, bytes: usize) -> Result<DevicePtr> {
+        self.0.alloc_calls.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.0.state.lock();
+        if let Some(cap) = self.0.cfg.capacity_bytes {
+            if st.allocated_bytes + bytes as u64 > cap {
+                return Err(Error::new(
+                    ErrorKind::OutOfMemory,
+                    format!(
+                        "cannot allocate {bytes} bytes on cpu: {} of {cap} bytes in use",
+                        st.allocated_bytes
+                    ),
+                ));
+            }
+        }
+        let mut v = Vec::new();
+        v.try_reserve_exact(bytes).map_err(|_| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!("cannot allocate {bytes} bytes of host memory for the cpu device"),
+            )
+        })?;
+        v.resize(bytes, 0u8);
+        let mem = v.into_boxed_slice();
+        let ptr = mem.as_ptr() as u64;
+        st.allocs.insert(ptr, mem);
+        st.allocated_bytes += bytes as u64;
+        Ok(ptr)
+    }
+    unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize) {
+        let mut st = self.0.state.lock();
+        if let Some(mem) = st.allocs.remove(&ptr) {
+            debug_assert_eq!(mem.len(), bytes);
+            st.allocated_bytes -= mem.len() as u64;
+        }
+    }
+    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<bool> {
+        self.0.state.lock().pinned.insert(ptr as usize, len);
+        Ok(true)
+    }
+    unsafe fn unpin_host(&self, ptr: *mut u8, _len: usize) {
+        self.0.state.lock().pinned.remove(&(ptr as usize));
+    }
+    fn copy_stream(&self) -> Result<Box<dyn CopyStream>> {
+        Ok(Box::new(HostStream::new(self.clone())?))
+    }
+    unsafe fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        self.check_range(src, dst.len())?;
+        // SAFETY: the range lies in a live allocation (checked); the caller promises no copy writes it.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn mem_info(&self) -> Result<MemInfo> {
+        let used = self.allocated_bytes();
+        let total = self.0.cfg.capacity_bytes.unwrap_or(u64::MAX);
+        Ok(MemInfo {
+            free_bytes: total.saturating_sub(used),
+            total_bytes: total,
+        })
+    }
+}
+
+struct Job {
+    ticket: Ticket,
+    src: usize,
+    len: usize,
+    dst: DevicePtr,
+    crc: u32,
+}
+
+#[derive(Default)]
+struct StreamState {
+    queue: VecDeque<Job>,
+    done: Ticket,
+    error: Option<Error>,
+    closed: bool,
+}
+
+struct StreamShared {
+    state: Mutex<StreamState>,
+    cond: Condvar,
+}
+
+/// The stand-in's copy stream: a worker thread executing copies in queue order.
+struct HostStream {
+    shared: Arc<StreamShared>,
+    device: HostDevice,
+    next: Ticket,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl fmt::Debug for HostStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostStream")
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl HostStream {
+    fn new(device: HostDevice) -> Result<HostStream> {
+        let shared = Arc::new(StreamShared {
+            state: Mutex::new(StreamState::default()),
+            cond: Condvar::new(),
+        });
+        let (s, d) = (shared.clone(), device.clone());
+        let worker = std::thread::Builder::new()
+            .name("gpuio-cpu-copy".into())
+            .spawn(move || copy_worker(&s, &d))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("cannot start copy thread: {e}"),
+                )
+            })?;
+        Ok(HostStream {
+            shared,
+            device,
+            next: 1,
+            worker: Some(worker),
+        })
+    }
+
+    fn wait_until(&self, ticket: Ticket) -> Result<()> {
+        let mut st = self.shared.state.lock();
+        loop {
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if st.done >= ticket {
+                return Ok(());
+            }
+            self.shared.cond.wait(&mut st);
+        }
+    }
+}
+
+fn copy_worker(shared: &StreamShared, device: &HostDevice) {
+    loop {
+        let job = {
+            let mut st = shared.state.lock();
+            loop {
+                if let Some(j) = st.queue.pop_front() {
+                    break j;
+                }
+                if st.closed {
+                    return;
+                }
+                shared.cond.wait(&mut st);
+            }
+        };
+        let started = Instant::now();
+        let n = device.0.copies_started.fetch_add(1, Ordering::Relaxed) + 1;
+        if !device.0.cfg.copy_delay.is_zero() {
+            std::thread::sleep(device.0.cfg.copy_delay);
+        }
+        let failed = device.0.cfg.fail_copy_nth == Some(n);
+        let mut st_err = None;
+        if failed {
+            st_err = Some(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "cpu device: injected failure of copy {n} ({} bytes to {:#x})",
+                    job.len, job.dst
+                ),
+            ));
+        } else {
+            // SAFETY: the caller of copy_h2d_async keeps the source valid until this ticket is done,
+            // and the destination was checked to lie in a live allocation that is not freed while
+            // copies to it are pending.
+            let src = unsafe { std::slice::from_raw_parts(job.src as *const u8, job.len) };
+            if crc(src) != job.crc {
+                device.0.reuse_violations.fetch_add(1, Ordering::Relaxed);
+            }
+            // SAFETY: as above.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), job.dst as *mut u8, job.len) };
+        }
+        device.0.log.lock().push(CopyRecord {
+            ticket: job.ticket,
+            dst: job.dst,
+            len: job.len,
+            started,
+            finished: Instant::now(),
+        });
+        let mut st = shared.state.lock();
+        if let Some(e) = st_err {
+            // Like CUDA's sticky stream errors: every later wait reports it; queued copies are dropped.
+            st.error.get_or_insert(e);
+            st.queue.clear();
+        } else {
+            st.done = job.ticket;
+        }
+        shared.cond.notify_all();
+    }
+}
+
+impl CopyStream for HostStream {
+    unsafe fn copy_h2d_async(
+        &mut self,
+        src: *const u8,
+        len: usize,
+        dst: DevicePtr,
+    ) -> Result<Ticket> {
+        self.device.check_range(dst, len)?;
+        // SAFETY: the caller promises src..src+len is valid now.
+        let sum = crc(unsafe { std::slice::from_raw_parts(src, len) });
+        let ticket = self.next;
+        self.next += 1;
+        let mut st = self.shared.state.lock();
+        if let Some(e) = &st.error {
+            return Err(e.clone());
+        }
+        st.queue.push_back(Job {
+            ticket,
+            src: src as usize,
+            len,
+            dst,
+            crc: sum,
+        });
+        self.shared.cond.notify_all();
+        Ok(ticket)
+    }
+    fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
+        let st = self.shared.state.lock();
+        match &st.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(st.done >= ticket),
+        }
+    }
+    fn wait(&mut self, ticket: Ticket) -> Result<()> {
+        self.wait_until(ticket)
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        self.wait_until(self.next - 1)
+    }
+}
+
+impl Drop for HostStream {
+    fn drop(&mut self) {
+        // Finish what was queued (its sources are still valid: their owners wait on us), then stop.
+        {
+            let mut st = self.shared.state.lock();
+            st.closed = true;
+            self.shared.cond.notify_all();
+        }
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}

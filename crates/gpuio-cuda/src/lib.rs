@@ -1,0 +1,96 @@
+//! gpu-io's accelerator target: device memory as a destination of loads.
+//!
+//! - [`safetensors`] — a strict parser of the safetensors format (errors name the file, the tensor and
+//!   the byte offset; nothing is allocated on a device for a bad file).
+//! - [`device`] — the [`Device`] / [`CopyStream`] traits the loaders use, [`DeviceBuffer`], and
+//!   [`HostDevice`], a host-memory stand-in that runs the same staging, ordering and error code where
+//!   there is no GPU (CI, `--device cpu`).
+//! - [`loader`] — the staged path (storage → pinned staging buffers → device copies on a copy stream,
+//!   `n ≥ 2` buffers overlapping reads and copies) and the safetensors [`Loader`].
+//! - [`cuda`] — the real device through the CUDA driver API, loaded at run time: no CUDA is needed to
+//!   build, and a missing driver or GPU is a typed error that names what was looked for, never a panic.
+//! - [`cufile`] — GPUDirect Storage status (libcufile loaded at run time), with the reason when it
+//!   cannot be used.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use gpuio_cuda::{open_device, Loader, LoaderConfig};
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let path = dir.path().join("m.safetensors");
+//! # let w: Vec<u8> = (0..64u8).collect();
+//! # std::fs::write(&path, gpuio_cuda::safetensors::serialize(
+//! #     &[("w", gpuio_cuda::Dtype::F32, &[4, 4], &w)], &[])).unwrap();
+//! let engine = gpuio::Engine::new(gpuio::EngineConfig::default())?;
+//! let device = open_device("cpu")?;            // or "cuda:0" on a machine with a GPU
+//! let loader = Loader::new(&engine, device, LoaderConfig::default())?;
+//! let model = loader.load_safetensors(&path)?;
+//! let w = &model.tensors[0];
+//! assert_eq!((w.name.as_str(), w.bytes), ("w", 64));
+//! let _ptr = w.device_ptr;                      // hand to a framework
+//! # Ok::<(), gpuio::Error>(())
+//! ```
+
+pub mod cuda;
+pub mod cufile;
+pub mod device;
+pub mod loader;
+pub mod safetensors;
+
+use std::sync::Arc;
+
+pub use device::{
+    CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, HostDevice, HostDeviceConfig, MemInfo,
+    Ticket,
+};
+pub use loader::{
+    ChunkTiming, DeviceTensor, LoadPath, LoadStats, LoadedModel, Loader, LoaderConfig,
+};
+pub use safetensors::{Dtype, Header, TensorSpec};
+
+use gpuio::{Error, Result};
+
+/// Where bytes should land: host memory standing in for a device, or GPU `N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Target {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Target> {
+        match s {
+            "cpu" => Ok(Target::Cpu),
+            "cuda" => Ok(Target::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n < 1024 => Ok(Target::Cuda(n)),
+                _ => Err(Error::invalid(format!(
+                    "unknown device '{s}': expected cpu or cuda:N"
+                ))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Cpu => f.write_str("cpu"),
+            Target::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Opens a device by name (`cpu`, `cuda`, `cuda:N`). `cuda:N` fails with
+/// [`gpuio::ErrorKind::Unsupported`] where there is no driver or no such GPU, saying why.
+pub fn open_device(spec: &str) -> Result<Arc<dyn Device>> {
+    open_target(spec.parse()?)
+}
+
+/// Opens a [`Target`].
+pub fn open_target(t: Target) -> Result<Arc<dyn Device>> {
+    match t {
+        Target::Cpu => Ok(Arc::new(HostDevice::new(HostDeviceConfig::default()))),
+        Target::Cuda(n) => Ok(cuda::CudaDevice::open(n)?),
+    }
+}
