@@ -137,8 +137,10 @@ pub struct BfsArgs {
     /// How the edge file is read.
     #[arg(long, value_enum, default_value = "cache")]
     mode: Mode,
-    /// Cache line size (a power of two, 512 B to 64 KiB).
-    #[arg(long, value_parser = crate::parse_size, default_value = "4K")]
+    /// Cache line size (a power of two, 512 B to 64 KiB). 16 KiB by default, not the cache's 4 KiB: a
+    /// BFS level scans adjacency lists in ascending order, and at 4 KiB the per-line work costs more
+    /// than the bytes (measured: docs/BENCHMARKS.md, page cache section 4).
+    #[arg(long, value_parser = crate::parse_size, default_value = "16K")]
     line_size: u64,
     /// Reads in flight (cache mode).
     #[arg(long, default_value_t = 64)]

@@ -242,10 +242,13 @@ fn bfs_modes_agree_with_reference() {
             .sum();
         assert!(reached > 100, "{kind}: reached {reached}");
 
-        let runs: [(&str, &[&str]); 5] = [
+        let runs: [(&str, &[&str]); 7] = [
             ("memory", &[]),
             ("mmap", &[]),
             ("cache", &[]),
+            // 4 KiB lines read one at a time, and in coalesced runs.
+            ("cache", &["--line-size", "4K", "--coalesce", "0"]),
+            ("cache", &["--line-size", "4K", "--coalesce", "64K"]),
             // A cache of a few lines: most reads miss, lines are evicted and reloaded.
             (
                 "cache",
