@@ -411,11 +411,12 @@ impl PageCache {
             (config.coalesce_bytes / config.line_bytes).clamp(1, (lines / 4).max(1));
         // One bounce buffer per load the cache aims to have in flight, at most BOUNCE_BYTES_MAX in
         // all (memory besides the lines, charged to the engine's budget); when they are all busy a
-        // run is read line by line instead (never a wait).
+        // gather waits for one (see `IssueCtx::load_run`). Not registered with the engine: a
+        // registered pool lives as long as the engine, and caches come and go on one engine.
         let bounce = if run_lines_max > 1 {
             let run_bytes = run_lines_max * config.line_bytes;
             let count = config.queue_depth.min(BOUNCE_BYTES_MAX / run_bytes).max(2);
-            Some(engine.buffer_pool(run_bytes, count)?)
+            Some(BufferPool::new(budget, run_bytes, count, align, Wait::No)?)
         } else {
             None
         };
@@ -1423,9 +1424,7 @@ impl<'a> IssueCtx<'a> {
             Ok(b) => b,
             Err(e) => {
                 // Lines not issued must not stay Busy.
-                for &(i, _) in &run {
-                    finish_line(inner, i, Err(e.clone()), None);
-                }
+                fail_lines(inner, run.iter().map(|r| r.0), &e);
                 return Err(e);
             }
         };
@@ -1433,9 +1432,7 @@ impl<'a> IssueCtx<'a> {
         // command buffer is replaced now.
         for &(i, _) in &run {
             if let Err(e) = slot_buffer(inner, &inner.slots[i as usize]) {
-                for &(j, _) in &run {
-                    finish_line(inner, j, Err(e.clone()), None);
-                }
+                fail_lines(inner, run.iter().map(|r| r.0), &e);
                 return Err(e);
             }
         }
@@ -1453,11 +1450,7 @@ impl<'a> IssueCtx<'a> {
         let cb = self.cb.get_or_insert_with(|| inner.queue.command_buffer());
         match cb.load_range(file, offset, bounce, 0, total, true) {
             Ok(id) => self.issued.push(Issued::Run(id, lines)),
-            Err(e) => {
-                for &(i, _) in &lines {
-                    finish_line(inner, i, Err(e.clone()), None);
-                }
-            }
+            Err(e) => fail_lines(inner, lines.iter().map(|l| l.0), &e),
         }
         self.commit_if_full()
     }
@@ -1574,9 +1567,11 @@ impl<'a> IssueCtx<'a> {
             }
             Err(e) => {
                 // The buffers went with the command buffer: the slots get new ones when next used.
-                for i in batch.issued.iter().flat_map(Issued::slots) {
-                    finish_line(&batch.inner, i, Err(e.clone()), None);
-                }
+                fail_lines(
+                    &batch.inner,
+                    batch.issued.iter().flat_map(Issued::slots),
+                    &e,
+                );
                 Err(e)
             }
         }
@@ -1650,6 +1645,13 @@ impl Batch {
                 }
             }
         }
+    }
+}
+
+/// Fails the loads of these slots (Busy, ours): each line becomes Invalid, its waiters get `e`.
+fn fail_lines(inner: &Inner, slots: impl Iterator<Item = u32>, e: &Error) {
+    for i in slots {
+        finish_line(inner, i, Err(e.clone()), None);
     }
 }
 
