@@ -625,10 +625,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
         if let Value::Object(o) = &mut v {
             o.extend(extra);
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
-        );
+        crate::report::print_json(&v);
     } else {
         println!(
             "bfs {} from vertex {} ({} mode): {} vertices, {} edges",

@@ -6,7 +6,7 @@ use clap::Args;
 use gpuio::Result;
 use serde_json::json;
 
-use crate::stream::{open_input, print_json, run_pipeline, setup, stats_json, Crc32c, PipeArgs};
+use crate::stream::{open_input, run_pipeline, setup, stats_json, Crc32c, PipeArgs};
 
 #[derive(Args, Debug)]
 pub struct ChecksumArgs {
@@ -31,7 +31,7 @@ pub fn run(a: ChecksumArgs) -> Result<()> {
         let mut v = stats_json(&stats);
         v["path"] = json!(a.file);
         v["crc32c"] = json!(hex);
-        print_json(&v);
+        crate::report::print_json(&v);
     } else {
         println!("{hex}  {}", a.file);
     }

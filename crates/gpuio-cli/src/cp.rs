@@ -14,8 +14,7 @@ use gpuio::{Error, Result};
 use serde_json::json;
 
 use crate::stream::{
-    check_distinct, open_input, print_json, remove_stale_temps, run_pipeline, setup, stats_json,
-    PipeArgs,
+    check_distinct, open_input, remove_stale_temps, run_pipeline, setup, stats_json, PipeArgs,
 };
 
 #[derive(Args, Debug)]
@@ -68,7 +67,7 @@ pub fn run(a: CpArgs) -> Result<()> {
         v["direct"] = json!({ "read": src_direct, "write": dst_direct });
         v["crash_safe"] = json!(true);
         v["stale_temps_removed"] = json!(stale.len());
-        print_json(&v);
+        crate::report::print_json(&v);
     } else {
         for p in &stale {
             eprintln!(

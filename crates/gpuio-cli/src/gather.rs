@@ -538,10 +538,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
                 o.insert("sync".into(), run_json(s, total_rows));
             }
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
-        );
+        crate::report::print_json(&v);
     } else {
         println!(
             "gather {} batches × {} rows of {} from {} ({}, {rows} rows), {}",

@@ -475,10 +475,7 @@ fn gen(a: GenArgs) -> Result<()> {
             "build_seconds": t_build,
             "write_seconds": t_write,
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
-        );
+        crate::report::print_json(&v);
     } else {
         println!(
             "{} scale {} degree {} seed {}: {n} vertices, {edges} directed edges \

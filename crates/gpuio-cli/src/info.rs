@@ -100,10 +100,7 @@ fn describe_pack(path: &std::path::Path, only: Option<&str>, json: bool) -> Resu
             "file_size": pack.file().len()?,
             "entries": entries,
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
-        );
+        crate::report::print_json(&v);
         return Ok(());
     }
     let mut t = comfy_table::Table::new();
@@ -194,10 +191,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
         });
     }
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
-        );
+        crate::report::print_json(&v);
     } else {
         print!("{}", human(&v));
     }

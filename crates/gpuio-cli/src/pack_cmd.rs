@@ -156,10 +156,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
             "seconds": secs,
             "bytes_per_sec": s.logical_bytes as f64 / secs,
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
-        );
+        crate::report::print_json(&v);
     } else {
         println!(
             "packed {} entr{} into {}: {} -> {} ({ratio:.2}:1, {}) in {secs:.2} s, {}/s",
@@ -308,10 +305,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             "chunks": chunks,
             "problems": problems.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values always serialize")
-        );
+        crate::report::print_json(&v);
     } else if problems.is_empty() {
         println!(
             "{}: intact ({} entries, {chunks} chunks, {} checked)",

@@ -155,3 +155,11 @@ pub fn table(outcomes: &[Outcome], path: &Path) -> String {
     }
     s
 }
+
+/// Prints one JSON object (every command's `--json` output).
+pub(crate) fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values always serialize")
+    );
+}

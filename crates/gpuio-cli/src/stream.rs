@@ -191,14 +191,6 @@ pub(crate) fn run_pipeline(
     Ok(stats)
 }
 
-/// Prints one JSON object.
-pub(crate) fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values always serialize")
-    );
-}
-
 /// The figures every pipeline command reports, as JSON.
 pub(crate) fn stats_json(s: &PipelineStats) -> Value {
     let secs = |d: Duration| d.as_secs_f64();
@@ -386,7 +378,7 @@ pub fn run(a: StreamArgs) -> Result<()> {
         if let Some(c) = &crc {
             v["crc32c"] = json!(c);
         }
-        print_json(&v);
+        crate::report::print_json(&v);
     } else {
         print!("{}", stats_table(&stats));
         if let Some(c) = crc {
