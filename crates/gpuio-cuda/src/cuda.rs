@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys;
 use gpuio::{Error, ErrorKind, Result};
 
-use crate::device::{CopyStream, Device, DevicePtr, MemInfo, Ticket};
+use crate::device::{CopyStream, Device, DevicePtr, MemInfo, Pinned, Ticket};
 
 /// Most copies a stream keeps events for before it waits on the oldest (bounds the event pool).
 const EVENTS_MAX: usize = 256;
@@ -216,32 +216,6 @@ impl CudaDevice {
         // SAFETY: ctx is the retained primary context of a live device.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
     }
-
-    /// Maps host memory read-only into the device's address space (zero-copy: kernels read it in
-    /// place, the CUDA analog of Metal's `makeBuffer(bytesNoCopy:)`) and returns its device address.
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` stays mapped until [`Device::unpin_host`] is called on it.
-    pub unsafe fn map_host_read_only(&self, ptr: *const u8, len: usize) -> Result<DevicePtr> {
-        self.bind()?;
-        let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY;
-        // SAFETY: the caller keeps the range mapped; the driver only pins it.
-        unsafe {
-            check(
-                sys::cuMemHostRegister_v2(ptr as *mut c_void, len, flags),
-                "cuMemHostRegister(DEVICEMAP | READ_ONLY)",
-            )?;
-            let mut d = 0;
-            if let Err(e) = check(
-                sys::cuMemHostGetDevicePointer_v2(&mut d, ptr as *mut c_void, 0),
-                "cuMemHostGetDevicePointer",
-            ) {
-                sys::cuMemHostUnregister(ptr as *mut c_void);
-                return Err(e);
-            }
-            Ok(d)
-        }
-    }
 }
 
 impl Drop for CudaDevice {
@@ -273,18 +247,26 @@ impl Device for CudaDevice {
             unsafe { sys::cuMemFree_v2(ptr) };
         }
     }
-    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<bool> {
+    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<Pinned>> {
         self.bind()?;
-        // PORTABLE: usable from every context. Not WRITECOMBINED: the CPU reads staging buffers when
-        // it decompresses pack chunks into them.
+        // PORTABLE: usable from every context; DEVICEMAP: kernels may read it in place (the
+        // programmed-I/O copy). Not WRITECOMBINED: the CPU reads staging buffers when it decompresses
+        // pack chunks into them.
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         check(
             // SAFETY: the caller keeps the range allocated until unpin_host.
-            unsafe {
-                sys::cuMemHostRegister_v2(ptr as *mut c_void, len, sys::CU_MEMHOSTREGISTER_PORTABLE)
-            },
-            "cuMemHostRegister",
+            unsafe { sys::cuMemHostRegister_v2(ptr as *mut c_void, len, flags) },
+            "cuMemHostRegister(PORTABLE | DEVICEMAP)",
         )?;
-        Ok(true)
+        let mut d = 0;
+        // SAFETY: registered just above; out-param is a local.
+        let mapped = check(
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, ptr as *mut c_void, 0) },
+            "cuMemHostGetDevicePointer",
+        )
+        .ok()
+        .map(|_| d);
+        Ok(Some(Pinned { mapped }))
     }
     unsafe fn unpin_host(&self, ptr: *mut u8, _len: usize) {
         if self.bind().is_ok() {
@@ -331,6 +313,38 @@ impl Device for CudaDevice {
             free_bytes: free as u64,
             total_bytes: total as u64,
         })
+    }
+    unsafe fn map_host_read_only(&self, ptr: *const u8, len: usize) -> Result<DevicePtr> {
+        self.bind()?;
+        let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY;
+        // SAFETY: the caller keeps the range mapped; the driver pins it and maps it for the device.
+        unsafe {
+            check(
+                sys::cuMemHostRegister_v2(ptr as *mut c_void, len, flags),
+                "cuMemHostRegister(DEVICEMAP | READ_ONLY)",
+            )
+            .map_err(|e| {
+                e.with_context(format!(
+                    "mapping {len} bytes of host memory read-only into cuda:{}",
+                    self.ordinal
+                ))
+            })?;
+            let mut d = 0;
+            if let Err(e) = check(
+                sys::cuMemHostGetDevicePointer_v2(&mut d, ptr as *mut c_void, 0),
+                "cuMemHostGetDevicePointer",
+            ) {
+                sys::cuMemHostUnregister(ptr as *mut c_void);
+                return Err(e);
+            }
+            Ok(d)
+        }
+    }
+    unsafe fn unmap_host(&self, ptr: *const u8, _len: usize) {
+        if self.bind().is_ok() {
+            // SAFETY: registered by map_host_read_only.
+            unsafe { sys::cuMemHostUnregister(ptr as *mut c_void) };
+        }
     }
 }
 
@@ -403,6 +417,31 @@ impl CudaStream {
     }
 }
 
+impl CudaStream {
+    /// Queues `op` (which enqueues work on `self.stream`) followed by an event: the work's ticket.
+    fn enqueue(&mut self, op: impl FnOnce(sys::CUstream) -> Result<()>) -> Result<Ticket> {
+        self.bind()?;
+        if self.pending.len() >= EVENTS_MAX {
+            let oldest = self.pending.front().map_or(0, |p| p.0);
+            self.retire(oldest, true)?;
+        }
+        let ev = self.event()?;
+        if let Err(e) = op(self.stream) {
+            self.spare.push(ev);
+            return Err(e);
+        }
+        // SAFETY: a live event and stream.
+        if let Err(e) = check(unsafe { sys::cuEventRecord(ev, self.stream) }, "cuEventRecord") {
+            self.spare.push(ev);
+            return Err(e);
+        }
+        let t = self.next;
+        self.next += 1;
+        self.pending.push_back((t, ev));
+        Ok(t)
+    }
+}
+
 impl CopyStream for CudaStream {
     unsafe fn copy_h2d_async(
         &mut self,
@@ -410,24 +449,43 @@ impl CopyStream for CudaStream {
         len: usize,
         dst: DevicePtr,
     ) -> Result<Ticket> {
-        self.bind()?;
-        if self.pending.len() >= EVENTS_MAX {
-            let oldest = self.pending.front().map_or(0, |p| p.0);
-            self.retire(oldest, true)?;
-        }
-        let ev = self.event()?;
-        // SAFETY: the caller keeps src valid until the ticket completes and dst inside an allocation.
-        unsafe {
+        self.enqueue(|s| {
+            // SAFETY: the caller keeps src valid until the ticket completes and dst inside an
+            // allocation.
             check(
-                sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, self.stream),
+                unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, s) },
                 "cuMemcpyHtoDAsync",
-            )?;
-            check(sys::cuEventRecord(ev, self.stream), "cuEventRecord")?;
-        }
-        let t = self.next;
-        self.next += 1;
-        self.pending.push_back((t, ev));
-        Ok(t)
+            )
+        })
+    }
+    unsafe fn copy_d2h_async(
+        &mut self,
+        src: DevicePtr,
+        dst: *mut u8,
+        len: usize,
+    ) -> Result<Ticket> {
+        self.enqueue(|s| {
+            // SAFETY: the caller keeps dst valid and src inside an allocation until the ticket
+            // completes.
+            check(
+                unsafe { sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src, len, s) },
+                "cuMemcpyDtoHAsync",
+            )
+        })
+    }
+    unsafe fn copy_h2d_mapped_async(
+        &mut self,
+        _src_host: *const u8,
+        src_mapped: DevicePtr,
+        len: usize,
+        dst: DevicePtr,
+    ) -> Result<Ticket> {
+        let kernel = crate::kernel::copy_kernel(self.ctx)?;
+        self.enqueue(|s| {
+            // SAFETY: src_mapped is the device address of pinned, mapped host memory the caller keeps
+            // valid; dst lies inside an allocation; the kernel touches exactly len bytes of each.
+            unsafe { kernel.launch(s, src_mapped, dst, len as u64) }
+        })
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
         self.retire(ticket, false)

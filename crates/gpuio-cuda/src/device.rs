@@ -1,11 +1,16 @@
 //! What the loaders need from an accelerator, as two small traits, and a host-memory stand-in that
 //! implements them so the staging, ordering and error logic runs (and is tested) where no GPU is.
 //!
-//! - [`Device`]: allocate and free device memory, page-lock host staging buffers, make a
-//!   [`CopyStream`], copy device → host synchronously (to read results back and check them).
-//! - [`CopyStream`]: host → device copies queued in order on a stream of their own (the copy engines,
-//!   not the SMs); each returns a [`Ticket`] that can be polled or waited for, so a staging buffer is
-//!   reused only after the copy that reads it has finished.
+//! - [`Device`]: allocate and free device memory, page-lock host staging buffers (mapping them into
+//!   the device's address space where it can), map host memory read-only for zero-copy access, make a
+//!   [`CopyStream`], copy device → host synchronously (to read results back and check them), and say
+//!   whether storage can be read straight into device memory ([`Device::direct_reader`], GPUDirect
+//!   Storage on a GPU).
+//! - [`CopyStream`]: copies queued in order on a stream of their own: host → device and device → host
+//!   on the copy engines (DMA), and host → device by the device's own threads reading mapped pinned
+//!   memory (programmed I/O, for small transfers); each returns a [`Ticket`] that can be polled or
+//!   waited for, so a staging buffer is reused only after the copy that uses it has finished.
+//! - [`DirectRead`]: storage → device memory with no host staging (cuFile on a GPU).
 //! - [`DeviceBuffer`]: an owned device allocation, freed when dropped.
 //! - [`HostDevice`]: the stand-in. Device memory is host memory (its "device pointers" are host
 //!   addresses, checked against live allocations on every copy); a capacity limit makes it run out of
@@ -31,6 +36,40 @@ pub type DevicePtr = u64;
 /// Identifies one queued copy on a [`CopyStream`]; tickets of a stream increase in queue order.
 pub type Ticket = u64;
 
+/// How a copy moved its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// Host → device on a copy engine (DMA).
+    HostToDevice,
+    /// Device → host on a copy engine (DMA).
+    DeviceToHost,
+    /// Host → device by device threads reading mapped pinned host memory (programmed I/O).
+    HostToDeviceMapped,
+}
+
+/// A host range page-locked by [`Device::pin_host`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pinned {
+    /// The range's address in the device's address space, where the device can read it in place
+    /// (what [`CopyStream::copy_h2d_mapped_async`] reads); `None` where it cannot.
+    pub mapped: Option<DevicePtr>,
+}
+
+/// Reads storage straight into device memory (GPUDirect Storage through cuFile on a GPU).
+pub trait DirectRead: Send + Sync + fmt::Debug {
+    /// What it is (`cuFile (GPUDirect Storage)`, `cuFile (compatibility mode)`, ...).
+    fn describe(&self) -> String;
+    /// Reads up to `len` bytes of `file` at `offset` into device memory at `dst`, synchronously;
+    /// returns the bytes read (fewer only at the end of the file). Thread-safe: loaders call it from
+    /// several threads at once for different ranges.
+    ///
+    /// # Safety
+    /// `dst..dst+len` lies inside a live allocation of the device this reader came from, and nothing
+    /// else writes or reads it until the call returns.
+    unsafe fn read(&self, file: &gpuio::File, offset: u64, dst: DevicePtr, len: usize)
+        -> Result<usize>;
+}
+
 /// Free and total device memory, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemInfo {
@@ -52,12 +91,13 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// `ptr` came from [`alloc_raw`](Self::alloc_raw) with `bytes` on this device, is not freed yet,
     /// and no queued copy still writes to it.
     unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize);
-    /// Page-locks host memory used as a staging buffer (so copies from it are true DMA). Returns
-    /// false with nothing done where the device has no such notion.
+    /// Page-locks host memory used as a staging buffer (so copies from it are true DMA) and maps it
+    /// into the device's address space where the device can read host memory in place. `Ok(None)`
+    /// with nothing done where the device has no such notion.
     ///
     /// # Safety
     /// `ptr..ptr+len` is valid host memory that stays allocated until [`unpin_host`](Self::unpin_host).
-    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<bool>;
+    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<Pinned>>;
     /// Undoes [`pin_host`](Self::pin_host).
     ///
     /// # Safety
@@ -72,9 +112,36 @@ pub trait Device: Send + Sync + fmt::Debug {
     unsafe fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()>;
     /// Free and total memory.
     fn mem_info(&self) -> Result<MemInfo>;
+    /// Maps host memory (typically a file's mmap) read-only into the device's address space, so
+    /// device code reads it in place with no copy (the CUDA analog of Metal's
+    /// `makeBuffer(bytesNoCopy:)`); returns its device address. [`ErrorKind::Unsupported`], saying
+    /// why, where the device cannot.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` stays mapped and unmodified until [`unmap_host`](Self::unmap_host).
+    unsafe fn map_host_read_only(&self, ptr: *const u8, len: usize) -> Result<DevicePtr> {
+        let _ = (ptr, len);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{} cannot map host memory", self.label()),
+        ))
+    }
+    /// Undoes [`map_host_read_only`](Self::map_host_read_only).
+    ///
+    /// # Safety
+    /// `ptr` was mapped with `map_host_read_only` on this device and nothing on the device still
+    /// reads it.
+    unsafe fn unmap_host(&self, ptr: *const u8, len: usize) {
+        let _ = (ptr, len);
+    }
+    /// A reader from storage straight into this device's memory, or why there is none (the loaders
+    /// then stage through host memory and report the reason).
+    fn direct_reader(&self) -> std::result::Result<Arc<dyn DirectRead>, String> {
+        Err(format!("{} has no direct storage path", self.label()))
+    }
 }
 
-/// Host → device copies, executed in the order they were queued.
+/// Copies executed in the order they were queued.
 pub trait CopyStream: Send + fmt::Debug {
     /// Queues a copy of `len` bytes from host `src` to device `dst` and returns at once.
     ///
@@ -87,6 +154,34 @@ pub trait CopyStream: Send + fmt::Debug {
         len: usize,
         dst: DevicePtr,
     ) -> Result<Ticket>;
+    /// Queues a copy of `len` bytes from device `src` to host `dst` and returns at once.
+    ///
+    /// # Safety
+    /// `src..src+len` lies inside a live allocation of this stream's device and is not written until
+    /// the ticket is complete; `dst..dst+len` is valid host memory nobody else touches until then.
+    unsafe fn copy_d2h_async(&mut self, src: DevicePtr, dst: *mut u8, len: usize)
+        -> Result<Ticket>;
+    /// Queues a host → device copy done by the device's own threads reading `src_host` in place
+    /// through its device address `src_mapped` (from [`Device::pin_host`]), instead of a DMA on a
+    /// copy engine: programmed I/O, cheaper to start for small transfers.
+    /// [`ErrorKind::Unsupported`] where the device cannot (the caller then uses
+    /// [`copy_h2d_async`](Self::copy_h2d_async)).
+    ///
+    /// # Safety
+    /// As [`copy_h2d_async`](Self::copy_h2d_async); `src_mapped` is the device address of `src_host`.
+    unsafe fn copy_h2d_mapped_async(
+        &mut self,
+        src_host: *const u8,
+        src_mapped: DevicePtr,
+        len: usize,
+        dst: DevicePtr,
+    ) -> Result<Ticket> {
+        let _ = (src_host, src_mapped, len, dst);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this stream has no programmed-I/O copy",
+        ))
+    }
     /// Whether the copy of `ticket` (and so every copy before it) has finished. A failed copy is an
     /// error here and from every later call.
     fn is_done(&mut self, ticket: Ticket) -> Result<bool>;
@@ -174,12 +269,22 @@ pub struct HostDeviceConfig {
     pub copy_delay: Duration,
     /// Fail the N-th copy (counted from 1) as a device would report a failed transfer.
     pub fail_copy_nth: Option<u64>,
+    /// Offer a direct storage → device path ([`Device::direct_reader`]: `pread` straight into the
+    /// stand-in's memory), so the GPUDirect Storage load logic runs where there is no GPU.
+    pub direct_reads: bool,
+    /// Fail the N-th direct read (counted from 1) with an I/O error.
+    pub fail_direct_read_nth: Option<u64>,
+    /// Refuse to map pinned host memory into the device's address space (as a device without
+    /// unified addressing would): [`Device::pin_host`] then returns no mapped address.
+    pub no_host_mapping: bool,
 }
 
 /// One executed copy, for ordering tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyRecord {
     pub ticket: Ticket,
+    pub kind: CopyKind,
+    /// Device address (host → device) or host address (device → host) written.
     pub dst: DevicePtr,
     pub len: usize,
     pub started: Instant,
@@ -192,6 +297,8 @@ struct HostState {
     allocs: BTreeMap<u64, Box<[u8]>>,
     allocated_bytes: u64,
     pinned: BTreeMap<usize, usize>,
+    /// Host ranges mapped read-only (address → length): readable like allocations, never written.
+    mapped: BTreeMap<u64, usize>,
 }
 
 #[derive(Debug)]
@@ -203,6 +310,7 @@ struct HostShared {
     log: Mutex<Vec<CopyRecord>>,
     /// Copies whose source changed between queueing and execution.
     reuse_violations: AtomicU64,
+    direct_reads: AtomicU64,
 }
 
 /// Device memory that is host memory: the stand-in for a GPU in tests and on machines without one
@@ -219,6 +327,7 @@ impl HostDevice {
             alloc_calls: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             reuse_violations: AtomicU64::new(0),
+            direct_reads: AtomicU64::new(0),
         }))
     }
     /// Bytes allocated and not freed.
@@ -245,23 +354,61 @@ impl HostDevice {
     pub fn reuse_violations(&self) -> u64 {
         self.0.reuse_violations.load(Ordering::Relaxed)
     }
+    /// Host ranges mapped read-only and not unmapped.
+    pub fn mapped_ranges(&self) -> usize {
+        self.0.state.lock().mapped.len()
+    }
+    /// Direct reads done so far (successful or not).
+    pub fn direct_reads(&self) -> u64 {
+        self.0.direct_reads.load(Ordering::Relaxed)
+    }
 
-    /// Checks that `ptr..ptr+len` lies in one live allocation.
-    fn check_range(&self, ptr: DevicePtr, len: usize) -> Result<()> {
+    /// Checks that `ptr..ptr+len` lies in one live allocation (or, with `mapped_too`, in one range
+    /// mapped read-only).
+    fn check_range_in(&self, ptr: DevicePtr, len: usize, mapped_too: bool) -> Result<()> {
         let st = self.0.state.lock();
-        let ok = st
+        let inside = |base: u64, blen: usize| {
+            ptr.checked_add(len as u64)
+                .is_some_and(|end| end <= base + blen as u64)
+        };
+        let in_alloc = st
             .allocs
             .range(..=ptr)
             .next_back()
-            .is_some_and(|(&base, mem)| {
-                ptr.checked_add(len as u64)
-                    .is_some_and(|end| end <= base + mem.len() as u64)
-            });
+            .is_some_and(|(&base, mem)| inside(base, mem.len()));
+        let in_mapped = mapped_too
+            && st
+                .mapped
+                .range(..=ptr)
+                .next_back()
+                .is_some_and(|(&base, &l)| inside(base, l));
+        if in_alloc || in_mapped {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "device range {ptr:#x} (+{len} bytes) is not inside a live allocation{}",
+                if mapped_too { " or mapping" } else { "" }
+            )))
+        }
+    }
+
+    fn check_range(&self, ptr: DevicePtr, len: usize) -> Result<()> {
+        self.check_range_in(ptr, len, false)
+    }
+
+    /// Checks that `ptr..ptr+len` lies in one pinned host range.
+    fn check_pinned(&self, ptr: usize, len: usize) -> Result<()> {
+        let st = self.0.state.lock();
+        let ok = st
+            .pinned
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(&base, &l)| ptr + len <= base + l);
         if ok {
             Ok(())
         } else {
             Err(Error::invalid(format!(
-                "device range {ptr:#x} (+{len} bytes) is not inside a live allocation"
+                "host range {ptr:#x} (+{len} bytes) is not pinned and mapped"
             )))
         }
     }
@@ -313,9 +460,12 @@ impl Device for HostDevice {
             st.allocated_bytes -= mem.len() as u64;
         }
     }
-    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<bool> {
+    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<Pinned>> {
         self.0.state.lock().pinned.insert(ptr as usize, len);
-        Ok(true)
+        Ok(Some(Pinned {
+            // The stand-in's device reads host memory at its own address.
+            mapped: (!self.0.cfg.no_host_mapping).then_some(ptr as u64),
+        }))
     }
     unsafe fn unpin_host(&self, ptr: *mut u8, _len: usize) {
         self.0.state.lock().pinned.remove(&(ptr as usize));
@@ -324,7 +474,7 @@ impl Device for HostDevice {
         Ok(Box::new(HostStream::new(self.clone())?))
     }
     unsafe fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
-        self.check_range(src, dst.len())?;
+        self.check_range_in(src, dst.len(), true)?;
         // SAFETY: the range lies in a live allocation (checked); the caller promises no copy writes it.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -337,14 +487,90 @@ impl Device for HostDevice {
             total_bytes: total,
         })
     }
+    unsafe fn map_host_read_only(&self, ptr: *const u8, len: usize) -> Result<DevicePtr> {
+        if len == 0 {
+            return Err(Error::invalid("cannot map an empty host range"));
+        }
+        self.0.state.lock().mapped.insert(ptr as u64, len);
+        Ok(ptr as u64)
+    }
+    unsafe fn unmap_host(&self, ptr: *const u8, _len: usize) {
+        self.0.state.lock().mapped.remove(&(ptr as u64));
+    }
+    fn direct_reader(&self) -> std::result::Result<Arc<dyn DirectRead>, String> {
+        if self.0.cfg.direct_reads {
+            Ok(Arc::new(HostDirectRead(self.clone())))
+        } else {
+            Err("the cpu stand-in offers no direct storage path unless configured to".into())
+        }
+    }
+}
+
+/// The stand-in's direct path: `pread` from the file straight into "device" memory.
+#[derive(Debug)]
+struct HostDirectRead(HostDevice);
+
+impl DirectRead for HostDirectRead {
+    fn describe(&self) -> String {
+        "pread into the cpu stand-in's memory".into()
+    }
+    unsafe fn read(
+        &self,
+        file: &gpuio::File,
+        offset: u64,
+        dst: DevicePtr,
+        len: usize,
+    ) -> Result<usize> {
+        let dev = &self.0;
+        dev.check_range(dst, len)?;
+        let n = dev.0.direct_reads.fetch_add(1, Ordering::Relaxed) + 1;
+        if dev.0.cfg.fail_direct_read_nth == Some(n) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("cpu device: injected failure of direct read {n}"),
+            )
+            .with_op(gpuio::error::Op::Read)
+            .with_path(file.path())
+            .with_range(offset, len as u64));
+        }
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: dst..dst+len lies in a live allocation (checked) that the caller does not let
+            // anyone else touch during the call.
+            let r = unsafe {
+                libc::pread(
+                    file.buffered_fd(),
+                    (dst as usize + done) as *mut libc::c_void,
+                    len - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::from_io(gpuio::error::Op::Read, &e)
+                    .with_path(file.path())
+                    .with_range(offset + done as u64, (len - done) as u64));
+            }
+            if r == 0 {
+                break;
+            }
+            done += r as usize;
+        }
+        Ok(done)
+    }
 }
 
 struct Job {
     ticket: Ticket,
+    kind: CopyKind,
     src: usize,
     len: usize,
-    dst: DevicePtr,
-    crc: u32,
+    dst: usize,
+    /// CRC-32C of a host source when queued (to catch a staging buffer reused too early).
+    crc: Option<u32>,
 }
 
 #[derive(Default)]
@@ -448,7 +674,7 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
             // and the destination was checked to lie in a live allocation that is not freed while
             // copies to it are pending.
             let src = unsafe { std::slice::from_raw_parts(job.src as *const u8, job.len) };
-            if crc(src) != job.crc {
+            if job.crc.is_some_and(|c| c != crc(src)) {
                 device.0.reuse_violations.fetch_add(1, Ordering::Relaxed);
             }
             // SAFETY: as above.
@@ -456,7 +682,8 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
         }
         device.0.log.lock().push(CopyRecord {
             ticket: job.ticket,
-            dst: job.dst,
+            kind: job.kind,
+            dst: job.dst as u64,
             len: job.len,
             started,
             finished: Instant::now(),
@@ -473,6 +700,34 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
     }
 }
 
+impl HostStream {
+    fn enqueue(&mut self, kind: CopyKind, src: usize, len: usize, dst: usize) -> Result<Ticket> {
+        let sum = match kind {
+            // SAFETY: the caller of the copy promises src..src+len is valid host memory now.
+            CopyKind::HostToDevice | CopyKind::HostToDeviceMapped => {
+                Some(crc(unsafe { std::slice::from_raw_parts(src as *const u8, len) }))
+            }
+            CopyKind::DeviceToHost => None,
+        };
+        let mut st = self.shared.state.lock();
+        if let Some(e) = &st.error {
+            return Err(e.clone());
+        }
+        let ticket = self.next;
+        self.next += 1;
+        st.queue.push_back(Job {
+            ticket,
+            kind,
+            src,
+            len,
+            dst,
+            crc: sum,
+        });
+        self.shared.cond.notify_all();
+        Ok(ticket)
+    }
+}
+
 impl CopyStream for HostStream {
     unsafe fn copy_h2d_async(
         &mut self,
@@ -481,23 +736,44 @@ impl CopyStream for HostStream {
         dst: DevicePtr,
     ) -> Result<Ticket> {
         self.device.check_range(dst, len)?;
-        // SAFETY: the caller promises src..src+len is valid now.
-        let sum = crc(unsafe { std::slice::from_raw_parts(src, len) });
-        let ticket = self.next;
-        self.next += 1;
-        let mut st = self.shared.state.lock();
-        if let Some(e) = &st.error {
-            return Err(e.clone());
+        self.enqueue(CopyKind::HostToDevice, src as usize, len, dst as usize)
+    }
+    unsafe fn copy_d2h_async(
+        &mut self,
+        src: DevicePtr,
+        dst: *mut u8,
+        len: usize,
+    ) -> Result<Ticket> {
+        self.device.check_range_in(src, len, true)?;
+        self.enqueue(CopyKind::DeviceToHost, src as usize, len, dst as usize)
+    }
+    unsafe fn copy_h2d_mapped_async(
+        &mut self,
+        src_host: *const u8,
+        src_mapped: DevicePtr,
+        len: usize,
+        dst: DevicePtr,
+    ) -> Result<Ticket> {
+        if self.device.0.cfg.no_host_mapping {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the cpu stand-in was configured without host mapping",
+            ));
         }
-        st.queue.push_back(Job {
-            ticket,
-            src: src as usize,
+        if src_mapped != src_host as u64 {
+            return Err(Error::invalid(format!(
+                "mapped address {src_mapped:#x} is not the device address of host {:#x}",
+                src_host as usize
+            )));
+        }
+        self.device.check_pinned(src_host as usize, len)?;
+        self.device.check_range(dst, len)?;
+        self.enqueue(
+            CopyKind::HostToDeviceMapped,
+            src_host as usize,
             len,
-            dst,
-            crc: sum,
-        });
-        self.shared.cond.notify_all();
-        Ok(ticket)
+            dst as usize,
+        )
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
         let st = self.shared.state.lock();

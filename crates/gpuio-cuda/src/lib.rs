@@ -33,6 +33,7 @@
 pub mod cuda;
 pub mod cufile;
 pub mod device;
+pub mod kernel;
 pub mod loader;
 pub mod safetensors;
 

@@ -184,14 +184,15 @@ impl LoadedModel {
 
 /// Moves file ranges to a device through pinned staging buffers.
 pub struct Loader {
-    device: Arc<dyn Device>,
-    queue: IoQueue,
-    pool: BufferPool,
-    stream: parking_lot::Mutex<Box<dyn CopyStream>>,
-    /// Staging buffers that were page-locked (address, length), unpinned on drop.
-    pinned: Vec<(usize, usize)>,
+    pub(crate) device: Arc<dyn Device>,
+    pub(crate) queue: IoQueue,
+    pub(crate) pool: BufferPool,
+    pub(crate) stream: parking_lot::Mutex<Box<dyn CopyStream>>,
+    /// Staging buffers that were page-locked (address, length, device address where mapped),
+    /// unpinned on drop.
+    pinned: Vec<(usize, usize, Option<DevicePtr>)>,
     pin_note: String,
-    cfg: LoaderConfig,
+    pub(crate) cfg: LoaderConfig,
 }
 
 impl std::fmt::Debug for Loader {
@@ -233,8 +234,8 @@ impl Loader {
             // SAFETY: pool buffers never move or get freed while the pool lives; the loader holds
             // the pool and unpins in Drop.
             match unsafe { loader.device.pin_host(ptr, len) } {
-                Ok(true) => loader.pinned.push((ptr as usize, len)),
-                Ok(false) => {}
+                Ok(Some(p)) => loader.pinned.push((ptr as usize, len, p.mapped)),
+                Ok(None) => {}
                 Err(e) => refused = Some(e),
             }
         }
@@ -374,7 +375,7 @@ impl Loader {
 impl Drop for Loader {
     fn drop(&mut self) {
         // No copy is pending: every load synchronizes its stream before returning.
-        for &(ptr, len) in &self.pinned {
+        for &(ptr, len, _) in &self.pinned {
             // SAFETY: pinned in new with this device; the pool still holds the memory.
             unsafe { self.device.unpin_host(ptr as *mut u8, len) };
         }
