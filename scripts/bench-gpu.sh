@@ -2,7 +2,7 @@
 # GPU measurements for issue 6, run on the GPU machine (CUDA 13 driver, PyTorch, safetensors, CuPy;
 # no Rust, no network). The gpuio binary is built on an ordinary machine and carried:
 #
-#   cargo build --release            # here
+#   cargo build --release && scripts/gpu-test-binary.sh   # here: the CLI and the GPU test binary
 #   GPUIO=target/release/gpuio SIZE_GIB=4 scripts/bench-gpu.sh   # there; results in $OUT (or ./bench-gpu-out)
 #
 # What it measures, each against its reference in the same run:
@@ -15,7 +15,15 @@
 #   3. file -> GPU bytes/s (gpuio bench --target cuda:0) against fio's sequential read of the same file;
 #   4. the PIO/DMA threshold: per-transfer time of a DMA copy (cudaMemcpyAsync from pinned memory) vs a
 #      kernel reading mapped pinned host memory in place (zero-copy), 64 B .. 1 MiB;
-#   5. gpuio info --json (driver, GPU, cuFile status and reasons).
+#   5. gpuio info --json (driver, GPU, cuFile status and reasons);
+#   6. gpuio's own PIO/DMA sweep (gpuio bench --target cuda:0 --pio-sweep), the threshold the loaders use;
+#   7. zero-copy mapping (gpuio load --path zero-copy) and a zstd/lz4 pack of the model loaded onto the
+#      GPU (PACK:ENTRY), each checked against the staged load's CRCs;
+#   8. the GPU test binaries (byte-exact staged/PIO/zero-copy/direct loads, stores and saves from
+#      device memory, out-of-memory) when carried (GPU_TESTS=target/gpu-tests, built by
+#      scripts/gpu-test-binary.sh);
+#   9. GDS against staged: gpuio load --path direct vs --path staged (when cuFile works there; else
+#      the reason), and a load + save from device memory (--save-to) compared byte for byte.
 # Page cache: dropped before each cold run when /proc/sys/vm/drop_caches is writable (root); the
 # results say whether it was. gpuio reads with O_DIRECT, safetensors and torch through the page cache.
 set -euo pipefail
@@ -175,4 +183,43 @@ cross = next((r["bytes"] for r in rows if r["dma_us"] < r["pio_us"]), None)
 json.dump({"rows": rows, "dma_wins_from_bytes": cross}, open(sys.argv[1], "w"), indent=1)
 print(f"DMA is faster from {cross} bytes (median of {reps})")
 EOF
+# 6. gpuio's own PIO/DMA sweep.
+"$GPUIO" bench --target cuda:0 --pio-sweep --pio-max-size 1M --json >"$OUT/pio-sweep-gpuio.json" 2>>"$LOG" || log "gpuio pio sweep failed"
+log "gpuio PIO/DMA sweep: $(cat "$OUT/pio-sweep-gpuio.json" 2>/dev/null)"
+
+# 7. zero-copy and packs, checked against the staged load's CRCs.
+crcs() { "$PY" -c "import json,sys; v=json.load(open(sys.argv[1])); print(sorted((t['name'], t['crc32c']) for t in v['tensors']) == sorted((t['name'], t['crc32c']) for t in json.load(open(sys.argv[2]))['tensors']))" "$1" "$2"; }
+cache=$(drop_caches)
+"$GPUIO" load "$FILE" --device cuda:0 --path zero-copy --json >"$OUT/load-zero-copy.json" 2>>"$LOG" || log "zero-copy load failed"
+log "zero-copy ($cache): $("$PY" -c "import json,sys; v=json.load(open(sys.argv[1])); print('%.3f s, %s' % (v['seconds'], v['note']))" "$OUT/load-zero-copy.json" 2>&1); same tensors as staged: $(crcs "$OUT/load-zero-copy.json" "$OUT/load-n2-r1.json" 2>&1)"
+mkdir -p "$DIR/packsrc" && ln -sf "$FILE" "$DIR/packsrc/model.safetensors"
+for codec in lz4 zstd; do
+    "$GPUIO" pack "$DIR/packsrc" -o "$DIR/model-$codec.gpk" --codec "$codec" --chunk-size 1M >>"$LOG" 2>&1 || { log "pack $codec failed"; continue; }
+    cache=$(drop_caches)
+    "$GPUIO" load "$DIR/model-$codec.gpk:model.safetensors" --device cuda:0 --json >"$OUT/load-pack-$codec.json" 2>>"$LOG" || log "pack $codec load failed"
+    log "pack $codec -> GPU ($cache, $(stat -c %s "$DIR/model-$codec.gpk") bytes on disk): $("$PY" -c "import json,sys; v=json.load(open(sys.argv[1])); print('%.3f s %.2f GB/s' % (v['seconds'], v['bytes_per_sec'] / 1e9))" "$OUT/load-pack-$codec.json" 2>&1); same tensors as staged: $(crcs "$OUT/load-pack-$codec.json" "$OUT/load-n2-r1.json" 2>&1)"
+done
+
+# 9. GDS vs staged, and store from device memory.
+for r in $(seq 1 "$ROUNDS"); do
+    for p in staged direct; do
+        cache=$(drop_caches)
+        if "$GPUIO" load "$FILE" --device cuda:0 --path "$p" --json >"$OUT/load-path-$p-r$r.json" 2>"$OUT/load-path-$p-r$r.err"; then
+            log "round $r --path $p ($cache): $("$PY" -c "import json,sys; v=json.load(open(sys.argv[1])); print('%.3f s %.2f GB/s; %s' % (v['seconds'], v['bytes_per_sec'] / 1e9, v['note']))" "$OUT/load-path-$p-r$r.json")"
+        else
+            log "round $r --path $p: $(cat "$OUT/load-path-$p-r$r.err")"
+        fi
+    done
+done
+cache=$(drop_caches)
+"$GPUIO" load "$FILE" --device cuda:0 --save-to "$DIR/saved.safetensors" --json >"$OUT/load-save.json" 2>>"$LOG" &&
+    log "save from device ($cache): $("$PY" -c "import json,sys; v=json.load(open(sys.argv[1]))['saved']; print('%.3f s %.2f GB/s' % (v['seconds'], v['bytes_per_sec'] / 1e9))" "$OUT/load-save.json"); identical to the input: $(cmp -s "$FILE" "$DIR/saved.safetensors" && echo yes || echo NO)" ||
+    log "load --save-to failed"
+rm -f "$DIR/saved.safetensors"
+
+# 8. The GPU test binaries, when carried.
+if [ -n "${GPU_TESTS:-}" ] && [ -d "$GPU_TESTS" ]; then
+    { "$GPU_TESTS/gpu" --nocapture --test-threads 1 && "$GPU_TESTS/store" on_a_gpu --nocapture; } >"$OUT/gpu-tests.log" 2>&1 &&
+        log "GPU tests passed" || log "GPU tests FAILED (see gpu-tests.log)"
+fi
 log "results in $OUT"

@@ -70,6 +70,14 @@ pub struct BenchArgs {
     /// Staging buffers for --target cuda:N.
     #[arg(long, default_value_t = gpuio_cuda::loader::STAGING_BUFFERS_DEFAULT)]
     staging_buffers: usize,
+    /// Instead of file I/O: time one host-to-device copy of 64 B, 256 B, ... up to --pio-max-size by
+    /// DMA and by programmed I/O (device threads reading mapped pinned memory) on --target, and say
+    /// from which size DMA wins (the loaders' --pio-max threshold).
+    #[arg(long)]
+    pio_sweep: bool,
+    /// Largest size of the --pio-sweep.
+    #[arg(long, value_parser = crate::parse_size, default_value = "1M")]
+    pio_max_size: u64,
 }
 
 impl BenchArgs {
@@ -192,6 +200,10 @@ fn prepare_file(
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.pio_sweep {
+        let device = gpuio_cuda::open_device(&a.target)?;
+        return crate::load::pio_sweep(device, a.pio_max_size, a.json);
+    }
     validate(&a)?;
     // A device target is opened first, so a missing GPU fails at once with the reason.
     let device = match a.target.parse::<gpuio_cuda::Target>()? {

@@ -212,3 +212,154 @@ fn info_has_a_gpu_section_with_reasons() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("GPU:") && s.contains("cuFile"), "{s}");
 }
+
+/// Tensor name → crc32c from a `gpuio load --json` result.
+fn crcs(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["crc32c"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn zero_copy_pack_entries_and_programmed_io_deliver_the_same_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let a: Vec<u8> = (0..200_003u32).map(|i| (i * 13 + i / 7) as u8).collect();
+    let b: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let img = image(&[("a", "U8", &[200_003], &a), ("b", "F32", &[1000], &b)]);
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let p = src.join("m.safetensors");
+    std::fs::write(&p, &img).unwrap();
+    let want = vec![
+        ("a".to_string(), format!("{:08x}", crc32c(&a))),
+        ("b".to_string(), format!("{:08x}", crc32c(&b))),
+    ];
+
+    let staged = ok_json(&["load", path_str(&p), "--json", "--path", "staged"]);
+    assert_eq!(crcs(&staged), want);
+
+    let zc = ok_json(&["load", path_str(&p), "--json", "--path", "zero-copy"]);
+    assert_eq!(zc["path"], "zero-copy");
+    assert_eq!(zc["bytes"], 204_003);
+    assert!(zc["note"].as_str().unwrap().contains("no copy"), "{zc}");
+    assert_eq!(crcs(&zc), want);
+
+    // Small chunks by programmed I/O: 64 KiB staging, everything ≤ 64 KiB goes PIO.
+    let pio = ok_json(&[
+        "load",
+        path_str(&p),
+        "--json",
+        "--staging-size",
+        "64K",
+        "--pio-max",
+        "64K",
+    ]);
+    assert_eq!(pio["dma_copies"], 0);
+    assert!(pio["pio_copies"].as_u64().unwrap() >= 3, "{pio}");
+    assert_eq!(crcs(&pio), want);
+
+    // The same file inside a zstd pack.
+    let pack = dir.path().join("m.gpk");
+    ok(&[
+        "pack",
+        path_str(&src),
+        "-o",
+        path_str(&pack),
+        "--codec",
+        "zstd",
+        "--chunk-size",
+        "16K",
+    ]);
+    let spec = format!("{}:m.safetensors", pack.display());
+    let packed = ok_json(&["load", &spec, "--json", "--staging-size", "64K"]);
+    assert_eq!(packed["path"], "staged-pack");
+    assert_eq!(crcs(&packed), want);
+    fails_with_error_line(
+        &["load", &spec, "--path", "zero-copy"],
+        &["cannot be loaded zero-copy"],
+    );
+}
+
+#[test]
+fn pio_sweep_on_the_stand_in_reports_both_columns() {
+    let v = ok_json(&["bench", "--pio-sweep", "--pio-max-size", "16K", "--json"]);
+    assert_eq!(v["target"], "cpu");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["bytes"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [64, 256, 1024, 4096, 16384]
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["dma_us"].as_f64().unwrap() > 0.0 && r["pio_us"].as_f64().unwrap() > 0.0));
+    assert!(v["pio_unavailable"].is_null());
+}
+
+#[test]
+fn save_to_writes_the_model_back_from_device_memory_and_direct_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let a: Vec<u8> = (0..123_457u32).map(|i| (i * 31 + 5) as u8).collect();
+    let p = dir.path().join("m.safetensors");
+    let img = image(&[("a", "U8", &[123_457], &a), ("e", "F32", &[0], &[])]);
+    std::fs::write(&p, &img).unwrap();
+    let out = dir.path().join("out.safetensors");
+    std::fs::write(&out, b"old contents").unwrap();
+    let v = ok_json(&[
+        "load",
+        path_str(&p),
+        "--json",
+        "--staging-size",
+        "64K",
+        "--save-to",
+        path_str(&out),
+    ]);
+    assert_eq!(
+        v["saved"]["bytes"],
+        a.len(),
+        "bytes written from device memory (the body)"
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == img,
+        "saved file differs from the input"
+    );
+    // The stand-in has no direct reader: auto stages and says why; direct refuses, saying why.
+    assert!(
+        v["note"]
+            .as_str()
+            .unwrap()
+            .contains("direct path unavailable"),
+        "{v}"
+    );
+    fails_with_error_line(
+        &["load", path_str(&p), "--path", "direct"],
+        &["no direct path to cpu", "m.safetensors"],
+    );
+    fails_with_error_line(
+        &[
+            "load",
+            path_str(&p),
+            "--path",
+            "zero-copy",
+            "--save-to",
+            path_str(&out),
+        ],
+        &["--save-to"],
+    );
+    // Into a directory that does not exist: an error naming it, nothing left behind.
+    let missing = dir.path().join("nope").join("x.safetensors");
+    fails_with_error_line(
+        &["load", path_str(&p), "--save-to", path_str(&missing)],
+        &["nope"],
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}

@@ -346,6 +346,15 @@ impl Device for CudaDevice {
             unsafe { sys::cuMemHostUnregister(ptr as *mut c_void) };
         }
     }
+    fn direct_reader(&self) -> std::result::Result<Arc<dyn crate::device::DirectRead>, String> {
+        let st = crate::cufile::status();
+        if !st.usable {
+            return Err(st.reasons.join("; "));
+        }
+        crate::cufile::CufileReader::new(self.ordinal, self.dev)
+            .map(|r| Arc::new(r) as Arc<dyn crate::device::DirectRead>)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// A non-blocking stream and the events recorded after its copies.
@@ -431,7 +440,8 @@ impl CudaStream {
             return Err(e);
         }
         // SAFETY: a live event and stream.
-        if let Err(e) = check(unsafe { sys::cuEventRecord(ev, self.stream) }, "cuEventRecord") {
+        let recorded = unsafe { sys::cuEventRecord(ev, self.stream) };
+        if let Err(e) = check(recorded, "cuEventRecord") {
             self.spare.push(ev);
             return Err(e);
         }

@@ -59,6 +59,12 @@ pub struct Pinned {
 pub trait DirectRead: Send + Sync + fmt::Debug {
     /// What it is (`cuFile (GPUDirect Storage)`, `cuFile (compatibility mode)`, ...).
     fn describe(&self) -> String;
+    /// Whether bytes really go storage → device with no host copy. cuFile without the nvidia-fs
+    /// module ("compatibility mode") reads through host memory with no double buffering, so the
+    /// loaders' automatic choice prefers their own staged path over it.
+    fn bypasses_host(&self) -> bool {
+        true
+    }
     /// Reads up to `len` bytes of `file` at `offset` into device memory at `dst`, synchronously;
     /// returns the bytes read (fewer only at the end of the file). Thread-safe: loaders call it from
     /// several threads at once for different ranges.
@@ -66,8 +72,13 @@ pub trait DirectRead: Send + Sync + fmt::Debug {
     /// # Safety
     /// `dst..dst+len` lies inside a live allocation of the device this reader came from, and nothing
     /// else writes or reads it until the call returns.
-    unsafe fn read(&self, file: &gpuio::File, offset: u64, dst: DevicePtr, len: usize)
-        -> Result<usize>;
+    unsafe fn read(
+        &self,
+        file: &gpuio::File,
+        offset: u64,
+        dst: DevicePtr,
+        len: usize,
+    ) -> Result<usize>;
 }
 
 /// Free and total device memory, bytes.
@@ -274,8 +285,9 @@ pub struct HostDeviceConfig {
     pub direct_reads: bool,
     /// Fail the N-th direct read (counted from 1) with an I/O error.
     pub fail_direct_read_nth: Option<u64>,
-    /// Refuse to map pinned host memory into the device's address space (as a device without
-    /// unified addressing would): [`Device::pin_host`] then returns no mapped address.
+    /// Refuse to map host memory into the device's address space (as a device without unified
+    /// addressing would): [`Device::pin_host`] then returns no mapped address, and
+    /// [`Device::map_host_read_only`] fails.
     pub no_host_mapping: bool,
 }
 
@@ -488,6 +500,12 @@ impl Device for HostDevice {
         })
     }
     unsafe fn map_host_read_only(&self, ptr: *const u8, len: usize) -> Result<DevicePtr> {
+        if self.0.cfg.no_host_mapping {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the cpu stand-in was configured without host mapping",
+            ));
+        }
         if len == 0 {
             return Err(Error::invalid("cannot map an empty host range"));
         }
@@ -703,9 +721,10 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
 impl HostStream {
     fn enqueue(&mut self, kind: CopyKind, src: usize, len: usize, dst: usize) -> Result<Ticket> {
         let sum = match kind {
-            // SAFETY: the caller of the copy promises src..src+len is valid host memory now.
             CopyKind::HostToDevice | CopyKind::HostToDeviceMapped => {
-                Some(crc(unsafe { std::slice::from_raw_parts(src as *const u8, len) }))
+                // SAFETY: the caller of the copy promises src..src+len is valid host memory now.
+                let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
+                Some(crc(bytes))
             }
             CopyKind::DeviceToHost => None,
         };

@@ -77,7 +77,7 @@ fn load_copy_kernel() -> std::result::Result<CopyKernel, Error> {
     Ok(CopyKernel { function })
 }
 
-/// Blocks for a copy of `n` bytes: enough for one 16-byte load per thread, at most [`BLOCKS_MAX`].
+/// Blocks for a copy of `n` bytes: enough for one 16-byte load per thread, at most 1024.
 pub fn blocks_for(n: u64) -> u32 {
     n.div_ceil(THREADS as u64 * BYTES_PER_THREAD)
         .clamp(1, BLOCKS_MAX) as u32
@@ -138,7 +138,10 @@ mod tests {
 
     #[test]
     fn embedded_ptx_declares_the_entry_with_three_u64_params() {
-        assert!(COPY_PTX.contains(".version 7.0"), "PTX ISA kept at 7.0 for older drivers");
+        assert!(
+            COPY_PTX.contains(".version 7.0"),
+            "PTX ISA kept at 7.0 for older drivers"
+        );
         assert!(COPY_PTX.contains(".target sm_75"));
         assert!(COPY_PTX.contains(&format!(".entry {COPY_ENTRY}(")));
         assert_eq!(COPY_PTX.matches(".param .u64").count(), 3);
@@ -158,8 +161,14 @@ mod tests {
     #[test]
     fn embedded_ptx_assembles_with_ptxas() {
         let ptxas = std::env::var("GPUIO_PTXAS").unwrap_or_else(|_| "ptxas".into());
-        if std::process::Command::new(&ptxas).arg("--version").output().is_err() {
-            eprintln!("skipped: no ptxas here (set GPUIO_PTXAS to a CUDA toolkit's ptxas to run this)");
+        if std::process::Command::new(&ptxas)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!(
+                "skipped: no ptxas here (set GPUIO_PTXAS to a CUDA toolkit's ptxas to run this)"
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();

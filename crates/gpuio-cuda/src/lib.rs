@@ -1,16 +1,25 @@
-//! gpu-io's accelerator target: device memory as a destination of loads.
+//! gpu-io's accelerator target: device memory as a destination and a source of file I/O.
 //!
 //! - [`safetensors`] — a strict parser of the safetensors format (errors name the file, the tensor and
 //!   the byte offset; nothing is allocated on a device for a bad file).
-//! - [`device`] — the [`Device`] / [`CopyStream`] traits the loaders use, [`DeviceBuffer`], and
-//!   [`HostDevice`], a host-memory stand-in that runs the same staging, ordering and error code where
-//!   there is no GPU (CI, `--device cpu`).
-//! - [`loader`] — the staged path (storage → pinned staging buffers → device copies on a copy stream,
-//!   `n ≥ 2` buffers overlapping reads and copies) and the safetensors [`Loader`].
+//! - [`device`] — the [`Device`] / [`CopyStream`] / [`DirectRead`] traits the loaders use,
+//!   [`DeviceBuffer`], and [`HostDevice`], a host-memory stand-in that runs the same staging,
+//!   ordering and error code where there is no GPU (CI, `--device cpu`).
+//! - [`loader`] — the staged path (storage or a pack entry → pinned staging buffers → device copies
+//!   on a copy stream, `n ≥ 2` buffers overlapping reads and copies, small copies by programmed I/O
+//!   when asked), the choice between staged and direct ([`PathChoice`]), and the safetensors
+//!   [`Loader`].
+//! - [`direct`] — the direct path (storage → device memory through a [`DirectRead`], cuFile on a
+//!   GPU): a file range in page-aligned chunks read by a bounded set of worker threads.
+//! - [`store`] — the reverse: device memory → pinned staging → storage, and saving a loaded model as
+//!   safetensors with a crash-safe replacement.
+//! - [`zerocopy`] — a file mapped read-only into the device's address space; nothing copied.
+//! - [`sweep`] — the programmed-I/O vs DMA sweep that sets the small-copy threshold.
 //! - [`cuda`] — the real device through the CUDA driver API, loaded at run time: no CUDA is needed to
 //!   build, and a missing driver or GPU is a typed error that names what was looked for, never a panic.
-//! - [`cufile`] — GPUDirect Storage status (libcufile loaded at run time), with the reason when it
-//!   cannot be used.
+//! - [`kernel`] — the programmed-I/O copy kernel (embedded PTX, JIT-compiled by the driver).
+//! - [`cufile`] — GPUDirect Storage through libcufile loaded at run time: its status with reasons,
+//!   and the [`DirectRead`] that reads with `cuFileRead`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -33,20 +42,28 @@
 pub mod cuda;
 pub mod cufile;
 pub mod device;
+pub mod direct;
 pub mod kernel;
+mod limits;
 pub mod loader;
 pub mod safetensors;
+pub mod store;
+pub mod sweep;
+pub mod zerocopy;
 
 use std::sync::Arc;
 
 pub use device::{
-    CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, HostDevice, HostDeviceConfig, MemInfo,
-    Ticket,
+    CopyKind, CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, DirectRead, HostDevice,
+    HostDeviceConfig, MemInfo, Pinned, Ticket,
 };
+pub use direct::{load_range_direct, DirectConfig, DirectStats};
 pub use loader::{
-    ChunkTiming, DeviceTensor, LoadPath, LoadStats, LoadedModel, Loader, LoaderConfig,
+    ChunkTiming, DeviceTensor, LoadPath, LoadStats, LoadedModel, Loader, LoaderConfig, PathChoice,
 };
 pub use safetensors::{Dtype, Header, TensorSpec};
+pub use store::{encode_safetensors_header, StoreChunkTiming, StoreStats};
+pub use zerocopy::{map_safetensors, MappedModel};
 
 use gpuio::{Error, Result};
 

@@ -14,6 +14,16 @@
 //! copies and reads it started, gives every staging buffer back and frees the device allocation
 //! before returning the error, so nothing is left allocated or pinned beyond the loader's own staging.
 //!
+//! A chunk is either read from a file or loaded from a pack entry (`gpuio-pack` reads the chunks it
+//! touches and decompresses them on the CPU straight into the staging buffer, which is why staging
+//! buffers are pinned but not write-combined), then copied the same way.
+//!
+//! Copies of chunks no larger than [`LoaderConfig::pio_max_bytes`] are done by the device's own
+//! threads reading the mapped staging buffer in place (programmed I/O: no copy-engine DMA to set up),
+//! where the device supports it; larger ones, and all of them where it does not, are DMAs. The
+//! threshold is off by default until it has been measured on a GPU (`gpuio bench --target cuda:N
+//! --pio-sweep`).
+//!
 //! A safetensors file is validated in full (header, dtypes, shapes, offsets, file length) before the
 //! one device allocation that holds its whole body is made.
 
@@ -23,10 +33,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuio::{
-    BufferPool, CommandId, Completion, Engine, Error, File, IoBuffer, IoQueue, QueueDesc, Result,
+    BufferPool, CommandId, Completion, Engine, Error, ErrorKind, File, IoBuffer, IoQueue,
+    QueueDesc, Result,
 };
+use gpuio_pack::{Entry, PackLoad};
 
-use crate::device::{CopyStream, Device, DeviceBuffer, DevicePtr, Ticket};
+use crate::device::{CopyStream, Device, DeviceBuffer, DevicePtr, DirectRead, Ticket};
+use crate::direct::{load_range_direct, DirectConfig};
+use crate::limits::{check_chunk_size, check_count};
 use crate::safetensors::{self, Dtype, Header};
 
 /// Default bytes per staging buffer.
@@ -51,7 +65,33 @@ pub struct LoaderConfig {
     pub staging_bytes: usize,
     /// Record when each chunk's read was issued and finished (for tests and benchmarks).
     pub timeline: bool,
+    /// Copy chunks of at most this many bytes with programmed I/O (device threads reading the mapped
+    /// staging buffer) instead of a DMA; 0 = always DMA.
+    pub pio_max_bytes: usize,
+    /// Which path file loads take.
+    pub path: PathChoice,
+    /// Threads and chunk size of the direct path.
+    pub direct: DirectConfig,
 }
+
+/// Which path [`Loader::load_range`] takes for a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PathChoice {
+    /// Direct (storage → device, no host copy) when the device has a reader that truly bypasses host
+    /// memory and the file is open `O_DIRECT`; staged otherwise, or when the direct reader refuses the
+    /// file as unsupported. [`LoadStats::note`] says why the direct path was not taken.
+    #[default]
+    Auto,
+    /// Always staged through pinned host buffers.
+    Staged,
+    /// Always direct; an error (saying why) where it is not available.
+    Direct,
+}
+
+/// Default [`LoaderConfig::pio_max_bytes`]: off. The crossover between programmed I/O and DMA has not
+/// been measured on a GPU yet (none was available); `gpuio bench --target cuda:N --pio-sweep` measures
+/// it, and this default is to be set from that measurement.
+pub const PIO_MAX_BYTES_DEFAULT: usize = 0;
 
 impl Default for LoaderConfig {
     fn default() -> Self {
@@ -59,25 +99,27 @@ impl Default for LoaderConfig {
             staging_buffers: STAGING_BUFFERS_DEFAULT,
             staging_bytes: STAGING_BYTES_DEFAULT,
             timeline: false,
+            pio_max_bytes: PIO_MAX_BYTES_DEFAULT,
+            path: PathChoice::Auto,
+            direct: DirectConfig::default(),
         }
     }
 }
 
 impl LoaderConfig {
     pub fn validate(&self) -> Result<()> {
-        if !(1..=STAGING_BUFFERS_MAX).contains(&self.staging_buffers) {
-            return Err(Error::invalid(format!(
-                "staging buffer count {} is out of range 1..={STAGING_BUFFERS_MAX}",
-                self.staging_buffers
-            )));
-        }
-        let b = self.staging_bytes;
-        if !(STAGING_BYTES_MIN..=STAGING_BYTES_MAX).contains(&b) || b % CHUNK_ALIGN as usize != 0 {
-            return Err(Error::invalid(format!(
-                "staging buffer size {b} must be a multiple of 4096 in {STAGING_BYTES_MIN}..={STAGING_BYTES_MAX}"
-            )));
-        }
-        Ok(())
+        check_count(
+            "staging buffer count",
+            self.staging_buffers,
+            STAGING_BUFFERS_MAX,
+        )?;
+        check_chunk_size(
+            "staging buffer size",
+            self.staging_bytes,
+            STAGING_BYTES_MIN,
+            STAGING_BYTES_MAX,
+        )?;
+        self.direct.validate()
     }
 }
 
@@ -86,12 +128,21 @@ impl LoaderConfig {
 pub enum LoadPath {
     /// Storage → pinned staging → device copies on a copy stream.
     Staged,
+    /// Pack entry → chunks decompressed on the CPU into pinned staging → device copies.
+    StagedPack,
+    /// Storage → device memory with no host staging (GPUDirect Storage through cuFile).
+    Direct,
+    /// No copy: the file's pages are mapped read-only into the device's address space.
+    ZeroCopy,
 }
 
 impl LoadPath {
     pub fn name(self) -> &'static str {
         match self {
             LoadPath::Staged => "staged",
+            LoadPath::StagedPack => "staged-pack",
+            LoadPath::Direct => "direct",
+            LoadPath::ZeroCopy => "zero-copy",
         }
     }
 }
@@ -120,6 +171,11 @@ pub struct LoadStats {
     /// Time spent blocked waiting for reads, and for copies to free a staging buffer.
     pub read_wait: Duration,
     pub copy_wait: Duration,
+    /// Copies done as DMAs and as programmed I/O (see [`LoaderConfig::pio_max_bytes`]).
+    pub dma_copies: usize,
+    pub pio_copies: usize,
+    /// Why this path and not a faster one, or why programmed I/O was not used ("" when nothing to say).
+    pub note: String,
     /// Per chunk, when [`LoaderConfig::timeline`] is on.
     pub timeline: Vec<ChunkTiming>,
 }
@@ -127,6 +183,24 @@ pub struct LoadStats {
 impl LoadStats {
     pub fn bytes_per_sec(&self) -> f64 {
         self.bytes as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Stats of a transfer of nothing.
+    pub(crate) fn empty(path: LoadPath, cfg: &LoaderConfig) -> LoadStats {
+        LoadStats {
+            bytes: 0,
+            seconds: 0.0,
+            path,
+            chunks: 0,
+            staging_buffers: cfg.staging_buffers,
+            staging_bytes: cfg.staging_bytes,
+            read_wait: Duration::ZERO,
+            copy_wait: Duration::ZERO,
+            dma_copies: 0,
+            pio_copies: 0,
+            note: String::new(),
+            timeline: Vec::new(),
+        }
     }
 }
 
@@ -150,12 +224,60 @@ pub struct LoadedModel {
     pub tensors: Vec<DeviceTensor>,
     pub metadata: Vec<(String, String)>,
     pub stats: LoadStats,
+    /// The header JSON of the file it came from (a save of the unchanged model writes it back).
+    pub(crate) header_json: Vec<u8>,
 }
 
 /// Largest host buffer used to read device memory back.
 const READBACK_CHUNK: usize = 16 << 20;
 
+/// The tensor table of `header` for a body whose first byte is at device address `body`.
+pub(crate) fn device_tensors(header: &Header, body: DevicePtr) -> Vec<DeviceTensor> {
+    header
+        .tensors
+        .iter()
+        .map(|t| DeviceTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            offset: t.begin,
+            bytes: t.len(),
+            device_ptr: body + t.begin,
+        })
+        .collect()
+}
+
+/// Reads and validates the safetensors header at the start of a pack entry. Errors name the pack and
+/// entry (`PACK:ENTRY`) as the file.
+pub fn read_entry_header(entry: &Entry, queue: &IoQueue) -> Result<Header> {
+    let name = std::path::PathBuf::from(format!(
+        "{}:{}",
+        entry.pack().path().display(),
+        entry.name()
+    ));
+    let len = entry.len();
+    let mut prefix = [0u8; 8];
+    let got = len.min(8) as usize;
+    entry.read_at(queue, 0, &mut prefix[..got])?;
+    let n = safetensors::parse_prefix(&prefix[..got], len, &name)?;
+    // n is at most the header limit and within the entry (parse_prefix checked both).
+    let mut json = vec![0u8; n as usize];
+    entry.read_at(queue, 8, &mut json)?;
+    safetensors::parse_header(&json, len, &name)
+}
+
 impl LoadedModel {
+    /// The tensor table of `header` over `buffer`, which holds the body.
+    fn new(buffer: DeviceBuffer, header: &Header, stats: LoadStats) -> LoadedModel {
+        LoadedModel {
+            tensors: device_tensors(header, buffer.ptr()),
+            buffer,
+            metadata: header.metadata.clone(),
+            stats,
+            header_json: header.json.clone(),
+        }
+    }
+
     /// CRC-32C of a tensor's bytes as they are in device memory (read back in bounded chunks).
     pub fn crc32c(&self, tensor: &DeviceTensor) -> Result<u32> {
         self.checksum(tensor, crc_fast::CrcAlgorithm::Crc32Iscsi)
@@ -168,18 +290,46 @@ impl LoadedModel {
     }
 
     fn checksum(&self, tensor: &DeviceTensor, algorithm: crc_fast::CrcAlgorithm) -> Result<u32> {
-        let mut digest = crc_fast::Digest::new(algorithm);
-        let mut buf = vec![0u8; (tensor.bytes as usize).min(READBACK_CHUNK)];
-        let mut off = 0u64;
-        while off < tensor.bytes {
-            let n = ((tensor.bytes - off) as usize).min(buf.len());
-            self.buffer
-                .read((tensor.offset + off) as usize, &mut buf[..n])?;
-            digest.update(&buf[..n]);
-            off += n as u64;
+        if tensor
+            .offset
+            .checked_add(tensor.bytes)
+            .is_none_or(|e| e > self.buffer.len() as u64)
+        {
+            return Err(Error::invalid(format!(
+                "tensor '{}' ({} bytes at {}) is outside the model's buffer of {} bytes",
+                tensor.name,
+                tensor.bytes,
+                tensor.offset,
+                self.buffer.len()
+            )));
         }
-        Ok(digest.finalize() as u32)
+        device_checksum(
+            self.buffer.device().as_ref(),
+            self.buffer.ptr() + tensor.offset,
+            tensor.bytes,
+            algorithm,
+        )
     }
+}
+
+/// A checksum of `len` bytes of device memory at `ptr`, read back in bounded chunks.
+pub(crate) fn device_checksum(
+    device: &dyn Device,
+    ptr: DevicePtr,
+    len: u64,
+    algorithm: crc_fast::CrcAlgorithm,
+) -> Result<u32> {
+    let mut digest = crc_fast::Digest::new(algorithm);
+    let mut buf = vec![0u8; (len as usize).min(READBACK_CHUNK)];
+    let mut off = 0u64;
+    while off < len {
+        let n = ((len - off) as usize).min(buf.len());
+        // SAFETY: the caller names a range of a live allocation or mapping with no copy pending.
+        unsafe { device.copy_d2h(ptr + off, &mut buf[..n])? };
+        digest.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(digest.finalize() as u32)
 }
 
 /// Moves file ranges to a device through pinned staging buffers.
@@ -191,6 +341,8 @@ pub struct Loader {
     /// Staging buffers that were page-locked (address, length, device address where mapped),
     /// unpinned on drop.
     pinned: Vec<(usize, usize, Option<DevicePtr>)>,
+    /// The device's direct reader, or why there is none (asked once, unless the path is `Staged`).
+    direct: std::result::Result<Arc<dyn DirectRead>, String>,
     pin_note: String,
     pub(crate) cfg: LoaderConfig,
 }
@@ -214,12 +366,17 @@ impl Loader {
         let queue = engine.queue(QueueDesc::default())?;
         let pool = engine.buffer_pool(cfg.staging_bytes, cfg.staging_buffers)?;
         let stream = device.copy_stream()?;
+        let direct = match cfg.path {
+            PathChoice::Staged => Err("the staged path was asked for".to_string()),
+            PathChoice::Auto | PathChoice::Direct => device.direct_reader(),
+        };
         let mut loader = Loader {
             device,
             queue,
             pool,
             stream: parking_lot::Mutex::new(stream),
             pinned: Vec::new(),
+            direct,
             pin_note: String::new(),
             cfg,
         };
@@ -296,32 +453,130 @@ impl Loader {
         let buffer = DeviceBuffer::alloc(&self.device, body_len)
             .map_err(|e| e.with_context(format!("loading {}", path.display())))?;
         let stats = self.load_range(&file, header.body_offset, &buffer, 0, header.body_len)?;
-        let base = buffer.ptr();
-        let tensors = header
-            .tensors
-            .iter()
-            .map(|t| DeviceTensor {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                offset: t.begin,
-                bytes: t.len(),
-                device_ptr: if t.is_empty() { base } else { base + t.begin },
-            })
-            .collect();
-        Ok(LoadedModel {
-            buffer,
-            tensors,
-            metadata: header.metadata.clone(),
-            stats,
-        })
+        Ok(LoadedModel::new(buffer, header, stats))
     }
 
-    /// Copies `len` bytes of `file` from `offset` to `dst` at `dst_offset`, staged. On error nothing
-    /// is left in flight and every staging buffer is back in the pool.
+    /// Loads a safetensors file stored as an entry of a pack (compressed or not): the header is read
+    /// from the entry's first bytes and validated in full before the device allocation, then the body
+    /// is loaded through [`load_entry_range`](Self::load_entry_range).
+    pub fn load_safetensors_entry(&self, entry: &Entry) -> Result<LoadedModel> {
+        let header = read_entry_header(entry, &self.queue)?;
+        let body_len = usize::try_from(header.body_len).map_err(|_| {
+            Error::invalid(format!("body of {} bytes is too large", header.body_len))
+        })?;
+        let buffer = DeviceBuffer::alloc(&self.device, body_len).map_err(|e| {
+            e.with_context(format!(
+                "loading {}:{}",
+                entry.pack().path().display(),
+                entry.name()
+            ))
+        })?;
+        let stats =
+            self.load_entry_range(entry, header.body_offset, &buffer, 0, header.body_len)?;
+        Ok(LoadedModel::new(buffer, &header, stats))
+    }
+
+    /// Copies `len` bytes of `file` from `offset` to `dst` at `dst_offset` by the path
+    /// [`LoaderConfig::path`] asks for (see [`PathChoice`]); the stats say which path ran and, in
+    /// their `note`, why a faster one did not. On error nothing is left in flight and every staging
+    /// buffer is back in the pool.
     pub fn load_range(
         &self,
         file: &File,
+        offset: u64,
+        dst: &DeviceBuffer,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<LoadStats> {
+        let why_not = match (&self.direct, self.cfg.path) {
+            (_, PathChoice::Staged) => None,
+            (Err(why), PathChoice::Direct) => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("no direct path to {}: {why}", self.device.label()),
+                )
+                .with_path(file.path()))
+            }
+            (Err(why), PathChoice::Auto) => Some(format!("direct path unavailable: {why}")),
+            (Ok(r), PathChoice::Auto) if !r.bypasses_host() => Some(format!(
+                "direct path not taken: {} is slower than staging",
+                r.describe()
+            )),
+            (Ok(_), PathChoice::Auto) if !file.is_direct() => Some(format!(
+                "direct path not taken: the file is not open O_DIRECT ({})",
+                file.direct_reason()
+            )),
+            (Ok(r), _) => match self.direct_range(r, file, offset, dst, dst_offset, len) {
+                Ok(st) => return Ok(st),
+                Err(e)
+                    if self.cfg.path == PathChoice::Auto && e.kind() == ErrorKind::Unsupported =>
+                {
+                    Some(format!("direct path refused the file, staged instead: {e}"))
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let mut st = self.staged(Origin::File(file), offset, dst, dst_offset, len)?;
+        if let Some(why) = why_not {
+            st.note = if st.note.is_empty() {
+                why
+            } else {
+                format!("{why}; {}", st.note)
+            };
+        }
+        Ok(st)
+    }
+
+    fn direct_range(
+        &self,
+        reader: &Arc<dyn DirectRead>,
+        file: &File,
+        offset: u64,
+        dst: &DeviceBuffer,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<LoadStats> {
+        let d = load_range_direct(reader, file, offset, dst, dst_offset, len, self.cfg.direct)?;
+        let mut st = LoadStats::empty(LoadPath::Direct, &self.cfg);
+        st.bytes = d.bytes;
+        st.seconds = d.seconds;
+        st.chunks = d.chunks;
+        st.staging_buffers = 0;
+        st.staging_bytes = 0;
+        st.note = format!("{} with {} threads", d.reader, d.threads);
+        Ok(st)
+    }
+
+    /// Copies logical bytes `offset..offset+len` of a pack entry to `dst` at `dst_offset`: the pack
+    /// reads the chunks the range touches and decompresses them on the CPU straight into the pinned
+    /// staging buffers, which are then copied like file chunks (path [`LoadPath::StagedPack`]).
+    /// A damaged chunk is a `Corrupt` error naming the pack, entry and chunk; nothing is copied from
+    /// it.
+    pub fn load_entry_range(
+        &self,
+        entry: &Entry,
+        offset: u64,
+        dst: &DeviceBuffer,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<LoadStats> {
+        if offset.checked_add(len).is_none_or(|e| e > entry.len()) {
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                format!(
+                    "{len} bytes at offset {offset} are past the end of entry '{}' ({} bytes)",
+                    entry.name(),
+                    entry.len()
+                ),
+            )
+            .with_path(entry.pack().path()));
+        }
+        self.staged(Origin::Entry(entry), offset, dst, dst_offset, len)
+    }
+
+    fn staged(
+        &self,
+        origin: Origin<'_>,
         offset: u64,
         dst: &DeviceBuffer,
         dst_offset: u64,
@@ -336,21 +591,15 @@ impl Loader {
                 dst.len()
             )));
         }
+        let path = match origin {
+            Origin::File(_) => LoadPath::Staged,
+            Origin::Entry(_) => LoadPath::StagedPack,
+        };
         let mut stream = self.stream.lock();
         if len == 0 {
-            return Ok(LoadStats {
-                bytes: 0,
-                seconds: 0.0,
-                path: LoadPath::Staged,
-                chunks: 0,
-                staging_buffers: self.cfg.staging_buffers,
-                staging_bytes: self.cfg.staging_bytes,
-                read_wait: Duration::ZERO,
-                copy_wait: Duration::ZERO,
-                timeline: Vec::new(),
-            });
+            return Ok(LoadStats::empty(path, &self.cfg));
         }
-        let mut run = Run::new(self, file, offset, len, dst.ptr() + dst_offset);
+        let mut run = Run::new(self, origin, offset, len, dst.ptr() + dst_offset);
         let started = Instant::now();
         let result = run.drive(&mut **stream);
         // Whatever happened, nothing may still read a staging buffer or write the device.
@@ -361,14 +610,26 @@ impl Loader {
         Ok(LoadStats {
             bytes: len,
             seconds: started.elapsed().as_secs_f64(),
-            path: LoadPath::Staged,
+            path,
             chunks: run.chunks,
             staging_buffers: self.cfg.staging_buffers,
             staging_bytes: self.cfg.staging_bytes,
             read_wait: run.read_wait,
             copy_wait: run.copy_wait,
+            dma_copies: run.dma_copies,
+            pio_copies: run.pio_copies,
+            note: run.pio_note.unwrap_or_default(),
             timeline: run.timeline,
         })
+    }
+
+    /// The device address of a staging buffer's first byte, where the device maps it.
+    fn mapped_address(&self, host: *const u8) -> Option<DevicePtr> {
+        let a = host as usize;
+        self.pinned
+            .iter()
+            .find(|&&(p, l, _)| a >= p && a < p + l)
+            .and_then(|&(p, _, m)| m.map(|m| m + (a - p) as u64))
     }
 }
 
@@ -382,11 +643,48 @@ impl Drop for Loader {
     }
 }
 
+/// Where a staged transfer's bytes come from.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// A file, read in chunks whose offsets are page-aligned (so direct).
+    File(&'a File),
+    /// A pack entry's logical bytes, decompressed by the pack into the staging buffer.
+    Entry(&'a Entry),
+}
+
+/// A chunk's read in flight.
+enum Pending {
+    File(Completion, CommandId),
+    Entry(PackLoad),
+}
+
+impl Pending {
+    fn is_complete(&self) -> bool {
+        match self {
+            Pending::File(c, _) => c.status().is_complete(),
+            Pending::Entry(l) => l.is_complete(),
+        }
+    }
+    /// Waits; returns the first error and the staging buffer (also on error, so it goes back).
+    fn wait(self) -> (Result<()>, Option<IoBuffer>) {
+        match self {
+            Pending::File(c, id) => {
+                let (status, mut done) = c.wait_parts();
+                let buf = done.take_buffer(id);
+                match status.first_error() {
+                    Some(e) => (Err(e), buf),
+                    None => (Ok(()), buf),
+                }
+            }
+            Pending::Entry(l) => l.wait_parts(),
+        }
+    }
+}
+
 /// A chunk being read: its completion, and where its bytes go.
 struct Reading {
     chunk: usize,
-    completion: Completion,
-    id: CommandId,
+    pending: Pending,
     /// Bytes at the start of the staging buffer that precede the wanted range (alignment).
     skip: usize,
     /// Bytes wanted.
@@ -399,7 +697,7 @@ struct Reading {
 /// One staged transfer in progress.
 struct Run<'a> {
     loader: &'a Loader,
-    file: &'a File,
+    origin: Origin<'a>,
     /// File range wanted.
     start: u64,
     end: u64,
@@ -413,23 +711,42 @@ struct Run<'a> {
     chunks: usize,
     read_wait: Duration,
     copy_wait: Duration,
+    dma_copies: usize,
+    pio_copies: usize,
+    /// Why programmed I/O was not used for a chunk small enough for it (first reason only).
+    pio_note: Option<String>,
     timeline: Vec<ChunkTiming>,
 }
 
 impl<'a> Run<'a> {
-    fn new(loader: &'a Loader, file: &'a File, offset: u64, len: u64, dst: DevicePtr) -> Run<'a> {
+    fn new(
+        loader: &'a Loader,
+        origin: Origin<'a>,
+        offset: u64,
+        len: u64,
+        dst: DevicePtr,
+    ) -> Run<'a> {
+        // File chunks start page-aligned so the engine reads them direct; a pack entry's logical
+        // bytes have no such constraint.
+        let next = match origin {
+            Origin::File(_) => offset - offset % CHUNK_ALIGN,
+            Origin::Entry(_) => offset,
+        };
         Run {
             loader,
-            file,
+            origin,
             start: offset,
             end: offset + len,
             dst,
-            next: offset - offset % CHUNK_ALIGN,
+            next,
             reads: VecDeque::new(),
             copies: VecDeque::new(),
             chunks: 0,
             read_wait: Duration::ZERO,
             copy_wait: Duration::ZERO,
+            dma_copies: 0,
+            pio_copies: 0,
+            pio_note: None,
             timeline: Vec::new(),
         }
     }
@@ -442,11 +759,7 @@ impl<'a> Run<'a> {
     fn drive(&mut self, stream: &mut dyn CopyStream) -> Result<()> {
         loop {
             // Hand finished reads to the copy engine as soon as they are in (in chunk order).
-            while self
-                .reads
-                .front()
-                .is_some_and(|r| r.completion.status().is_complete())
-            {
+            while self.reads.front().is_some_and(|r| r.pending.is_complete()) {
                 self.copy_front(stream)?;
             }
             if self.more_to_read() {
@@ -495,15 +808,22 @@ impl<'a> Run<'a> {
         if let IoBuffer::Pooled(p) = &mut buf {
             p.set_len(read_len)?;
         }
-        let mut cb = self.loader.queue.command_buffer();
-        // Read the aligned chunk from its aligned start; the bytes before `start` are skipped.
-        let id = cb.load(self.file, chunk_start, buf)?;
-        let completion = cb.commit()?;
+        let pending = match self.origin {
+            Origin::File(file) => {
+                let mut cb = self.loader.queue.command_buffer();
+                // Read the aligned chunk from its aligned start; the bytes before `start` are
+                // skipped.
+                let id = cb.load(file, chunk_start, buf)?;
+                Pending::File(cb.commit()?, id)
+            }
+            Origin::Entry(entry) => {
+                Pending::Entry(entry.load(&self.loader.queue, chunk_start, buf)?)
+            }
+        };
         let dst_offset = read_from - self.start;
         self.reads.push_back(Reading {
             chunk: self.chunks,
-            completion,
-            id,
+            pending,
             skip,
             len: read_len - skip,
             dst: self.dst + dst_offset,
@@ -519,11 +839,10 @@ impl<'a> Run<'a> {
     fn copy_front(&mut self, stream: &mut dyn CopyStream) -> Result<()> {
         let r = self.reads.pop_front().expect("caller checked");
         let t = Instant::now();
-        let (status, mut done) = r.completion.wait_parts();
+        let (status, buf) = r.pending.wait();
         self.read_wait += t.elapsed();
         let read_done = Instant::now();
-        let buf = done.take_buffer(r.id);
-        if let Some(e) = status.first_error() {
+        if let Err(e) = status {
             return Err(e.with_context(format!(
                 "reading chunk {} for device offset {}",
                 r.chunk, r.dst_offset
@@ -533,7 +852,8 @@ impl<'a> Run<'a> {
         // SAFETY: `buf` is kept in `self.copies` until the ticket is done (or the stream is
         // synchronized in load_range before the run is dropped); the destination is inside `dst`,
         // checked in load_range.
-        let ticket = unsafe { stream.copy_h2d_async(buf.as_ptr().add(r.skip), r.len, r.dst) };
+        let src = unsafe { buf.as_ptr().add(r.skip) };
+        let ticket = self.copy_chunk(stream, src, r.len, r.dst);
         let ticket = match ticket {
             Ok(t) => t,
             Err(e) => {
@@ -556,11 +876,49 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Queues one chunk's copy: programmed I/O when it is small enough and the staging buffer is
+    /// mapped for the device, else (or when the device refuses programmed I/O) a DMA.
+    fn copy_chunk(
+        &mut self,
+        stream: &mut dyn CopyStream,
+        src: *const u8,
+        len: usize,
+        dst: DevicePtr,
+    ) -> Result<Ticket> {
+        if len <= self.loader.cfg.pio_max_bytes {
+            match self.loader.mapped_address(src) {
+                Some(mapped) => {
+                    // SAFETY: as for the DMA below; `mapped` is the device address of `src`.
+                    match unsafe { stream.copy_h2d_mapped_async(src, mapped, len, dst) } {
+                        Ok(t) => {
+                            self.pio_copies += 1;
+                            return Ok(t);
+                        }
+                        Err(e) if e.kind() == ErrorKind::Unsupported => {
+                            self.pio_note.get_or_insert_with(|| {
+                                format!("programmed I/O unavailable, small copies are DMAs: {e}")
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                None => {
+                    self.pio_note.get_or_insert_with(|| {
+                        "programmed I/O unavailable, small copies are DMAs: the staging buffers are not mapped into the device's address space".into()
+                    });
+                }
+            }
+        }
+        self.dma_copies += 1;
+        // SAFETY: the caller keeps src valid until the ticket completes; dst lies in the target.
+        unsafe { stream.copy_h2d_async(src, len, dst) }
+    }
+
     /// After an error: waits for reads still in flight so their staging buffers go back to the pool
     /// before the caller looks.
     fn drain_reads(&mut self) {
         for r in self.reads.drain(..) {
-            let _ = r.completion.wait_parts();
+            let _ = r.pending.wait();
         }
         self.copies.clear();
     }

@@ -164,6 +164,9 @@ pub struct Header {
     pub tensors: Vec<TensorSpec>,
     /// `__metadata__`, in name order.
     pub metadata: Vec<(String, String)>,
+    /// The header's JSON bytes as they are in the file (so a model saved unchanged is written back
+    /// with the very same header).
+    pub json: Vec<u8>,
 }
 
 fn corrupt(path: &Path, offset: u64, len: u64, msg: String) -> Error {
@@ -348,6 +351,7 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
         body_len,
         tensors,
         metadata,
+        json: json.to_vec(),
     })
 }
 
@@ -494,17 +498,38 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8], path: &Path) -> Result<usize
 /// metadata. For tests and tools; the header is padded with spaces to a multiple of 8 bytes as the
 /// reference writer does.
 pub fn serialize(tensors: &[(&str, Dtype, &[u64], &[u8])], metadata: &[(&str, &str)]) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        let m: serde_json::Map<String, Value> = metadata
+    let json = header_json(
+        tensors
             .iter()
-            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
-            .collect();
+            .map(|&(name, dtype, shape, bytes)| (name, dtype, shape, bytes.len() as u64)),
+        metadata.iter().copied(),
+    );
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    for (.., bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The header JSON for tensors given as `(name, dtype, shape, byte length)` in body order (laid out
+/// contiguously from body offset 0) and metadata: padded with spaces to a multiple of 8 bytes as the
+/// reference writer does. Not validated: parse the result with [`parse_header`] to check it.
+pub fn header_json<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, Dtype, &'a [u64], u64)>,
+    metadata: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let m: serde_json::Map<String, Value> = metadata
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+        .collect();
+    if !m.is_empty() {
         header.insert("__metadata__".into(), Value::Object(m));
     }
     let mut off = 0u64;
-    for (name, dtype, shape, bytes) in tensors {
-        let end = off + bytes.len() as u64;
+    for (name, dtype, shape, len) in tensors {
+        let end = off.saturating_add(len);
         header.insert(
             name.to_string(),
             serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [off, end]}),
@@ -515,10 +540,5 @@ pub fn serialize(tensors: &[(&str, Dtype, &[u64], &[u8])], metadata: &[(&str, &s
     while json.len() % 8 != 0 {
         json.push(b' ');
     }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&json);
-    for (.., bytes) in tensors {
-        out.extend_from_slice(bytes);
-    }
-    out
+    json
 }

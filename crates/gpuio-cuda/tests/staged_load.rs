@@ -3,17 +3,19 @@
 //! memory against the file), and every failure must leave nothing allocated and every staging buffer
 //! back in its pool.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::random_model;
 use gpuio::backend::BackendKind;
 use gpuio::{Engine, ErrorKind};
 use gpuio_cuda::safetensors::serialize;
 use gpuio_cuda::{
     Device, DeviceBuffer, Dtype, HostDevice, HostDeviceConfig, LoadedModel, Loader, LoaderConfig,
 };
-use gpuio_testkit::{engines, faulty_engine, FaultPlan, Rng};
+use gpuio_testkit::{engines, faulty_engine, FaultPlan};
 
 fn crc(b: &[u8]) -> u32 {
     crc_fast_checksum(b)
@@ -35,49 +37,12 @@ fn crc_fast_checksum(b: &[u8]) -> u32 {
     !c
 }
 
-/// A random safetensors file: `n` tensors of random dtypes and shapes (sizes up to `max_elems`), a
-/// metadata entry of random length so the body starts at an unaligned offset. Returns its path and
-/// each tensor's (name, bytes).
-fn random_file(
-    dir: &Path,
-    seed: u64,
-    n: usize,
-    max_elems: u64,
-) -> (PathBuf, Vec<(String, Vec<u8>)>) {
-    let mut rng = Rng::new(seed);
-    let dtypes = [
-        Dtype::F32,
-        Dtype::F16,
-        Dtype::BF16,
-        Dtype::I64,
-        Dtype::U8,
-        Dtype::F64,
-    ];
-    let mut owned: Vec<(String, Dtype, Vec<u64>, Vec<u8>)> = Vec::new();
-    for i in 0..n {
-        let d = dtypes[rng.below(dtypes.len() as u64) as usize];
-        let rows = 1 + rng.below(max_elems);
-        let cols = 1 + rng.below(3);
-        let bytes = (rows * cols * d.bits() / 8) as usize;
-        let data: Vec<u8> = (0..bytes).map(|_| rng.next_u32() as u8).collect();
-        owned.push((format!("layer.{i}.weight"), d, vec![rows, cols], data));
-    }
-    let pad = "x".repeat(rng.below(50) as usize);
-    let views: Vec<(&str, Dtype, &[u64], &[u8])> = owned
-        .iter()
-        .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice()))
-        .collect();
-    let img = serialize(&views, &[("pad", &pad)]);
-    let path = dir.join(format!("m{seed}.safetensors"));
-    std::fs::write(&path, img).unwrap();
-    (path, owned.into_iter().map(|(n, _, _, b)| (n, b)).collect())
-}
-
 fn cfg(buffers: usize, bytes: usize) -> LoaderConfig {
     LoaderConfig {
         staging_buffers: buffers,
         staging_bytes: bytes,
         timeline: true,
+        ..LoaderConfig::default()
     }
 }
 
@@ -105,7 +70,7 @@ fn random_files_load_byte_exact_with_1_2_3_staging_buffers_on_every_backend() {
             let device: Arc<dyn Device> = Arc::new(dev.clone());
             let loader = Loader::new(&engine, device, cfg(buffers, 64 << 10)).unwrap();
             for seed in 0..3u64 {
-                let (path, want) = random_file(dir.path(), seed * 10 + buffers as u64, 12, 9000);
+                let (path, want) = random_model(dir.path(), seed * 10 + buffers as u64, 12, 9000);
                 let model = loader.load_safetensors(&path).unwrap();
                 check_model(&model, &want);
                 assert!(
@@ -133,7 +98,7 @@ fn random_files_load_byte_exact_with_1_2_3_staging_buffers_on_every_backend() {
 #[test]
 fn copies_run_in_order_and_overlap_reads_only_with_two_or_more_buffers() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, want) = random_file(dir.path(), 77, 8, 20_000);
+    let (path, want) = random_model(dir.path(), 77, 8, 20_000);
     let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
     let mut overlapped = Vec::new();
     for buffers in 1..=3 {
@@ -177,7 +142,7 @@ fn copies_run_in_order_and_overlap_reads_only_with_two_or_more_buffers() {
 #[test]
 fn read_faults_fail_the_load_and_release_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, _) = random_file(dir.path(), 5, 10, 20_000);
+    let (path, _) = random_model(dir.path(), 5, 10, 20_000);
     for nth in [1u64, 3, 9] {
         let plan = FaultPlan::none().with_fail_nth(nth, libc::EIO, false);
         let (engine, handle) = faulty_engine(nth, plan, BackendKind::Threads).unwrap();
@@ -209,7 +174,7 @@ fn read_faults_fail_the_load_and_release_everything() {
 #[test]
 fn transient_faults_and_short_reads_still_load_exact_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, want) = random_file(dir.path(), 6, 10, 20_000);
+    let (path, want) = random_model(dir.path(), 6, 10, 20_000);
     let plan = FaultPlan::benign(0.2).with_delay(0.3, Duration::from_millis(3));
     let (engine, handle) = faulty_engine(6, plan, BackendKind::Threads).unwrap();
     let dev = HostDevice::new(HostDeviceConfig::default());
@@ -222,8 +187,8 @@ fn transient_faults_and_short_reads_still_load_exact_bytes() {
 #[test]
 fn out_of_device_memory_is_typed_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, want_a) = random_file(dir.path(), 8, 6, 5000);
-    let (b, _) = random_file(dir.path(), 9, 6, 5000);
+    let (a, want_a) = random_model(dir.path(), 8, 6, 5000);
+    let (b, _) = random_model(dir.path(), 9, 6, 5000);
     let len_a = std::fs::metadata(&a).unwrap().len();
     let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
     // Room for the first model and not for a second.
@@ -247,7 +212,7 @@ fn out_of_device_memory_is_typed_and_leaves_nothing() {
 #[test]
 fn a_copy_failing_mid_load_releases_device_and_staging_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, want) = random_file(dir.path(), 10, 10, 20_000);
+    let (path, want) = random_model(dir.path(), 10, 10, 20_000);
     let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
     for nth in [1u64, 2, 4] {
         let dev = HostDevice::new(HostDeviceConfig {
@@ -276,7 +241,7 @@ fn a_copy_failing_mid_load_releases_device_and_staging_memory() {
 #[test]
 fn a_bad_file_allocates_nothing_on_the_device() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, _) = random_file(dir.path(), 11, 4, 1000);
+    let (path, _) = random_model(dir.path(), 11, 4, 1000);
     let mut img = std::fs::read(&path).unwrap();
     img.truncate(img.len() - 3);
     std::fs::write(&path, &img).unwrap();
@@ -347,7 +312,7 @@ fn on_a_gpu_the_same_loads_are_byte_exact() {
     let device = gpuio_cuda::open_device("cuda:0").unwrap();
     for buffers in 1..=3 {
         let loader = Loader::new(&engine, device.clone(), cfg(buffers, 64 << 10)).unwrap();
-        let (path, want) = random_file(dir.path(), 100 + buffers as u64, 12, 20_000);
+        let (path, want) = random_model(dir.path(), 100 + buffers as u64, 12, 20_000);
         check_model(&loader.load_safetensors(&path).unwrap(), &want);
     }
 }

@@ -1,0 +1,48 @@
+//! Test inputs shared by the loader tests.
+
+use std::path::{Path, PathBuf};
+
+use gpuio_cuda::safetensors::serialize;
+use gpuio_cuda::Dtype;
+use gpuio_testkit::Rng;
+
+/// A random safetensors file `m{seed}.safetensors` in `dir`: `n` tensors of random dtypes and
+/// shapes (rows up to `max_elems`; the middle one empty) and a metadata entry of random length, so
+/// the body starts at an unaligned offset. Returns its path and each tensor's (name, bytes).
+pub fn random_model(
+    dir: &Path,
+    seed: u64,
+    n: usize,
+    max_elems: u64,
+) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let mut rng = Rng::new(seed);
+    let dtypes = [
+        Dtype::F32,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::I64,
+        Dtype::U8,
+        Dtype::F64,
+    ];
+    let mut owned: Vec<(String, Dtype, Vec<u64>, Vec<u8>)> = Vec::new();
+    for i in 0..n {
+        let d = *rng.pick(&dtypes);
+        let rows = if i == n / 2 {
+            0
+        } else {
+            1 + rng.below(max_elems)
+        };
+        let cols = 1 + rng.below(3);
+        let mut data = vec![0u8; (rows * cols * d.bits() / 8) as usize];
+        rng.fill(&mut data);
+        owned.push((format!("layer.{i}.weight"), d, vec![rows, cols], data));
+    }
+    let pad = "x".repeat(rng.below(50) as usize);
+    let views: Vec<(&str, Dtype, &[u64], &[u8])> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice()))
+        .collect();
+    let path = dir.join(format!("m{seed}.safetensors"));
+    std::fs::write(&path, serialize(&views, &[("pad", &pad), ("format", "pt")])).unwrap();
+    (path, owned.into_iter().map(|(n, _, _, b)| (n, b)).collect())
+}
