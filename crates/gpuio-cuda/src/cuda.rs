@@ -490,6 +490,8 @@ impl CopyStream for CudaStream {
         len: usize,
         dst: DevicePtr,
     ) -> Result<Ticket> {
+        // The kernel is loaded into the current context: make it this stream's first.
+        self.bind()?;
         let kernel = crate::kernel::copy_kernel(self.ctx)?;
         self.enqueue(|s| {
             // SAFETY: src_mapped is the device address of pinned, mapped host memory the caller keeps
