@@ -217,26 +217,58 @@ fn gpu_json() -> Value {
         }
     }
     let cf = gpuio_cuda::cufile::status();
-    let staged = if d.available {
-        json!({"path": "staged", "works": true, "why": "pinned staging buffers, copies on a copy stream"})
+    let gpu0 = if d.available {
+        gpuio_cuda::cuda::CudaDevice::open(0).map_err(|e| e.to_string())
     } else {
-        json!({"path": "staged", "works": false, "why": d.reason})
+        Err(d.reason.clone())
     };
+    let path =
+        |name: &str, works: bool, why: String| json!({"path": name, "works": works, "why": why});
+    let paths = match &gpu0 {
+        Err(why) => vec![
+            path("staged", false, why.clone()),
+            path("direct", false, cf.reasons.join("; ")),
+            path("zero-copy", false, "needs a GPU (see staged)".into()),
+            path("pio", false, "needs a GPU (see staged)".into()),
+        ],
+        Ok(g) => vec![
+            path(
+                "staged",
+                true,
+                "pinned staging buffers, copies on a copy stream (the copy engines)".into(),
+            ),
+            match (cf.usable, cf.nvidia_fs) {
+                (true, true) => path("direct", true, "cuFile with nvidia-fs: GPUDirect Storage; --path auto takes it for O_DIRECT files".into()),
+                (true, false) => path("direct", true, "cuFile in compatibility mode (nvidia-fs not loaded): bytes go through host memory, so --path auto stages instead; --path direct forces it".into()),
+                (false, _) => path("direct", false, cf.reasons.join("; ")),
+            },
+            if g.read_only_mapping_supported() {
+                path("zero-copy", true, "read-only host registration supported: files map into the GPU's address space".into())
+            } else {
+                path("zero-copy", false, "the GPU does not support read-only host registration (CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED = 0)".into())
+            },
+            match g.pio_status() {
+                Ok(()) => path("pio", true, format!(
+                    "the copy kernel loads; small copies use it below --pio-max (default {}: off until measured with gpuio bench --pio-sweep)",
+                    gpuio_cuda::loader::PIO_MAX_BYTES_DEFAULT
+                )),
+                Err(why) => path("pio", false, why),
+            },
+        ],
+    };
+    let mut paths = paths;
+    paths.push(path(
+        "cpu",
+        true,
+        "host memory standing in for a device (--device cpu)".into(),
+    ));
     json!({
         "driver_available": d.available,
         "driver_version": d.version.map(|v| gpuio_cuda::cuda::fmt_version(Some(v))),
         "driver_reason": d.reason,
         "gpus": gpus,
         "cufile": {"library": cf.library, "usable": cf.usable, "nvidia_fs": cf.nvidia_fs, "reasons": cf.reasons},
-        "paths": [
-            staged,
-            {"path": "gds", "works": false, "why": if cf.usable {
-                "cuFile opens here, but gpu-io's cuFile read path is not implemented yet: loads are staged".to_string()
-            } else {
-                cf.reasons.join("; ")
-            }},
-            {"path": "cpu", "works": true, "why": "host memory standing in for a device (--device cpu)"},
-        ],
+        "paths": paths,
     })
 }
 
@@ -293,7 +325,7 @@ fn human(v: &Value) -> String {
     out.push_str("  device paths:\n");
     for p in g["paths"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "    {:7} {}: {}\n",
+            "    {:9} {}: {}\n",
             p["path"].as_str().unwrap_or_default(),
             if p["works"].as_bool() == Some(true) {
                 "works"

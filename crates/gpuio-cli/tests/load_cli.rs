@@ -204,7 +204,7 @@ fn info_has_a_gpu_section_with_reasons() {
     );
     let paths = g["paths"].as_array().unwrap();
     let names: Vec<&str> = paths.iter().filter_map(|p| p["path"].as_str()).collect();
-    assert_eq!(names, ["staged", "gds", "cpu"]);
+    assert_eq!(names, ["staged", "direct", "zero-copy", "pio", "cpu"]);
     for p in paths {
         assert!(p["why"].as_str().is_some_and(|s| !s.is_empty()), "{p}");
     }

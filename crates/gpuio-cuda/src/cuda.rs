@@ -212,6 +212,30 @@ impl CudaDevice {
         &self.name
     }
 
+    /// Whether the programmed-I/O copy kernel loads here (the driver JIT-compiles the embedded PTX),
+    /// or the driver's reason it does not.
+    pub fn pio_status(&self) -> std::result::Result<(), String> {
+        self.bind().map_err(|e| e.to_string())?;
+        crate::kernel::copy_kernel(self.ctx)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether the device can map host memory registered read-only (what zero-copy mapping of a
+    /// read-only file needs: `CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED`).
+    pub fn read_only_mapping_supported(&self) -> bool {
+        let mut v = 0;
+        // SAFETY: out-param is a local; dev is a valid device of an initialized driver.
+        let r = unsafe {
+            sys::cuDeviceGetAttribute(
+                &mut v,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED,
+                self.dev,
+            )
+        };
+        r == sys::CUresult::CUDA_SUCCESS && v != 0
+    }
+
     fn bind(&self) -> Result<()> {
         // SAFETY: ctx is the retained primary context of a live device.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
