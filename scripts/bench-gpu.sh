@@ -192,11 +192,11 @@ crcs() { "$PY" -c "import json,sys; v=json.load(open(sys.argv[1])); print(sorted
 cache=$(drop_caches)
 "$GPUIO" load "$FILE" --device cuda:0 --path zero-copy --json >"$OUT/load-zero-copy.json" 2>>"$LOG" || log "zero-copy load failed"
 log "zero-copy ($cache): $("$PY" -c "import json,sys; v=json.load(open(sys.argv[1])); print('%.3f s, %s' % (v['seconds'], v['note']))" "$OUT/load-zero-copy.json" 2>&1); same tensors as staged: $(crcs "$OUT/load-zero-copy.json" "$OUT/load-n2-r1.json" 2>&1)"
-mkdir -p "$DIR/packsrc" && ln -sf "$FILE" "$DIR/packsrc/model.safetensors"
 for codec in lz4 zstd; do
-    "$GPUIO" pack "$DIR/packsrc" -o "$DIR/model-$codec.gpk" --codec "$codec" --chunk-size 1M >>"$LOG" 2>&1 || { log "pack $codec failed"; continue; }
+    # A file given to `gpuio pack` becomes an entry named after it.
+    "$GPUIO" pack "$FILE" -o "$DIR/model-$codec.gpk" --codec "$codec" --chunk-size 1M >>"$LOG" 2>&1 || { log "pack $codec failed"; continue; }
     cache=$(drop_caches)
-    "$GPUIO" load "$DIR/model-$codec.gpk:model.safetensors" --device cuda:0 --json >"$OUT/load-pack-$codec.json" 2>>"$LOG" || log "pack $codec load failed"
+    "$GPUIO" load "$DIR/model-$codec.gpk:$(basename "$FILE")" --device cuda:0 --json >"$OUT/load-pack-$codec.json" 2>>"$LOG" || log "pack $codec load failed"
     log "pack $codec -> GPU ($cache, $(stat -c %s "$DIR/model-$codec.gpk") bytes on disk): $("$PY" -c "import json,sys; v=json.load(open(sys.argv[1])); print('%.3f s %.2f GB/s' % (v['seconds'], v['bytes_per_sec'] / 1e9))" "$OUT/load-pack-$codec.json" 2>&1); same tensors as staged: $(crcs "$OUT/load-pack-$codec.json" "$OUT/load-n2-r1.json" 2>&1)"
 done
 
