@@ -216,9 +216,10 @@ impl CudaDevice {
     /// or the driver's reason it does not.
     pub fn pio_status(&self) -> std::result::Result<(), String> {
         self.bind().map_err(|e| e.to_string())?;
-        crate::kernel::copy_kernel(self.ctx)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let k = crate::kernel::CopyKernel::load().map_err(|e| e.to_string())?;
+        // SAFETY: loaded just above into this (current) context and never launched.
+        unsafe { k.unload() };
+        Ok(())
     }
 
     /// Whether the device can map host memory registered read-only (what zero-copy mapping of a
@@ -299,17 +300,39 @@ impl Device for CudaDevice {
         }
     }
     fn copy_stream(&self) -> Result<Box<dyn CopyStream>> {
-        self.bind()?;
-        let mut s = std::ptr::null_mut();
+        // The stream holds the primary context itself: a loader may outlive its last device handle,
+        // and the context (with the stream, its events and its module) dies with the last release.
+        let mut ctx = std::ptr::null_mut();
         check(
+            // SAFETY: out-param is a local; dev is a valid device of an initialized driver.
+            unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, self.dev) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        let release = || {
+            // SAFETY: retained just above.
+            unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
+        };
+        // SAFETY: ctx was just retained.
+        if let Err(e) = check(unsafe { sys::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent") {
+            release();
+            return Err(e);
+        }
+        let mut s = std::ptr::null_mut();
+        let created = check(
             // SAFETY: out-param is a local.
             unsafe {
                 sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
             },
             "cuStreamCreate",
-        )?;
+        );
+        if let Err(e) = created {
+            release();
+            return Err(e);
+        }
         Ok(Box::new(CudaStream {
-            ctx: self.ctx,
+            ctx,
+            dev: self.dev,
+            kernel: None,
             stream: s,
             pending: VecDeque::new(),
             spare: Vec::new(),
@@ -381,9 +404,13 @@ impl Device for CudaDevice {
     }
 }
 
-/// A non-blocking stream and the events recorded after its copies.
+/// A non-blocking stream and the events recorded after its copies. It holds a reference to the
+/// device's primary context (released last in Drop) and its own copy kernel module.
 struct CudaStream {
     ctx: sys::CUcontext,
+    dev: sys::CUdevice,
+    /// The programmed-I/O kernel, loaded on first use (or the reason it could not be).
+    kernel: Option<std::result::Result<crate::kernel::CopyKernel, Error>>,
     stream: sys::CUstream,
     /// (ticket, event) of copies not yet known to be done, in order.
     pending: VecDeque<(Ticket, sys::CUevent)>,
@@ -406,7 +433,7 @@ impl fmt::Debug for CudaStream {
 
 impl CudaStream {
     fn bind(&self) -> Result<()> {
-        // SAFETY: ctx is a retained primary context (the device outlives its streams in the loaders).
+        // SAFETY: ctx is the primary context this stream retained.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
     }
     fn event(&mut self) -> Result<sys::CUevent> {
@@ -516,11 +543,17 @@ impl CopyStream for CudaStream {
     ) -> Result<Ticket> {
         // The kernel is loaded into the current context: make it this stream's first.
         self.bind()?;
-        let kernel = crate::kernel::copy_kernel(self.ctx)?;
+        let kernel = match self
+            .kernel
+            .get_or_insert_with(crate::kernel::CopyKernel::load)
+        {
+            Ok(k) => k.function(),
+            Err(e) => return Err(e.clone()),
+        };
         self.enqueue(|s| {
             // SAFETY: src_mapped is the device address of pinned, mapped host memory the caller keeps
             // valid; dst lies inside an allocation; the kernel touches exactly len bytes of each.
-            unsafe { kernel.launch(s, src_mapped, dst, len as u64) }
+            unsafe { crate::kernel::launch(kernel, s, src_mapped, dst, len as u64) }
         })
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
@@ -543,9 +576,13 @@ impl CopyStream for CudaStream {
 impl Drop for CudaStream {
     fn drop(&mut self) {
         if self.bind().is_err() {
+            // SAFETY: retained in copy_stream; nothing else of this stream can be freed without it.
+            unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
             return;
         }
-        // SAFETY: a live stream and its events; synchronize first so no copy reads freed memory.
+        // SAFETY: a live stream and its events in the context this stream retained; synchronize
+        // first so no copy reads freed memory and no launch of the kernel is still queued; the
+        // context is released last.
         unsafe {
             sys::cuStreamSynchronize(self.stream);
             for (_, e) in self.pending.drain(..) {
@@ -555,6 +592,10 @@ impl Drop for CudaStream {
                 sys::cuEventDestroy_v2(e);
             }
             sys::cuStreamDestroy_v2(self.stream);
+            if let Some(Ok(k)) = self.kernel.take() {
+                k.unload();
+            }
+            sys::cuDevicePrimaryCtxRelease_v2(self.dev);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::random_model;
+use common::{crc, random_model};
 use gpuio::backend::BackendKind;
 use gpuio::{Engine, ErrorKind};
 use gpuio_cuda::safetensors::serialize;
@@ -16,26 +16,6 @@ use gpuio_cuda::{
     Device, DeviceBuffer, Dtype, HostDevice, HostDeviceConfig, LoadedModel, Loader, LoaderConfig,
 };
 use gpuio_testkit::{engines, faulty_engine, FaultPlan};
-
-fn crc(b: &[u8]) -> u32 {
-    crc_fast_checksum(b)
-}
-
-fn crc_fast_checksum(b: &[u8]) -> u32 {
-    // The same CRC-32C as the loader (Castagnoli), computed independently bit by bit.
-    let mut c = !0u32;
-    for &x in b {
-        c ^= x as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82f6_3b78
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
 
 fn cfg(buffers: usize, bytes: usize) -> LoaderConfig {
     LoaderConfig {

@@ -1,4 +1,5 @@
-//! Test inputs shared by the loader tests.
+//! Test inputs and checks shared by the loader tests (each test binary uses a part of them).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -45,4 +46,20 @@ pub fn random_model(
     let path = dir.join(format!("m{seed}.safetensors"));
     std::fs::write(&path, serialize(&views, &[("pad", &pad), ("format", "pt")])).unwrap();
     (path, owned.into_iter().map(|(n, _, _, b)| (n, b)).collect())
+}
+
+/// CRC-32C (Castagnoli), bit by bit: the loaders' checksum, computed independently of the crate.
+pub fn crc(b: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &x in b {
+        c ^= x as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
 }

@@ -1,0 +1,520 @@
+/* A mock of the CUDA driver library (libcuda) for tests/mock_driver.rs.
+ *
+ * It implements exactly the driver entry points gpuio-cuda calls, with host memory standing in for
+ * the GPU, and checks how they are called: a current context on the calling thread, device
+ * addresses inside live allocations, flags from the documented sets, kernel parameters and launch
+ * geometry. It models asynchrony: work queued on a stream runs only when something waits for it
+ * (an event query or synchronize, a stream synchronize or destroy), so a host buffer reused before
+ * its copy was waited for shows up as wrong bytes. It is not a GPU: nothing runs in parallel, the
+ * "kernel" is a memcpy, and timings mean nothing.
+ *
+ * Device addresses are not host addresses: an allocation's device address is its host address plus
+ * DEV_BIAS, and mapped host memory's device address is the host address plus MAP_BIAS, so code that
+ * passes a host pointer where a device one is due (or the reverse) is caught.
+ *
+ * Problems a real GPU would report asynchronously (a queued copy whose memory was freed before it
+ * ran) become a sticky CUDA_ERROR_ILLEGAL_ADDRESS, as on a GPU, and are counted in mock_faults().
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+
+enum {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    NOT_INITIALIZED = 3,
+    INVALID_DEVICE = 101,
+    INVALID_IMAGE = 200,
+    INVALID_CONTEXT = 201,
+    INVALID_HANDLE = 400,
+    NOT_FOUND = 500,
+    NOT_READY = 600,
+    ILLEGAL_ADDRESS = 700,
+    ALREADY_REGISTERED = 712,
+    NOT_REGISTERED = 713,
+};
+
+#define DEV_BIAS (1ULL << 60) /* device address = host address + DEV_BIAS */
+#define MAP_BIAS (2ULL << 60) /* mapped host memory's device address = host + MAP_BIAS */
+#define MAX_RANGES 4096
+#define MAX_OPS 4096
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int initialized;
+static int ctx_refs;      /* primary context retain count */
+static int ctx_gen = 1;   /* bumped when the primary context is reset (last release) */
+static int primary_ctx_storage;
+#define PRIMARY_CTX ((void *)&primary_ctx_storage)
+static __thread void *current_ctx;
+static int sticky_error;
+
+/* Counters, read by the test through the exported mock_* functions. */
+static long n_launches, n_dma, n_faults, n_bad_calls, n_live_events, n_live_streams, n_live_modules;
+static char last_bad[512];
+
+struct range { uintptr_t host; size_t len; unsigned flags; int live; };
+static struct range allocs[MAX_RANGES];
+static struct range regs[MAX_RANGES];
+static size_t alloc_bytes;
+
+/* Stream work: 0 = h2d, 1 = d2h, 2 = kernel copy (device addresses both sides). */
+struct op { int kind; CUdeviceptr dev_a; CUdeviceptr dev_b; uintptr_t host; size_t n; };
+struct stream { int live; long seq_done; long seq_next; struct op ops[MAX_OPS]; long op_seq[MAX_OPS]; int nops; };
+struct event { int live; struct stream *s; long seq; int queried; };
+struct module { int gen; int unloaded; };
+struct function { int gen; struct module *mod; };
+
+static CUresult bad(CUresult r, const char *fmt, const char *what) {
+    n_bad_calls++;
+    snprintf(last_bad, sizeof last_bad, fmt, what);
+    return r;
+}
+#define BAD(r, msg) bad(r, "%s: " msg, __func__)
+
+/* Requires cuInit and the primary context current on this thread. Call with the lock held. */
+static CUresult need_ctx(const char *fn) {
+    if (!initialized) return bad(NOT_INITIALIZED, "%s: before cuInit", fn);
+    if (current_ctx != PRIMARY_CTX || ctx_refs <= 0)
+        return bad(INVALID_CONTEXT, "%s: no (live) context current on this thread", fn);
+    return SUCCESS;
+}
+
+static struct range *find(struct range *t, uintptr_t a, size_t n) {
+    for (int i = 0; i < MAX_RANGES; i++)
+        if (t[i].live && a >= t[i].host && a + n <= t[i].host + t[i].len) return &t[i];
+    return NULL;
+}
+
+/* Host address behind a device range, or 0 when it is not inside an allocation or (`readable`) a
+ * mapped registration. */
+static uintptr_t dev_to_host(CUdeviceptr d, size_t n, int writable) {
+    if (d >> 60 == 1 && find(allocs, (uintptr_t)(d - DEV_BIAS), n))
+        return (uintptr_t)(d - DEV_BIAS);
+    if (d >> 60 == 2) {
+        struct range *r = find(regs, (uintptr_t)(d - MAP_BIAS), n);
+        if (r && (r->flags & 2) && !(writable && (r->flags & 8))) return (uintptr_t)(d - MAP_BIAS);
+    }
+    return 0;
+}
+
+static void run_op(struct op *o) {
+    if (sticky_error) return;
+    switch (o->kind) {
+    case 0: {
+        uintptr_t dst = dev_to_host(o->dev_a, o->n, 1);
+        if (!dst) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
+        memcpy((void *)dst, (void *)o->host, o->n);
+        break;
+    }
+    case 1: {
+        uintptr_t src = dev_to_host(o->dev_a, o->n, 0);
+        if (!src) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
+        memcpy((void *)o->host, (void *)src, o->n);
+        break;
+    }
+    case 2: {
+        uintptr_t src = dev_to_host(o->dev_a, o->n, 0), dst = dev_to_host(o->dev_b, o->n, 1);
+        if (!src || !dst) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
+        memmove((void *)dst, (void *)src, o->n);
+        break;
+    }
+    }
+}
+
+/* Runs the stream's work up to sequence number `seq`. */
+static void complete(struct stream *s, long seq) {
+    int i = 0;
+    while (i < s->nops && s->op_seq[i] <= seq) run_op(&s->ops[i++]);
+    memmove(s->ops, s->ops + i, (s->nops - i) * sizeof s->ops[0]);
+    memmove(s->op_seq, s->op_seq + i, (s->nops - i) * sizeof s->op_seq[0]);
+    s->nops -= i;
+    if (seq > s->seq_done) s->seq_done = seq;
+}
+
+static CUresult enqueue(struct stream *s, struct op o) {
+    if (s->nops == MAX_OPS) complete(s, s->op_seq[0]); /* a full queue drains its oldest op */
+    s->ops[s->nops] = o;
+    s->op_seq[s->nops] = ++s->seq_next;
+    s->nops++;
+    return SUCCESS;
+}
+
+static int valid_stream(struct stream *s) { return s && s->live; }
+
+#define CTX() do { CUresult c_ = need_ctx(__func__); if (c_) { pthread_mutex_unlock(&lock); return c_; } if (sticky_error) { pthread_mutex_unlock(&lock); return sticky_error; } } while (0)
+
+/* ---- initialization and device queries ---- */
+
+CUresult cuInit(unsigned flags) {
+    if (flags != 0) return BAD(INVALID_VALUE, "flags must be 0");
+    initialized = 1;
+    return SUCCESS;
+}
+CUresult cuDriverGetVersion(int *v) { if (!v) return BAD(INVALID_VALUE, "null"); *v = 13000; return SUCCESS; }
+CUresult cuDeviceGetCount(int *n) {
+    if (!initialized) return BAD(NOT_INITIALIZED, "before cuInit");
+    *n = 1;
+    return SUCCESS;
+}
+CUresult cuDeviceGet(CUdevice *d, int ordinal) {
+    if (!initialized) return BAD(NOT_INITIALIZED, "before cuInit");
+    if (ordinal != 0) return BAD(INVALID_DEVICE, "ordinal out of range");
+    *d = 0;
+    return SUCCESS;
+}
+CUresult cuDeviceGetName(char *name, int len, CUdevice d) {
+    if (!initialized) return BAD(NOT_INITIALIZED, "before cuInit");
+    if (d != 0) return BAD(INVALID_DEVICE, "bad device");
+    if (!name || len <= 0) return BAD(INVALID_VALUE, "bad buffer");
+    snprintf(name, (size_t)len, "%s", "Mock GPU");
+    return SUCCESS;
+}
+CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
+    if (!initialized) return BAD(NOT_INITIALIZED, "before cuInit");
+    if (d != 0 || attr <= 0) return BAD(INVALID_VALUE, "bad device or attribute");
+    *v = 1;
+    return SUCCESS;
+}
+CUresult cuGetErrorString(CUresult e, const char **s) {
+    *s = e == SUCCESS ? "no error" : e == OUT_OF_MEMORY ? "out of memory (mock)" : "mock error";
+    return SUCCESS;
+}
+
+/* ---- contexts ---- */
+
+CUresult cuDevicePrimaryCtxRetain(void **ctx, CUdevice d) {
+    pthread_mutex_lock(&lock);
+    CUresult r = SUCCESS;
+    if (!initialized) r = BAD(NOT_INITIALIZED, "before cuInit");
+    else if (d != 0) r = BAD(INVALID_DEVICE, "bad device");
+    else { ctx_refs++; *ctx = PRIMARY_CTX; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
+    pthread_mutex_lock(&lock);
+    CUresult r = SUCCESS;
+    if (d != 0) r = BAD(INVALID_DEVICE, "bad device");
+    else if (ctx_refs <= 0) r = BAD(INVALID_CONTEXT, "released more often than retained");
+    else if (--ctx_refs == 0) {
+        /* The last release resets the context: its memory, registrations, modules are gone. */
+        ctx_gen++;
+        memset(allocs, 0, sizeof allocs);
+        memset(regs, 0, sizeof regs);
+        alloc_bytes = 0;
+        n_live_modules = 0;
+        sticky_error = 0;
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuCtxSetCurrent(void *ctx) {
+    if (ctx != NULL && ctx != PRIMARY_CTX) return BAD(INVALID_CONTEXT, "unknown context");
+    current_ctx = ctx;
+    return SUCCESS;
+}
+
+/* ---- memory ---- */
+
+static size_t mem_limit(void) {
+    const char *s = getenv("MOCK_CUDA_MEM_LIMIT");
+    return s ? (size_t)strtoull(s, NULL, 10) : (size_t)16 << 30;
+}
+
+CUresult cuMemGetInfo_v2(size_t *free_b, size_t *total) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    *total = mem_limit();
+    *free_b = *total > alloc_bytes ? *total - alloc_bytes : 0;
+    pthread_mutex_unlock(&lock);
+    return SUCCESS;
+}
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (n == 0) r = BAD(INVALID_VALUE, "zero bytes");
+    else if (alloc_bytes + n > mem_limit()) r = OUT_OF_MEMORY;
+    else {
+        int i = 0;
+        while (i < MAX_RANGES && allocs[i].live) i++;
+        void *h = i < MAX_RANGES ? malloc(n) : NULL;
+        if (!h) r = OUT_OF_MEMORY;
+        else {
+            allocs[i] = (struct range){(uintptr_t)h, n, 0, 1};
+            alloc_bytes += n;
+            *p = (CUdeviceptr)(uintptr_t)h + DEV_BIAS;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    int i = 0;
+    while (i < MAX_RANGES && !(allocs[i].live && allocs[i].host + DEV_BIAS == p)) i++;
+    CUresult r = SUCCESS;
+    if (i == MAX_RANGES) r = BAD(INVALID_VALUE, "not the start of a live allocation");
+    else {
+        free((void *)allocs[i].host);
+        allocs[i].live = 0;
+        alloc_bytes -= allocs[i].len;
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned flags) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (!p || n == 0) r = BAD(INVALID_VALUE, "null or empty range");
+    else if (flags & ~(1u | 2u | 4u | 8u)) r = BAD(INVALID_VALUE, "unknown flags");
+    else if (find(regs, (uintptr_t)p, 1) || find(regs, (uintptr_t)p + n - 1, 1))
+        r = BAD(ALREADY_REGISTERED, "overlaps a registered range");
+    else {
+        int i = 0;
+        while (i < MAX_RANGES && regs[i].live) i++;
+        if (i == MAX_RANGES) r = OUT_OF_MEMORY;
+        else regs[i] = (struct range){(uintptr_t)p, n, flags, 1};
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *d, void *p, unsigned flags) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    struct range *g = find(regs, (uintptr_t)p, 1);
+    if (flags != 0) r = BAD(INVALID_VALUE, "flags must be 0");
+    else if (!g) r = BAD(INVALID_VALUE, "not registered");
+    else if (!(g->flags & 2)) r = BAD(INVALID_VALUE, "registered without DEVICEMAP");
+    else *d = (CUdeviceptr)(uintptr_t)p + MAP_BIAS;
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuMemHostUnregister(void *p) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    int i = 0;
+    while (i < MAX_RANGES && !(regs[i].live && regs[i].host == (uintptr_t)p)) i++;
+    CUresult r = SUCCESS;
+    if (i == MAX_RANGES) r = BAD(NOT_REGISTERED, "not the start of a registered range");
+    else regs[i].live = 0;
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    /* Synchronous, but (like the real call) not ordered after work on non-blocking streams. */
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    uintptr_t h = dev_to_host(src, n, 0);
+    if (!h) r = BAD(INVALID_VALUE, "source is not device memory");
+    else { memcpy(dst, (void *)h, n); n_dma++; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+/* ---- streams and events ---- */
+
+CUresult cuStreamCreate(void **s, unsigned flags) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (flags & ~1u) r = BAD(INVALID_VALUE, "unknown flags");
+    else {
+        struct stream *st = calloc(1, sizeof *st);
+        st->live = 1;
+        n_live_streams++;
+        *s = st;
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuStreamSynchronize(void *s) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream (the legacy stream is not used)");
+    else { complete(s, ((struct stream *)s)->seq_next); r = sticky_error; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuStreamDestroy_v2(void *s) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
+    else {
+        struct stream *st = s;
+        complete(st, st->seq_next);
+        st->live = 0; /* leaked on purpose, so a use after destroy is detected */
+        n_live_streams--;
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuEventCreate(void **e, unsigned flags) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (flags & ~(1u | 2u | 4u)) r = BAD(INVALID_VALUE, "unknown flags");
+    else {
+        struct event *ev = calloc(1, sizeof *ev);
+        ev->live = 1;
+        n_live_events++;
+        *e = ev;
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuEventRecord(void *e, void *s) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    struct event *ev = e;
+    CUresult r = SUCCESS;
+    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event");
+    else if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
+    else { ev->s = s; ev->seq = ((struct stream *)s)->seq_next; ev->queried = 0; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuEventQuery(void *e) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    struct event *ev = e;
+    CUresult r = SUCCESS;
+    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event");
+    else if (ev->s && ev->s->seq_done < ev->seq) {
+        /* The first query after a record finds the work still running; the next finds it done. */
+        if (!ev->queried) { ev->queried = 1; r = NOT_READY; }
+        else { complete(ev->s, ev->seq); r = sticky_error; }
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuEventSynchronize(void *e) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    struct event *ev = e;
+    CUresult r = SUCCESS;
+    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event");
+    else if (ev->s) { complete(ev->s, ev->seq); r = sticky_error; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuEventDestroy_v2(void *e) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    struct event *ev = e;
+    CUresult r = SUCCESS;
+    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event (destroyed twice?)");
+    else { ev->live = 0; n_live_events--; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *s) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
+    else if (!dev_to_host(dst, n, 1)) r = BAD(INVALID_VALUE, "destination is not device memory");
+    else if (!src) r = BAD(INVALID_VALUE, "null source");
+    else { n_dma++; r = enqueue(s, (struct op){0, dst, 0, (uintptr_t)src, n}); }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *s) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
+    else if (!dev_to_host(src, n, 0)) r = BAD(INVALID_VALUE, "source is not device memory");
+    else if (!dst) r = BAD(INVALID_VALUE, "null destination");
+    else { n_dma++; r = enqueue(s, (struct op){1, src, 0, (uintptr_t)dst, n}); }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+/* ---- the copy kernel ---- */
+
+CUresult cuModuleLoadData(void **m, const void *image) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (!image) r = BAD(INVALID_VALUE, "null image");
+    else if (!strstr((const char *)image, ".entry gpuio_copy_mapped")) r = BAD(INVALID_IMAGE, "no gpuio_copy_mapped entry");
+    else { struct module *mod = malloc(sizeof *mod); mod->gen = ctx_gen; mod->unloaded = 0; *m = mod; n_live_modules++; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuModuleGetFunction(void **f, void *m, const char *name) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    struct module *mod = m;
+    if (!mod || mod->gen != ctx_gen || mod->unloaded) r = BAD(INVALID_HANDLE, "module of a reset context, or unloaded");
+    else if (!name || strcmp(name, "gpuio_copy_mapped") != 0) r = BAD(NOT_FOUND, "unknown function");
+    else { struct function *fn = malloc(sizeof *fn); fn->gen = mod->gen; fn->mod = mod; *f = fn; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+/* Unloading twice, or a module of a reset context, is refused; its functions die with it. */
+CUresult cuModuleUnload(void *m) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    struct module *mod = m;
+    if (!mod || mod->gen != ctx_gen || mod->unloaded) r = BAD(INVALID_HANDLE, "unloading a dead module");
+    else { mod->unloaded = 1; n_live_modules--; }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+long mock_live_modules(void) { return n_live_modules; }
+CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned shared, void *s, void **params, void **extra) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    struct function *fn = f;
+    if (!fn || fn->gen != ctx_gen || fn->mod->unloaded) r = BAD(INVALID_HANDLE, "function of a reset context or unloaded module");
+    else if (!gx || !gy || !gz || !bx || !by || !bz || gx > 0x7fffffffu || gy > 65535 || gz > 65535)
+        r = BAD(INVALID_VALUE, "bad grid or block dimensions");
+    else if ((unsigned long long)bx * by * bz > 1024 || bz > 64) r = BAD(INVALID_VALUE, "too many threads per block");
+    else if (shared > 48 * 1024) r = BAD(INVALID_VALUE, "too much shared memory");
+    else if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
+    else if (!params || extra) r = BAD(INVALID_VALUE, "kernelParams must be given, extra null");
+    else {
+        /* The parameters are read now, as the driver does: the caller's locals may die after. */
+        uint64_t src = *(uint64_t *)params[0], dst = *(uint64_t *)params[1], n = *(uint64_t *)params[2];
+        n_launches++;
+        r = enqueue(s, (struct op){2, src, dst, 0, (size_t)n});
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+/* ---- counters for the test ---- */
+
+long mock_kernel_launches(void) { return n_launches; }
+long mock_dma_copies(void) { return n_dma; }
+long mock_faults(void) { return n_faults; }
+long mock_bad_calls(void) { return n_bad_calls; }
+long mock_live_events(void) { return n_live_events; }
+long mock_live_streams(void) { return n_live_streams; }
+long mock_ctx_refs(void) { return ctx_refs; }
+long mock_registered(void) {
+    long k = 0;
+    for (int i = 0; i < MAX_RANGES; i++) k += regs[i].live;
+    return k;
+}
+long mock_allocated_bytes(void) { return (long)alloc_bytes; }
+const char *mock_last_bad(void) { return last_bad; }
