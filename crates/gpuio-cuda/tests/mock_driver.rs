@@ -21,12 +21,12 @@ use std::sync::Arc;
 
 mod common;
 
-use common::{crc, random_model};
+use common::{check_model, crc, random_model};
 use gpuio::backend::BackendKind;
 use gpuio::{DirectMode, Engine, ErrorKind, OpenOptions};
 use gpuio_cuda::cuda::{driver_status, CudaDevice};
 use gpuio_cuda::sweep::{pio_dma_sweep, sizes_up_to};
-use gpuio_cuda::{Device, DeviceBuffer, LoadPath, LoadedModel, Loader, LoaderConfig, PathChoice};
+use gpuio_cuda::{Device, DeviceBuffer, LoadPath, Loader, LoaderConfig, PathChoice};
 
 /// Set in the child processes only; the `child_*` tests do nothing without it.
 const CHILD_ENV: &str = "GPUIO_MOCK_CHILD";
@@ -214,19 +214,6 @@ fn cfg(buffers: usize, pio_max_bytes: usize) -> LoaderConfig {
         pio_max_bytes,
         path: PathChoice::Staged,
         ..LoaderConfig::default()
-    }
-}
-
-fn check_model(model: &LoadedModel, want: &[(String, Vec<u8>)]) {
-    assert_eq!(model.tensors.len(), want.len());
-    for (name, bytes) in want {
-        let t = model.tensors.iter().find(|t| &t.name == name).unwrap();
-        assert_eq!(t.bytes as usize, bytes.len(), "{name}");
-        assert_eq!(
-            model.crc32c(t).unwrap(),
-            crc(bytes),
-            "{name}: device bytes differ"
-        );
     }
 }
 

@@ -8,13 +8,11 @@ use std::time::Duration;
 
 mod common;
 
-use common::{crc, random_model};
+use common::{check_model, crc, random_model};
 use gpuio::backend::BackendKind;
 use gpuio::{Engine, ErrorKind};
 use gpuio_cuda::safetensors::serialize;
-use gpuio_cuda::{
-    Device, DeviceBuffer, Dtype, HostDevice, HostDeviceConfig, LoadedModel, Loader, LoaderConfig,
-};
+use gpuio_cuda::{Device, DeviceBuffer, Dtype, HostDevice, HostDeviceConfig, Loader, LoaderConfig};
 use gpuio_testkit::{engines, faulty_engine, FaultPlan};
 
 fn cfg(buffers: usize, bytes: usize) -> LoaderConfig {
@@ -23,21 +21,6 @@ fn cfg(buffers: usize, bytes: usize) -> LoaderConfig {
         staging_bytes: bytes,
         timeline: true,
         ..LoaderConfig::default()
-    }
-}
-
-/// Checks every tensor read back from the device against the file's bytes.
-fn check_model(model: &LoadedModel, want: &[(String, Vec<u8>)]) {
-    assert_eq!(model.tensors.len(), want.len());
-    for (name, bytes) in want {
-        let t = model.tensors.iter().find(|t| &t.name == name).unwrap();
-        assert_eq!(t.bytes as usize, bytes.len(), "{name}");
-        assert_eq!(
-            model.crc32c(t).unwrap(),
-            crc(bytes),
-            "{name}: device bytes differ"
-        );
-        assert_eq!(t.device_ptr, model.buffer.ptr() + t.offset);
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use gpuio_cuda::safetensors::serialize;
-use gpuio_cuda::Dtype;
+use gpuio_cuda::{Dtype, LoadedModel};
 use gpuio_testkit::Rng;
 
 /// A random safetensors file `m{seed}.safetensors` in `dir`: `n` tensors of random dtypes and
@@ -62,4 +62,19 @@ pub fn crc(b: &[u8]) -> u32 {
         }
     }
     !c
+}
+
+/// Checks every tensor read back from the device against the file's bytes.
+pub fn check_model(model: &LoadedModel, want: &[(String, Vec<u8>)]) {
+    assert_eq!(model.tensors.len(), want.len());
+    for (name, bytes) in want {
+        let t = model.tensors.iter().find(|t| &t.name == name).unwrap();
+        assert_eq!(t.bytes as usize, bytes.len(), "{name}");
+        assert_eq!(
+            model.crc32c(t).unwrap(),
+            crc(bytes),
+            "{name}: device bytes differ"
+        );
+        assert_eq!(t.device_ptr, model.buffer.ptr() + t.offset);
+    }
 }
