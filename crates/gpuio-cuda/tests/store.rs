@@ -20,6 +20,15 @@ use gpuio_testkit::{engines, faulty_engine, temp_files, working_kinds, Fault, Fa
 
 const STAGING: usize = 64 << 10;
 
+/// A loader onto a default stand-in device through a thread-pool engine (returned too: the loader's
+/// queue needs it alive).
+fn threads_loader(buffers: usize) -> (Engine, Loader) {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let device: Arc<dyn Device> = Arc::new(HostDevice::new(HostDeviceConfig::default()));
+    let loader = Loader::new(&engine, device, cfg(buffers)).unwrap();
+    (engine, loader)
+}
+
 fn cfg(buffers: usize) -> LoaderConfig {
     LoaderConfig {
         staging_buffers: buffers,
@@ -443,13 +452,7 @@ fn a_loaded_model_saves_back_byte_for_byte_on_every_backend() {
 #[test]
 fn empty_and_tiny_models_save_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
-    let loader = Loader::new(
-        &engine,
-        Arc::new(HostDevice::new(Default::default())),
-        cfg(2),
-    )
-    .unwrap();
+    let (_engine, loader) = threads_loader(2);
     let images = [
         serialize(&[], &[]),
         serialize(&[], &[("k", "v")]),
@@ -472,13 +475,7 @@ fn empty_and_tiny_models_save_byte_for_byte() {
 #[test]
 fn the_header_encoder_matches_serialize_and_refuses_tables_that_would_not_read_back() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
-    let loader = Loader::new(
-        &engine,
-        Arc::new(HostDevice::new(Default::default())),
-        cfg(2),
-    )
-    .unwrap();
+    let (_engine, loader) = threads_loader(2);
     // Several seeds, so that header lengths cover every remainder modulo 8 (padding).
     let mut pads = std::collections::BTreeSet::new();
     for seed in 40..72 {
