@@ -562,6 +562,10 @@ impl Backend for FaultBackend {
         self.inner.in_flight() + self.ready.len() + self.delayed.len()
     }
 
+    fn attach_thread(&mut self) -> gpuio::Result<()> {
+        self.inner.attach_thread()
+    }
+
     unsafe fn push(&mut self, mut req: IoRequest) -> Result<(), IoRequest> {
         if self.in_flight() >= self.queue_depth() {
             return Err(req);

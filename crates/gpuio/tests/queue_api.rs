@@ -186,6 +186,9 @@ impl Backend for Gated {
     fn in_flight(&self) -> usize {
         self.held.len() + self.inner.in_flight()
     }
+    fn attach_thread(&mut self) -> gpuio::Result<()> {
+        self.inner.attach_thread()
+    }
     unsafe fn push(&mut self, req: IoRequest) -> Result<(), IoRequest> {
         if self.in_flight() >= self.queue_depth() {
             return Err(req);

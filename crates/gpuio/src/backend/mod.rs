@@ -202,6 +202,12 @@ pub trait Backend: Send {
     fn queue_depth(&self) -> usize;
     /// Requests pushed and not yet reaped.
     fn in_flight(&self) -> usize;
+    /// Called once by the thread that will drive this backend, before its first `push`. A backend whose
+    /// kernel object may be used by one thread only (an io_uring ring set up `SINGLE_ISSUER`) binds to
+    /// the calling thread here; every later call must come from it.
+    fn attach_thread(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Queues `req` for the next submission. Returns it back if the engine is full.
     ///
     /// # Safety

@@ -7,13 +7,13 @@
 //! kernel refuses them (old kernel, `RLIMIT_MEMLOCK`, a full table) the engine says so in its notes and
 //! carries on with plain descriptors and unregistered buffers. SQPOLL and IOPOLL are opt-in.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
+use rustc_hash::FxHashMap;
 
 use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest, Waker, WAKE_TAG};
 use crate::error::{Error, ErrorKind, Op, Result};
@@ -52,6 +52,83 @@ fn setup_err(what: &str, e: io::Error) -> Error {
     Error::new(kind, msg).with_op(Op::Setup)
 }
 
+/// How completions that the kernel finishes outside the submitting thread (io-wq workers, which serve
+/// reads of page-cached and tmpfs data, interrupts) reach the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskRun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN`: completion work waits until the engine thread asks for events,
+    /// so it is batched and never interrupts the thread (what fio sets up). The ring starts disabled
+    /// and is enabled by the engine thread ([`Backend::attach_thread`]), the only one that may use it.
+    Deferred,
+    /// `COOP_TASKRUN`: completion work runs at the thread's next kernel entry instead of interrupting
+    /// it with an inter-processor signal.
+    Cooperative,
+    /// Kernel default: each completion from another context interrupts the submitting thread.
+    Signalled,
+}
+
+impl TaskRun {
+    fn note(self) -> &'static str {
+        match self {
+            TaskRun::Deferred => {
+                "completions deferred to the engine's own waits (SINGLE_ISSUER, DEFER_TASKRUN)"
+            }
+            TaskRun::Cooperative => {
+                "completions run at the engine's next kernel entry (COOP_TASKRUN; DEFER_TASKRUN refused)"
+            }
+            TaskRun::Signalled => {
+                "completions interrupt the engine thread (COOP_TASKRUN and DEFER_TASKRUN refused)"
+            }
+        }
+    }
+}
+
+/// Builds the ring with the cheapest completion delivery this kernel accepts (each tried in turn;
+/// DEFER_TASKRUN needs Linux 6.1, COOP_TASKRUN 5.19, and neither goes with SQPOLL's kernel thread).
+fn build_ring(config: &BackendConfig, entries: u32) -> Result<(IoUring, TaskRun)> {
+    let modes: &[TaskRun] = if config.sqpoll {
+        &[TaskRun::Signalled]
+    } else {
+        &[TaskRun::Deferred, TaskRun::Cooperative, TaskRun::Signalled]
+    };
+    let mut last = None;
+    for &mode in modes {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(entries * 2);
+        if config.sqpoll {
+            builder.setup_sqpoll(2000);
+        }
+        if config.iopoll {
+            builder.setup_iopoll();
+        }
+        match mode {
+            TaskRun::Deferred => {
+                builder
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag()
+                    .setup_r_disabled();
+            }
+            TaskRun::Cooperative => {
+                builder.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            TaskRun::Signalled => {}
+        }
+        match builder.build(entries) {
+            Ok(ring) => return Ok((ring, mode)),
+            // EINVAL: this kernel does not know the flag; anything else is not about the flags.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && mode != TaskRun::Signalled => {
+                last = Some(e);
+            }
+            Err(e) => return Err(setup_err("io_uring_setup failed", e)),
+        }
+    }
+    Err(setup_err(
+        "io_uring_setup failed",
+        last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)),
+    ))
+}
+
 struct FileSlot {
     file: File,
     direct: bool,
@@ -60,6 +137,8 @@ struct FileSlot {
 /// The io_uring engine.
 pub struct UringBackend {
     ring: IoUring,
+    /// A `Deferred` ring starts disabled; the engine thread enables it.
+    enabled: bool,
     depth: usize,
     in_flight: usize,
     /// Entries pushed since the last submission, and how many trigger one.
@@ -67,7 +146,7 @@ pub struct UringBackend {
     submit_batch: usize,
     files_registered: bool,
     file_slots: Vec<Option<FileSlot>>,
-    file_index: HashMap<(u64, bool), u32>,
+    file_index: FxHashMap<(u64, bool), u32>,
     buffers_registered: bool,
     buffer_next: u32,
     /// Pools registered here live as long as the ring: the kernel keeps their pages pinned.
@@ -97,17 +176,8 @@ impl UringBackend {
         let mut notes = Vec::new();
         // One spare entry for re-arming the wake-up poll next to a full queue of requests.
         let entries = (config.queue_depth + 1).next_power_of_two() as u32;
-        let mut builder = IoUring::builder();
-        builder.setup_cqsize(entries * 2);
-        if config.sqpoll {
-            builder.setup_sqpoll(2000);
-        }
-        if config.iopoll {
-            builder.setup_iopoll();
-        }
-        let ring = builder
-            .build(entries)
-            .map_err(|e| setup_err("io_uring_setup failed", e))?;
+        let (ring, task_run) = build_ring(config, entries)?;
+        notes.push(task_run.note().into());
         if config.sqpoll {
             notes.push("SQPOLL on: a kernel thread polls the submission queue".into());
         }
@@ -179,6 +249,7 @@ impl UringBackend {
             None
         };
         Ok(UringBackend {
+            enabled: task_run != TaskRun::Deferred,
             ring,
             wake_fd,
             wake_armed: false,
@@ -188,7 +259,7 @@ impl UringBackend {
             submit_batch: config.submit_batch_max,
             files_registered,
             file_slots: (0..FILE_SLOTS).map(|_| None).collect(),
-            file_index: HashMap::new(),
+            file_index: FxHashMap::default(),
             buffers_registered,
             buffer_next: 0,
             pools: Vec::new(),
@@ -278,6 +349,17 @@ impl Backend for UringBackend {
     }
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn attach_thread(&mut self) -> Result<()> {
+        if !self.enabled {
+            self.ring
+                .submitter()
+                .register_enable_rings()
+                .map_err(|e| setup_err("enabling the io_uring ring failed", e))?;
+            self.enabled = true;
+        }
+        Ok(())
     }
 
     unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {

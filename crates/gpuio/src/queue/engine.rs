@@ -16,7 +16,7 @@
 //! Memory safety: a command's buffer lives in the engine's table of active command buffers until its
 //! last task has been reaped, so nothing the user drops can free memory the kernel is still using.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 
 use super::command::{CbShared, CmdKind, CommandError, CommandId, Output, Recorded, Status};
-use super::plan::{self, PlanInput, SegKind, Segment, TaskPlan};
+use super::plan::{self, PlanInput, SegKind, Segments, TaskPlan};
 use super::{IoQueue, QueueDesc, QueueKind, QueueShared, Slots};
 use crate::backend::{
     self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoOp, IoRequest, Waker,
@@ -195,15 +196,32 @@ impl Engine {
         let waiting = Arc::new(AtomicBool::new(false));
         let mut driver = Driver::new(backend, rx, &config, bounce);
         driver.waiting = waiting.clone();
+        let (attached_tx, attached_rx) = bounded(1);
         let thread = std::thread::Builder::new()
             .name("gpuio-engine".into())
-            .spawn(move || driver.run())
+            .spawn(move || driver.run(attached_tx))
             .map_err(|e| {
                 Error::new(
                     ErrorKind::Unsupported,
                     format!("cannot start engine thread: {e}"),
                 )
             })?;
+        // The backend binds to the engine thread before anything is committed; if it cannot, the
+        // engine is unusable and says why now rather than at the first command.
+        match attached_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::new(
+                    ErrorKind::EngineStopped,
+                    "the engine thread ended while starting",
+                ));
+            }
+        }
         Ok(Engine(Arc::new(EngineInner {
             tx: Some(tx),
             waiting,
@@ -318,7 +336,7 @@ struct CmdExec {
     fixed: Option<u16>,
     direct: bool,
     block: u64,
-    segs: Vec<Segment>,
+    segs: Segments,
     seg: usize,
     cursor: u64,
     sync_issued: bool,
@@ -386,8 +404,8 @@ struct Driver {
     retries_max: u32,
     shorts_max: u32,
     bounce: BufferPool,
-    cbs: HashMap<u64, ActiveCb>,
-    queues: HashMap<u64, QueueState>,
+    cbs: FxHashMap<u64, ActiveCb>,
+    queues: FxHashMap<u64, QueueState>,
     /// Queue ids by priority, highest first.
     levels: [Vec<u64>; 3],
     /// Per level, the index in `levels` of the queue whose turn is next (round-robin).
@@ -399,6 +417,8 @@ struct Driver {
     closed: bool,
     /// Shared with the engine handle: true while waiting in the backend.
     waiting: Arc<AtomicBool>,
+    /// When the current dispatch round began: the issue time of every task it issues.
+    now: Instant,
 }
 
 // SAFETY: raw pointers in tasks and commands point into buffers owned by the same Driver (or by its
@@ -420,8 +440,8 @@ impl Driver {
             retries_max: cfg.retries_max,
             shorts_max: cfg.short_transfers_max,
             bounce,
-            cbs: HashMap::new(),
-            queues: HashMap::new(),
+            cbs: FxHashMap::default(),
+            queues: FxHashMap::default(),
             levels: Default::default(),
             turn: [0; 3],
             slab: Vec::new(),
@@ -430,10 +450,19 @@ impl Driver {
             done: Vec::new(),
             closed: false,
             waiting: Arc::new(AtomicBool::new(false)),
+            now: Instant::now(),
         }
     }
 
-    fn run(mut self) {
+    /// Binds the backend to this thread, says so through `attached`, and drives it until the last
+    /// handle is gone and every command buffer has finished.
+    fn run(mut self, attached: Sender<Result<()>>) {
+        let attach = self.backend.attach_thread();
+        let ok = attach.is_ok();
+        let _ = attached.send(attach);
+        if !ok {
+            return;
+        }
         let mut failures = 0u32;
         loop {
             if self.backend.in_flight() == 0 && self.retry.is_empty() {
@@ -612,7 +641,7 @@ impl Driver {
                     && backend_kind != BackendKind::Mmap
                     && block * 4 <= bounce_size;
                 let segs = match rec.kind {
-                    CmdKind::Sync => Vec::new(),
+                    CmdKind::Sync => Segments::default(),
                     CmdKind::Load { .. } | CmdKind::Store => plan::segments(PlanInput {
                         write: rec.kind == CmdKind::Store,
                         direct,
@@ -840,6 +869,8 @@ impl Driver {
     }
 
     fn dispatch(&mut self) {
+        // One clock read per round: the tasks it issues reach the kernel together.
+        self.now = Instant::now();
         while self.backend.in_flight() < self.backend.queue_depth() {
             let Some(task) = self.retry.pop_front() else {
                 break;
@@ -912,7 +943,7 @@ impl Driver {
                     bounce: None,
                     retries: 0,
                     shorts: 0,
-                    started: Instant::now(),
+                    started: self.now,
                 });
             }
             let seg = c.segs[c.seg];
@@ -973,7 +1004,7 @@ impl Driver {
                 bounce,
                 retries: 0,
                 shorts: 0,
-                started: Instant::now(),
+                started: self.now,
             });
         }
         None
@@ -987,7 +1018,7 @@ impl Driver {
                 self.slab.len() - 1
             }
         };
-        task.started = Instant::now();
+        task.started = self.now;
         let req = IoRequest {
             op: task.op,
             file: task.file.clone(),

@@ -72,8 +72,51 @@ pub(crate) struct PlanInput {
     pub len: u64,
 }
 
+/// At most three segments, stored inline: planning a command allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segments {
+    items: [Segment; 3],
+    len: u8,
+}
+
+impl Default for Segments {
+    fn default() -> Segments {
+        Segments::new()
+    }
+}
+
+impl Segments {
+    fn new() -> Segments {
+        let none = Segment {
+            kind: SegKind::Buffered,
+            file_start: 0,
+            file_end: 0,
+        };
+        Segments {
+            items: [none; 3],
+            len: 0,
+        }
+    }
+    fn one(s: Segment) -> Segments {
+        let mut out = Segments::new();
+        out.push(s);
+        out
+    }
+    fn push(&mut self, s: Segment) {
+        self.items[self.len as usize] = s;
+        self.len += 1;
+    }
+}
+
+impl std::ops::Deref for Segments {
+    type Target = [Segment];
+    fn deref(&self) -> &[Segment] {
+        &self.items[..self.len as usize]
+    }
+}
+
 /// The segments of a command, in file order.
-pub(crate) fn segments(p: PlanInput) -> Vec<Segment> {
+pub(crate) fn segments(p: PlanInput) -> Segments {
     let end = p.offset + p.len;
     let seg = |kind, s, e| Segment {
         kind,
@@ -81,10 +124,10 @@ pub(crate) fn segments(p: PlanInput) -> Vec<Segment> {
         file_end: e,
     };
     if p.len == 0 {
-        return Vec::new();
+        return Segments::new();
     }
     if !p.direct {
-        return vec![seg(SegKind::Buffered, p.offset, end)];
+        return Segments::one(seg(SegKind::Buffered, p.offset, end));
     }
     let b = p.block;
     let a0 = round_up(p.offset, b);
@@ -95,7 +138,7 @@ pub(crate) fn segments(p: PlanInput) -> Vec<Segment> {
         SegKind::BounceRead
     };
     if a0 >= a1 {
-        return vec![seg(unaligned, p.offset, end)];
+        return Segments::one(seg(unaligned, p.offset, end));
     }
     let mid_addr = p.mem_addr as u64 + (a0 - p.offset);
     let co_aligned = mid_addr % p.mem_align.max(1) == 0;
@@ -104,7 +147,7 @@ pub(crate) fn segments(p: PlanInput) -> Vec<Segment> {
         (false, false) => SegKind::BounceRead,
         (false, true) => SegKind::BounceWrite,
     };
-    let mut out = Vec::with_capacity(3);
+    let mut out = Segments::new();
     if p.offset < a0 {
         out.push(seg(unaligned, p.offset, a0));
     }
@@ -114,7 +157,7 @@ pub(crate) fn segments(p: PlanInput) -> Vec<Segment> {
     }
     // A bounce read of the whole command is simpler and as fast when nothing is direct.
     if out.iter().all(|s| s.kind == SegKind::BounceRead) {
-        return vec![seg(SegKind::BounceRead, p.offset, end)];
+        return Segments::one(seg(SegKind::BounceRead, p.offset, end));
     }
     out
 }
@@ -229,7 +272,7 @@ mod tests {
             let bounce = 4 * 4096;
             let p = input(write, direct, 0x100000 + mem, offset, len);
             let mut next = offset;
-            for seg in segments(p) {
+            for &seg in segments(p).iter() {
                 prop_assert_eq!(seg.file_start, next);
                 let mut c = seg.file_start;
                 while c < seg.file_end {
