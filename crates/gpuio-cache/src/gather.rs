@@ -1,0 +1,381 @@
+//! Gathers: [`PageCache::gather`] and [`PageCache::prefetch`] cut a batch of ranges into per-line
+//! pieces, serve resident lines at once and hand every miss to the share table; [`Gather`] is the
+//! pending result (wait, poll or `.await`) and [`GatherResult`] its bytes.
+//!
+//! A pending gather never holds a line (each line's bytes are copied out as its load completes), and
+//! dropping a `Gather` never cancels or blocks anything: its loads still complete and fill the
+//! cache.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use gpuio::{Error, Result};
+use parking_lot::{Condvar, Mutex};
+
+use crate::issue::IssueCtx;
+use crate::source::Source;
+use crate::stats::shard_index;
+use crate::{PageCache, SourceId};
+
+/// One piece of a request that a line serves: bytes `[line_off, line_off + len)` of the line go to
+/// `out_off` of the requester's buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct Piece {
+    line_off: u32,
+    out_off: usize,
+    len: u32,
+}
+
+impl PageCache {
+    /// Starts loading many small ranges; returns at once with the misses in flight. Resident lines
+    /// are copied now; ranges are grouped by line so that each line is loaded at most once; a line
+    /// already being loaded (by anyone) is joined. `UnexpectedEof` if a range passes the end.
+    ///
+    /// A gather that needs more distinct missing lines than the cache has free waits, while issuing,
+    /// for its own earlier loads to finish (each line's bytes are copied out as its load completes,
+    /// so lines are not held while a `Gather` is pending).
+    pub fn gather(&self, src: SourceId, ranges: &[(u64, usize)]) -> Result<Gather> {
+        self.gather_into(src, ranges, Vec::new())
+    }
+
+    /// [`gather`](Self::gather) into `buf`'s memory: pass the bytes of an earlier result
+    /// ([`GatherResult::into_bytes`]) so that a loop of gathers does not fault in fresh pages for
+    /// every batch (measured: ~10 % of a BFS's CPU time).
+    pub fn gather_into(
+        &self,
+        src: SourceId,
+        ranges: &[(u64, usize)],
+        buf: Vec<u8>,
+    ) -> Result<Gather> {
+        let s = self.source(src)?;
+        self.gather_inner(src, s, ranges, true, buf)
+    }
+
+    /// Starts loading `[offset, offset + len)` into the cache (clamped to the source's end), without
+    /// copying anything out; the returned `Gather` has no ranges.
+    pub fn prefetch(&self, src: SourceId, offset: u64, len: u64) -> Result<Gather> {
+        let s = self.source(src)?;
+        let end = offset.saturating_add(len).min(s.len);
+        if offset >= end {
+            return Ok(Gather::ready(Vec::new(), vec![0]));
+        }
+        let first = offset >> self.inner.line_shift;
+        let last = (end - 1) >> self.inner.line_shift;
+        let lines: Vec<u64> = (first..=last).collect();
+        self.load_lines(src, s, &lines)
+    }
+
+    pub(crate) fn load_lines(
+        &self,
+        src: SourceId,
+        s: &Arc<Source>,
+        lines: &[u64],
+    ) -> Result<Gather> {
+        let shared = GatherShared::new(Vec::new(), vec![0]);
+        let mut ctx = IssueCtx::new(&self.inner, s, src);
+        let shard = &self.inner.shards[shard_index()];
+        for &line in lines {
+            self.request_line(&mut ctx, &shared, line, &[], shard)?;
+        }
+        ctx.commit()?;
+        shared.issued();
+        Ok(Gather { shared })
+    }
+
+    pub(crate) fn gather_inner(
+        &self,
+        src: SourceId,
+        s: &Arc<Source>,
+        ranges: &[(u64, usize)],
+        count_bytes: bool,
+        mut buf: Vec<u8>,
+    ) -> Result<Gather> {
+        let lb = self.inner.line_bytes;
+        let mut bounds = Vec::with_capacity(ranges.len() + 1);
+        let mut total = 0usize;
+        bounds.push(0);
+        for &(off, len) in ranges {
+            self.check_range(s, src, off, len as u64)?;
+            total = total
+                .checked_add(len)
+                .ok_or_else(|| Error::invalid("gather ranges overflow"))?;
+            bounds.push(total);
+        }
+        let shard = &self.inner.shards[shard_index()];
+        if count_bytes {
+            shard
+                .bytes_requested
+                .fetch_add(total as u64, Ordering::Relaxed);
+        }
+        // Cut into per-line pieces, sorted by line (dedupe).
+        let mut pieces: Vec<(u64, Piece)> = Vec::with_capacity(ranges.len());
+        for (i, &(off, len)) in ranges.iter().enumerate() {
+            let mut done = 0usize;
+            while done < len {
+                let pos = off + done as u64;
+                let line = pos >> self.inner.line_shift;
+                let loff = (pos & (lb as u64 - 1)) as usize;
+                let n = (lb - loff).min(len - done);
+                pieces.push((
+                    line,
+                    Piece {
+                        line_off: loff as u32,
+                        out_off: bounds[i] + done,
+                        len: n as u32,
+                    },
+                ));
+                done += n;
+            }
+        }
+        pieces.sort_unstable_by_key(|p| p.0);
+        // Pass 1: hits straight into the buffer, before it is shared.
+        // Every byte of `buf[..total]` is written by exactly one piece before the gather completes,
+        // so reused bytes need no zeroing; only growth is zeroed.
+        if buf.len() >= total {
+            buf.truncate(total);
+        } else {
+            buf.resize(total, 0);
+        }
+        let mut missing: Vec<(u64, Vec<Piece>)> = Vec::new();
+        let mut i = 0;
+        while i < pieces.len() {
+            let line = pieces[i].0;
+            let mut j = i;
+            while j < pieces.len() && pieces[j].0 == line {
+                j += 1;
+            }
+            if self.try_hit_pieces(s, src.0, line, &pieces[i..j], &mut buf) {
+                shard.hits.fetch_add(1, Ordering::Relaxed);
+            } else {
+                missing.push((line, pieces[i..j].iter().map(|p| p.1).collect()));
+            }
+            i = j;
+        }
+        let shared = GatherShared::new(buf, bounds);
+        if !missing.is_empty() {
+            let mut ctx = IssueCtx::new(&self.inner, s, src);
+            for (line, ps) in &missing {
+                if let Err(e) = self.request_line(&mut ctx, &shared, *line, ps, shard) {
+                    // Loads already issued finish on their own; the gather reports the error.
+                    let _ = ctx.commit();
+                    shared.fail(e.clone());
+                    shared.issued();
+                    return Err(e);
+                }
+            }
+            ctx.commit()?;
+        }
+        shared.issued();
+        Ok(Gather { shared })
+    }
+
+    fn try_hit_pieces(
+        &self,
+        s: &Source,
+        src: u32,
+        line: u64,
+        pieces: &[(u64, Piece)],
+        out: &mut [u8],
+    ) -> bool {
+        self.with_resident(s, src, line, |p| {
+            for (_, pc) in pieces {
+                let dst = &mut out[pc.out_off..pc.out_off + pc.len as usize];
+                // SAFETY: pinned and readable, as in try_hit_copy; the piece lies within the line.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        p.add(pc.line_off as usize),
+                        dst.as_mut_ptr(),
+                        dst.len(),
+                    )
+                };
+            }
+        })
+    }
+}
+
+struct GState {
+    buf: Vec<u8>,
+    bounds: Vec<usize>,
+    /// Lines outstanding, plus one while the gather is still issuing.
+    pending: usize,
+    error: Option<Error>,
+    waker: Option<Waker>,
+}
+
+pub(crate) struct GatherShared {
+    st: Mutex<GState>,
+    done: Condvar,
+}
+
+impl GatherShared {
+    fn new(buf: Vec<u8>, bounds: Vec<usize>) -> Arc<GatherShared> {
+        Arc::new(GatherShared {
+            st: Mutex::new(GState {
+                buf,
+                bounds,
+                pending: 1,
+                error: None,
+                waker: None,
+            }),
+            done: Condvar::new(),
+        })
+    }
+    pub(crate) fn add_pending(&self) {
+        self.st.lock().pending += 1;
+    }
+    pub(crate) fn sub_pending(&self) {
+        let waker = {
+            let mut st = self.st.lock();
+            st.pending -= 1;
+            if st.pending > 0 {
+                return;
+            }
+            st.waker.take()
+        };
+        self.done.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+    /// The issuing thread is done adding lines.
+    fn issued(&self) {
+        self.sub_pending();
+    }
+    pub(crate) fn fail(&self, e: Error) {
+        let mut st = self.st.lock();
+        if st.error.is_none() {
+            st.error = Some(e);
+        }
+    }
+    pub(crate) fn copy_from(&self, line: *const u8, pieces: &[Piece]) {
+        if pieces.is_empty() {
+            return;
+        }
+        let mut st = self.st.lock();
+        for pc in pieces {
+            let dst = &mut st.buf[pc.out_off..pc.out_off + pc.len as usize];
+            // SAFETY: the caller holds the line pinned or Busy (its bytes are stable and alive);
+            // line_off + len <= line_bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    line.add(pc.line_off as usize),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
+        }
+    }
+    fn take(&self, st: &mut GState) -> Result<GatherResult> {
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        Ok(GatherResult {
+            data: std::mem::take(&mut st.buf),
+            bounds: std::mem::take(&mut st.bounds),
+        })
+    }
+}
+
+/// A pending batch of reads: `wait()`, poll with `is_complete()`, or `.await`. Dropping it is safe
+/// (its loads still complete and fill the cache).
+pub struct Gather {
+    shared: Arc<GatherShared>,
+}
+
+impl fmt::Debug for Gather {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gather")
+            .field("complete", &self.is_complete())
+            .finish()
+    }
+}
+
+impl Gather {
+    fn ready(buf: Vec<u8>, bounds: Vec<usize>) -> Gather {
+        let shared = GatherShared::new(buf, bounds);
+        shared.issued();
+        Gather { shared }
+    }
+
+    /// Blocks until every range has arrived; returns them, or the first error.
+    pub fn wait(self) -> Result<GatherResult> {
+        let mut st = self.shared.st.lock();
+        while st.pending > 0 {
+            self.shared.done.wait(&mut st);
+        }
+        self.shared.take(&mut st)
+    }
+
+    /// Like [`wait`](Self::wait), giving up (and handing the gather back) after `timeout`.
+    pub fn wait_timeout(
+        self,
+        timeout: Duration,
+    ) -> std::result::Result<Result<GatherResult>, Gather> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.st.lock();
+        while st.pending > 0 {
+            if self.shared.done.wait_until(&mut st, deadline).timed_out() && st.pending > 0 {
+                drop(st);
+                return Err(self);
+            }
+        }
+        let r = self.shared.take(&mut st);
+        drop(st);
+        Ok(r)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.shared.st.lock().pending == 0
+    }
+}
+
+impl Future for Gather {
+    type Output = Result<GatherResult>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.shared.st.lock();
+        if st.pending > 0 {
+            st.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(self.shared.take(&mut st))
+    }
+}
+
+/// The bytes of each requested range, in request order.
+#[derive(Debug, Clone, Default)]
+pub struct GatherResult {
+    data: Vec<u8>,
+    bounds: Vec<usize>,
+}
+
+impl GatherResult {
+    /// Number of ranges.
+    pub fn len(&self) -> usize {
+        self.bounds.len().saturating_sub(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes of range `i`.
+    pub fn get(&self, i: usize) -> &[u8] {
+        &self.data[self.bounds[i]..self.bounds[i + 1]]
+    }
+    /// Copies range `i` into `out` (which must be at least as long).
+    pub fn copy_to(&self, i: usize, out: &mut [u8]) {
+        let b = self.get(i);
+        out[..b.len()].copy_from_slice(b);
+    }
+    /// All ranges back to back.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data
+    }
+    /// The bytes, to hand to the next [`PageCache::gather_into`].
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.data
+    }
+}
