@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// is served from a page cache warmed by an earlier one.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// Application threads, each with its own queue of --queue-depth I/Os on one engine (fio's
+    /// numjobs; --compare runs fio with as many jobs).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
     #[arg(long, default_value = "auto")]
     backend: BackendChoice,
     #[arg(long, default_value = "auto")]
@@ -95,6 +99,7 @@ impl BenchArgs {
             queue_depth: qd,
             duration: Duration::from_secs_f64(self.duration),
             region,
+            threads: self.threads as usize,
         };
         let opts = EngineOpts {
             backend: self.backend,

@@ -527,8 +527,8 @@ pub fn run(a: BfsArgs) -> Result<()> {
             let engine = cache_engine(a.queue_depth, capacity)?;
             let file = OpenOptions::read()
                 .direct(DirectMode::Auto)
+                .cold(true)
                 .open(&bel.dst_path)?;
-            file.drop_page_cache()?;
             let cache = PageCache::new(
                 &engine,
                 CacheConfig {

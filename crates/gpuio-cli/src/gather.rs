@@ -471,6 +471,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
     let engine = cache_engine(a.queue_depth, capacity)?;
     let file = OpenOptions::read()
         .direct(DirectMode::Auto)
+        .cold(true)
         .open(&a.table)?;
     let plan = Plan {
         a: &a,

@@ -369,6 +369,7 @@ pub fn bench_device(
                 queue_depth: 16,
                 duration: std::time::Duration::from_secs(60),
                 region,
+                threads: 1,
             };
             match crate::workload::run_fio(&spec, path, file.is_direct()) {
                 Ok(m) => {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use gpuio::queue::LatencySummary;
+use gpuio::queue::{LatencySummary, QueueStats};
 use gpuio::{
     AlignedBuf, BackendChoice, Completion, DirectMode, Engine, EngineConfig, Error, ErrorKind,
     IoBuffer, OpenOptions, QueueDesc, Result,
@@ -47,6 +47,8 @@ pub struct Spec {
     pub duration: Duration,
     /// Bytes of the file the workload touches, from offset 0.
     pub region: u64,
+    /// Application threads, each with its own queue (fio's `numjobs`).
+    pub threads: usize,
 }
 
 impl Spec {
@@ -161,11 +163,21 @@ pub struct Cpu {
     sys_s: f64,
 }
 
+/// CPU time of this process, all its threads (io_uring's workers included).
 pub fn cpu_now() -> Cpu {
+    rusage(libc::RUSAGE_SELF)
+}
+
+/// CPU time of this process's finished children, all their threads.
+pub fn cpu_children() -> Cpu {
+    rusage(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage(who: libc::c_int) -> Cpu {
     // SAFETY: getrusage fills the zeroed struct.
     let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        libc::getrusage(who, &mut ru);
         ru
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -197,13 +209,15 @@ fn progress_tick(pb: Option<&ProgressBar>, start: Instant, last: &mut Instant) {
     }
 }
 
-/// Runs `spec` through the engine for `duration`.
+/// Runs `spec` through the engine for `duration`, from `spec.threads` application threads.
 ///
-/// The backend keeps at most `queue_depth` I/Os in the kernel (the bound fio's `iodepth` sets). The
-/// benchmark records I/Os into command buffers of `queue_depth / 8` (at least one) and keeps twice
-/// `queue_depth` I/Os committed, re-issuing each command buffer with its buffers as soon as it completes:
-/// a slot freed in the kernel never waits for the application, and per-command-buffer costs are shared
-/// the way an application that batches its requests shares them.
+/// Each thread has its own queue on one engine and keeps `queue_depth` I/Os for the backend (so the
+/// backend's depth is `queue_depth × threads`, as fio's `iodepth` is per job). A thread records I/Os
+/// into command buffers of `queue_depth / 8` (at least one) and keeps twice `queue_depth` I/Os
+/// committed, re-issuing each command buffer with its buffers as soon as it completes: a slot freed in
+/// the kernel never waits for the application, and per-command-buffer costs are shared the way an
+/// application that batches its requests shares them. Reads make one pass over the region in all,
+/// split between the threads, which take turns along one scrambled order.
 pub fn run_engine(
     spec: &Spec,
     path: &Path,
@@ -211,9 +225,10 @@ pub fn run_engine(
     label: &str,
     pb: Option<&ProgressBar>,
 ) -> Result<Measurement> {
+    let threads = spec.threads.max(1);
     let mut cfg = EngineConfig::default();
     cfg.backend.choice = opts.backend;
-    cfg.backend.queue_depth = spec.queue_depth;
+    cfg.backend.queue_depth = spec.queue_depth * threads;
     cfg.task_size_bytes = opts.task_size;
     // What a user of mmap would advise for the pattern (finding 226).
     cfg.backend.mmap_advice = if spec.pattern.is_random() {
@@ -225,6 +240,76 @@ pub fn run_engine(
         cfg.backend.submit_batch_max = b;
     }
     let engine = Engine::new(cfg)?;
+    let open = if spec.pattern.is_write() {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read()
+    };
+    // Reads are measured cold: the page cache is dropped before the file is opened, so that the
+    // device is measured (and a file just made is not taken for a warm one and read buffered).
+    let file = open
+        .direct(opts.direct)
+        .cold(!spec.pattern.is_write())
+        .open(path)?;
+    let quota = spec.ops_max();
+    let cpu0 = cpu_now();
+    let start = Instant::now();
+    let results: Vec<Result<(u64, QueueStats)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (engine, file) = (&engine, &file);
+                // Reads: the pass split between threads; writes: bounded by the duration only.
+                let ops = if quota == u64::MAX {
+                    quota
+                } else {
+                    quota / threads as u64 + u64::from((t as u64) < quota % threads as u64)
+                };
+                let pb = if t == 0 { pb } else { None };
+                scope.spawn(move || drive(spec, engine, file, t, ops, start, pb))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("benchmark thread panicked"))
+            .collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = cpu_now();
+    let mut ops = 0;
+    let mut stats: Option<QueueStats> = None;
+    for r in results {
+        let (n, s) = r?;
+        ops += n;
+        match stats.as_mut() {
+            Some(all) => all.merge(&s),
+            None => stats = Some(s),
+        }
+    }
+    let latency = stats.map(|s| s.latency()).unwrap_or_default();
+    Ok(Measurement {
+        name: label.to_string(),
+        backend: engine.backend_kind().to_string(),
+        direct: file.is_direct() && engine.backend_kind() != gpuio::BackendKind::Mmap,
+        ops,
+        bytes: ops * spec.block_size as u64,
+        elapsed_s: elapsed,
+        latency,
+        cpu_user_s: cpu1.user_s - cpu0.user_s,
+        cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
+    })
+}
+
+/// One application thread of [`run_engine`]: its own queue and buffers, `ops_max` I/Os at most, until
+/// the deadline. Returns the I/Os done and its queue's statistics.
+fn drive(
+    spec: &Spec,
+    engine: &Engine,
+    file: &gpuio::File,
+    thread: usize,
+    ops_max: u64,
+    start: Instant,
+    pb: Option<&ProgressBar>,
+) -> Result<(u64, QueueStats)> {
     let batch = (spec.queue_depth / 8).max(1);
     let cbs = (spec.queue_depth * COMMITTED_PER_SLOT).div_ceil(batch);
     let queue = engine.queue(QueueDesc {
@@ -232,21 +317,15 @@ pub fn run_engine(
         bytes_in_flight_max: u64::MAX,
         ..QueueDesc::default()
     })?;
-    let open = if spec.pattern.is_write() {
-        OpenOptions::read_write()
-    } else {
-        OpenOptions::read()
-    };
-    let file = open.direct(opts.direct).open(path)?;
-    if !spec.pattern.is_write() {
-        file.drop_page_cache()?;
-    }
     let pool = engine.buffer_pool(spec.block_size, cbs * batch)?;
     let (tx, rx) = mpsc::channel::<usize>();
     let mut slots: Vec<Option<Completion>> = (0..cbs).map(|_| None).collect();
-    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15);
-    // I/Os still to issue: one pass for reads (see `Spec::ops_max`), unbounded for writes.
-    let mut to_issue = spec.ops_max();
+    // Every thread walks the same order and takes every `threads`-th offset: together they visit
+    // each block once per pass, as one thread would.
+    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15)
+        .skip(thread)
+        .step_by(spec.threads.max(1));
+    let mut to_issue = ops_max;
     let mut submit = |slot: usize, mut bufs: Vec<IoBuffer>| -> Result<Option<Completion>> {
         bufs.truncate(to_issue.min(bufs.len() as u64) as usize);
         if bufs.is_empty() {
@@ -257,9 +336,9 @@ pub fn run_engine(
         for buf in bufs {
             let off = offsets.next().unwrap_or(0);
             if spec.pattern.is_write() {
-                cb.store(&file, off, buf)?;
+                cb.store(file, off, buf)?;
             } else {
-                cb.load(&file, off, buf)?;
+                cb.load(file, off, buf)?;
             }
         }
         let tx = tx.clone();
@@ -269,15 +348,13 @@ pub fn run_engine(
         cb.commit().map(Some)
     };
 
-    let cpu0 = cpu_now();
-    let start = Instant::now();
     let deadline = start + spec.duration;
     for (slot, entry) in slots.iter_mut().enumerate() {
         let bufs = (0..batch)
             .map(|i| {
                 let mut buf = pool.get();
                 if spec.pattern.is_write() {
-                    fill_pattern(&mut buf, (slot * batch + i) as u64);
+                    fill_pattern(&mut buf, ((thread * cbs + slot) * batch + i) as u64);
                 }
                 IoBuffer::from(buf)
             })
@@ -311,23 +388,10 @@ pub fn run_engine(
             outstanding += usize::from(slots[slot].is_some());
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let cpu1 = cpu_now();
-    if let Some(e) = first_error {
-        return Err(e);
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok((ops, queue.stats())),
     }
-    let stats = queue.stats();
-    Ok(Measurement {
-        name: label.to_string(),
-        backend: engine.backend_kind().to_string(),
-        direct: file.is_direct() && engine.backend_kind() != gpuio::BackendKind::Mmap,
-        ops,
-        bytes: ops * spec.block_size as u64,
-        elapsed_s: elapsed,
-        latency: stats.latency(),
-        cpu_user_s: cpu1.user_s - cpu0.user_s,
-        cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
-    })
 }
 
 /// Fills a write buffer with bytes that do not compress or dedupe trivially.
@@ -434,6 +498,7 @@ pub fn fio_available() -> bool {
 
 /// fio with io_uring, one job, the same file, pattern, block size and queue depth.
 pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
+    let jobs = spec.threads.max(1);
     let mut args = vec![
         "--name=gpuio-compare".to_string(),
         format!("--filename={}", path.display()),
@@ -443,8 +508,11 @@ pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
         "--ioengine=io_uring".into(),
         format!("--direct={}", u8::from(direct)),
         format!("--runtime={}ms", spec.duration.as_millis()),
-        format!("--size={}", spec.region),
-        "--numjobs=1".into(),
+        // One pass over the region in all, as our threads split it: each job its own slice.
+        format!("--size={}", spec.region / jobs as u64),
+        format!("--offset_increment={}", spec.region / jobs as u64),
+        format!("--numjobs={jobs}"),
+        "--group_reporting".into(),
         "--randrepeat=0".into(),
         "--invalidate=1".into(),
         "--output-format=json".into(),
@@ -454,10 +522,12 @@ pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
     if spec.pattern.is_write() {
         args.push("--time_based".into());
     }
+    let cpu0 = cpu_children();
     let out = std::process::Command::new("fio")
         .args(&args)
         .output()
         .map_err(|e| Error::new(ErrorKind::Unsupported, format!("cannot run fio: {e}")))?;
+    let cpu1 = cpu_children();
     if !out.status.success() {
         return Err(Error::new(
             ErrorKind::Io,
@@ -486,7 +556,6 @@ pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
     let ops = side["total_ios"].as_u64().unwrap_or(0);
     let bytes = side["io_bytes"].as_u64().unwrap_or(0);
     let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
-    let job_runtime_s = job["job_runtime"].as_f64().unwrap_or(runtime_s * 1000.0) / 1000.0;
     Ok(Measurement {
         name: "fio".into(),
         backend: "io_uring".into(),
@@ -502,8 +571,10 @@ pub fn run_fio(spec: &Spec, path: &Path, direct: bool) -> Result<Measurement> {
             p999_us: pct("99.900000"),
             max_us: side["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1000.0,
         },
-        cpu_user_s: job["usr_cpu"].as_f64().unwrap_or(0.0) / 100.0 * job_runtime_s,
-        cpu_sys_s: job["sys_cpu"].as_f64().unwrap_or(0.0) / 100.0 * job_runtime_s,
+        // All of fio's CPU, its io_uring workers included (fio's own usr_cpu/sys_cpu count only its
+        // job threads, while ours count every thread of the process): the same measure on both sides.
+        cpu_user_s: cpu1.user_s - cpu0.user_s,
+        cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
     })
 }
 
@@ -585,6 +656,7 @@ mod tests {
                 queue_depth: 1,
                 duration: Duration::from_secs(1),
                 region: blocks * 4096 + 100,
+                threads: 1,
             };
             let mut seen = vec![false; blocks as usize];
             for off in Offsets::new(&spec, 12345).take(blocks as usize) {
@@ -605,6 +677,7 @@ mod tests {
             queue_depth: 1,
             duration: Duration::from_secs(1),
             region: 3 << 20,
+            threads: 1,
         };
         let v: Vec<u64> = Offsets::new(&spec, 1).take(4).collect();
         assert_eq!(v, [0, 1 << 20, 2 << 20, 0]);

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use gpuio::{AlignedBuf, Engine, EngineConfig, File, IoQueue, QueueDesc};
+use gpuio::{AlignedBuf, Engine, EngineConfig, IoQueue, OpenOptions, QueueDesc};
 use gpuio_pack::{pack_files, Codec, Pack, PackOptions};
 
 fn make_data(kind: &str, len: usize) -> Vec<u8> {
@@ -73,8 +73,7 @@ fn make_data(kind: &str, len: usize) -> Vec<u8> {
 
 /// Reads the raw file in 4 MiB commands, 16 in flight, into recycled buffers.
 fn read_raw(queue: &IoQueue, path: &Path) -> f64 {
-    let file = File::open(path).unwrap();
-    file.drop_page_cache().unwrap();
+    let file = OpenOptions::read().cold(true).open(path).unwrap();
     let len = file.len().unwrap();
     let piece = 4u64 << 20;
     let mut free: Vec<AlignedBuf> = (0..16)
@@ -102,8 +101,9 @@ fn read_raw(queue: &IoQueue, path: &Path) -> f64 {
 /// Loads the whole entry in 64 MiB loads, 2 in flight, into recycled buffers; then random 4 KiB
 /// logical reads, 64 in flight.
 fn read_pack(queue: &IoQueue, path: &Path) -> (f64, f64) {
+    // Dropped before the pack opens, so that it opens cold (direct), as a pack on a device would.
+    drop(OpenOptions::read().cold(true).open(path).unwrap());
     let pack = Pack::open(path).unwrap();
-    pack.file().drop_page_cache().unwrap();
     let e = pack.entry("data").unwrap();
     let len = e.len();
     let piece = 64u64 << 20;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::mem::AlignedBuf;
+use crate::residency;
 
 /// Whether to use direct I/O (`O_DIRECT`, bypassing the OS page cache).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +54,7 @@ pub struct OpenOptions {
     create: bool,
     truncate: bool,
     direct: DirectMode,
+    cold: bool,
     refuse_direct_for_test: bool,
 }
 
@@ -64,6 +66,7 @@ impl Default for OpenOptions {
             create: false,
             truncate: false,
             direct: DirectMode::Auto,
+            cold: false,
             refuse_direct_for_test: false,
         }
     }
@@ -101,6 +104,13 @@ impl OpenOptions {
         self.direct = mode;
         self
     }
+    /// Drop the file's clean pages from the OS page cache when opening it, before anything is decided
+    /// from what is cached: for measurements of the device itself (a cold read), and so that a file
+    /// just written is not taken for one that is worth reading through the page cache.
+    pub fn cold(mut self, on: bool) -> Self {
+        self.cold = on;
+        self
+    }
     /// Behave as if the filesystem refused `O_DIRECT` with EINVAL (as tmpfs did before Linux 6.6), so
     /// that the buffered fallback can be tested on any filesystem.
     #[doc(hidden)]
@@ -134,6 +144,8 @@ struct FileInner {
     align: DirectAlign,
     direct_reason: String,
     writable: bool,
+    /// On a memory-backed filesystem, or warm when opened (see [`File::is_memory_resident`]).
+    memory_resident: bool,
 }
 
 /// An open file, cheap to clone (shared).
@@ -190,12 +202,44 @@ impl File {
             mem_align: 4096,
         });
 
-        let (direct, direct_reason) = match o.direct {
-            DirectMode::Off => (
+        if o.cold {
+            // Dirty pages cannot be dropped: write them back first.
+            buffered
+                .sync_data()
+                .map_err(|e| os_err(Op::Sync, path, &e))?;
+            // SAFETY: plain advisory syscall on an owned descriptor.
+            let rc = unsafe {
+                libc::posix_fadvise(buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+            };
+            if rc != 0 {
+                return Err(Error::from_errno(Op::Setup, rc).with_path(path));
+            }
+        }
+        let memory_backed = residency::is_memory_backed(buffered.as_raw_fd());
+        // A warm file opened for reading with the automatic choice is read through the page cache:
+        // O_DIRECT would re-read from the device what memory already holds. Sampled once, at open.
+        let warm = match (o.direct, o.write, memory_backed, ft.is_file()) {
+            (DirectMode::Auto, false, false, true) => {
+                residency::page_cache_fraction(buffered.as_raw_fd(), meta.len())
+                    .filter(|&f| f >= residency::WARM_FRACTION)
+            }
+            _ => None,
+        };
+        let (direct, direct_reason) = match (o.direct, warm) {
+            (DirectMode::Off, _) => (
                 None,
                 "buffered: direct I/O turned off (--direct off)".to_string(),
             ),
-            mode => match Self::try_direct(path, o, statx_align, &meta) {
+            (_, Some(f)) => (
+                None,
+                format!(
+                    "buffered: the file is warm ({:.0} % of sampled pages in the page cache); reading \
+                     them from memory beats O_DIRECT from the device",
+                    f * 100.0
+                ),
+            ),
+            (mode, None) => match Self::try_direct(path, o, statx_align, &meta) {
+
                 Ok(f) => {
                     let how = match statx_align {
                         Some(a) => format!(
@@ -225,6 +269,7 @@ impl File {
             align,
             direct_reason,
             writable: o.write,
+            memory_resident: memory_backed || warm.is_some(),
         })))
     }
 
@@ -290,6 +335,12 @@ impl File {
     }
     pub fn align(&self) -> DirectAlign {
         self.0.align
+    }
+    /// Whether reads are expected to be served from memory: the file lives on tmpfs or ramfs, or the
+    /// page cache held it when it was opened for reading (then it is read buffered). Backends copy
+    /// large reads of such files on several threads (see `backend::uring`).
+    pub fn is_memory_resident(&self) -> bool {
+        self.0.memory_resident
     }
     pub fn is_writable(&self) -> bool {
         self.0.writable
@@ -402,6 +453,7 @@ mod tests {
         assert_eq!(f.len().unwrap(), 10000);
         assert!(!f.direct_reason().is_empty());
         let refused = OpenOptions::read()
+            .cold(true)
             .simulate_direct_refusal()
             .open(&p)
             .unwrap();
@@ -414,5 +466,58 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("--direct on"), "{e}");
+    }
+
+    #[test]
+    fn warm_files_are_read_buffered_and_cold_ones_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![7u8; 4 << 20]).unwrap();
+        let probe = File::open(&p).unwrap();
+        if probe.is_memory_resident() && residency::is_memory_backed(probe.buffered_fd()) {
+            eprintln!(
+                "skipped: the temporary directory is memory-backed; nothing is ever cold there"
+            );
+            return;
+        }
+        // Just written: warm, read through the page cache, and said so.
+        assert!(!probe.is_direct(), "{}", probe.direct_reason());
+        assert!(probe.is_memory_resident());
+        assert!(
+            probe.direct_reason().contains("warm"),
+            "{}",
+            probe.direct_reason()
+        );
+        // Opened for writing, or with an explicit mode: residency decides nothing.
+        let rw = OpenOptions::read_write().open(&p).unwrap();
+        assert!(
+            !rw.direct_reason().contains("warm"),
+            "{}",
+            rw.direct_reason()
+        );
+        let on = OpenOptions::read().direct(DirectMode::On).open(&p);
+        if let Ok(on) = on {
+            assert!(on.is_direct());
+        }
+        // Dropped first: cold, direct where the filesystem allows it.
+        let cold = OpenOptions::read().cold(true).open(&p).unwrap();
+        assert!(
+            !cold.direct_reason().contains("warm"),
+            "{}",
+            cold.direct_reason()
+        );
+        assert!(!cold.is_memory_resident());
+    }
+
+    #[test]
+    fn files_on_tmpfs_are_memory_resident() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("skipped: no /dev/shm on this machine");
+            return;
+        };
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        let f = OpenOptions::read().cold(true).open(&p).unwrap();
+        assert!(f.is_memory_resident(), "{}", f.direct_reason());
     }
 }

@@ -27,6 +27,7 @@ pub mod mem;
 pub mod pipeline;
 pub mod queue;
 pub mod replace;
+pub mod residency;
 pub mod size;
 
 pub use backend::{BackendChoice, BackendConfig, BackendKind, Explain, MmapAdvice};

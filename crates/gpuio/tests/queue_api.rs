@@ -568,11 +568,7 @@ fn high_priority_overtakes_a_low_priority_backlog() {
     let len = 64 * MIB;
     let path = write_file(dir.path(), "backlog.bin", &big_content(len));
     // Direct I/O, so the backlog really goes to the disk rather than out of the page cache.
-    let file = File::open(&path).unwrap();
-    file.sync_all().unwrap();
-    if !file.is_direct() {
-        file.drop_page_cache().unwrap();
-    }
+    let file = OpenOptions::read().cold(true).open(&path).unwrap();
     let engines: Vec<Engine> = [BackendChoice::Uring, BackendChoice::Threads]
         .into_iter()
         .filter_map(|c| engine(c, 4, 16 * KIB))

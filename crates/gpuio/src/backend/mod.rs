@@ -97,6 +97,12 @@ pub struct BackendConfig {
     /// round. Devices that answer a batch at a time (virtio disks) stay busy when they receive work
     /// in small groups; see docs/BENCHMARKS.md ("submission batch").
     pub submit_batch_max: usize,
+    /// io_uring: threads that copy large reads of memory-resident files (tmpfs, or warm in the page
+    /// cache) on several cores; 0 turns them off. Default: the cores available, at most
+    /// [`COPY_THREADS_MAX`].
+    pub copy_threads: usize,
+    /// io_uring: reads at least this large of memory-resident files go to the copy threads.
+    pub copy_threads_min_bytes: usize,
     /// mmap: advice for each mapping.
     pub mmap_advice: MmapAdvice,
     /// mmap: prefault the whole mapping at map time (`MAP_POPULATE`).
@@ -105,6 +111,11 @@ pub struct BackendConfig {
 
 /// Default for [`BackendConfig::submit_batch_max`], measured (docs/BENCHMARKS.md).
 pub const SUBMIT_BATCH_DEFAULT: usize = 8;
+
+/// Most copy threads an io_uring backend starts.
+pub const COPY_THREADS_MAX: usize = 64;
+/// Default for [`BackendConfig::copy_threads_min_bytes`], measured (docs/BENCHMARKS.md).
+pub const COPY_THREADS_MIN_BYTES_DEFAULT: usize = 128 << 10;
 
 /// The deepest queue a backend accepts.
 pub const QUEUE_DEPTH_MAX: usize = 4096;
@@ -119,6 +130,10 @@ impl Default for BackendConfig {
             fixed_buffers: true,
             registered_files: true,
             submit_batch_max: SUBMIT_BATCH_DEFAULT,
+            copy_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(COPY_THREADS_MAX),
+            copy_threads_min_bytes: COPY_THREADS_MIN_BYTES_DEFAULT,
             mmap_advice: MmapAdvice::Random,
             mmap_populate: false,
         }
@@ -131,6 +146,12 @@ impl BackendConfig {
             return Err(Error::invalid(format!(
                 "queue depth {} is out of range 1..={QUEUE_DEPTH_MAX}",
                 self.queue_depth
+            )));
+        }
+        if self.copy_threads > COPY_THREADS_MAX {
+            return Err(Error::invalid(format!(
+                "copy threads {} is out of range 0..={COPY_THREADS_MAX}",
+                self.copy_threads
             )));
         }
         if self.submit_batch_max == 0 {

@@ -79,15 +79,29 @@ impl WorkerPool {
         exec: Arc<dyn Executor>,
         notes: Vec<String>,
     ) -> Result<WorkerPool> {
+        WorkerPool::with_workers(kind, depth, depth, exec, notes, None)
+    }
+
+    /// A pool of `workers` threads (at most [`WORKERS_MAX`]) for up to `depth` requests in flight;
+    /// after each completion a worker calls `on_done`, if given (to end another engine's wait).
+    pub(crate) fn with_workers(
+        kind: BackendKind,
+        depth: usize,
+        workers: usize,
+        exec: Arc<dyn Executor>,
+        notes: Vec<String>,
+        on_done: Option<Waker>,
+    ) -> Result<WorkerPool> {
         let (job_tx, job_rx) = bounded::<IoRequest>(depth);
         // Room for every in-flight completion plus one pending wake-up.
         let (done_tx, done_rx) = bounded::<IoDone>(depth + 1);
-        let n = depth.min(WORKERS_MAX);
+        let n = workers.clamp(1, WORKERS_MAX);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let rx = job_rx.clone();
             let tx = done_tx.clone();
             let exec = exec.clone();
+            let on_done = on_done.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("gpuio-{}-{i}", kind.name()))
                 .spawn(move || {
@@ -101,6 +115,9 @@ impl WorkerPool {
                             .is_err()
                         {
                             break;
+                        }
+                        if let Some(w) = &on_done {
+                            w();
                         }
                     }
                 })

@@ -15,6 +15,7 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use rustc_hash::FxHashMap;
 
+use super::threads::{SyscallExecutor, WorkerPool};
 use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest, Waker, WAKE_TAG};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
@@ -139,6 +140,9 @@ pub struct UringBackend {
     ring: IoUring,
     /// A `Deferred` ring starts disabled; the engine thread enables it.
     enabled: bool,
+    /// Threads that copy large reads of memory-resident files (see [`UringBackend::copies_on_threads`]).
+    copy_pool: Option<WorkerPool>,
+    copy_min_bytes: usize,
     depth: usize,
     in_flight: usize,
     /// Entries pushed since the last submission, and how many trigger one.
@@ -248,7 +252,44 @@ impl UringBackend {
             ));
             None
         };
+        let copy_pool = match (&wake_fd, config.copy_threads) {
+            (_, 0) => {
+                notes.push(
+                    "copy threads off: large reads of memory-resident files are copied by io_uring"
+                        .into(),
+                );
+                None
+            }
+            (None, _) => {
+                notes.push(
+                    "copy threads off: without an eventfd they could not wake the engine".into(),
+                );
+                None
+            }
+            (Some(fd), n) => {
+                let fd = fd.clone();
+                let wake: Waker = Arc::new(move || wake_eventfd(fd.as_raw_fd()));
+                let pool = WorkerPool::with_workers(
+                    BackendKind::Threads,
+                    config.queue_depth,
+                    n,
+                    Arc::new(SyscallExecutor),
+                    Vec::new(),
+                    Some(wake),
+                )?;
+                notes.push(format!(
+                    "reads of {} or more from memory-resident files (tmpfs, or warm in the page cache) \
+                     are copied by {} threads: io_uring copies such data on one thread (inline) or \
+                     through io-wq workers that contend",
+                    crate::size::format_bytes(config.copy_threads_min_bytes as f64),
+                    pool.worker_count()
+                ));
+                Some(pool)
+            }
+        };
         Ok(UringBackend {
+            copy_pool,
+            copy_min_bytes: config.copy_threads_min_bytes,
             enabled: task_run != TaskRun::Deferred,
             ring,
             wake_fd,
@@ -340,18 +381,18 @@ impl UringBackend {
     }
 }
 
-impl Backend for UringBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Uring
-    }
-    fn queue_depth(&self) -> usize {
-        self.depth
-    }
-    fn in_flight(&self) -> usize {
-        self.in_flight
-    }
+/// Ends a wait on the ring: the multishot poll on this eventfd completes.
+fn wake_eventfd(fd: std::os::fd::RawFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes to our eventfd; a full counter (EAGAIN) is already a wake-up.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
 
-    fn attach_thread(&mut self) -> Result<()> {
+impl UringBackend {
+    /// Enables a ring that was set up disabled: the calling thread becomes its only submitter. Done
+    /// by [`Backend::attach_thread`], or by the first `push` or `submit_and_reap` of a caller that
+    /// drives the backend without an engine.
+    fn enable(&mut self) -> Result<()> {
         if !self.enabled {
             self.ring
                 .submitter()
@@ -362,8 +403,52 @@ impl Backend for UringBackend {
         Ok(())
     }
 
+    /// Large reads of data already in memory go to the copy threads: io_uring would copy them on the
+    /// engine thread (page-cached files, read inline) or on io-wq workers that contend with each other
+    /// (tmpfs, which cannot read without blocking), so either way one core's copy bandwidth at best.
+    fn copies_on_threads(&self, req: &IoRequest) -> bool {
+        self.copy_pool.is_some()
+            && req.op == IoOp::Read
+            && req.len >= self.copy_min_bytes
+            && req.file.is_memory_resident()
+    }
+
+    fn copy_in_flight(&self) -> usize {
+        self.copy_pool.as_ref().map_or(0, |p| p.in_flight())
+    }
+}
+
+impl Backend for UringBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Uring
+    }
+    fn queue_depth(&self) -> usize {
+        self.depth
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.copy_in_flight()
+    }
+
+    fn attach_thread(&mut self) -> Result<()> {
+        self.enable()
+    }
+
     unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
-        if self.in_flight >= self.depth || req.len > u32::MAX as usize {
+        if self.in_flight() >= self.depth {
+            return Err(req);
+        }
+        if self.enable().is_err() {
+            return Err(req);
+        }
+        if self.copies_on_threads(&req) {
+            let pool = self
+                .copy_pool
+                .as_mut()
+                .expect("checked by copies_on_threads");
+            // SAFETY: the same contract, passed on.
+            return unsafe { pool.push(req) };
+        }
+        if req.len > u32::MAX as usize {
             return Err(req);
         }
         let entry = self.entry(&req);
@@ -392,7 +477,20 @@ impl Backend for UringBackend {
         timeout: Option<Duration>,
         out: &mut Vec<IoDone>,
     ) -> Result<()> {
-        let want = min_complete.min(self.in_flight);
+        self.enable()?;
+        // Copy-thread completions first: those already there count towards `min_complete`, and one
+        // arriving later ends the ring's wait through the eventfd.
+        let before = out.len();
+        if let Some(pool) = self.copy_pool.as_mut() {
+            pool.submit_and_reap(0, None, out)?;
+        }
+        let got = out.len() - before;
+        let want = if min_complete > got && self.in_flight == 0 && self.copy_in_flight() > 0 {
+            // Only copies are out: wait for the wake-up the next one sends (a poll completion).
+            1
+        } else {
+            min_complete.saturating_sub(got).min(self.in_flight)
+        };
         if !self.wake_armed {
             if let Some(fd) = &self.wake_fd {
                 let poll = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
@@ -447,16 +545,15 @@ impl Backend for UringBackend {
             });
             self.in_flight -= 1;
         }
+        if let Some(pool) = self.copy_pool.as_mut() {
+            pool.submit_and_reap(0, None, out)?;
+        }
         Ok(())
     }
 
     fn waker(&self) -> Option<Waker> {
         let fd = self.wake_fd.clone()?;
-        Some(Arc::new(move || {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes to our eventfd; a full counter (EAGAIN) is already a wake-up.
-            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        }))
+        Some(Arc::new(move || wake_eventfd(fd.as_raw_fd())))
     }
 
     fn register_pool(&mut self, pool: &BufferPool) -> Registration {

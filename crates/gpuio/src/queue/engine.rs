@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
 use super::command::{CbShared, CmdKind, CommandError, CommandId, Output, Recorded, Status};
+use super::outcome::{self, AfterShort, Attempt, Failure, Verdict};
 use super::plan::{self, PlanInput, SegKind, Segments, TaskPlan};
 use super::{IoQueue, QueueDesc, QueueKind, QueueShared, Slots};
 use crate::backend::{
@@ -1063,98 +1064,89 @@ impl Driver {
                 }
             }
         }
-        let r = d.result;
-        let cancelled = self.cbs.get(&task.cb).is_none_or(|cb| cb.cancelled);
-        let outcome: Option<TaskEnd> = if r < 0 {
-            let errno = (-r) as i32;
-            if ErrorKind::errno_is_transient(errno) && task.retries < self.retries_max && !cancelled
-            {
+        let (cancelled, block) = match self.cbs.get(&task.cb) {
+            Some(cb) => (cb.cancelled, cb.cmds[task.cmd as usize].block),
+            None => (true, 4096),
+        };
+        let attempt = Attempt {
+            op: task.op,
+            len: task.len,
+            direct: task.direct,
+            block,
+            retries: task.retries,
+            retries_max: self.retries_max,
+            shorts: task.shorts,
+            shorts_max: self.shorts_max,
+            cancelled,
+        };
+        let op = match task.op {
+            IoOp::Read => Op::Read,
+            IoOp::Write => Op::Write,
+            IoOp::Sync => Op::Sync,
+        };
+        let outcome: Option<TaskEnd> = match outcome::classify(&attempt, d.result) {
+            Verdict::Complete { n } => {
+                task.io_done += n;
+                Some(TaskEnd::Done)
+            }
+            Verdict::EndOfFile => Some(TaskEnd::Done),
+            Verdict::Retry => {
                 task.retries += 1;
                 if let Some(s) = st.as_mut() {
                     s.retries += 1;
                 }
                 None
-            } else if errno == libc::EINVAL && task.direct && !cancelled {
+            }
+            Verdict::RedoBuffered => {
                 task.direct = false;
                 if let Some(s) = st.as_mut() {
                     s.direct_fallbacks += 1;
                 }
                 None
-            } else {
-                let op = match task.op {
-                    IoOp::Read => Op::Read,
-                    IoOp::Write => Op::Write,
-                    IoOp::Sync => Op::Sync,
-                };
+            }
+            Verdict::Fail(Failure::Errno { errno, exhausted }) => {
                 let mut e = Error::from_errno(op, errno)
                     .with_path(task.file.path())
                     .with_range(task.file_off, task.len as u64);
-                if ErrorKind::errno_is_transient(errno) {
+                if exhausted {
                     e = e.with_kind(ErrorKind::RetriesExhausted);
                 }
                 Some(TaskEnd::Failed(e))
             }
-        } else if task.op == IoOp::Sync || r as usize == task.len {
-            task.io_done += r as usize;
-            Some(TaskEnd::Done)
-        } else if r == 0 {
-            match task.op {
-                IoOp::Read => Some(TaskEnd::Done), // end of file
-                _ if task.retries < self.retries_max && !cancelled => {
-                    task.retries += 1;
-                    if let Some(s) = st.as_mut() {
-                        s.retries += 1;
-                    }
-                    None
+            Verdict::Fail(Failure::ZeroWrites) => Some(TaskEnd::Failed(
+                Error::new(
+                    ErrorKind::RetriesExhausted,
+                    "write kept transferring zero bytes",
+                )
+                .with_op(op)
+                .with_path(task.file.path())
+                .with_range(task.file_off, task.len as u64),
+            )),
+            Verdict::Short { n, direct, then } => {
+                // Continue where it stopped.
+                task.shorts += 1;
+                if let Some(s) = st.as_mut() {
+                    s.short_transfers += 1;
                 }
-                _ => Some(TaskEnd::Failed(
-                    Error::new(
-                        ErrorKind::RetriesExhausted,
-                        "write kept transferring zero bytes",
-                    )
-                    .with_op(Op::Write)
-                    .with_path(task.file.path())
-                    .with_range(task.file_off, task.len as u64),
-                )),
-            }
-        } else {
-            // Short transfer: continue where it stopped.
-            let n = r as usize;
-            task.shorts += 1;
-            if let Some(s) = st.as_mut() {
-                s.short_transfers += 1;
-            }
-            task.io_done += n;
-            task.file_off += n as u64;
-            // SAFETY: n < len, so the pointer stays inside the task's memory.
-            task.ptr = unsafe { task.ptr.add(n) };
-            task.len -= n;
-            let block = self
-                .cbs
-                .get(&task.cb)
-                .map_or(4096, |cb| cb.cmds[task.cmd as usize].block);
-            if task.direct && (n as u64) % block != 0 {
-                // Off a block boundary: the rest cannot go direct.
-                task.direct = false;
-            }
-            if task.shorts > self.shorts_max {
-                Some(TaskEnd::Failed(
-                    Error::new(
-                        ErrorKind::RetriesExhausted,
-                        format!("{} short transfers in a row", task.shorts),
-                    )
-                    .with_op(if task.op == IoOp::Read {
-                        Op::Read
-                    } else {
-                        Op::Write
-                    })
-                    .with_path(task.file.path())
-                    .with_range(task.file_off, task.len as u64),
-                ))
-            } else if cancelled {
-                Some(TaskEnd::Done)
-            } else {
-                None
+                task.io_done += n;
+                task.file_off += n as u64;
+                // SAFETY: n < len, so the pointer stays inside the task's memory.
+                task.ptr = unsafe { task.ptr.add(n) };
+                task.len -= n;
+                task.direct = direct;
+                match then {
+                    AfterShort::Continue => None,
+                    AfterShort::Stop => Some(TaskEnd::Done),
+                    AfterShort::GiveUp => Some(TaskEnd::Failed(
+                        Error::new(
+                            ErrorKind::RetriesExhausted,
+                            format!("{} short transfers in a row", task.shorts),
+                        )
+                        .with_op(op)
+                        .with_path(task.file.path())
+                        .with_range(task.file_off, task.len as u64),
+                    )),
+                }
             }
         };
         drop(st);

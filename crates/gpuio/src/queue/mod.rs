@@ -31,6 +31,7 @@
 
 mod command;
 mod engine;
+mod outcome;
 pub(crate) mod plan;
 mod stats;
 
