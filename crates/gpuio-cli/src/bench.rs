@@ -57,6 +57,12 @@ pub struct BenchArgs {
     /// io_uring: submit every N queued requests (default: the engine's, 8).
     #[arg(long)]
     submit_batch: Option<usize>,
+    /// io_uring: threads that copy large reads of memory-resident files (default: one per core; 0: off).
+    #[arg(long)]
+    copy_threads: Option<usize>,
+    /// io_uring: reads at least this large of memory-resident files go to the copy threads (default 128K).
+    #[arg(long, value_parser = crate::parse_size)]
+    copy_min_size: Option<u64>,
     /// Also run, on the same file: a single-thread pread loop, the thread-pool and mmap backends, and fio
     /// (when installed); print each one's ratio to gpu-io.
     #[arg(long)]
@@ -106,6 +112,8 @@ impl BenchArgs {
             direct: self.direct,
             task_size: self.task_size as usize,
             submit_batch: self.submit_batch,
+            copy_threads: self.copy_threads,
+            copy_min_bytes: self.copy_min_size.map(|b| b as usize),
         };
         (spec, opts)
     }

@@ -198,6 +198,9 @@ pub struct EngineOpts {
     pub task_size: usize,
     /// io_uring submission batch (`None`: the engine's default).
     pub submit_batch: Option<usize>,
+    /// io_uring copy threads and their threshold (`None`: the engine's defaults).
+    pub copy_threads: Option<usize>,
+    pub copy_min_bytes: Option<usize>,
 }
 
 fn progress_tick(pb: Option<&ProgressBar>, start: Instant, last: &mut Instant) {
@@ -238,6 +241,12 @@ pub fn run_engine(
     };
     if let Some(b) = opts.submit_batch {
         cfg.backend.submit_batch_max = b;
+    }
+    if let Some(n) = opts.copy_threads {
+        cfg.backend.copy_threads = n;
+    }
+    if let Some(b) = opts.copy_min_bytes {
+        cfg.backend.copy_threads_min_bytes = b;
     }
     let engine = Engine::new(cfg)?;
     let open = if spec.pattern.is_write() {

@@ -30,6 +30,7 @@
 //! ```
 
 mod command;
+mod driver;
 mod engine;
 mod outcome;
 pub(crate) mod plan;
