@@ -79,6 +79,8 @@ pub(crate) struct Recorded {
     pub file: File,
     pub offset: u64,
     pub buf: Option<IoBuffer>,
+    /// The command addresses the command buffer's shared buffer (`buf` is `None`).
+    pub in_shared: bool,
     pub buf_offset: usize,
     pub len: u64,
 }
@@ -96,6 +98,8 @@ pub(crate) struct CbState {
     pub status: Status,
     pub cancel_requested: bool,
     pub outputs: Vec<Output>,
+    /// The shared buffer of a batch (see [`CommandBuffer::set_buffer`]), back after completion.
+    pub shared_buf: Option<IoBuffer>,
     pub waker: Option<Waker>,
     pub callback: Option<Callback>,
 }
@@ -109,7 +113,12 @@ pub(crate) struct CbShared {
 
 impl CbShared {
     /// Records the final status and outputs, wakes waiters, runs the callback (on the engine thread).
-    pub(crate) fn finish(&self, status: Status, outputs: Vec<Output>) {
+    pub(crate) fn finish(
+        &self,
+        status: Status,
+        outputs: Vec<Output>,
+        shared_buf: Option<IoBuffer>,
+    ) {
         let (waker, callback, status) = {
             let mut st = self.state.lock();
             st.status = if st.cancel_requested {
@@ -118,6 +127,7 @@ impl CbShared {
                 status
             };
             st.outputs = outputs;
+            st.shared_buf = shared_buf;
             (st.waker.take(), st.callback.take(), st.status.clone())
         };
         self.done.notify_all();
@@ -134,6 +144,8 @@ impl CbShared {
 pub struct CommandBuffer {
     queue: IoQueue,
     commands: Vec<Recorded>,
+    /// One buffer that `load_into`/`store_from` commands address by offset (a batch).
+    shared_buf: Option<IoBuffer>,
     /// Indices of the first command after each barrier.
     barriers: Vec<usize>,
     callback: Option<Callback>,
@@ -153,6 +165,7 @@ impl CommandBuffer {
         CommandBuffer {
             queue,
             commands: Vec::new(),
+            shared_buf: None,
             barriers: Vec::new(),
             callback: None,
         }
@@ -245,6 +258,7 @@ impl CommandBuffer {
             file: file.clone(),
             offset,
             buf: Some(buf),
+            in_shared: false,
             buf_offset,
             len,
         })
@@ -286,9 +300,149 @@ impl CommandBuffer {
             file: file.clone(),
             offset,
             buf: Some(buf),
+            in_shared: false,
             buf_offset,
             len,
         })
+    }
+
+    /// Gives the command buffer one buffer for a batch of small transfers: [`load_into`] and
+    /// [`store_from`] commands then address byte ranges of it, so N requests need one buffer (a
+    /// registered pool buffer keeps every transfer on io_uring's fixed-buffer path), one commit and
+    /// one completion, which reports each command's bytes or error ([`Finished::bytes`],
+    /// [`Status::Error`]) and hands the buffer back ([`Finished::take_shared_buffer`]).
+    ///
+    /// Ranges that loads write must not overlap any other command's range in the buffer (checked at
+    /// commit: [`ErrorKind::InvalidInput`]). Fails if the command buffer already has one.
+    ///
+    /// [`load_into`]: Self::load_into
+    /// [`store_from`]: Self::store_from
+    ///
+    /// ```
+    /// use gpuio::{AlignedBuf, CommandBuffer, Engine, EngineConfig, File, QueueDesc};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("table.bin");
+    /// # std::fs::write(&path, (0..1u32 << 16).flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    /// let engine = Engine::new(EngineConfig::default())?;
+    /// let queue = engine.queue(QueueDesc::default())?;
+    /// let table = File::open(&path)?;
+    /// let rows = [7u64, 1000, 3, 12345]; // 16-byte rows to gather
+    /// let mut cb = queue.command_buffer();
+    /// cb.set_buffer(AlignedBuf::new(rows.len() * 16, 4096)?)?;
+    /// let ids: Vec<_> = rows
+    ///     .iter()
+    ///     .enumerate()
+    ///     .map(|(i, &r)| cb.load_into(&table, r * 16, i * 16, 16))
+    ///     .collect::<Result<_, _>>()?;
+    /// let mut done = cb.commit()?.finish()?;
+    /// assert!(ids.iter().all(|&id| done.bytes(id) == 16));
+    /// let buf = done.take_shared_buffer().unwrap();
+    /// assert_eq!(&buf[16..20], &(1000u32 * 4).to_le_bytes());
+    /// # Ok::<(), gpuio::Error>(())
+    /// ```
+    pub fn set_buffer(&mut self, buf: impl Into<IoBuffer>) -> Result<()> {
+        if self.shared_buf.is_some() {
+            return Err(Error::invalid(
+                "this command buffer already has a shared buffer",
+            ));
+        }
+        self.shared_buf = Some(buf.into());
+        Ok(())
+    }
+
+    fn shared_range(
+        &self,
+        file: &File,
+        op: Op,
+        offset: u64,
+        buf_offset: usize,
+        len: u64,
+    ) -> Result<()> {
+        match &self.shared_buf {
+            Some(buf) => Self::check_range(file, op, offset, len, buf, buf_offset),
+            None => Err(Error::invalid("no shared buffer: call set_buffer first")
+                .with_op(op)
+                .with_path(file.path())
+                .with_range(offset, len)),
+        }
+    }
+
+    /// Reads exactly `len` bytes at file `offset` into the shared buffer at `buf_offset` (see
+    /// [`set_buffer`](Self::set_buffer)). Reaching end of file first fails the command.
+    pub fn load_into(
+        &mut self,
+        file: &File,
+        offset: u64,
+        buf_offset: usize,
+        len: usize,
+    ) -> Result<CommandId> {
+        self.shared_range(file, Op::Read, offset, buf_offset, len as u64)?;
+        self.push(Recorded {
+            kind: CmdKind::Load { exact: true },
+            file: file.clone(),
+            offset,
+            buf: None,
+            in_shared: true,
+            buf_offset,
+            len: len as u64,
+        })
+    }
+
+    /// Writes `len` bytes of the shared buffer at `buf_offset` to the file at `offset` (see
+    /// [`set_buffer`](Self::set_buffer)).
+    pub fn store_from(
+        &mut self,
+        file: &File,
+        offset: u64,
+        buf_offset: usize,
+        len: usize,
+    ) -> Result<CommandId> {
+        if !file.is_writable() {
+            return Err(
+                Error::new(ErrorKind::PermissionDenied, "file was opened read-only")
+                    .with_op(Op::Write)
+                    .with_path(file.path())
+                    .with_range(offset, len as u64),
+            );
+        }
+        self.shared_range(file, Op::Write, offset, buf_offset, len as u64)?;
+        self.push(Recorded {
+            kind: CmdKind::Store,
+            file: file.clone(),
+            offset,
+            buf: None,
+            in_shared: true,
+            buf_offset,
+            len: len as u64,
+        })
+    }
+
+    /// Ranges of the shared buffer that a load writes must not meet any other command's range.
+    fn check_shared_overlaps(commands: &[Recorded]) -> Result<()> {
+        let mut ranges: Vec<(usize, usize, usize)> = commands
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.in_shared && r.len > 0)
+            .map(|(i, r)| (r.buf_offset, r.buf_offset + r.len as usize, i))
+            .collect();
+        ranges.sort_unstable();
+        // Any two overlapping ranges include an adjacent pair (by start) that overlaps, unless both
+        // are stores; track the furthest-reaching range so far to catch stores nested in loads.
+        let mut reach: Option<(usize, usize)> = None; // (end, command)
+        for &(start, end, i) in &ranges {
+            if let Some((reach_end, j)) = reach {
+                let writes = |k: usize| matches!(commands[k].kind, CmdKind::Load { .. });
+                if start < reach_end && (writes(i) || writes(j)) {
+                    return Err(Error::invalid(format!(
+                        "commands {j} and {i} overlap in the shared buffer at byte {start}, and a load writes there"
+                    )));
+                }
+            }
+            if reach.is_none_or(|(e, _)| end > e) {
+                reach = Some((end, i));
+            }
+        }
+        Ok(())
     }
 
     /// Flushes the file's written data to stable storage (`fdatasync`). Put a [`barrier`](Self::barrier)
@@ -299,6 +453,7 @@ impl CommandBuffer {
             file: file.clone(),
             offset: 0,
             buf: None,
+            in_shared: false,
             buf_offset: 0,
             len: 0,
         })
@@ -335,9 +490,11 @@ impl CommandBuffer {
         let CommandBuffer {
             queue,
             commands,
+            shared_buf,
             barriers,
             callback,
         } = self;
+        Self::check_shared_overlaps(&commands)?;
         queue.shared.slots.acquire(wait)?;
         let n = commands.len();
         let shared = Arc::new(CbShared {
@@ -346,6 +503,7 @@ impl CommandBuffer {
                 status: Status::Pending,
                 cancel_requested: false,
                 outputs: Vec::new(),
+                shared_buf: None,
                 waker: None,
                 callback,
             }),
@@ -355,6 +513,7 @@ impl CommandBuffer {
             queue: queue.shared.clone(),
             cb: shared.clone(),
             commands,
+            shared_buf,
             barriers,
         };
         if queue.engine.send(msg).is_err() {
@@ -435,8 +594,17 @@ impl Completion {
     /// or not the command buffer succeeded).
     pub fn wait_parts(self) -> (Status, Finished) {
         let status = self.wait();
-        let outputs = std::mem::take(&mut self.shared.state.lock().outputs);
-        (status, Finished { outputs })
+        let (outputs, shared_buf) = {
+            let mut st = self.shared.state.lock();
+            (std::mem::take(&mut st.outputs), st.shared_buf.take())
+        };
+        (
+            status,
+            Finished {
+                outputs,
+                shared_buf,
+            },
+        )
     }
 
     /// Waits; returns the outputs if every command succeeded, else the first error (all of them are in
@@ -475,6 +643,7 @@ impl Future for Completion {
 #[derive(Debug, Default)]
 pub struct Finished {
     outputs: Vec<Output>,
+    shared_buf: Option<IoBuffer>,
 }
 
 impl Finished {
@@ -485,6 +654,10 @@ impl Finished {
     /// Takes the command's buffer back (once).
     pub fn take_buffer(&mut self, id: CommandId) -> Option<IoBuffer> {
         self.outputs.get_mut(id.index())?.buf.take()
+    }
+    /// Takes the shared buffer of a batch back (once); see [`CommandBuffer::set_buffer`].
+    pub fn take_shared_buffer(&mut self) -> Option<IoBuffer> {
+        self.shared_buf.take()
     }
     /// Takes every buffer back, in command order (`None` for syncs and buffers already taken).
     pub fn into_buffers(self) -> Vec<Option<IoBuffer>> {

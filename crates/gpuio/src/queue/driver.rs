@@ -35,7 +35,7 @@ use super::{QueueKind, QueueShared};
 use crate::backend::{Backend, BackendKind, IoDone, IoOp, IoRequest};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
-use crate::mem::{BufferPool, PooledBuf};
+use crate::mem::{BufferPool, IoBuffer, PooledBuf};
 
 /// The OS page size (the page cache's granularity), 4096 if it cannot be read.
 fn os_page_bytes() -> u64 {
@@ -71,6 +71,8 @@ struct ActiveCb {
     shared: Arc<CbShared>,
     queue: u64,
     cmds: Vec<CmdExec>,
+    /// A batch's one buffer, addressed by the commands that have no buffer of their own.
+    shared_buf: Option<IoBuffer>,
     /// Command index ranges separated by barriers.
     stages: Vec<std::ops::Range<usize>>,
     stage: usize,
@@ -277,7 +279,7 @@ impl Driver {
                 if let Some(q) = self.queues.get(&cb.queue) {
                     q.shared.slots.release();
                 }
-                cb.shared.finish(Status::Error(errors), Vec::new());
+                cb.shared.finish(Status::Error(errors), Vec::new(), None);
                 std::mem::forget(cb.cmds);
             }
         }
@@ -289,8 +291,9 @@ impl Driver {
                 queue,
                 cb,
                 commands,
+                shared_buf,
                 barriers,
-            } => self.commit(queue, cb, commands, barriers),
+            } => self.commit(queue, cb, commands, shared_buf, barriers),
             Msg::Cancel(id) => self.cancel(id),
             Msg::RegisterPool(pool, reply) => {
                 let reg = self.backend.register_pool(&pool);
@@ -304,6 +307,7 @@ impl Driver {
         queue: Arc<QueueShared>,
         shared: Arc<CbShared>,
         commands: Vec<Recorded>,
+        mut shared_buf: Option<IoBuffer>,
         barriers: Vec<usize>,
     ) {
         let qid = queue.id;
@@ -333,18 +337,26 @@ impl Driver {
             stages.push(start..b);
             start = b;
         }
+        let (shared_base, shared_fixed) = match shared_buf.as_mut() {
+            Some(b) => (b.as_aligned_mut().as_mut_ptr(), b.fixed_index()),
+            None => (std::ptr::null_mut(), None),
+        };
         let backend_kind = self.backend.kind();
         let bounce_size = self.bounce_size as u64;
         let cmds = commands
             .into_iter()
             .map(|mut rec| {
-                let (base, fixed) = match rec.buf.as_mut() {
+                let (base, fixed) = match (rec.buf.as_mut(), rec.in_shared) {
                     // SAFETY: buf_offset <= buf.len() was checked when the command was recorded.
-                    Some(b) => (
+                    (Some(b), _) => (
                         unsafe { b.as_aligned_mut().as_mut_ptr().add(rec.buf_offset) },
                         b.fixed_index(),
                     ),
-                    None => (std::ptr::null_mut(), None),
+                    // SAFETY: buf_offset + len <= the shared buffer's length was checked when the
+                    // command was recorded; the buffer moves into this command buffer's entry below
+                    // (its heap memory does not move) and lives until the entry is removed.
+                    (None, true) => (unsafe { shared_base.add(rec.buf_offset) }, shared_fixed),
+                    (None, false) => (std::ptr::null_mut(), None),
                 };
                 let align = rec.file.align();
                 let mut block = (align.offset_align as u64).max(512);
@@ -397,6 +409,7 @@ impl Driver {
                 shared,
                 queue: qid,
                 cmds,
+                shared_buf,
                 stages,
                 stage: 0,
                 activated: false,
@@ -565,7 +578,7 @@ impl Driver {
             }
             q.shared.slots.release();
         }
-        cb.shared.finish(status, outputs);
+        cb.shared.finish(status, outputs, cb.shared_buf.take());
         if let Some(n) = next {
             self.activate(n);
         }
@@ -949,6 +962,7 @@ mod tests {
                 status: Status::Pending,
                 cancel_requested: false,
                 outputs: Vec::new(),
+                shared_buf: None,
                 waker: None,
                 callback: None,
             }),

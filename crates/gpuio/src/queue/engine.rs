@@ -18,7 +18,7 @@ use super::driver::Driver;
 use super::{IoQueue, QueueDesc, QueueShared, Slots};
 use crate::backend::{self, Backend, BackendConfig, BackendKind, Explain, Waker};
 use crate::error::{Error, ErrorKind, Result};
-use crate::mem::{BufferPool, MemoryBudget, PageSize, Registration, Wait};
+use crate::mem::{BufferPool, IoBuffer, MemoryBudget, PageSize, Registration, Wait};
 use crate::queue::stats::QueueStats;
 
 /// Default size of the tasks a large command is split into. Measured: see docs/BENCHMARKS.md
@@ -91,6 +91,7 @@ pub(crate) enum Msg {
         queue: Arc<QueueShared>,
         cb: Arc<CbShared>,
         commands: Vec<Recorded>,
+        shared_buf: Option<IoBuffer>,
         barriers: Vec<usize>,
     },
     Cancel(u64),
