@@ -996,7 +996,7 @@ mod tests {
             let cb = empty_cb(1000 + id);
             // The user still holds the queue when its work finishes, and drops it afterwards.
             let user_handle = q.clone();
-            d.commit(q, cb.clone(), Vec::new(), Vec::new());
+            d.commit(q, cb.clone(), Vec::new(), None, Vec::new());
             drop(user_handle);
             assert!(
                 cb.state.lock().status.is_complete(),
