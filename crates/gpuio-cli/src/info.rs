@@ -186,6 +186,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             "filesystem": fs_type(p),
             "direct": f.is_direct(),
             "direct_reason": f.direct_reason(),
+            "memory_resident": f.is_memory_resident(),
             "offset_align": f.align().offset_align,
             "mem_align": f.align().mem_align,
         });
@@ -337,11 +338,16 @@ fn human(v: &Value) -> String {
     }
     if let Some(f) = v.get("file") {
         out.push_str(&format!(
-            "\nfile {} ({} bytes, {}):\n  {}\n",
+            "\nfile {} ({} bytes, {}):\n  {}\n  {}\n",
             f["path"].as_str().unwrap_or_default(),
             f["size"],
             f["filesystem"].as_str().unwrap_or("unknown filesystem"),
             f["direct_reason"].as_str().unwrap_or_default(),
+            if f["memory_resident"].as_bool().unwrap_or(false) {
+                "memory-resident (tmpfs, ramfs, or warm in the page cache): with io_uring, large reads go to the copy threads"
+            } else {
+                "not memory-resident: reads go to the device"
+            },
         ));
     }
     out
