@@ -52,6 +52,7 @@ fn outcome_json(o: &Outcome, path: &Path) -> Value {
         "pattern": o.spec.pattern.name(),
         "block_size": o.spec.block_size,
         "queue_depth": o.spec.queue_depth,
+        "threads": o.spec.threads,
         "backend": e.backend,
         "direct": e.direct,
         "iops": e.iops(),

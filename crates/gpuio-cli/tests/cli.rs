@@ -369,3 +369,53 @@ fn a_reader_that_goes_away_ends_output_quietly() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn bench_threads_split_one_pass_and_info_says_where_bytes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.bin").display().to_string();
+    // 8 MiB, 2048 blocks of 4 KiB: three threads share one pass, so every block is read once in all.
+    std::fs::write(&f, vec![3u8; 8 << 20]).unwrap();
+    let out = gpuio(&[
+        "bench",
+        "--file",
+        &f,
+        "--pattern",
+        "randread",
+        "--queue-depth",
+        "8",
+        "--threads",
+        "3",
+        "--duration",
+        "30",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 3);
+    assert_eq!(v["ops"], 2048, "{v}");
+    assert_clean_failure(
+        &["bench", "--threads", "0", "--duration", "0.1"],
+        &["threads"],
+    );
+
+    // Just written: warm, read buffered, and said so; on tmpfs: memory-resident.
+    let out = gpuio(&["info", &f]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    // (A temporary directory on tmpfs is memory-resident without being "warm".)
+    assert!(
+        text.contains("memory-resident") && (text.contains("warm") || text.contains("tmpfs")),
+        "{text}"
+    );
+    if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+        let s = write_file(shm.path(), "s.bin", &[1u8; 1 << 20]);
+        let out = gpuio(&["info", &s, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["file"]["memory_resident"], true, "{v}");
+    }
+}

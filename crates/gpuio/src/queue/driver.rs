@@ -281,6 +281,8 @@ impl Driver {
                 }
                 cb.shared.finish(Status::Error(errors), Vec::new(), None);
                 std::mem::forget(cb.cmds);
+                // A batch's buffer may still be written by the kernel, like the commands' own.
+                std::mem::forget(cb.shared_buf);
             }
         }
     }
