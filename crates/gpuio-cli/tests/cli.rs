@@ -4,9 +4,19 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use common::{fails_cleanly as assert_clean_failure, gpuio, gpuio_in};
+
+/// The one JSON object a successful run printed (the run's stderr if it failed).
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
 
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);
@@ -218,12 +228,7 @@ fn bench_json_has_the_documented_keys() {
         "8",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let v = json_of(&out);
     for k in [
         "pattern",
         "block_size",
@@ -258,12 +263,7 @@ fn bench_compare_reports_ratios_for_every_reference() {
         "--compare",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json_of(&out);
     let names: Vec<&str> = v["baselines"]
         .as_array()
         .unwrap()
@@ -326,12 +326,7 @@ fn info_explains_the_choice() {
     let dir = tempfile::tempdir().unwrap();
     let p = write_file(dir.path(), "f", &[0u8; 8192]);
     let out = gpuio(&["info", &p, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json_of(&out);
     assert!(!v["reasons"].as_array().unwrap().is_empty());
     assert!(v["file"]["direct_reason"].as_str().unwrap().len() > 5);
     let human = gpuio(&["info"]);
@@ -390,12 +385,7 @@ fn bench_threads_split_one_pass_and_info_says_where_bytes_live() {
         "30",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json_of(&out);
     assert_eq!(v["threads"], 3);
     assert_eq!(v["ops"], 2048, "{v}");
     assert_clean_failure(

@@ -207,13 +207,7 @@ impl File {
             buffered
                 .sync_data()
                 .map_err(|e| os_err(Op::Sync, path, &e))?;
-            // SAFETY: plain advisory syscall on an owned descriptor.
-            let rc = unsafe {
-                libc::posix_fadvise(buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
-            };
-            if rc != 0 {
-                return Err(Error::from_errno(Op::Setup, rc).with_path(path));
-            }
+            drop_cached_pages(buffered.as_raw_fd(), path)?;
         }
         let memory_backed = residency::is_memory_backed(buffered.as_raw_fd());
         // A warm file opened for reading with the automatic choice is read through the page cache:
@@ -388,14 +382,7 @@ impl File {
     }
     /// Drops this file's clean pages from the OS page cache (for cold-cache measurements).
     pub fn drop_page_cache(&self) -> Result<()> {
-        // SAFETY: plain syscall on an owned descriptor.
-        let rc = unsafe {
-            libc::posix_fadvise(self.0.buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
-        };
-        if rc != 0 {
-            return Err(Error::from_errno(Op::Setup, rc).with_path(&self.0.path));
-        }
-        Ok(())
+        drop_cached_pages(self.0.buffered.as_raw_fd(), &self.0.path)
     }
     /// Flushes data and metadata to stable storage, synchronously.
     pub fn sync_all(&self) -> Result<()> {
@@ -407,6 +394,16 @@ impl File {
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Drops the clean pages of `fd` from the OS page cache.
+fn drop_cached_pages(fd: RawFd, path: &Path) -> Result<()> {
+    // SAFETY: plain advisory syscall on an open descriptor.
+    let rc = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(Error::from_errno(Op::Setup, rc).with_path(path));
+    }
+    Ok(())
+}
 
 /// Direct-I/O alignment from `statx(STATX_DIOALIGN)`, or `None` where the kernel does not report it.
 fn dio_align(fd: RawFd) -> Option<DirectAlign> {
@@ -474,7 +471,7 @@ mod tests {
         let p = dir.path().join("f");
         std::fs::write(&p, vec![7u8; 4 << 20]).unwrap();
         let probe = File::open(&p).unwrap();
-        if probe.is_memory_resident() && residency::is_memory_backed(probe.buffered_fd()) {
+        if residency::is_memory_backed(probe.buffered_fd()) {
             eprintln!(
                 "skipped: the temporary directory is memory-backed; nothing is ever cold there"
             );

@@ -413,6 +413,18 @@ impl UringBackend {
             && req.file.is_memory_resident()
     }
 
+    /// Appends the copy threads' finished reads to `out` without waiting; returns how many.
+    fn reap_copies(&mut self, out: &mut Vec<IoDone>) -> Result<usize> {
+        match self.copy_pool.as_mut() {
+            Some(pool) if pool.in_flight() > 0 => {
+                let before = out.len();
+                pool.submit_and_reap(0, None, out)?;
+                Ok(out.len() - before)
+            }
+            _ => Ok(0),
+        }
+    }
+
     fn copy_in_flight(&self) -> usize {
         self.copy_pool.as_ref().map_or(0, |p| p.in_flight())
     }
@@ -480,11 +492,7 @@ impl Backend for UringBackend {
         self.enable()?;
         // Copy-thread completions first: those already there count towards `min_complete`, and one
         // arriving later ends the ring's wait through the eventfd.
-        let before = out.len();
-        if let Some(pool) = self.copy_pool.as_mut() {
-            pool.submit_and_reap(0, None, out)?;
-        }
-        let got = out.len() - before;
+        let got = self.reap_copies(out)?;
         let want = if min_complete > got && self.in_flight == 0 && self.copy_in_flight() > 0 {
             // Only copies are out: wait for the wake-up the next one sends (a poll completion).
             1
@@ -545,9 +553,7 @@ impl Backend for UringBackend {
             });
             self.in_flight -= 1;
         }
-        if let Some(pool) = self.copy_pool.as_mut() {
-            pool.submit_and_reap(0, None, out)?;
-        }
+        self.reap_copies(out)?;
         Ok(())
     }
 

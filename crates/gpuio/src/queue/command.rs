@@ -112,6 +112,22 @@ pub(crate) struct CbShared {
 }
 
 impl CbShared {
+    /// A command buffer just committed: pending, with its callback if any.
+    pub(crate) fn pending(id: u64, callback: Option<Callback>) -> CbShared {
+        CbShared {
+            id,
+            state: Mutex::new(CbState {
+                status: Status::Pending,
+                cancel_requested: false,
+                outputs: Vec::new(),
+                shared_buf: None,
+                waker: None,
+                callback,
+            }),
+            done: Condvar::new(),
+        }
+    }
+
     /// Records the final status and outputs, wakes waiters, runs the callback (on the engine thread).
     pub(crate) fn finish(
         &self,
@@ -215,6 +231,18 @@ impl CommandBuffer {
         Ok(())
     }
 
+    fn check_writable(file: &File, offset: u64, len: u64) -> Result<()> {
+        if file.is_writable() {
+            return Ok(());
+        }
+        Err(
+            Error::new(ErrorKind::PermissionDenied, "file was opened read-only")
+                .with_op(Op::Write)
+                .with_path(file.path())
+                .with_range(offset, len),
+        )
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset` into `buf`. Reaching end of file first fails the
     /// command with [`ErrorKind::UnexpectedEof`].
     pub fn load(
@@ -286,14 +314,7 @@ impl CommandBuffer {
         len: u64,
     ) -> Result<CommandId> {
         let buf = buf.into();
-        if !file.is_writable() {
-            return Err(
-                Error::new(ErrorKind::PermissionDenied, "file was opened read-only")
-                    .with_op(Op::Write)
-                    .with_path(file.path())
-                    .with_range(offset, len),
-            );
-        }
+        Self::check_writable(file, offset, len)?;
         Self::check_range(file, Op::Write, offset, len, &buf, buf_offset)?;
         self.push(Recorded {
             kind: CmdKind::Store,
@@ -350,21 +371,38 @@ impl CommandBuffer {
         Ok(())
     }
 
-    fn shared_range(
-        &self,
+    /// Records a command on `buf_offset..+len` of the shared buffer, after checking that range.
+    fn push_shared(
+        &mut self,
+        kind: CmdKind,
         file: &File,
-        op: Op,
         offset: u64,
         buf_offset: usize,
-        len: u64,
-    ) -> Result<()> {
+        len: usize,
+    ) -> Result<CommandId> {
+        let op = if kind == CmdKind::Store {
+            Op::Write
+        } else {
+            Op::Read
+        };
         match &self.shared_buf {
-            Some(buf) => Self::check_range(file, op, offset, len, buf, buf_offset),
-            None => Err(Error::invalid("no shared buffer: call set_buffer first")
-                .with_op(op)
-                .with_path(file.path())
-                .with_range(offset, len)),
+            Some(buf) => Self::check_range(file, op, offset, len as u64, buf, buf_offset)?,
+            None => {
+                return Err(Error::invalid("no shared buffer: call set_buffer first")
+                    .with_op(op)
+                    .with_path(file.path())
+                    .with_range(offset, len as u64))
+            }
         }
+        self.push(Recorded {
+            kind,
+            file: file.clone(),
+            offset,
+            buf: None,
+            in_shared: true,
+            buf_offset,
+            len: len as u64,
+        })
     }
 
     /// Reads exactly `len` bytes at file `offset` into the shared buffer at `buf_offset` (see
@@ -376,16 +414,7 @@ impl CommandBuffer {
         buf_offset: usize,
         len: usize,
     ) -> Result<CommandId> {
-        self.shared_range(file, Op::Read, offset, buf_offset, len as u64)?;
-        self.push(Recorded {
-            kind: CmdKind::Load { exact: true },
-            file: file.clone(),
-            offset,
-            buf: None,
-            in_shared: true,
-            buf_offset,
-            len: len as u64,
-        })
+        self.push_shared(CmdKind::Load { exact: true }, file, offset, buf_offset, len)
     }
 
     /// Writes `len` bytes of the shared buffer at `buf_offset` to the file at `offset` (see
@@ -397,24 +426,8 @@ impl CommandBuffer {
         buf_offset: usize,
         len: usize,
     ) -> Result<CommandId> {
-        if !file.is_writable() {
-            return Err(
-                Error::new(ErrorKind::PermissionDenied, "file was opened read-only")
-                    .with_op(Op::Write)
-                    .with_path(file.path())
-                    .with_range(offset, len as u64),
-            );
-        }
-        self.shared_range(file, Op::Write, offset, buf_offset, len as u64)?;
-        self.push(Recorded {
-            kind: CmdKind::Store,
-            file: file.clone(),
-            offset,
-            buf: None,
-            in_shared: true,
-            buf_offset,
-            len: len as u64,
-        })
+        Self::check_writable(file, offset, len as u64)?;
+        self.push_shared(CmdKind::Store, file, offset, buf_offset, len)
     }
 
     /// Ranges of the shared buffer that a load writes must not meet any other command's range.
@@ -497,18 +510,7 @@ impl CommandBuffer {
         Self::check_shared_overlaps(&commands)?;
         queue.shared.slots.acquire(wait)?;
         let n = commands.len();
-        let shared = Arc::new(CbShared {
-            id: queue.engine.next_id(),
-            state: Mutex::new(CbState {
-                status: Status::Pending,
-                cancel_requested: false,
-                outputs: Vec::new(),
-                shared_buf: None,
-                waker: None,
-                callback,
-            }),
-            done: Condvar::new(),
-        });
+        let shared = Arc::new(CbShared::pending(queue.engine.next_id(), callback));
         let msg = Msg::Commit {
             queue: queue.shared.clone(),
             cb: shared.clone(),

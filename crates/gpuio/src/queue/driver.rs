@@ -951,25 +951,13 @@ mod tests {
     use super::*;
     use crate::backend::{self, BackendConfig};
     use crate::mem::{MemoryBudget, Wait};
-    use crate::queue::command::CbState;
     use crate::queue::stats::QueueStats;
     use crate::queue::{QueueDesc, Slots};
     use crossbeam_channel::unbounded;
-    use parking_lot::{Condvar, Mutex};
+    use parking_lot::Mutex;
 
     fn empty_cb(id: u64) -> Arc<CbShared> {
-        Arc::new(CbShared {
-            id,
-            state: Mutex::new(CbState {
-                status: Status::Pending,
-                cancel_requested: false,
-                outputs: Vec::new(),
-                shared_buf: None,
-                waker: None,
-                callback: None,
-            }),
-            done: Condvar::new(),
-        })
+        Arc::new(CbShared::pending(id, None))
     }
 
     #[test]
