@@ -80,6 +80,9 @@ pub struct BenchArgs {
     /// Staging buffers for --target cuda:N.
     #[arg(long, default_value_t = gpuio_cuda::loader::STAGING_BUFFERS_DEFAULT)]
     staging_buffers: usize,
+    /// Bytes per staging buffer for --target cuda:N.
+    #[arg(long, value_parser = crate::parse_size, default_value = "16M")]
+    staging_size: u64,
     /// Instead of file I/O: time one host-to-device copy of 64 B, 256 B, ... up to --pio-max-size by
     /// DMA and by programmed I/O (device threads reading mapped pinned memory) on --target, and say
     /// from which size DMA wins (the loaders' --pio-max threshold).
@@ -335,11 +338,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 
     if let Some(device) = device {
+        // The engine flags (--backend, --task-size, --copy-threads, ...) apply to the staged reads.
+        let (_, opts) = a.spec_and_opts(Pattern::Read, 1 << 20, 16, region);
+        let loader_cfg = gpuio_cuda::LoaderConfig {
+            staging_buffers: a.staging_buffers,
+            staging_bytes: usize::try_from(a.staging_size).unwrap_or(usize::MAX),
+            ..gpuio_cuda::LoaderConfig::default()
+        };
         return crate::load::bench_device(
             &path,
             region,
             device,
-            a.staging_buffers,
+            opts.engine_config(),
+            loader_cfg,
             a.compare,
             a.json,
         );

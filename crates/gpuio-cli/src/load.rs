@@ -55,6 +55,9 @@ pub struct LoadArgs {
     /// Bytes per staging buffer.
     #[arg(long, value_parser = crate::parse_size, default_value = "16M")]
     staging_size: u64,
+    /// The engine's backend for the reads (auto: the probe's choice).
+    #[arg(long, default_value = "auto")]
+    backend: gpuio::BackendChoice,
     /// Copy chunks of at most this many bytes by programmed I/O (device threads reading the mapped
     /// staging buffer) instead of DMA; 0 = always DMA.
     #[arg(long, value_parser = crate::parse_size, default_value = "0")]
@@ -142,7 +145,9 @@ pub fn run(a: LoadArgs) -> Result<()> {
             "--save-to writes a model from device memory; a zero-copy mapping is the file itself: use another --path",
         ));
     }
-    let engine = Engine::new(EngineConfig::default())?;
+    let mut engine_cfg = EngineConfig::default();
+    engine_cfg.backend.choice = a.backend;
+    let engine = Engine::new(engine_cfg)?;
     let (device, placed, pin_note) = match &packed {
         Some((pack_path, entry_name)) => {
             let pack = gpuio_pack::Pack::open(pack_path)?;
@@ -182,11 +187,12 @@ pub fn run(a: LoadArgs) -> Result<()> {
             }
         }
     };
-    report(&a, &device, &placed, &pin_note)
+    report(&a, &engine, &device, &placed, &pin_note)
 }
 
 fn report(
     a: &LoadArgs,
+    engine: &Engine,
     device: &Arc<dyn gpuio_cuda::Device>,
     placed: &Placed,
     pin_note: &str,
@@ -216,6 +222,13 @@ fn report(
                 String::new()
             },
         );
+        if !s.read_mode.is_empty() {
+            println!(
+                "  read {} with the {} backend",
+                s.read_mode,
+                engine.explain().backend
+            );
+        }
         for n in notes {
             println!("  {n}");
         }
@@ -251,6 +264,8 @@ fn report(
         "seconds": s.seconds,
         "bytes_per_sec": s.bytes_per_sec(),
         "path": s.path.name(),
+        "backend": engine.explain().backend.to_string(),
+        "read_mode": s.read_mode,
         "note": notes.join("; "),
         "staging_buffers": s.staging_buffers,
         "staging_bytes": s.staging_bytes,
@@ -331,15 +346,12 @@ pub fn bench_device(
     path: &std::path::Path,
     region: u64,
     device: std::sync::Arc<dyn gpuio_cuda::Device>,
-    staging_buffers: usize,
+    engine_cfg: EngineConfig,
+    cfg: LoaderConfig,
     compare: bool,
     json_out: bool,
 ) -> Result<()> {
-    let cfg = LoaderConfig {
-        staging_buffers,
-        ..LoaderConfig::default()
-    };
-    let engine = Engine::new(EngineConfig::default())?;
+    let engine = Engine::new(engine_cfg)?;
     let loader = Loader::new(&engine, device.clone(), cfg)?;
     let len = usize::try_from(region)
         .map_err(|_| gpuio::Error::invalid(format!("{region} bytes do not fit in memory")))?;
@@ -355,6 +367,8 @@ pub fn bench_device(
         "seconds": stats.seconds,
         "bytes_per_sec": stats.bytes_per_sec(),
         "path": stats.path.name(),
+        "backend": engine.explain().backend.to_string(),
+        "read_mode": stats.read_mode,
         "staging_buffers": stats.staging_buffers,
         "staging_bytes": stats.staging_bytes,
         "read_wait_s": stats.read_wait.as_secs_f64(),

@@ -203,6 +203,26 @@ pub struct EngineOpts {
     pub copy_min_bytes: Option<usize>,
 }
 
+impl EngineOpts {
+    /// The engine settings these options name, on top of the engine's defaults (the backend's queue
+    /// depth and mmap advice are the workload's to set).
+    pub fn engine_config(&self) -> EngineConfig {
+        let mut cfg = EngineConfig::default();
+        cfg.backend.choice = self.backend;
+        cfg.task_size_bytes = self.task_size;
+        if let Some(b) = self.submit_batch {
+            cfg.backend.submit_batch_max = b;
+        }
+        if let Some(n) = self.copy_threads {
+            cfg.backend.copy_threads = n;
+        }
+        if let Some(b) = self.copy_min_bytes {
+            cfg.backend.copy_threads_min_bytes = b;
+        }
+        cfg
+    }
+}
+
 fn progress_tick(pb: Option<&ProgressBar>, start: Instant, last: &mut Instant) {
     if let Some(pb) = pb {
         if last.elapsed() > Duration::from_millis(100) {
@@ -229,25 +249,14 @@ pub fn run_engine(
     pb: Option<&ProgressBar>,
 ) -> Result<Measurement> {
     let threads = spec.threads.max(1);
-    let mut cfg = EngineConfig::default();
-    cfg.backend.choice = opts.backend;
+    let mut cfg = opts.engine_config();
     cfg.backend.queue_depth = spec.queue_depth * threads;
-    cfg.task_size_bytes = opts.task_size;
     // What a user of mmap would advise for the pattern (finding 226).
     cfg.backend.mmap_advice = if spec.pattern.is_random() {
         gpuio::MmapAdvice::Random
     } else {
         gpuio::MmapAdvice::Sequential
     };
-    if let Some(b) = opts.submit_batch {
-        cfg.backend.submit_batch_max = b;
-    }
-    if let Some(n) = opts.copy_threads {
-        cfg.backend.copy_threads = n;
-    }
-    if let Some(b) = opts.copy_min_bytes {
-        cfg.backend.copy_threads_min_bytes = b;
-    }
     let engine = Engine::new(cfg)?;
     let open = if spec.pattern.is_write() {
         OpenOptions::read_write()
@@ -602,10 +611,8 @@ pub fn run_pack(
             "packs are read-only: use --pattern read or randread with PACK:ENTRY",
         ));
     }
-    let mut cfg = EngineConfig::default();
-    cfg.backend.choice = opts.backend;
+    let mut cfg = opts.engine_config();
     cfg.backend.queue_depth = spec.queue_depth;
-    cfg.task_size_bytes = opts.task_size;
     let engine = Engine::new(cfg)?;
     let queue = engine.queue(QueueDesc {
         command_buffers_max: spec.queue_depth * COMMITTED_PER_SLOT,

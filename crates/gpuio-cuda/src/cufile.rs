@@ -340,6 +340,20 @@ fn cufile_error(what: &str, code: i32, cu_err: i32) -> Error {
     Error::new(op_error_kind(code), msg)
 }
 
+/// The error for a failed `cuFileHandleRegister`. Registration fails with
+/// `CU_FILE_HANDLE_NOT_REGISTERED` (5027) when cuFile cannot serve the file's filesystem — seen on an
+/// H200 with ext4 on a virtio disk, where libcufile logs "unable to get volume attributes" — and with
+/// the nvidia-fs errors where that module is absent or broken. None of these is the file's fault:
+/// they mean "no direct path for this file", so they are `Unsupported` and an automatic choice stages
+/// instead (found on the first GPU check, issue 12).
+fn register_error(code: i32, cu_err: i32) -> Error {
+    let e = cufile_error("cuFileHandleRegister", code, cu_err);
+    match code {
+        5010 | 5027 | 5030 | 5033 | 5048 => Error::new(ErrorKind::Unsupported, e.to_string()),
+        _ => e,
+    }
+}
+
 /// The error for a failed `cuFileRead` that returned `r < 0`, with `errno` as it was right after
 /// the call: -1 is an OS error in `errno`; minus a number above `CUFILEOP_BASE_ERR` is a cuFile
 /// error; any other negative value is taken as minus an errno.
@@ -761,7 +775,7 @@ impl CufileReader {
         // fd (checked by the caller) kept open by the `file` clone stored with the handle.
         let r = unsafe { (self.driver.register)(&mut handle, &mut descr) };
         if r.err != 0 {
-            return Err(cufile_error("cuFileHandleRegister", r.err, r.cu_err)
+            return Err(register_error(r.err, r.cu_err)
                 .with_op(Op::Open)
                 .with_path(file.path()));
         }
@@ -921,6 +935,14 @@ mod tests {
             s.contains("5020") && s.contains("CU_FILE_DIO_NOT_SET"),
             "{s}"
         );
+        // A filesystem cuFile cannot serve: the automatic path stages instead of failing.
+        let e = register_error(5027, 0);
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        assert!(
+            e.to_string().contains("CU_FILE_HANDLE_NOT_REGISTERED"),
+            "{e}"
+        );
+        assert_eq!(register_error(5025, 0).kind(), ErrorKind::PermissionDenied);
         let e = cufile_error("cuFileRead", 5011, 700);
         assert_eq!(e.kind(), ErrorKind::Io);
         assert!(e.to_string().contains("CUDA result 700"), "{e}");

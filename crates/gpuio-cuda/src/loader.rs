@@ -176,6 +176,8 @@ pub struct LoadStats {
     pub pio_copies: usize,
     /// Why this path and not a faster one, or why programmed I/O was not used ("" when nothing to say).
     pub note: String,
+    /// How the source was read: `O_DIRECT`, `buffered (why)`, or "" where no file was read.
+    pub read_mode: String,
     /// Per chunk, when [`LoaderConfig::timeline`] is on.
     pub timeline: Vec<ChunkTiming>,
 }
@@ -199,8 +201,18 @@ impl LoadStats {
             dma_copies: 0,
             pio_copies: 0,
             note: String::new(),
+            read_mode: String::new(),
             timeline: Vec::new(),
         }
+    }
+}
+
+/// How a staged or direct transfer read `file`, for [`LoadStats::read_mode`].
+fn read_mode(file: &File) -> String {
+    if file.is_direct() {
+        "O_DIRECT".to_string()
+    } else {
+        format!("buffered ({})", file.direct_reason())
     }
 }
 
@@ -544,6 +556,7 @@ impl Loader {
         st.staging_buffers = 0;
         st.staging_bytes = 0;
         st.note = format!("{} with {} threads", d.reader, d.threads);
+        st.read_mode = read_mode(file);
         Ok(st)
     }
 
@@ -619,6 +632,10 @@ impl Loader {
             dma_copies: run.dma_copies,
             pio_copies: run.pio_copies,
             note: run.pio_note.unwrap_or_default(),
+            read_mode: match origin {
+                Origin::File(f) => read_mode(f),
+                Origin::Entry(_) => "pack entry (decoded on the CPU)".to_string(),
+            },
             timeline: run.timeline,
         })
     }

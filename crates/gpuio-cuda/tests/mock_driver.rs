@@ -51,8 +51,13 @@ fn build_mock(dir: &Path) -> Option<()> {
         .output()
     {
         Ok(out) => out,
+        Err(e) if std::env::var("GPUIO_REQUIRE_CC").is_ok_and(|v| v == "1") => {
+            panic!("GPUIO_REQUIRE_CC=1 but the C compiler `cc` cannot run: {e}")
+        }
         Err(e) => {
-            eprintln!("skipped: no C compiler `cc` to build the mock libcuda ({e})");
+            eprintln!(
+                "skipped: no C compiler `cc` to build the mock libcuda ({e}); set GPUIO_REQUIRE_CC=1 to fail instead"
+            );
             return None;
         }
     };
@@ -128,6 +133,12 @@ fn mock_pio_dma_sweep() {
 #[test]
 fn mock_out_of_memory() {
     run_child("child_out_of_memory", &[("MOCK_CUDA_MEM_LIMIT", "200000")]);
+}
+
+/// The real-GPU cases of `tests/gpu.rs`, verbatim, under the mock driver.
+#[test]
+fn mock_runs_the_gpu_cases() {
+    run_child("child_gpu_cases", &[("MOCK_CUDA_MEM_LIMIT", "268435456")]);
 }
 
 /// Regression: the copy kernel's handle was cached per context address and outlived the primary
@@ -215,6 +226,25 @@ fn cfg(buffers: usize, pio_max_bytes: usize) -> LoaderConfig {
         path: PathChoice::Staged,
         ..LoaderConfig::default()
     }
+}
+
+#[test]
+fn child_gpu_cases() {
+    if !is_child() {
+        return;
+    }
+    let device = open();
+    let engine = engine();
+    common::gpu_cases::staged_loads_with_dma_and_programmed_io(&device, &engine);
+    common::gpu_cases::zero_copy_mapping(&device);
+    common::gpu_cases::pio_dma_sweep(&device);
+    common::gpu_cases::out_of_device_memory(&device);
+    let why = common::gpu_cases::direct_path_where_cufile_works(&device);
+    assert!(
+        why.is_some(),
+        "the mock models no cuFile, yet a direct load ran"
+    );
+    assert_clean_calls();
 }
 
 #[test]

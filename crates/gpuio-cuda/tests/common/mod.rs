@@ -1,6 +1,8 @@
 //! Test inputs and checks shared by the loader tests (each test binary uses a part of them).
 #![allow(dead_code)]
 
+pub mod gpu_cases;
+
 use std::path::{Path, PathBuf};
 
 use gpuio_cuda::safetensors::serialize;
