@@ -209,10 +209,10 @@ impl LoadStats {
 
 /// How a staged or direct transfer read `file`, for [`LoadStats::read_mode`].
 fn read_mode(file: &File) -> String {
-    if file.is_direct() {
-        "O_DIRECT".to_string()
-    } else {
-        format!("buffered ({})", file.direct_reason())
+    match file.direct_reason() {
+        _ if file.is_direct() => "O_DIRECT".to_string(),
+        why if why.starts_with("buffered") => why.to_string(),
+        why => format!("buffered ({why})"),
     }
 }
 

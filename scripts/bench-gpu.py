@@ -1,0 +1,574 @@
+#!/usr/bin/env python3
+"""One GPU run of everything issue 12 measures, in sections with a time budget each.
+
+    scripts/bench-gpu.sh            # prepares here: builds gpuio and the GPU test binaries into .gpu/
+    python3 scripts/bench-gpu.py    # runs there (OUT=... BUDGET_S=... SIZE_GIB=... DEVICE=cuda:0)
+
+Run on the GPU machine (CUDA driver, PyTorch, safetensors, CuPy; no Rust, no network) from the
+repository root, with the gpuio binary at $GPUIO (default .gpu/gpuio), the GPU test binaries in
+.gpu/tests/ and the peer loaders' wheels in .whl/ (installed into /tmp/site). With DEVICE=cpu it
+rehearses on any machine: gpuio loads onto its host stand-in, peers that need a GPU are skipped.
+
+Every section runs in a child process with its own timeout, so a hang costs one section; the whole
+run stops starting sections when BUDGET_S is spent. Everything lands in $OUT, in at most a handful of
+files (the device tool brings back 8): run.log (what a person reads), results.jsonl (one JSON object
+per measurement, gpuio's raw --json output included), tests.log (the GPU test binaries' output),
+info.json (gpuio info --json).
+
+Sections, in priority order:
+  env      machine, kernel, driver, gpuio info, peer wheels installed
+  tests    the GPU test binaries with GPUIO_REQUIRE_GPU=1 (a missing GPU fails, never skips)
+  model    a safetensors model of SIZE_GIB GiB (bf16 and f32, Llama-like layer shapes) on the local
+           disk, its per-tensor CRC-32s, and a copy in /dev/shm
+  h2d      pinned host-to-device copy bandwidth (the PCIe limit the loaders are held to)
+  shm      loads from /dev/shm: gpuio (default, staging sweep, backends) against safetensors,
+           fastsafetensors, InstantTensor and KvikIO (CuFile.pread, 16 threads), alternating rounds,
+           every loader's tensors checked
+  cold     the same from the disk with the page cache dropped before each load; dd iflag=direct
+           gives the disk's own sequential rate
+  warm     the same with the file in the page cache
+  bench    file -> GPU bytes/s (gpuio bench --target) on /dev/shm and the disk
+  gds      --path direct (cuFile) against staged, with cuFile's mode or the reason it is unusable
+  pio      gpuio's PIO/DMA sweep, 64 B .. 1 MiB
+  zerocopy the file mapped into the device (checked)
+  save     saving from device memory: gpuio --save-to against safetensors.torch.save_file and
+           torch.save, onto /dev/shm
+  pack     an lz4 pack of the model loaded onto the GPU (checked)
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+OUT = os.path.abspath(os.environ.get("OUT") or os.path.join(ROOT, "bench-gpu-out"))
+GPUIO = os.path.abspath(os.environ.get("GPUIO", os.path.join(ROOT, ".gpu/gpuio")))
+TESTS = os.path.join(ROOT, ".gpu/tests")
+WHEELS = os.path.join(ROOT, ".whl")
+SITE = "/tmp/site"
+DEVICE = os.environ.get("DEVICE", "cuda:0")
+ON_GPU = DEVICE.startswith("cuda")
+SIZE_GIB = float(os.environ.get("SIZE_GIB", "8"))
+BUDGET_S = float(os.environ.get("BUDGET_S", "500"))
+DIR = os.environ.get("DIR", "/var/tmp/gpuio-bench")
+MODEL = os.path.join(DIR, "model.safetensors")
+SHM_DIR = os.environ.get("SHM_DIR", "/dev/shm")
+SHM_MODEL = os.path.join(SHM_DIR, "gpuio-model.safetensors")
+REFS = os.path.join(DIR, "crc32.json")
+PEERS = ["safetensors", "fastsafetensors", "instanttensor", "kvikio"]
+
+# (section, timeout in seconds)
+SECTIONS = [
+    ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("cold", 150),
+    ("warm", 90), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
+    ("pack", 90),
+]
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    with open(os.path.join(OUT, "run.log"), "a") as f:
+        f.write(s + "\n")
+
+
+def record(kind, **kv):
+    kv = {"kind": kind, "t": round(time.time(), 3), **kv}
+    with open(os.path.join(OUT, "results.jsonl"), "a") as f:
+        f.write(json.dumps(kv) + "\n")
+
+
+def sh(cmd, timeout=60):
+    p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    return (p.stdout + p.stderr).strip()
+
+
+def drop_caches():
+    """Drops the page cache (root only); says whether it could."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def gpuio(args, timeout=120):
+    """Runs gpuio; returns (parsed JSON or None, wall seconds, stderr)."""
+    t = time.perf_counter()
+    p = subprocess.run([GPUIO] + args, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        return None, wall, p.stderr.strip()[-800:]
+    try:
+        return json.loads(p.stdout), wall, p.stderr.strip()[-800:]
+    except ValueError:
+        return None, wall, "not JSON: " + p.stdout[-400:]
+
+
+def gb(n_bytes, s):
+    return round(n_bytes / max(s, 1e-9) / 1e9, 2)
+
+
+# ---- model ----
+
+def llama_like_tensors(target_bytes):
+    """(name, dtype, shape) of a Llama-3-8B-like model cut to about target_bytes."""
+    h, kv, ff, vocab = 4096, 1024, 14336, 128256
+    out = [("model.embed_tokens.weight", "BF16", [vocab, h])]
+    total, i = vocab * h * 2, 0
+    while total < target_bytes:
+        p = f"model.layers.{i}."
+        layer = [
+            (p + "input_layernorm.weight", "F32", [h]),
+            (p + "self_attn.q_proj.weight", "BF16", [h, h]),
+            (p + "self_attn.k_proj.weight", "BF16", [kv, h]),
+            (p + "self_attn.v_proj.weight", "BF16", [kv, h]),
+            (p + "self_attn.o_proj.weight", "BF16", [h, h]),
+            (p + "post_attention_layernorm.weight", "F32", [h]),
+            (p + "mlp.gate_proj.weight", "BF16", [ff, h]),
+            (p + "mlp.up_proj.weight", "BF16", [ff, h]),
+            (p + "mlp.down_proj.weight", "BF16", [h, ff]),
+        ]
+        for name, dt, shape in layer:
+            out.append((name, dt, shape))
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * (2 if dt == "BF16" else 4)
+        i += 1
+    out.append(("model.norm.weight", "F32", [h]))
+    out.append(("lm_head.weight", "BF16", [vocab, h]))
+    return out
+
+
+def make_model():
+    import numpy as np
+    os.makedirs(DIR, exist_ok=True)
+    if os.path.exists(MODEL) and os.path.exists(REFS):
+        log(f"model: {MODEL} exists")
+    else:
+        free = shutil.disk_usage(DIR).free
+        want = int(SIZE_GIB * (1 << 30))
+        if free < want * 1.3:
+            raise SystemExit(f"model: {DIR} has {free} bytes free, {want} needed")
+        spec = llama_like_tensors(max(want - 2 * 128256 * 4096 * 2, 1))
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, dt, shape in spec:
+            n = 1
+            for d in shape:
+                n *= d
+            n *= 2 if dt == "BF16" else 4
+            header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}
+            off += n
+        hj = json.dumps(header, separators=(",", ":")).encode()
+        hj += b" " * (-len(hj) % 8)
+        # Random bytes (bf16 NaNs included: every check compares bytes, not values), made from one
+        # 64 MiB random block read at a different offset for each tensor so no two tensors match.
+        rng = np.random.default_rng(12)
+        pool = rng.integers(0, 256, size=(64 << 20) + (1 << 20), dtype=np.uint8).tobytes()
+        crcs = {}
+        t = time.perf_counter()
+        tmp = MODEL + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(len(hj).to_bytes(8, "little"))
+            f.write(hj)
+            for k, (name, _, _) in enumerate(spec):
+                b, e = header[name]["data_offsets"]
+                n, crc, shift = e - b, 0, (k * 7919) % (1 << 20)
+                while n > 0:
+                    piece = memoryview(pool)[shift:shift + min(n, 64 << 20)]
+                    f.write(piece)
+                    crc = zlib.crc32(piece, crc)
+                    n -= len(piece)
+                crcs[name] = "%08x" % crc
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, MODEL)
+        json.dump(crcs, open(REFS, "w"))
+        log(f"model: {MODEL}: {len(spec)} tensors, {os.path.getsize(MODEL)} bytes, written in "
+            f"{time.perf_counter() - t:.1f} s")
+    t = time.perf_counter()
+    shutil.copyfile(MODEL, SHM_MODEL)
+    log(f"model: copied to {SHM_MODEL} in {time.perf_counter() - t:.1f} s")
+    record("model", file=MODEL, bytes=os.path.getsize(MODEL),
+           tensors=len(json.load(open(REFS))))
+
+
+# ---- loaders ----
+
+def load_gpuio(path, tag, extra=(), checksums=False, reps=1):
+    """gpuio load onto DEVICE; records each run; returns the last JSON."""
+    last = None
+    for r in range(reps):
+        args = ["load", path, "--device", DEVICE, "--json"] + list(extra)
+        if not checksums:
+            args.append("--no-checksums")
+        j, wall, err = gpuio(args, timeout=150)
+        if j is None:
+            log(f"{tag} gpuio {' '.join(extra)}: FAILED: {err}")
+            record("load", loader="gpuio", tag=tag, extra=list(extra), error=err)
+            return None
+        record("load", loader="gpuio", tag=tag, extra=list(extra), wall_s=wall, raw=j)
+        log(f"{tag} gpuio {' '.join(extra) or '(defaults)'}: end-to-end {j['end_to_end_s']:.3f} s "
+            f"{gb(j['bytes'], j['end_to_end_s'])} GB/s (transfer {j['seconds']:.3f} s "
+            f"{gb(j['bytes'], j['seconds'])} GB/s; read_wait {j['read_wait_s']:.3f} "
+            f"copy_wait {j['copy_wait_s']:.3f}; {j['backend']}, {j['read_mode'][:80]}; process {wall:.2f} s)")
+        last = j
+    return last
+
+
+def check_gpuio(j, tag):
+    refs = json.load(open(REFS))
+    got = {t["name"]: t.get("crc32") for t in j["tensors"]}
+    bad = [k for k in refs if got.get(k) != refs[k]]
+    log(f"{tag} gpuio check: {len(refs)} tensors, {len(bad)} differ from the file (CRC-32 of device "
+        f"memory read back){': ' + ', '.join(bad[:5]) if bad else ''}")
+    record("check", loader="gpuio", tag=tag, tensors=len(refs), mismatches=len(bad))
+    return not bad
+
+
+PEER_CHILD = r'''
+import json, os, sys, time
+sys.path.insert(0, "/tmp/site")
+os.environ.setdefault("KVIKIO_NTHREADS", "16")
+import torch
+path, tag, peers, rounds, cold, check, out = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7]
+torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
+def drop():
+    os.sync()
+    try:
+        open("/proc/sys/vm/drop_caches", "w").write("3\n")
+    except OSError:
+        pass
+def emit(**kv):
+    kv["t"] = round(time.time(), 3)
+    open(out, "a").write(json.dumps(kv) + "\n")
+    print(json.dumps(kv), flush=True)
+def header(p):
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+def as_bytes(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+ref = None
+if check:
+    from safetensors.torch import load_file
+    ref = load_file(path, device="cuda:0")
+def load(kind):
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+        return load_file(path, device="cuda:0"), None
+    if kind == "fastsafetensors":
+        from fastsafetensors import fastsafe_open
+        f = fastsafe_open(path, framework="pt", device="cuda:0", nogds=True)
+        d = {k: f.get_tensor(k) for k in f.keys()}
+        return d, f
+    if kind == "instanttensor":
+        from instanttensor import safe_open
+        d = {}
+        with safe_open(path, framework="pt", device=0) as f:
+            for k, v in f.tensors():
+                d[k] = v
+        return d, None
+    if kind == "kvikio":
+        import cupy, kvikio
+        body, hdr = header(path)
+        n = os.path.getsize(path) - body
+        buf = cupy.empty(n, dtype=cupy.uint8)
+        with kvikio.CuFile(path, "r") as f:
+            got = f.pread(buf, n, body).get()
+        assert got == n, (got, n)
+        whole = torch.as_tensor(buf, device="cuda:0")
+        d = {k: whole[v["data_offsets"][0]:v["data_offsets"][1]] for k, v in hdr.items() if k != "__metadata__"}
+        return d, buf
+for r in range(rounds):
+    for kind in peers:
+        if cold:
+            drop()
+        try:
+            t = time.perf_counter()
+            d, keep = load(kind)
+            torch.cuda.synchronize()
+            s = time.perf_counter() - t
+        except Exception as e:
+            emit(kind="load", loader=kind, tag=tag, round=r, error=repr(e)[:400])
+            continue
+        n = sum(v.numel() * v.element_size() for v in d.values())
+        rec = dict(kind="load", loader=kind, tag=tag, round=r, s=s, bytes=n, GBps=round(n / s / 1e9, 2))
+        if kind == "kvikio":
+            import kvikio.defaults as kd
+            rec["kvikio"] = {"threads": os.environ.get("KVIKIO_NTHREADS"), "compat_mode": str(getattr(kd, "compat_mode", lambda: "?")())}
+        if ref is not None and r == 0:
+            bad = [k for k in ref if not torch.equal(as_bytes(ref[k]), as_bytes(d[k]))]
+            rec["mismatches"] = len(bad)
+            rec["checked"] = len(ref)
+        emit(**rec)
+        if hasattr(keep, "close"):
+            keep.close()
+        del d, keep
+        torch.cuda.empty_cache()
+'''
+
+
+def run_peers(path, tag, rounds=1, cold=False, check=True, peers=PEERS, timeout=140):
+    if not ON_GPU:
+        log(f"{tag} peers: skipped (DEVICE={DEVICE}: the peers load onto a GPU)")
+        return
+    try:
+        p = subprocess.run([sys.executable, "-c", PEER_CHILD, path, tag, ",".join(peers), str(rounds),
+                            "1" if cold else "0", "1" if check else "0",
+                            os.path.join(OUT, "results.jsonl")],
+                           capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, PYTHONPATH=SITE + ":" + os.environ.get("PYTHONPATH", "")))
+        for line in p.stdout.splitlines():
+            try:
+                v = json.loads(line)
+            except ValueError:
+                continue
+            if "error" in v:
+                log(f"{tag} {v['loader']} r{v['round']}: FAILED {v['error']}")
+            else:
+                log(f"{tag} {v['loader']} r{v['round']}: {v['s']:.3f} s {v['GBps']} GB/s"
+                    + (f", {v['mismatches']} of {v['checked']} tensors differ from safetensors'" if "checked" in v else "")
+                    + (f" {v['kvikio']}" if "kvikio" in v else ""))
+        if p.returncode != 0:
+            log(f"{tag} peers: exit {p.returncode}: {p.stderr.strip()[-600:]}")
+    except subprocess.TimeoutExpired:
+        log(f"{tag} peers: timed out after {timeout} s")
+
+
+# ---- sections ----
+
+def s_env():
+    log(sh("date -u; uname -r; nproc; free -g | head -2; df -h / /tmp /var/tmp /dev/shm | sort -u; "
+           "nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,"
+           "pcie.link.width.current --format=csv,noheader; lsmod 2>/dev/null | grep -i nvidia_fs; "
+           "ls /etc/cufile.json 2>&1; python3 --version"))
+    p = subprocess.run([GPUIO, "info", "--json"], capture_output=True, text=True, timeout=60)
+    open(os.path.join(OUT, "info.json"), "w").write(p.stdout + p.stderr)
+    log(f"gpuio info: exit {p.returncode}")
+    if ON_GPU and os.path.isdir(WHEELS):
+        log(sh(f"{sys.executable} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+               f"--upgrade --target {SITE} {WHEELS}/*.whl 2>&1 | tail -3; ls {SITE}", timeout=120)[-600:])
+
+
+def s_tests():
+    env = dict(os.environ, GPUIO_REQUIRE_GPU="1" if ON_GPU else "0")
+    with open(os.path.join(OUT, "tests.log"), "a") as f:
+        for name, filt in (("gpu", []), ("store", []), ("staged_load", []), ("zerocopy", [])):
+            exe = os.path.join(TESTS, name)
+            if not os.path.exists(exe):
+                log(f"tests {name}: not carried")
+                continue
+            t = time.perf_counter()
+            p = subprocess.run([exe, "--test-threads", "1", "--nocapture"] + filt, capture_output=True,
+                               text=True, timeout=80, env=env, cwd="/tmp")
+            f.write(f"==== {name} (exit {p.returncode}, {time.perf_counter() - t:.1f} s)\n{p.stdout}\n{p.stderr}\n")
+            summary = [l for l in p.stdout.splitlines() if l.startswith("test result")]
+            log(f"tests {name}: exit {p.returncode}: {summary[-1] if summary else p.stderr[-300:]}")
+            record("tests", binary=name, exit=p.returncode, summary=summary)
+
+
+def s_model():
+    make_model()
+
+
+def s_h2d():
+    if not ON_GPU:
+        log("h2d: skipped (no GPU)")
+        return
+    import torch
+    n = 1 << 30
+    h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    d = torch.empty(n, dtype=torch.uint8, device="cuda")
+    res = {}
+    for name, (dst, src) in {"h2d": (d, h), "d2h": (h, d)}.items():
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        rates = []
+        for _ in range(5):
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            rates.append(n / (time.perf_counter() - t) / 1e9)
+        res[name] = rates
+        log(f"pinned {name} copy, 1 GiB: best {max(rates):.1f} GB/s, median {sorted(rates)[2]:.1f}")
+    record("h2d", **res)
+
+
+def staging_sweep(path, tag):
+    for extra in (["--staging-buffers", "4"], ["--staging-buffers", "8"],
+                  ["--staging-size", "64M", "--staging-buffers", "4"],
+                  ["--staging-size", "4M", "--staging-buffers", "16"],
+                  ["--backend", "threads"], ["--staging-buffers", "1"]):
+        load_gpuio(path, tag, extra)
+
+
+def s_shm():
+    j = load_gpuio(SHM_MODEL, "shm", checksums=True)
+    if j:
+        check_gpuio(j, "shm")
+    for r in range(2):
+        load_gpuio(SHM_MODEL, "shm", reps=2)
+        run_peers(SHM_MODEL, "shm", rounds=1, check=(r == 0))
+    staging_sweep(SHM_MODEL, "shm")
+
+
+def s_cold():
+    if not drop_caches():
+        log("cold: the page cache cannot be dropped here (not root?): skipped")
+        return
+    t = time.perf_counter()
+    out = sh(f"dd if={MODEL} of=/dev/null bs=64M iflag=direct 2>&1 | tail -1", timeout=120)
+    log(f"cold dd iflag=direct bs=64M: {out} ({time.perf_counter() - t:.1f} s)")
+    record("disk", tool="dd iflag=direct bs=64M", out=out)
+    for r in range(2):
+        drop_caches()
+        j = load_gpuio(MODEL, "cold", checksums=(r == 0))
+        if j and r == 0:
+            check_gpuio(j, "cold")
+    run_peers(MODEL, "cold", rounds=1, cold=True, check=False)
+
+
+def s_warm():
+    sh(f"cat {MODEL} > /dev/null", timeout=60)
+    j = load_gpuio(MODEL, "warm", checksums=True)
+    if j:
+        check_gpuio(j, "warm")
+    load_gpuio(MODEL, "warm", reps=2)
+    run_peers(MODEL, "warm", rounds=1, check=False)
+    load_gpuio(MODEL, "warm", ["--staging-buffers", "8"])
+
+
+def s_bench():
+    for path, tag in ((SHM_MODEL, "shm"), (MODEL, "warm")):
+        for extra in ([], ["--staging-buffers", "8"], ["--backend", "threads"]):
+            args = ["bench", "--target", DEVICE, "--file", path, "--pattern", "read", "--json"] + extra
+            if not ON_GPU:
+                args = ["bench", "--file", path, "--pattern", "read", "--json", "--duration", "2"] + extra
+            j, wall, err = gpuio(args, timeout=60)
+            if j is None:
+                log(f"bench {tag} {' '.join(extra)}: FAILED {err}")
+                continue
+            record("bench", tag=tag, extra=extra, raw=j)
+            log(f"bench file->{DEVICE} {tag} {' '.join(extra) or '(defaults)'}: "
+                f"{j['bytes_per_sec'] / 1e9:.2f} GB/s {j.get('backend', '')} "
+                f"read_wait {j.get('read_wait_s', 0):.3f} copy_wait {j.get('copy_wait_s', 0):.3f}")
+    if ON_GPU:
+        host = ["bench", "--file", SHM_MODEL, "--pattern", "read", "--duration", "3", "--json"]
+        for b in ("auto", "threads", "mmap"):
+            j, _, err = gpuio(host + ["--backend", b], timeout=30)
+            if j:
+                record("bench-host", backend=b, raw=j)
+                log(f"bench host read 1M QD16 /dev/shm --backend {b}: {j['bytes_per_sec'] / 1e9:.2f} GB/s "
+                    f"({j.get('backend')})")
+
+
+def s_gds():
+    for path, tag in ((MODEL, "disk"), (SHM_MODEL, "shm")):
+        for p in ("direct", "auto"):
+            drop_caches()
+            j = load_gpuio(path, f"gds-{tag}", ["--path", p])
+            if j:
+                log(f"gds-{tag} --path {p}: {j['path']}: {j['note'][:300]}")
+
+
+def s_pio():
+    if not ON_GPU:
+        log("pio: skipped (no GPU)")
+        return
+    j, _, err = gpuio(["bench", "--target", DEVICE, "--pio-sweep", "--pio-max-size", "1M", "--json"], timeout=40)
+    if j is None:
+        log(f"pio sweep FAILED: {err}")
+        return
+    record("pio-sweep", raw=j)
+    for row in j.get("rows", []):
+        log(f"pio sweep {row['bytes']:>8} B: DMA {row['dma_us']:.2f} us, PIO {row['pio_us']}")
+    log(f"pio sweep: {({k: v for k, v in j.items() if k != 'rows'})}")
+
+
+def s_zerocopy():
+    j = load_gpuio(SHM_MODEL, "zerocopy", ["--path", "zero-copy"], checksums=True)
+    if j:
+        check_gpuio(j, "zerocopy")
+
+
+def s_save():
+    dst = os.path.join(SHM_DIR, "gpuio-saved.safetensors")
+    j = load_gpuio(SHM_MODEL, "save", ["--save-to", dst])
+    if j and "saved" in j:
+        same = sh(f"cmp -s {SHM_MODEL} {dst} && echo identical || echo DIFFERENT", timeout=60)
+        log(f"save gpuio from device memory: {j['saved']['seconds']:.3f} s "
+            f"{gb(j['saved']['bytes'], j['saved']['seconds'])} GB/s; {same} to the input")
+        record("save", saver="gpuio", raw=j["saved"], same=same)
+    if os.path.exists(dst):
+        os.remove(dst)
+    if not ON_GPU:
+        return
+    child = r'''
+import json, os, sys, time, torch
+from safetensors.torch import load_file, save_file
+src, dst, out = sys.argv[1:4]
+d = load_file(src, device="cuda:0"); torch.cuda.synchronize()
+n = sum(v.numel() * v.element_size() for v in d.values())
+for name, f in (("safetensors.torch.save_file", lambda p: save_file(d, p, metadata={"format": "pt"})),
+                ("torch.save", lambda p: torch.save(d, p))):
+    t = time.perf_counter(); f(dst); fd = os.open(dst, os.O_RDONLY); os.fsync(fd); os.close(fd)
+    s = time.perf_counter() - t
+    rec = {"kind": "save", "saver": name, "s": s, "bytes": n, "GBps": round(n / s / 1e9, 2)}
+    open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
+    os.remove(dst)
+'''
+    p = subprocess.run([sys.executable, "-c", child, SHM_MODEL, os.path.join(SHM_DIR, "peer-saved"),
+                        os.path.join(OUT, "results.jsonl")], capture_output=True, text=True, timeout=80)
+    log(f"save peers (onto {SHM_DIR}, fsync included): {p.stdout.strip()} {p.stderr.strip()[-300:]}")
+
+
+def s_pack():
+    pack = os.path.join(DIR, "model-lz4.gpk")
+    t = time.perf_counter()
+    out = sh(f"{GPUIO} pack {SHM_MODEL} -o {pack} --codec lz4 --chunk-size 1M 2>&1 | tail -2", timeout=60)
+    log(f"pack lz4: {out} ({time.perf_counter() - t:.1f} s)")
+    j = load_gpuio(f"{pack}:{os.path.basename(SHM_MODEL)}", "pack", checksums=True)
+    if j:
+        check_gpuio(j, "pack")
+    if os.path.exists(pack):
+        os.remove(pack)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    if len(sys.argv) == 3 and sys.argv[1] == "section":
+        globals()["s_" + sys.argv[2]]()
+        return
+    only = os.environ.get("SECTIONS")
+    start = time.perf_counter()
+    log(f"bench-gpu: DEVICE={DEVICE} SIZE_GIB={SIZE_GIB} BUDGET_S={BUDGET_S} gpuio={GPUIO}")
+    for name, timeout in SECTIONS:
+        if only and name not in only.split(","):
+            continue
+        left = BUDGET_S - (time.perf_counter() - start)
+        if left < 15:
+            log(f"== {name}: not run, {left:.0f} s of the budget left")
+            continue
+        log(f"== {name} (timeout {min(timeout, left):.0f} s)")
+        t = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "section", name],
+                               timeout=min(timeout, left), env=os.environ)
+            log(f"== {name}: exit {p.returncode} in {time.perf_counter() - t:.1f} s")
+        except subprocess.TimeoutExpired:
+            log(f"== {name}: TIMED OUT after {time.perf_counter() - t:.1f} s")
+    for f in (SHM_MODEL,):
+        if os.path.exists(f):
+            os.remove(f)
+    log(f"bench-gpu: done in {time.perf_counter() - start:.1f} s; results in {OUT}")
+
+
+if __name__ == "__main__":
+    main()
