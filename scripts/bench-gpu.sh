@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu/tests .whl
 cargo build --release -p gpuio-cli
-strip -o .gpu/gpuio target/release/gpuio
+strip -o .gpu/gpuio "${CARGO_TARGET_DIR:-target}/release/gpuio"
 cargo test -p gpuio-cuda --release --test gpu --test store --test staged_load --test zerocopy \
     --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json, subprocess, sys
