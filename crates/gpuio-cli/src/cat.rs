@@ -1,6 +1,10 @@
 //! `gpuio cat FILE|PACK:ENTRY [--offset N] [--length N]`: streams a byte range to stdout through the
 //! engine, a few loads in flight at once; for a pack entry only the chunks the range touches are read and
 //! decompressed. Handy, and an end-to-end test of the read paths.
+//!
+//! The range is checked against the size before a byte is written: a range past the end fails with
+//! nothing printed. A file that reports size 0 but has content (procfs, sysfs) is read sequentially
+//! into memory (up to [`PSEUDO_BYTES_MAX`]) first; FIFOs, sockets and devices are refused unopened.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -12,6 +16,8 @@ use gpuio::{DirectMode, Engine, EngineConfig, Error, ErrorKind, OpenOptions, Que
 /// Bytes per load, and loads kept in flight.
 const CHUNK_BYTES: usize = 1 << 20;
 const LOADS_IN_FLIGHT: usize = 4;
+/// Most bytes read from a file of unknown size (a pseudo-file), which is held in memory.
+pub const PSEUDO_BYTES_MAX: u64 = 64 << 20;
 
 #[derive(Args, Debug)]
 pub struct CatArgs {
@@ -27,7 +33,8 @@ pub struct CatArgs {
     direct: DirectMode,
 }
 
-/// The end of the byte range `a` asks for, from a source of `size` bytes named `name`.
+/// The end of the byte range `a` asks for, from a source of `size` bytes named `name`; a range that
+/// does not fit is refused here, before anything is written.
 fn range_end(a: &CatArgs, size: u64, name: &Path) -> Result<u64> {
     if a.offset > size {
         return Err(Error::new(
@@ -36,13 +43,23 @@ fn range_end(a: &CatArgs, size: u64, name: &Path) -> Result<u64> {
         )
         .with_path(name));
     }
-    match a.length {
-        None => Ok(size),
-        Some(l) => a
-            .offset
-            .checked_add(l)
-            .ok_or_else(|| Error::invalid(format!("offset {} + length {l} overflows", a.offset))),
+    let end = match a.length {
+        None => size,
+        Some(l) => a.offset.checked_add(l).ok_or_else(|| {
+            Error::invalid(format!("offset {} + length {l} overflows", a.offset)).with_path(name)
+        })?,
+    };
+    if end > size {
+        return Err(Error::new(
+            ErrorKind::UnexpectedEof,
+            format!(
+                "the range ends at {end}, past the end of file ({size} bytes); nothing was written"
+            ),
+        )
+        .with_path(name)
+        .with_range(a.offset, end - a.offset));
     }
+    Ok(end)
 }
 
 fn stdout_error(e: std::io::Error) -> Result<()> {
@@ -61,17 +78,6 @@ pub fn run(a: CatArgs) -> Result<()> {
         let entry = pack.entry(&entry_name)?;
         let name = PathBuf::from(&a.file);
         let end = range_end(&a, entry.len(), &name)?;
-        if end > entry.len() {
-            return Err(Error::new(
-                ErrorKind::UnexpectedEof,
-                format!(
-                    "the range ends at {end}, past the end of the entry ({} bytes)",
-                    entry.len()
-                ),
-            )
-            .with_path(&name)
-            .with_range(a.offset, end - a.offset));
-        }
         crate::pack_cmd::stream_entry(
             &entry,
             &queue,
@@ -84,6 +90,17 @@ pub fn run(a: CatArgs) -> Result<()> {
         return out.flush().or_else(stdout_error);
     }
     let path = PathBuf::from(&a.file);
+    if let Some(p) = crate::stream::probe_input(&a.file)? {
+        if p.kind == gpuio::input::Kind::Pseudo {
+            crate::stream::sequential_direct_check(&path, a.direct)?;
+            let bytes = gpuio::input::read_pseudo(&path, PSEUDO_BYTES_MAX)?;
+            let end = range_end(&a, bytes.len() as u64, &path)?;
+            if let Err(e) = out.write_all(&bytes[a.offset as usize..end as usize]) {
+                return stdout_error(e);
+            }
+            return out.flush().or_else(stdout_error);
+        }
+    }
     let file = OpenOptions::read().direct(a.direct).open(&path)?;
     let end = range_end(&a, file.len()?, &path)?;
     let pool = engine.buffer_pool(CHUNK_BYTES, LOADS_IN_FLIGHT + 1)?;

@@ -15,6 +15,9 @@
 //! that high-degree vertices are not clustered at low ids. Output depends only on the arguments: edges
 //! are generated in fixed chunks, each from its own seeded stream, whatever the number of threads.
 //!
+//! Output: both files are written crash-safely (see [`write_bel`]); a write-protected one is replaced
+//! only with `--force`.
+//!
 //! Memory: the edge tuples (8 bytes each), the directed edge array (4 bytes per entry, two per tuple)
 //! and the offsets are built in RAM with a counting sort — about `16·D·2^S + 28·2^S` bytes, 4.3 GiB for
 //! scale 24 degree 16. A build that would not fit in the memory available is refused up front.
@@ -94,6 +97,9 @@ pub struct GenArgs {
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
+    /// Replace existing output files even if they are write-protected.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(a: GraphArgs) -> Result<()> {
@@ -356,15 +362,12 @@ fn build_csr(n: usize, edges: Vec<[u32; 2]>) -> Csr {
     }
 }
 
-fn create_err(path: &Path, e: &std::io::Error) -> Error {
-    Error::from_io(Op::Open, e).with_path(path)
-}
-
-/// Writes one `.bel` file: header (count, 0) then `values` as little-endian u64.
-fn write_u64s<T: Copy + Into<u64>>(path: &Path, values: &[T]) -> Result<u64> {
-    let f = std::fs::File::create(path).map_err(|e| create_err(path, &e))?;
-    let mut w = std::io::BufWriter::with_capacity(8 << 20, f);
-    let werr = |e: std::io::Error| Error::from_io(Op::Write, &e).with_path(path);
+/// Writes one `.bel` file's new version beside it: header (count, 0) then `values` as little-endian
+/// u64, into a [`gpuio::ReplaceFile`] that the caller commits.
+fn write_u64s<T: Copy + Into<u64>>(path: &Path, values: &[T]) -> Result<gpuio::ReplaceFile> {
+    let tmp = gpuio::ReplaceFile::create(path)?;
+    let werr = |e: std::io::Error| Error::from_io(Op::Write, &e).with_path(tmp.temp_path());
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, tmp.as_file());
     let mut bytes = Vec::with_capacity(64 << 10);
     bytes.extend_from_slice(&(values.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&0u64.to_le_bytes());
@@ -376,21 +379,24 @@ fn write_u64s<T: Copy + Into<u64>>(path: &Path, values: &[T]) -> Result<u64> {
         }
         w.write_all(&bytes).map_err(werr)?;
     }
-    let f = w.into_inner().map_err(|e| werr(e.into_error()))?;
-    f.sync_all()
-        .map_err(|e| Error::from_io(Op::Sync, &e).with_path(path))?;
-    Ok(HEADER_BYTES + 8 * values.len() as u64)
+    w.flush().map_err(werr)?;
+    drop(w);
+    Ok(tmp)
 }
 
-/// Writes `csr` as `PREFIX.bel.col` and `PREFIX.bel.dst`; returns the bytes written.
+/// Writes `csr` as `PREFIX.bel.col` and `PREFIX.bel.dst`, crash-safely; returns the bytes written.
+///
+/// Both new files are written in full beside the old ones and synced before either is renamed into
+/// place (`.dst` first, then `.col`), so a failure while writing (a full disk) or a kill leaves the old
+/// files untouched, and each file is always either its old or its new version. The two renames are not
+/// one atomic step: a crash between them (microseconds) leaves a new `.dst` beside the old `.col`.
 pub fn write_bel(prefix: &Path, csr: &Csr) -> Result<u64> {
     let (col, dst) = bel_paths(prefix);
-    let r = write_u64s(&col, &csr.offsets).and_then(|a| Ok(a + write_u64s(&dst, &csr.dst)?));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&col);
-        let _ = std::fs::remove_file(&dst);
-    }
-    r
+    let col_tmp = write_u64s(&col, &csr.offsets)?;
+    let dst_tmp = write_u64s(&dst, &csr.dst)?;
+    dst_tmp.commit()?;
+    col_tmp.commit()?;
+    Ok(2 * HEADER_BYTES + 8 * (csr.offsets.len() + csr.dst.len()) as u64)
 }
 
 fn gen(a: GenArgs) -> Result<()> {
@@ -425,9 +431,17 @@ fn gen(a: GenArgs) -> Result<()> {
         if !dir.is_dir() {
             return Err(Error::new(
                 ErrorKind::NotFound,
-                format!("output directory {} does not exist", dir.display()),
+                format!(
+                    "output directory {} does not exist",
+                    gpuio::input::escape_path(dir)
+                ),
             ));
         }
+    }
+    // Before the (long) build: a write-protected output is refused now, not after it.
+    for p in [&col_path, &dst_path] {
+        crate::stream::check_output(&[], p, a.force)?;
+        crate::stream::remove_stale_temps(p);
     }
     let spinner = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
@@ -489,8 +503,8 @@ fn gen(a: GenArgs) -> Result<()> {
         );
         println!(
             "wrote {} and {} ({}) in {secs:.2} s (generate {t_gen:.2} s, build {t_build:.2} s, write {t_write:.2} s)",
-            col_path.display(),
-            dst_path.display(),
+            gpuio::input::escape_path(&col_path),
+            gpuio::input::escape_path(&dst_path),
             format_bytes(bytes as f64)
         );
     }

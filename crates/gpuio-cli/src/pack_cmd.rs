@@ -1,4 +1,10 @@
 //! `gpuio pack`, `gpuio unpack` and `gpuio verify`: making, extracting and checking compressed packs.
+//!
+//! Never over the user's data: an output is never one of the command's inputs (the pack is not packed
+//! into itself, an entry is not extracted over its pack: same device and inode, through any link); a
+//! write-protected output is replaced only with `--force`; every output is written crash-safely
+//! (`gpuio::ReplaceFile`), its temporary file removed on an error or SIGINT/SIGTERM/SIGHUP and, left by
+//! a SIGKILLed run, by the next run. Everything is checked before the first byte is written.
 
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
@@ -33,6 +39,9 @@ pub struct PackArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Replace the output even if it is write-protected.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -44,6 +53,9 @@ pub struct UnpackArgs {
     /// Extract only this entry, to the file named by --output.
     #[arg(long)]
     entry: Option<String>,
+    /// Replace existing files even if they are write-protected.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -73,13 +85,29 @@ pub(crate) fn on_terminal() -> bool {
 }
 
 /// The (entry name, path) pairs for the inputs: files by their file name, directories by the path of
-/// each file below them relative to the directory.
-fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>> {
+/// each file below them relative to the directory. Named inputs that are FIFOs, sockets or devices
+/// are refused (unopened); inside a directory such files are skipped with a note, and so are the
+/// output pack and temporary files of it (packing a directory into itself twice does not nest the
+/// old pack in the new one).
+fn collect_inputs(inputs: &[PathBuf], output: &Path) -> Result<Vec<(String, PathBuf)>> {
+    use gpuio::input::{escape_path, FileId, Kind};
+    let out_id = FileId::of_path(output)?;
+    let dir_id = |d: &Path| {
+        let d = if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        };
+        FileId::of_path(d).ok().flatten()
+    };
+    let out_dir_id = dir_id(output.parent().unwrap_or(Path::new(".")));
+    let skip = |path: &Path, why: &str| {
+        eprintln!("gpuio: skipped {}: {why}", escape_path(path));
+    };
     let mut out = Vec::new();
     for input in inputs {
-        let meta = std::fs::metadata(input)
-            .map_err(|e| Error::from_io(gpuio::error::Op::Stat, &e).with_path(input))?;
-        if meta.is_dir() {
+        let probe = gpuio::input::probe(input)?;
+        if probe.kind == Kind::Directory {
             let mut stack = vec![input.clone()];
             while let Some(dir) = stack.pop() {
                 let rd = std::fs::read_dir(&dir)
@@ -88,21 +116,41 @@ fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>> {
                     rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
                 children.sort();
                 for child in children {
-                    let ft = std::fs::symlink_metadata(&child)
-                        .map_err(|e| Error::from_io(gpuio::error::Op::Stat, &e).with_path(&child))?
-                        .file_type();
+                    let meta = std::fs::symlink_metadata(&child).map_err(|e| {
+                        Error::from_io(gpuio::error::Op::Stat, &e).with_path(&child)
+                    })?;
+                    let ft = meta.file_type();
                     if ft.is_dir() {
                         stack.push(child);
                     } else if ft.is_file() {
+                        if Some(FileId::of_metadata(&meta)) == out_id {
+                            skip(&child, "it is the output pack");
+                            continue;
+                        }
+                        let name = child.file_name().unwrap_or_default();
+                        if gpuio::replace::is_temp_of(output, name)
+                            && out_dir_id.is_some()
+                            && child.parent().map(dir_id) == Some(out_dir_id)
+                        {
+                            skip(&child, "it is a temporary file of the output pack");
+                            continue;
+                        }
                         let rel = child.strip_prefix(input).expect("child is below its input");
                         out.push((rel.to_string_lossy().into_owned(), child));
+                    } else if !ft.is_symlink() {
+                        let kind = Kind::of_type(ft);
+                        skip(&child, &format!("not a regular file ({kind:?})"));
                     }
                 }
             }
         } else {
-            let name = input
-                .file_name()
-                .ok_or_else(|| Error::invalid(format!("{} has no file name", input.display())))?;
+            match probe.kind {
+                Kind::Regular | Kind::Pseudo => {}
+                other => return Err(gpuio::input::refusal(other, input)),
+            }
+            let name = input.file_name().ok_or_else(|| {
+                Error::invalid(format!("{} has no file name", escape_path(input)))
+            })?;
             out.push((name.to_string_lossy().into_owned(), input.clone()));
         }
     }
@@ -110,8 +158,9 @@ fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>> {
     for (name, path) in &out {
         if !seen.insert(name.as_str()) {
             return Err(Error::invalid(format!(
-                "two inputs would both be entry '{name}' (the second is {})",
-                path.display()
+                "two inputs would both be entry '{}' (the second is {})",
+                gpuio::input::escape(name),
+                escape_path(path)
             )));
         }
     }
@@ -124,7 +173,21 @@ fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<(String, PathBuf)>> {
 pub fn pack(a: PackArgs) -> Result<()> {
     let chunk_size = u32::try_from(a.chunk_size)
         .map_err(|_| Error::invalid(format!("--chunk-size {} is too large", a.chunk_size)))?;
-    let inputs = collect_inputs(&a.inputs)?;
+    // Temporary files of the output left by killed runs go first, so that none is taken for an input.
+    crate::stream::remove_stale_temps(&a.output);
+    let inputs = collect_inputs(&a.inputs, &a.output)?;
+    let ids = inputs
+        .iter()
+        .map(|(_, path)| {
+            Ok(gpuio::replace::InputFile {
+                id: gpuio::input::FileId::of_path(path)?.ok_or_else(|| {
+                    Error::from_errno(gpuio::error::Op::Stat, libc::ENOENT).with_path(path)
+                })?,
+                name: path.to_string_lossy().into_owned(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::stream::check_output(&ids, &a.output, a.force)?;
     let opts = PackOptions {
         codec: a.codec,
         level: a.level,
@@ -162,7 +225,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
             "packed {} entr{} into {}: {} -> {} ({ratio:.2}:1, {}) in {secs:.2} s, {}/s",
             s.entries,
             if s.entries == 1 { "y" } else { "ies" },
-            a.output.display(),
+            gpuio::input::escape_path(&a.output),
             gpuio::size::format_bytes(s.logical_bytes as f64),
             gpuio::size::format_bytes(s.stored_bytes as f64),
             a.codec.name(),
@@ -179,7 +242,10 @@ fn safe_relative(name: &str) -> Result<PathBuf> {
     if !ok {
         return Err(Error::new(
             ErrorKind::InvalidInput,
-            format!("entry name '{name}' is not a safe relative path; extract it alone with --entry NAME -o FILE"),
+            format!(
+                "entry name '{}' is not a safe relative path; extract it alone with --entry NAME -o FILE",
+                gpuio::input::escape(name)
+            ),
         ));
     }
     Ok(p.to_path_buf())
@@ -247,6 +313,13 @@ fn extract(
 
 pub fn unpack(a: UnpackArgs) -> Result<()> {
     let pack = Pack::open(&a.pack)?;
+    let pack_id = gpuio::input::FileId::of_path(&a.pack)?.ok_or_else(|| {
+        Error::from_errno(gpuio::error::Op::Stat, libc::ENOENT).with_path(&a.pack)
+    })?;
+    let inputs = [gpuio::replace::InputFile {
+        id: pack_id,
+        name: a.pack.to_string_lossy().into_owned(),
+    }];
     let engine = Engine::new(EngineConfig::default())?;
     let queue = engine.queue(QueueDesc::default())?;
     let entries: Vec<Entry> = match &a.entry {
@@ -258,14 +331,23 @@ pub fn unpack(a: UnpackArgs) -> Result<()> {
             .collect::<Result<_>>()?,
     };
     let total: u64 = entries.iter().map(Entry::len).sum();
-    let pb = progress_bar(total, "unpacking", on_terminal());
-    let start = Instant::now();
+    // Every destination is checked before the first is written.
+    let mut dests = Vec::with_capacity(entries.len());
     for entry in &entries {
         let dest = match &a.entry {
             Some(_) => a.output.clone(),
             None => a.output.join(safe_relative(entry.name())?),
         };
-        extract(entry, &queue, &dest, pb.as_ref())?;
+        crate::stream::check_output(&inputs, &dest, a.force)?;
+        dests.push(dest);
+    }
+    let pb = progress_bar(total, "unpacking", on_terminal());
+    let start = Instant::now();
+    for (entry, dest) in entries.iter().zip(&dests) {
+        if dest.parent().is_some_and(Path::is_dir) {
+            crate::stream::remove_stale_temps(dest);
+        }
+        extract(entry, &queue, dest, pb.as_ref())?;
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
@@ -309,7 +391,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     } else if problems.is_empty() {
         println!(
             "{}: intact ({} entries, {chunks} chunks, {} checked)",
-            a.pack.display(),
+            gpuio::input::escape_path(&a.pack),
             pack.entries().len(),
             gpuio::size::format_bytes(total as f64)
         );
@@ -323,7 +405,11 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     } else {
         Err(Error::new(
             ErrorKind::Corrupt,
-            format!("{}: {} corrupt chunk(s)", a.pack.display(), problems.len()),
+            format!(
+                "{}: {} corrupt chunk(s)",
+                gpuio::input::escape_path(&a.pack),
+                problems.len()
+            ),
         ))
     }
 }

@@ -1,7 +1,8 @@
 //! `gpuio stream`: the N-buffered read → compute → write pipeline with a built-in compute stage, reporting
 //! bytes/s, each stage's busy and idle time, and the overlap efficiency (slowest stage's busy time ÷
 //! wall time). Also the pieces `gpuio cp` and `gpuio checksum` share: the pipeline flags, opening a
-//! file or PACK:ENTRY as a source, refusing to overwrite the input, and the report.
+//! file or PACK:ENTRY as a source (FIFOs, sockets and devices refused without blocking, pseudo-files
+//! told apart), refusing to overwrite the input or a write-protected file, and the report.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, Table};
+use gpuio::input::Kind;
 use gpuio::pipeline::{FileSink, FileSource, Slot, Source, CHUNK_SIZE_MAX, SLOTS_MAX};
 use gpuio::size::format_bytes;
 use gpuio::{
@@ -140,32 +142,73 @@ pub(crate) fn open_input(queue: &IoQueue, spec: &str, direct: DirectMode) -> Res
     })
 }
 
-/// Refuses an output that is the input file itself (the same device and inode: also through a
-/// symbolic or hard link). Returns whether the output exists.
-pub(crate) fn check_distinct(input: &Input, output: &Path) -> Result<bool> {
-    match std::fs::metadata(output) {
-        Ok(m) if (m.dev(), m.ino()) == input.id => Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "the output is the input file itself ({}): it would be replaced while being read",
-                input.name
-            ),
-        )
-        .with_path(output)),
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::from_io(gpuio::error::Op::Stat, &e).with_path(output)),
+impl Input {
+    /// This input as `gpuio::replace::check_destination` takes it.
+    pub fn as_input_file(&self) -> gpuio::replace::InputFile {
+        gpuio::replace::InputFile {
+            id: gpuio::input::FileId {
+                dev: self.id.0,
+                ino: self.id.1,
+            },
+            name: self.name.clone(),
+        }
     }
+}
+
+/// What a file input (not PACK:ENTRY) is, found without blocking; FIFOs, sockets, character devices
+/// and directories are refused here, naming the file and why. `None` for a pack entry.
+pub(crate) fn probe_input(spec: &str) -> Result<Option<gpuio::input::Probe>> {
+    if gpuio_pack::split_pack_path(spec).is_some() {
+        return Ok(None);
+    }
+    let path = Path::new(spec);
+    let p = gpuio::input::probe(path)?;
+    match p.kind {
+        Kind::Regular | Kind::BlockDevice | Kind::Pseudo => Ok(Some(p)),
+        other => Err(gpuio::input::refusal(other, path)),
+    }
+}
+
+/// Refuses `--direct on` for an input read sequentially (through the page cache, as it must be).
+pub(crate) fn sequential_direct_check(path: &Path, direct: DirectMode) -> Result<()> {
+    if direct == DirectMode::On {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "direct I/O requested (--direct on) but impossible: the file reports a size of 0 but has \
+             content (a procfs or sysfs file?), so it is read sequentially through the page cache",
+        )
+        .with_op(gpuio::error::Op::Open)
+        .with_path(path));
+    }
+    Ok(())
+}
+
+/// Checks an output before it is replaced: never one of `inputs` (same device and inode, also
+/// through a symbolic or hard link), and a write-protected file or directory only with `force`
+/// (see `gpuio::replace::check_destination`). Returns whether the output exists.
+pub(crate) fn check_output(
+    inputs: &[gpuio::replace::InputFile],
+    output: &Path,
+    force: bool,
+) -> Result<bool> {
+    gpuio::replace::check_destination(output, inputs, force)
 }
 
 /// Removes the temporary files that killed copies left beside `output` (see
 /// `gpuio::replace::remove_stale_temps`); returns them. Failing to look is only a warning: the output
 /// can still be written.
 pub(crate) fn remove_stale_temps(output: &Path) -> Vec<PathBuf> {
-    gpuio::replace::remove_stale_temps(output).unwrap_or_else(|e| {
+    let removed = gpuio::replace::remove_stale_temps(output).unwrap_or_else(|e| {
         eprintln!("gpuio: warning: stale temporary files not removed: {e}");
         Vec::new()
-    })
+    });
+    for p in &removed {
+        eprintln!(
+            "gpuio: removed {}, left by a run that did not finish",
+            gpuio::input::escape_path(p)
+        );
+    }
+    removed
 }
 
 /// Runs `p`, calling `compute` on each slot, with a progress bar over `total` source bytes on a terminal
@@ -334,19 +377,28 @@ pub struct StreamArgs {
     /// none, crc32c, or spin:NS (busy-wait NS nanoseconds per KiB, to stand in for a kernel).
     #[arg(long, default_value = "none")]
     compute: Compute,
+    /// Replace --output even if it is write-protected.
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     pipe: PipeArgs,
 }
 
 pub fn run(a: StreamArgs) -> Result<()> {
     let s = setup(&a.pipe)?;
+    if let Some(p) = probe_input(&a.input)? {
+        if p.kind == Kind::Pseudo {
+            // The pipeline reads by offset and size; this file has no size to read by.
+            return Err(gpuio::input::refusal(p.kind, Path::new(&a.input)));
+        }
+    }
     let input = open_input(&s.queue, &a.input, a.pipe.direct)?;
     let total = input.source.len();
     let input_direct = input.direct;
     let mut output_direct = None;
     let sink = match &a.output {
         Some(out) => {
-            check_distinct(&input, out)?;
+            check_output(&[input.as_input_file()], out, a.force)?;
             remove_stale_temps(out);
             let sink = FileSink::replace(&s.queue, out, a.pipe.direct)?;
             output_direct = Some(sink.file().is_direct());

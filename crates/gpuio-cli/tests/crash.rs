@@ -1,4 +1,6 @@
-//! Crash consistency of `gpuio cp` (STYLE item 12): a copy killed with SIGKILL at a random moment, many
+//! Crash consistency of `gpuio cp`, `gpuio unpack` and `gpuio graph gen` (STYLE item 12; issue 13).
+//!
+//! `cp`: a copy killed with SIGKILL at a random moment, many
 //! times over — the destination absent before half of the runs and holding an older version before
 //! the others — must leave the destination absent or the old version (killed before the rename) or an
 //! exact copy (after it): never a torn or mixed file.
@@ -7,6 +9,11 @@
 //! next `gpuio cp` to that destination removes those of processes that no longer exist, which the test
 //! checks at the end. (What a power loss would do is not tested here: that needs a machine to cut; the
 //! fsyncs before and after the rename are what guard it.)
+//!
+//! `unpack` and `graph gen` are killed the same way at random moments over a whole run: each output
+//! file is afterwards its old version or its complete new one, and the next run leaves no temporary
+//! file. (`graph gen` writes two files, each replaced whole; the pair is not one atomic step, see
+//! `write_bel` in `src/graph.rs`, so each file is checked on its own.)
 //!
 //! Reproduce a run with `GPUIO_CRASH_SEED=<seed>` (printed); `GPUIO_CRASH_RUNS=<n>` runs more kills.
 
@@ -142,4 +149,179 @@ fn a_copy_killed_at_any_moment_leaves_the_old_file_or_the_new_one() {
         temp_files(dir.path())
     );
     assert!(started.elapsed() < Duration::from_secs(120));
+}
+
+fn seed_and_runs(default_runs: u32) -> (u64, u32) {
+    let seed: u64 = std::env::var("GPUIO_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    let runs: u32 = std::env::var("GPUIO_CRASH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_runs);
+    eprintln!("GPUIO_CRASH_SEED={seed} GPUIO_CRASH_RUNS={runs}");
+    (seed, runs)
+}
+
+/// Kills `make()` after random delays over 0..1.2 times a whole run, `runs` times; before each run
+/// `reset()` puts the old version in place, after it `check(run, what)` judges the outputs. Then a
+/// last, unkilled run must complete and leave no temporary file in `dir`.
+fn kill_at_random_moments(
+    seed: u64,
+    runs: u32,
+    dir: &Path,
+    make: &dyn Fn() -> Command,
+    reset: &dyn Fn(u32),
+    check: &mut dyn FnMut(u32, &str),
+) {
+    reset(0);
+    let t = Instant::now();
+    assert!(make().status().unwrap().success());
+    let full = t.elapsed();
+    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for run in 0..runs {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        reset(run);
+        let delay = full.mul_f64((rng % 1200) as f64 / 1000.0);
+        let mut child = make().spawn().unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        check(
+            run,
+            &format!("run {run} (seed {seed}): killed after {delay:?} of {full:?} ({status})"),
+        );
+    }
+    assert!(make().status().unwrap().success());
+    assert!(
+        temp_files(dir).is_empty(),
+        "stale temporary files kept: {:?}",
+        temp_files(dir)
+    );
+}
+
+#[test]
+fn an_unpack_killed_at_any_moment_leaves_the_old_file_or_the_new_one() {
+    let (seed, runs) = seed_and_runs(16);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("w.bin");
+    let new = pattern(NEW_BYTES, 3);
+    std::fs::write(&src, &new).unwrap();
+    let pack = dir.path().join("m.gpk");
+    let st = Command::new(env!("CARGO_BIN_EXE_gpuio"))
+        .args(["pack", "--codec", "none"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&pack)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = dir.path().join("out.bin");
+    let old = pattern(OLD_BYTES, 4);
+    let make = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpuio"));
+        c.arg("unpack")
+            .arg(&pack)
+            .args(["--entry", "w.bin", "-o"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    let reset = |run: u32| {
+        if run % 2 == 1 {
+            std::fs::write(&out, &old).unwrap();
+        } else {
+            let _ = std::fs::remove_file(&out);
+        }
+    };
+    let mut seen = Outcomes::default();
+    kill_at_random_moments(seed, runs, dir.path(), &make, &reset, &mut |run, what| {
+        match std::fs::read(&out) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                assert!(run % 2 == 0, "{what}: the old version disappeared");
+                seen.absent += 1;
+            }
+            Err(e) => panic!("{what}: {e}"),
+            Ok(got) if got == new => seen.new += 1,
+            Ok(got) if got == old && run % 2 == 1 => seen.old += 1,
+            Ok(got) => panic!("{what}: torn output of {} bytes", got.len()),
+        }
+    });
+    eprintln!("unpack: {seen:?}");
+    assert!(std::fs::read(&out).unwrap() == new);
+}
+
+#[test]
+fn a_graph_gen_killed_at_any_moment_leaves_old_or_new_files() {
+    let (seed, runs) = seed_and_runs(16);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("g");
+    let gen = |seed: &str, prefix: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpuio"));
+        c.args(["graph", "gen", "--scale", "16", "--seed", seed, "-o"])
+            .arg(prefix)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    // The old and the new versions, made once elsewhere.
+    let refs = tempfile::tempdir().unwrap();
+    let (old_p, new_p) = (refs.path().join("old"), refs.path().join("new"));
+    assert!(gen("2", &old_p).status().unwrap().success());
+    assert!(gen("1", &new_p).status().unwrap().success());
+    let files = |p: &Path| {
+        ["bel.col", "bel.dst"].map(|ext| {
+            let mut s = p.as_os_str().to_owned();
+            s.push(format!(".{ext}"));
+            std::path::PathBuf::from(s)
+        })
+    };
+    let old: Vec<Vec<u8>> = files(&old_p)
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    let new: Vec<Vec<u8>> = files(&new_p)
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    assert!(old != new);
+    let outs = files(&prefix);
+    let make = || gen("1", &prefix);
+    let reset = |_run: u32| {
+        for (f, b) in outs.iter().zip(&old) {
+            std::fs::write(f, b).unwrap();
+        }
+    };
+    let mut seen = Outcomes::default();
+    kill_at_random_moments(seed, runs, dir.path(), &make, &reset, &mut |_run, what| {
+        let mut all_new = true;
+        for (i, f) in outs.iter().enumerate() {
+            let got = std::fs::read(f).unwrap_or_else(|e| panic!("{what}: {}: {e}", f.display()));
+            assert!(
+                got == old[i] || got == new[i],
+                "{what}: {} torn: {} bytes",
+                f.display(),
+                got.len()
+            );
+            all_new &= got == new[i];
+        }
+        if all_new {
+            seen.new += 1;
+        } else {
+            seen.old += 1;
+        }
+    });
+    eprintln!("graph gen: {seen:?}");
+    for (f, b) in outs.iter().zip(&new) {
+        assert!(&std::fs::read(f).unwrap() == b);
+    }
 }

@@ -55,7 +55,8 @@ pub use writer::{inputs_from_paths, pack_files, PackOptions, PackSummary};
 
 /// Splits `"PACK:ENTRY"` when the part before a `':'` is an existing pack file: the last `':'` first,
 /// then earlier ones (so entry names may contain `':'`). `None` when `s` itself names an existing
-/// path, or no prefix is a pack.
+/// path, or no prefix is a pack. A prefix that is a regular file this process may not read counts as
+/// a pack, so that opening it reports why (permission denied) rather than "not found".
 pub fn split_pack_path(s: &str) -> Option<(PathBuf, String)> {
     if std::path::Path::new(s).exists() {
         return None;
@@ -69,7 +70,10 @@ pub fn split_pack_path(s: &str) -> Option<(PathBuf, String)> {
         .find_map(|i| {
             let (pack, entry) = (&s[..i], &s[i + 1..]);
             let path = PathBuf::from(pack);
-            (!pack.is_empty() && path.is_file() && Pack::is_pack(&path))
-                .then(|| (path, entry.to_string()))
+            let is_pack = match Pack::probe_magic(&path) {
+                Ok(yes) => yes,
+                Err(e) => e.kind() == gpuio::ErrorKind::PermissionDenied,
+            };
+            (!pack.is_empty() && path.is_file() && is_pack).then(|| (path, entry.to_string()))
         })
 }

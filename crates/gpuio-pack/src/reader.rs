@@ -132,13 +132,29 @@ impl Pack {
         })))
     }
 
-    /// Whether `path` starts with the pack magic: a cheap check, `false` on any error.
+    /// Whether `path` starts with the pack magic: a cheap check, `false` on any error. Never blocks:
+    /// only a regular file is opened (a FIFO is not).
     pub fn is_pack(path: &Path) -> bool {
+        Pack::probe_magic(path).unwrap_or(false)
+    }
+
+    /// Whether `path` is a regular file that starts with the pack magic; an error when it is a regular
+    /// file that cannot be read (permission denied, I/O error), so that a caller can say why.
+    pub fn probe_magic(path: &Path) -> Result<bool> {
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::from_io(Op::Stat, &e).with_path(path))?;
+        if !meta.is_file() {
+            return Ok(false);
+        }
+        let f = gpuio::input::open_nonblocking(path)?;
         let mut magic = [0u8; 8];
-        std::fs::File::open(path)
-            .and_then(|f| f.read_exact_at(&mut magic, 0))
-            .is_ok()
-            && format::has_magic(&magic)
+        match f.read_exact_at(&mut magic, 0) {
+            Ok(()) => Ok(format::has_magic(&magic)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(Error::from_io(Op::Read, &e)
+                .with_path(path)
+                .with_range(0, 8)),
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -4,6 +4,13 @@
 //! `pread`, checksums it, compresses it) and writes the results in table order, a bounded window of
 //! chunks at a time. The pack is written to a temporary file beside the output, synced, renamed over
 //! the output, and the directory synced: a crash leaves either the old file or the complete new one.
+//!
+//! Inputs are checked without blocking before anything is written (`gpuio::input::probe`): FIFOs,
+//! sockets and devices are refused unopened, the output itself is refused as an input, and a
+//! pseudo-file (procfs, sysfs: size 0 in `stat`, content when read) is read whole into memory, up to
+//! [`PSEUDO_BYTES_MAX`] in all. An input file is opened when its first chunk is handed out and closed
+//! when its last chunk is compressed, so at most a window of chunks' worth of inputs
+//! ([`INPUTS_OPEN_MAX`] at most) is open at once, however many files a pack holds.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,9 +18,11 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuio::error::Op;
+use gpuio::input::{FileId, Kind};
 use gpuio::{Error, ErrorKind, ReplaceFile, Result};
 
 use crate::codec::{self, Codec};
@@ -66,6 +75,26 @@ pub struct PackSummary {
 }
 
 const THREADS_MAX: usize = 1024;
+/// Most bytes read into memory from inputs of unknown size (pseudo-files) for one pack.
+pub const PSEUDO_BYTES_MAX: u64 = 64 << 20;
+/// Most chunks in flight between the calling thread and the workers, and so the most input files
+/// open at once.
+pub const INPUTS_OPEN_MAX: usize = 512;
+
+/// Where an entry's bytes come from.
+enum Input {
+    /// A regular file, opened when its turn comes; its identity, checked again then.
+    File(FileId),
+    /// The whole content of a pseudo-file, read up front.
+    Bytes(Arc<[u8]>),
+}
+
+/// What a chunk job reads from.
+#[derive(Clone)]
+enum JobData {
+    File(Arc<fs::File>),
+    Bytes(Arc<[u8]>),
+}
 
 /// Packs files as named entries into `out`: `inputs` are (entry name, file) pairs. The pack is written
 /// through a [`ReplaceFile`] (a temporary file in `out`'s directory, synced, renamed over `out`, the
@@ -101,10 +130,12 @@ pub fn pack_files(
         n => n.min(THREADS_MAX),
     };
 
-    // Inputs: names, files, sizes.
+    // Inputs: names, kinds, sizes; nothing kept open.
+    let out_id = FileId::of_path(out)?;
     let mut seen = std::collections::HashSet::new();
-    let mut files = Vec::with_capacity(inputs.len());
+    let mut sources = Vec::with_capacity(inputs.len());
     let mut entries: Vec<EntryInfo> = Vec::with_capacity(inputs.len());
+    let mut pseudo_bytes = 0u64;
     for (name, path) in inputs {
         if let Err(why) = check_name(name) {
             return Err(Error::invalid(format!("entry name {name:?} {why}")).with_path(path));
@@ -114,26 +145,37 @@ pub fn pack_files(
                 Error::invalid(format!("entry name {name:?} is given twice")).with_path(path),
             );
         }
-        let f = fs::File::open(path).map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
-        let meta = f
-            .metadata()
-            .map_err(|e| Error::from_io(Op::Stat, &e).with_path(path))?;
-        if !meta.is_file() {
+        let p = gpuio::input::probe(path)?;
+        if Some(p.id) == out_id {
             return Err(Error::new(
-                if meta.is_dir() {
-                    ErrorKind::IsADirectory
-                } else {
-                    ErrorKind::Unsupported
-                },
-                "not a regular file",
+                ErrorKind::InvalidInput,
+                "is the output pack itself: it would be replaced while being read",
             )
             .with_op(Op::Open)
             .with_path(path));
         }
-        files.push(f);
+        let (source, size) = match p.kind {
+            Kind::Regular => (Input::File(p.id), p.size),
+            Kind::Pseudo => {
+                let bytes = gpuio::input::read_pseudo(path, PSEUDO_BYTES_MAX - pseudo_bytes)?;
+                pseudo_bytes += bytes.len() as u64;
+                let len = bytes.len() as u64;
+                (Input::Bytes(bytes.into()), len)
+            }
+            Kind::BlockDevice => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "a block device, not a regular file: packs take regular files",
+                )
+                .with_op(Op::Open)
+                .with_path(path))
+            }
+            other => return Err(gpuio::input::refusal(other, path)),
+        };
+        sources.push(source);
         entries.push(EntryInfo {
             name: name.clone(),
-            size: meta.len(),
+            size,
             codec: opts.codec,
             chunk_size: opts.chunk_size,
             chunks: Vec::new(),
@@ -166,7 +208,7 @@ pub fn pack_files(
     for (i, e) in entries.iter().enumerate() {
         order.push((i, e.size.div_ceil(opts.chunk_size as u64)));
     }
-    let window = (threads * 4).max(4) as u64;
+    let window = (threads * 4).clamp(4, INPUTS_OPEN_MAX) as u64;
     let chunk_size = opts.chunk_size;
     let codec = opts.codec;
     let done_bytes = AtomicU64::new(0);
@@ -177,12 +219,11 @@ pub fn pack_files(
         for _ in 0..threads {
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
-            let files = &files;
             scope.spawn(move || {
                 let (mut input, mut check) = (Vec::new(), Vec::new());
                 while let Ok(job) = job_rx.recv() {
                     let r = compress_job(
-                        &files[job.entry],
+                        &job.data,
                         &inputs[job.entry].1,
                         &job,
                         codec,
@@ -206,17 +247,26 @@ pub fn pack_files(
         let mut written = 0u64;
         let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
         let mut last_report = Instant::now();
+        // The input being handed out: opened at its first chunk, dropped here after its last (the
+        // jobs in flight hold it until they are done).
+        let mut current: Option<(usize, JobData)> = None;
         let result = (|| -> Result<()> {
             while written < total_chunks {
                 while dispatched < total_chunks && dispatched - written < window {
                     let (entry, c) = jobs.next().expect("a job per chunk");
                     let offset = c * chunk_size as u64;
                     let len = (entries[entry].size - offset).min(chunk_size as u64) as u32;
+                    if current.as_ref().map(|(e, _)| *e) != Some(entry) {
+                        current = None;
+                        current = Some((entry, open_input(&sources[entry], &inputs[entry].1)?));
+                    }
+                    let data = current.as_ref().expect("just opened").1.clone();
                     let job = Job {
                         seq: dispatched,
                         entry,
                         offset,
                         len,
+                        data,
                     };
                     if job_tx.send(job).is_err() {
                         return Err(Error::new(ErrorKind::Io, "compression threads stopped"));
@@ -351,6 +401,29 @@ struct Job {
     entry: usize,
     offset: u64,
     len: u32,
+    data: JobData,
+}
+
+/// Opens an input for its chunks: the file checked to be the one probed (not swapped since).
+fn open_input(source: &Input, path: &Path) -> Result<JobData> {
+    match source {
+        Input::Bytes(b) => Ok(JobData::Bytes(b.clone())),
+        Input::File(id) => {
+            let f = gpuio::input::open_nonblocking(path)?;
+            let meta = f
+                .metadata()
+                .map_err(|e| Error::from_io(Op::Stat, &e).with_path(path))?;
+            if FileId::of_metadata(&meta) != *id || !meta.is_file() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "was replaced by another file while the pack was being written",
+                )
+                .with_op(Op::Open)
+                .with_path(path));
+            }
+            Ok(JobData::File(Arc::new(f)))
+        }
+    }
 }
 
 struct Done {
@@ -365,7 +438,7 @@ struct Done {
 
 /// On a compression thread: reads, checksums and compresses one chunk.
 fn compress_job(
-    file: &fs::File,
+    data: &JobData,
     path: &Path,
     job: &Job,
     codec: Codec,
@@ -374,6 +447,14 @@ fn compress_job(
     check: &mut Vec<u8>,
 ) -> Result<Done> {
     input.resize(job.len as usize, 0);
+    let file = match data {
+        JobData::File(f) => f,
+        JobData::Bytes(b) => {
+            let at = job.offset as usize;
+            input.copy_from_slice(&b[at..at + job.len as usize]);
+            return compress_read(path, job, codec, level, input, check);
+        }
+    };
     file.read_exact_at(input, job.offset).map_err(|e| {
         let err = if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::new(
@@ -387,6 +468,18 @@ fn compress_job(
             .with_path(path)
             .with_range(job.offset, job.len as u64)
     })?;
+    compress_read(path, job, codec, level, input, check)
+}
+
+/// Checksums and compresses one chunk already read into `input`.
+fn compress_read(
+    path: &Path,
+    job: &Job,
+    codec: Codec,
+    level: i32,
+    input: &mut Vec<u8>,
+    check: &mut Vec<u8>,
+) -> Result<Done> {
     let crc_logical = crc32c(input);
     let mut out = Vec::new();
     let compressed = codec::compress(codec, level, input, &mut out)

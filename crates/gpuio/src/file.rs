@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Op, Result};
+use crate::input;
 use crate::mem::AlignedBuf;
 use crate::residency;
 
@@ -179,7 +180,17 @@ impl File {
             .write(o.write)
             .create(o.create)
             .truncate(o.truncate);
+        // FIFOs, sockets and character devices are refused before they are opened: opening a FIFO
+        // blocks until a writer comes, and none of them has a size to read by (see `crate::input`).
+        if let Ok(m) = fs::metadata(path) {
+            let ft = m.file_type();
+            if ft.is_fifo() || ft.is_socket() || ft.is_char_device() {
+                return Err(input::refusal(input::Kind::of_type(ft), path));
+            }
+        }
+        // O_NONBLOCK until the type is confirmed, in case the path changed since the stat above.
         let buffered = std_opts
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(|e| os_err(Op::Open, path, &e))?;
         let meta = buffered
@@ -190,12 +201,17 @@ impl File {
             return Err(Error::from_errno(Op::Open, libc::EISDIR).with_path(path));
         }
         if !(ft.is_file() || ft.is_block_device()) {
-            return Err(
-                Error::new(ErrorKind::Unsupported, "not a regular file or block device")
-                    .with_op(Op::Open)
-                    .with_path(path),
-            );
+            return Err(input::refusal(input::Kind::of_type(ft), path));
         }
+        // A file opened to be read by its size whose size is 0 may be a pseudo-file (procfs, sysfs)
+        // that has content: read by size it would look empty, so it is refused, saying why.
+        if o.read && !o.truncate && ft.is_file() && meta.len() == 0 {
+            let kind = input::probe_open(&buffered, path)?;
+            if kind == input::Kind::Pseudo {
+                return Err(input::refusal(kind, path));
+            }
+        }
+        clear_nonblocking(&buffered, path)?;
         let statx_align = dio_align(buffered.as_raw_fd());
         let align = statx_align.unwrap_or(DirectAlign {
             offset_align: 4096,
@@ -395,6 +411,26 @@ impl File {
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// Clears `O_NONBLOCK` on a descriptor opened with it: io_uring honours the flag on regular files
+/// (a read that would wait fails with EAGAIN instead of being queued).
+fn clear_nonblocking(f: &fs::File, path: &Path) -> Result<()> {
+    let fd = f.as_raw_fd();
+    // SAFETY: plain fcntl calls on an open descriptor.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(os_err(Op::Open, path, &e));
+    }
+    Ok(())
+}
+
 /// Drops the clean pages of `fd` from the OS page cache.
 fn drop_cached_pages(fd: RawFd, path: &Path) -> Result<()> {
     // SAFETY: plain advisory syscall on an open descriptor.
@@ -439,6 +475,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = File::open(dir.path()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::IsADirectory, "{e}");
+    }
+
+    #[test]
+    fn fifos_char_devices_and_pseudo_files_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: plain syscall with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Without the check this open would wait for a writer forever.
+        let e = File::open(&fifo).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        let e = File::open("/dev/zero").unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
+        let e = File::open("/proc/self/mountinfo").unwrap_err();
+        assert!(e.to_string().contains("size of 0 but has content"), "{e}");
+        // An empty regular file is just empty; a new file opened to be written is fine.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(File::open(&empty).unwrap().len().unwrap(), 0);
+        let new = OpenOptions::create().open(dir.path().join("new")).unwrap();
+        assert!(new.is_writable());
+        // The descriptor kept is blocking again (io_uring would fail reads with EAGAIN otherwise).
+        let f = File::open(&empty).unwrap();
+        // SAFETY: plain fcntl on an open descriptor.
+        let flags = unsafe { libc::fcntl(f.buffered_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
     }
 
     #[test]

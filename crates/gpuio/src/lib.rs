@@ -23,6 +23,7 @@ pub struct ReadmeDoctests;
 pub mod backend;
 pub mod error;
 pub mod file;
+pub mod input;
 pub mod mem;
 pub mod pipeline;
 pub mod queue;

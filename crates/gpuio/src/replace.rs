@@ -26,18 +26,40 @@
 //!   temporary files of a destination left by processes that no longer exist (`gpuio cp` runs it before
 //!   each copy).
 //!
+//! # Temporaries removed on a signal
+//!
+//! Every temporary file a `ReplaceFile` creates is registered ([`register_temp`]) until it is renamed
+//! into place or removed. The first registration installs a handler for SIGINT, SIGTERM and SIGHUP —
+//! for each only if its disposition is still the default, so a program's own handler or an ignored
+//! signal (`nohup`) is left alone — that removes every registered temporary file and then re-raises
+//! the signal with its default action, so the process still dies of it (exit status and core dump as
+//! without the handler). The handler only calls `unlink(2)`, `sigaction(2)` and `raise(3)`, which are
+//! async-signal-safe. Other scratch files (a benchmark's scratch file, a command's outputs written in
+//! place) can be registered the same way: [`register_temp`] returns a [`TempRegistration`] that
+//! unregisters the path when dropped (it never removes the file itself). SIGKILL cannot be caught:
+//! there, [`remove_stale_temps`] is what cleans up, on the next run.
+//!
+//! # Checks before replacing
+//!
+//! [`check_destination`] is what a command runs before it replaces a file: the destination must not
+//! be one of the command's own inputs (same device and inode, through symbolic or hard links), and a
+//! file the user could not write (no write permission bit, or `access(W_OK)` fails), or one in a
+//! directory the user cannot write, is replaced only when the caller says so (`--force`).
+//!
 //! This module creates, renames, syncs and removes files; it never writes file data itself.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::Once;
 
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::{DirectMode, File, OpenOptions};
+use crate::input::FileId;
 
 /// Symbolic links followed from the destination before giving up (Linux's own limit, `ELOOP`).
 pub const SYMLINK_HOPS_MAX: usize = 40;
@@ -59,6 +81,9 @@ pub struct ReplaceFile {
     old: Option<(u32, u32, u32)>,
     /// Renamed into place (nothing to remove any more).
     renamed: bool,
+    /// The temporary file's entry in the list a signal handler removes (dropped after the rename or
+    /// the removal).
+    registration: Option<TempRegistration>,
 }
 
 impl ReplaceFile {
@@ -87,6 +112,9 @@ impl ReplaceFile {
         let mut attempt = 0;
         loop {
             let temp = dir.join(temp_name(&name, std::process::id(), random_u32()));
+            // Registered before it exists, so that no signal finds it created but not registered (the
+            // name holds this process's PID: nobody else's file is ever removed by it).
+            let registration = register_temp(&temp);
             match fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -95,6 +123,7 @@ impl ReplaceFile {
                 .open(&temp)
             {
                 Ok(file) => {
+                    let registration = Some(registration);
                     return Ok(ReplaceFile {
                         dest,
                         temp,
@@ -102,7 +131,8 @@ impl ReplaceFile {
                         mode: None,
                         old,
                         renamed: false,
-                    })
+                        registration,
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     attempt += 1;
@@ -175,6 +205,7 @@ impl ReplaceFile {
         fs::rename(&self.temp, &self.dest)
             .map_err(|e| Error::from_io(Op::Write, &e).with_path(&self.dest))?;
         self.renamed = true;
+        self.registration = None;
         let (dir, _) = split(&self.dest)?;
         fs::File::open(&dir)
             .and_then(|d| d.sync_all())
@@ -226,6 +257,217 @@ pub fn remove_stale_temps(dest: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// Whether `name` is the name of a temporary file of a replacement of `dest` (made by this or another
+/// process, finished or not): `.NAME.PID-XXXXXXXX.tmp`. For commands that read a directory and must
+/// not take the temporary file of their own output for an input.
+pub fn is_temp_of(dest: &Path, name: &OsStr) -> bool {
+    let Some(dest_name) = dest.file_name() else {
+        return false;
+    };
+    let mut prefix = vec![b'.'];
+    prefix.extend_from_slice(kept_name(&dest_name.to_os_string()));
+    prefix.push(b'.');
+    temp_pid(name.as_bytes(), &prefix).is_some()
+}
+
+/// An input of a command, for [`check_destination`]: its identity and its name as the user wrote it.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    pub id: FileId,
+    pub name: String,
+}
+
+/// Checks `dest` before a command replaces it (see the module docs); returns whether a file is there.
+///
+/// - `dest` (symbolic links followed) is one of `inputs` (same device and inode): refused, always
+///   ([`ErrorKind::InvalidInput`]): it would be replaced while being read.
+/// - Unless `force`: an existing regular file without any write permission bit, or one this user may
+///   not write (`access(W_OK)`), and a destination whose directory this user may not write, are refused
+///   ([`ErrorKind::PermissionDenied`], naming the file or directory and the way out).
+///
+/// Nothing is created or changed.
+pub fn check_destination(dest: &Path, inputs: &[InputFile], force: bool) -> Result<bool> {
+    let resolved = resolve_symlinks(dest)?;
+    let meta = match fs::metadata(&resolved) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::from_io(Op::Stat, &e).with_path(dest)),
+    };
+    if let Some(m) = &meta {
+        let id = FileId::of_metadata(m);
+        if let Some(input) = inputs.iter().find(|i| i.id == id) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the output is the input file itself ({}): it would be replaced while being read",
+                    crate::input::escape(&input.name)
+                ),
+            )
+            .with_path(dest));
+        }
+    }
+    if force {
+        return Ok(meta.is_some());
+    }
+    if let Some(m) = &meta {
+        if m.is_file() {
+            let mode = m.mode() & 0o7777;
+            if mode & 0o222 == 0 {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "permission denied: the file is write-protected (mode {mode:04o}); \
+                         use --force to replace it"
+                    ),
+                )
+                .with_op(Op::Open)
+                .with_path(dest));
+            }
+            if !may_write(&resolved) {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    "permission denied: this user may not write the file; use --force to replace it",
+                )
+                .with_op(Op::Open)
+                .with_path(dest));
+            }
+        }
+    }
+    let (dir, _) = split(&resolved)?;
+    if dir.is_dir() && !may_write(&dir) {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            "permission denied: this user may not write the directory the file is replaced in",
+        )
+        .with_op(Op::Open)
+        .with_path(&dir));
+    }
+    Ok(meta.is_some())
+}
+
+/// `access(path, W_OK)`, with the real user's rights (as a command's user expects).
+fn may_write(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: plain syscall with a valid C string.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Temporary files removed when a signal ends the process (see the module docs).
+
+/// Temporary files registered at once; more are not removed on a signal (their `Drop` and
+/// [`remove_stale_temps`] still remove them).
+pub const TEMP_REGISTRATIONS_MAX: usize = 256;
+
+/// Registered temporary paths: leaked `CString`s, owned by whoever swaps them out of the slot (the
+/// unregistering thread, which frees it, or the signal handler, which never frees).
+static TEMP_SLOTS: [AtomicPtr<libc::c_char>; TEMP_REGISTRATIONS_MAX] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; TEMP_REGISTRATIONS_MAX];
+static HANDLERS: Once = Once::new();
+/// The signals after which registered temporaries are removed.
+pub const CLEANUP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// A temporary path registered for removal on SIGINT, SIGTERM or SIGHUP; unregistered when dropped
+/// (the file itself is left as it is).
+#[derive(Debug)]
+pub struct TempRegistration {
+    slot: Option<usize>,
+}
+
+impl TempRegistration {
+    /// Whether the path made it into the list (false when [`TEMP_REGISTRATIONS_MAX`] are taken).
+    pub fn is_registered(&self) -> bool {
+        self.slot.is_some()
+    }
+}
+
+impl Drop for TempRegistration {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            let p = TEMP_SLOTS[i].swap(std::ptr::null_mut(), Ordering::AcqRel);
+            if !p.is_null() {
+                // SAFETY: `p` came from `CString::into_raw` in `register_temp`, and swapping it out
+                // made this thread its only owner.
+                drop(unsafe { CString::from_raw(p) });
+            }
+        }
+    }
+}
+
+/// Registers `path` (made absolute, so a later change of directory does not matter) to be removed if
+/// SIGINT, SIGTERM or SIGHUP ends the process, installing the handler the first time; see the module
+/// docs. Keep the returned registration while the file exists, drop it once the file is renamed away
+/// or removed.
+pub fn register_temp(path: &Path) -> TempRegistration {
+    HANDLERS.call_once(install_handlers);
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let Ok(c) = CString::new(abs.into_os_string().into_vec()) else {
+        return TempRegistration { slot: None };
+    };
+    let raw = c.into_raw();
+    for (i, slot) in TEMP_SLOTS.iter().enumerate() {
+        if slot
+            .compare_exchange(
+                std::ptr::null_mut(),
+                raw,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            return TempRegistration { slot: Some(i) };
+        }
+    }
+    // SAFETY: `raw` came from `into_raw` above and was never shared.
+    drop(unsafe { CString::from_raw(raw) });
+    TempRegistration { slot: None }
+}
+
+fn install_handlers() {
+    for sig in CLEANUP_SIGNALS {
+        // SAFETY: sigaction with zeroed, then filled, structures; the handler is async-signal-safe.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0
+                || old.sa_sigaction != libc::SIG_DFL
+            {
+                continue; // someone else's handler, or ignored (nohup): theirs to keep
+            }
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction =
+                on_cleanup_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut new.sa_mask);
+            for s in CLEANUP_SIGNALS {
+                libc::sigaddset(&mut new.sa_mask, s);
+            }
+            new.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &new, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Removes every registered temporary file, then lets `sig` do what it does by default.
+extern "C" fn on_cleanup_signal(sig: libc::c_int) {
+    for slot in &TEMP_SLOTS {
+        let p = slot.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !p.is_null() {
+            // SAFETY: a NUL-terminated path from `register_temp`, now owned here and never freed.
+            unsafe { libc::unlink(p) };
+        }
+    }
+    // SAFETY: async-signal-safe calls; the signal is blocked while this handler runs, so the raised
+    // one is delivered, with the default action, as the handler returns.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigemptyset(&mut dfl.sa_mask);
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        libc::raise(sig);
+    }
 }
 
 /// Follows `path` while it is a symbolic link.
@@ -472,6 +714,56 @@ mod tests {
         for p in [&live, &other, &unrelated, &mine.temp.clone()] {
             assert!(p.exists(), "{} must be kept", p.display());
         }
+    }
+
+    #[test]
+    fn destinations_that_are_inputs_or_write_protected_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        fs::write(&input, b"in").unwrap();
+        let hard = dir.path().join("hard");
+        fs::hard_link(&input, &hard).unwrap();
+        let inputs = [InputFile {
+            id: FileId::of_path(&input).unwrap().unwrap(),
+            name: "in".into(),
+        }];
+        for same in [&input, &hard] {
+            let e = check_destination(same, &inputs, true).unwrap_err();
+            assert!(e.to_string().contains("input file itself"), "{e}");
+        }
+        let ro = dir.path().join("ro");
+        fs::write(&ro, b"keep").unwrap();
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
+        let e = check_destination(&ro, &inputs, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("--force"), "{e}");
+        assert!(check_destination(&ro, &inputs, true).unwrap());
+        assert!(!check_destination(&dir.path().join("new"), &inputs, false).unwrap());
+    }
+
+    #[test]
+    fn temps_of_a_destination_are_recognised() {
+        let dest = Path::new("/x/p.gpk");
+        let t = temp_name(&OsString::from("p.gpk"), 42, 7);
+        assert!(is_temp_of(dest, &t));
+        assert!(!is_temp_of(dest, OsStr::new("p.gpk")));
+        assert!(!is_temp_of(
+            dest,
+            &temp_name(&OsString::from("q.gpk"), 42, 7)
+        ));
+    }
+
+    #[test]
+    fn registrations_come_and_go() {
+        let reg = register_temp(Path::new("gpuio-registration-test"));
+        let slot = reg.slot.expect("a free slot");
+        let p = TEMP_SLOTS[slot].load(Ordering::Acquire);
+        assert!(!p.is_null());
+        // SAFETY: the slot is this registration's until it is dropped.
+        let path = unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes().to_vec();
+        assert!(path.starts_with(b"/") && path.ends_with(b"/gpuio-registration-test"));
+        drop(reg);
+        assert_ne!(TEMP_SLOTS[slot].load(Ordering::Acquire), p);
     }
 
     #[test]
