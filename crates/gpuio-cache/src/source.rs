@@ -123,14 +123,21 @@ impl PageCache {
         len: u64,
     ) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > s.len) {
-            return Err(Error::new(
+            let e = Error::new(
                 ErrorKind::UnexpectedEof,
                 format!(
-                    "source {} is {} bytes: cannot access {len} bytes at offset {offset}",
+                    "source {} is {} bytes (its length when attached): cannot access {len} bytes at offset {offset}",
                     src.0, s.len
                 ),
             )
-            .with_range(offset, len));
+            .with_range(offset, len);
+            // Name what the source is: the file, or the pack and entry.
+            return Err(match &s.backing {
+                Backing::File(f) => e.with_path(f.path()),
+                Backing::Entry(en) => e
+                    .with_path(en.pack().path())
+                    .with_context(format!("entry {}", en.name())),
+            });
         }
         Ok(())
     }

@@ -112,6 +112,62 @@ pub(crate) fn cache_engine(qd: usize, capacity: u64) -> Result<Engine> {
     Engine::new(cfg)
 }
 
+/// Smallest and largest cache line (`gpuio_cache::CacheConfig::line_bytes` accepts these powers of two).
+pub(crate) const LINE_BYTES_MIN: u64 = 512;
+pub(crate) const LINE_BYTES_MAX: u64 = 65536;
+
+/// Checks the page-cache flags shared by `bfs` and `gather` before anything uses them, naming each
+/// flag and its bounds: `--line-size` a power of two in 512..=65536, `--queue-depth` in
+/// 1..=`QUEUE_DEPTH_MAX`, `--coalesce` at most `COALESCE_BYTES_MAX`.
+pub(crate) fn validate_cache_flags(
+    line_size: u64,
+    queue_depth: usize,
+    coalesce: u64,
+) -> Result<()> {
+    if !line_size.is_power_of_two() || !(LINE_BYTES_MIN..=LINE_BYTES_MAX).contains(&line_size) {
+        return Err(Error::invalid(format!(
+            "--line-size {line_size} must be a power of two in {LINE_BYTES_MIN}..={LINE_BYTES_MAX} (512, 1K, ... 64K)"
+        )));
+    }
+    if queue_depth == 0 || queue_depth > gpuio::backend::QUEUE_DEPTH_MAX {
+        return Err(Error::invalid(format!(
+            "--queue-depth {queue_depth} is out of range 1..={}",
+            gpuio::backend::QUEUE_DEPTH_MAX
+        )));
+    }
+    if coalesce > gpuio_cache::COALESCE_BYTES_MAX as u64 {
+        return Err(Error::invalid(format!(
+            "--coalesce {coalesce} is out of range 0..={} (4M)",
+            gpuio_cache::COALESCE_BYTES_MAX
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an output file that is one of the command's inputs: the same device and inode, so also
+/// through a symbolic or a hard link (writing it would destroy the data being read). An output that
+/// does not exist yet is fine.
+pub(crate) fn check_output_not_input(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let out = match std::fs::metadata(output) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::from_io(Op::Stat, &e).with_path(output)),
+    };
+    for input in inputs {
+        let m =
+            std::fs::metadata(input).map_err(|e| Error::from_io(Op::Stat, &e).with_path(input))?;
+        if (m.dev(), m.ino()) == (out.dev(), out.ino()) {
+            return Err(Error::invalid(format!(
+                "{flag} {} is the input file {} (the same file, perhaps through a link): refusing to overwrite an input",
+                output.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Major page faults of this process so far.
 pub(crate) fn major_faults() -> u64 {
     // SAFETY: getrusage fills the zeroed struct.
@@ -204,18 +260,70 @@ impl Edges for MemoryEdges<'_> {
 }
 
 /// Mode mmap: the destinations through a mapping of the whole `.dst` file.
+///
+/// Another process may truncate the file while it is mapped; touching a lost page raises SIGBUS. So the
+/// file's length is checked (`fstat`) before each level, and every adjacency list is copied out with
+/// `gpuio::backend::mmap::copy_from_mapping`, which turns a SIGBUS during the copy into an error instead
+/// of the death of the process.
 struct MmapEdges<'a> {
     offsets: &'a [u64],
     map: memmap2::Mmap,
+    file: std::fs::File,
+    path: &'a Path,
+    dst_bytes: u64,
+    /// One adjacency list's bytes.
+    scratch: Vec<u8>,
+}
+
+impl MmapEdges<'_> {
+    fn truncated(&self, offset: u64, len: u64) -> Error {
+        let now = self
+            .file
+            .metadata()
+            .map(|m| format!("{} bytes", m.len()))
+            .unwrap_or_else(|_| "of unknown length".into());
+        Error::new(
+            gpuio::ErrorKind::UnexpectedEof,
+            format!(
+                "the mapped file shrank while the search ran: it is now {now}, it was {} bytes (truncated by another process?)",
+                self.dst_bytes
+            ),
+        )
+        .with_op(Op::Read)
+        .with_path(self.path)
+        .with_range(offset, len)
+    }
 }
 
 impl Edges for MmapEdges<'_> {
     fn scan_level(&mut self, frontier: &[u32], vis: &mut Visitor<'_>) -> Result<()> {
-        let body = &self.map[HEADER_BYTES as usize..];
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::from_io(Op::Stat, &e).with_path(self.path))?
+            .len();
+        if len < self.dst_bytes {
+            return Err(self.truncated(len, self.dst_bytes - len));
+        }
         for &u in frontier {
             let (s, e) = (self.offsets[u as usize], self.offsets[u as usize + 1]);
-            let bytes = &body[s as usize * 8..e as usize * 8];
-            for (i, c) in bytes.chunks_exact(8).enumerate() {
+            let (off, n) = (HEADER_BYTES + s * 8, ((e - s) * 8) as usize);
+            self.scratch.resize(n, 0);
+            // The offsets were checked against the edge count, and the mapping holds dst_bytes.
+            debug_assert!(off as usize + n <= self.map.len());
+            // SAFETY: off + n <= dst_bytes <= map.len() (checked when mapped); `map` lives in `self`
+            // and stays mapped during the copy; `scratch` is a separate allocation of n bytes.
+            let clean = unsafe {
+                gpuio::backend::mmap::copy_from_mapping(
+                    self.map.as_ptr().add(off as usize),
+                    self.scratch.as_mut_ptr(),
+                    n,
+                )
+            };
+            if !clean {
+                return Err(self.truncated(off, n as u64));
+            }
+            for (i, c) in self.scratch.chunks_exact(8).enumerate() {
                 let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
                 vis.visit(s + i as u64, v)?;
             }
@@ -421,7 +529,27 @@ fn load_edges(bel: &Bel) -> Result<Vec<u64>> {
     let mut left = bel.m;
     while left > 0 {
         let k = (left as usize).min(buf.len() / 8);
-        f.read_exact(&mut buf[..k * 8]).map_err(rerr)?;
+        let at = HEADER_BYTES + (bel.m - left) * 8;
+        if let Err(e) = f.read_exact(&mut buf[..k * 8]) {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                return Err(rerr(e).with_range(at, k as u64 * 8));
+            }
+            // The file shrank after its header was checked: say by how much.
+            let now = f
+                .metadata()
+                .map(|m| format!("{} bytes", m.len()))
+                .unwrap_or_else(|_| "of unknown length".into());
+            return Err(Error::new(
+                gpuio::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ended early: it is now {now}, its header promised {} bytes ({} edges); was it truncated while being read?",
+                    bel.dst_bytes, bel.m
+                ),
+            )
+            .with_op(Op::Read)
+            .with_path(path)
+            .with_range(at, k as u64 * 8));
+        }
         out.extend(
             buf[..k * 8]
                 .chunks_exact(8)
@@ -432,23 +560,32 @@ fn load_edges(bel: &Bel) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-fn write_depths(path: &Path, depths: &[i32]) -> Result<()> {
-    let f =
-        std::fs::File::create(path).map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
-    let werr = |e: std::io::Error| Error::from_io(Op::Write, &e).with_path(path);
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let mut bytes = Vec::with_capacity(64 << 10);
-    for chunk in depths.chunks(16384) {
-        bytes.clear();
-        for d in chunk {
-            bytes.extend_from_slice(&d.to_le_bytes());
+/// Writes every depth as a little-endian i32 into `out`'s temporary file and commits it (fsync, rename
+/// over the destination, directory fsync: `gpuio::replace`), so a crash leaves the old file or the new.
+fn write_depths(out: gpuio::ReplaceFile, depths: &[i32]) -> Result<()> {
+    let path = out.temp_path().to_path_buf();
+    let werr = |e: std::io::Error| Error::from_io(Op::Write, &e).with_path(&path);
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, out.as_file());
+        let mut bytes = Vec::with_capacity(64 << 10);
+        for chunk in depths.chunks(16384) {
+            bytes.clear();
+            for d in chunk {
+                bytes.extend_from_slice(&d.to_le_bytes());
+            }
+            w.write_all(&bytes).map_err(werr)?;
         }
-        w.write_all(&bytes).map_err(werr)?;
+        w.flush().map_err(werr)?;
     }
-    w.flush().map_err(werr)
+    out.commit()
 }
 
 pub fn run(a: BfsArgs) -> Result<()> {
+    validate_cache_flags(a.line_size, a.queue_depth, a.coalesce)?;
+    let (col_path, dst_path) = graph::bel_paths(&a.prefix);
+    if let Some(out) = &a.depths_out {
+        check_output_not_input("--depths-out", out, &[&col_path, &dst_path])?;
+    }
     let bel = graph::read_bel(&a.prefix)?;
     if a.source >= bel.n as u64 {
         return Err(Error::invalid(format!(
@@ -462,17 +599,30 @@ pub fn run(a: BfsArgs) -> Result<()> {
     let source = a.source as u32;
     let source_degree = bel.offsets[a.source as usize + 1] - bel.offsets[a.source as usize];
     let mut lines: Vec<String> = Vec::new();
-    if source_degree == 0 {
+    let source_note = (source_degree == 0).then(|| {
         // Kronecker graphs leave many vertices isolated; Graph500 starts from ones with edges.
         let (best, deg) = (0..bel.n)
             .map(|u| (u, bel.offsets[u + 1] - bel.offsets[u]))
             .max_by_key(|&(u, d)| (d, std::cmp::Reverse(u)))
-            .expect("at least one vertex");
-        lines.push(format!(
-            "note: vertex {} has no edges (Graph500 starts from vertices that have some): vertex {best} has the most, {deg}",
+            .unwrap_or((0, 0));
+        format!(
+            "source vertex {} has no edges, so the search reaches only the source itself; Graph500 starts from vertices that have edges: vertex {best} has the most ({deg}), try --source {best}",
             a.source
-        ));
+        )
+    });
+    if let Some(n) = &source_note {
+        lines.push(format!("note: {n}"));
     }
+    // The output's temporary file is made before the traversal, so a missing or read-only directory
+    // fails at once rather than after the work; the check runs again on the resolved destination.
+    let depths_out = match &a.depths_out {
+        Some(p) => {
+            let r = gpuio::ReplaceFile::create(p)?;
+            check_output_not_input("--depths-out", r.dest(), &[&bel.col_path, &bel.dst_path])?;
+            Some(r)
+        }
+        None => None,
+    };
     let pb = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
         pb.enable_steady_tick(std::time::Duration::from_millis(100));
@@ -505,8 +655,8 @@ pub fn run(a: BfsArgs) -> Result<()> {
             let f = std::fs::File::open(path)
                 .map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
             drop_os_cache(&f, path)?;
-            // SAFETY: the mapping is read-only and private to this process; the file is not modified
-            // while the BFS runs (a concurrent truncation would be a misuse, as with any mmap reader).
+            // SAFETY: a read-only mapping, read only through `copy_from_mapping` (see `MmapEdges`),
+            // which survives a concurrent truncation.
             let map = unsafe { memmap2::Mmap::map(&f) }
                 .map_err(|e| Error::from_io(Op::Setup, &e).with_path(path))?;
             if (map.len() as u64) < bel.dst_bytes {
@@ -519,6 +669,10 @@ pub fn run(a: BfsArgs) -> Result<()> {
             let mut e = MmapEdges {
                 offsets: &bel.offsets,
                 map,
+                file: f,
+                path,
+                dst_bytes: bel.dst_bytes,
+                scratch: Vec::new(),
             };
             (traverse(&bel, source, &mut e, pb.as_ref())?, None)
         }
@@ -539,6 +693,20 @@ pub fn run(a: BfsArgs) -> Result<()> {
                 },
             )?;
             let src = cache.attach_file(&file)?;
+            if cache.len(src) < bel.dst_bytes {
+                return Err(Error::new(
+                    gpuio::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the file shrank after its header was read: it is now {} bytes, its header promised {} ({} edges)",
+                        cache.len(src),
+                        bel.dst_bytes,
+                        bel.m
+                    ),
+                )
+                .with_op(Op::Open)
+                .with_path(&bel.dst_path)
+                .with_range(cache.len(src), bel.dst_bytes - cache.len(src)));
+            }
             let lines_cap = (capacity / a.line_size).max(1) as usize;
             let overlap = lines_cap >= 2;
             let batch = (if overlap { lines_cap / 2 } else { 1 }).min(BATCH_PIECES_MAX);
@@ -591,8 +759,8 @@ pub fn run(a: BfsArgs) -> Result<()> {
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    if let Some(p) = &a.depths_out {
-        write_depths(p, &t.depths)?;
+    if let Some(out) = depths_out {
+        write_depths(out, &t.depths)?;
     }
     let faults = major_faults() - faults0;
     let teps = t.scanned as f64 / t.seconds.max(1e-9);
@@ -621,6 +789,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
             "reads_issued": reads,
             "iops": iops,
             "major_faults": faults,
+            "note": source_note,
         });
         if let Value::Object(o) = &mut v {
             o.extend(extra);

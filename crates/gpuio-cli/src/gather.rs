@@ -23,6 +23,11 @@ use crate::graph::{mix, Rng};
 
 /// Row indices per batch, at most.
 const BATCH_MAX: usize = 1 << 20;
+/// Batches per run, at most (2^24: at the smallest cache's pace this is hours, never "forever").
+const BATCHES_MAX: usize = 1 << 24;
+/// Longest `--compute-us`: one second of busy-waiting per batch. The flag stands for a model's compute
+/// on one batch, milliseconds in DLRM (the README's example uses 2000 µs); more is a typo.
+const COMPUTE_US_MAX: u64 = 1_000_000;
 
 /// How row indices are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,7 +104,7 @@ pub struct GatherArgs {
     /// version and report the speedup.
     #[arg(long, value_enum, default_value = "off")]
     prefetch: OnOff,
-    /// Busy-wait per batch, standing for the model's compute, in microseconds.
+    /// Busy-wait per batch, standing for the model's compute, in microseconds (at most 1000000).
     #[arg(long, default_value_t = 0)]
     compute_us: u64,
     /// Seed of the row indices.
@@ -376,8 +381,19 @@ fn lines_per_row(row: u64, line: u64) -> u64 {
 }
 
 fn validate(a: &GatherArgs) -> Result<u64> {
-    if a.row_bytes == 0 {
-        return Err(Error::invalid("--row-bytes must be larger than 0"));
+    crate::bfs::validate_cache_flags(a.line_size, a.queue_depth, a.coalesce)?;
+    if a.row_bytes == 0 || a.row_bytes > usize::MAX as u64 {
+        return Err(Error::invalid(format!(
+            "--row-bytes {} is out of range 1..={}",
+            a.row_bytes,
+            usize::MAX
+        )));
+    }
+    if a.compute_us > COMPUTE_US_MAX {
+        return Err(Error::invalid(format!(
+            "--compute-us {} is out of range 0..={COMPUTE_US_MAX} (one second per batch)",
+            a.compute_us
+        )));
     }
     if a.batch == 0 || a.batch > BATCH_MAX {
         return Err(Error::invalid(format!(
@@ -385,11 +401,11 @@ fn validate(a: &GatherArgs) -> Result<u64> {
             a.batch
         )));
     }
-    if a.batches == 0 {
-        return Err(Error::invalid("--batches must be larger than 0"));
-    }
-    if a.row_bytes > usize::MAX as u64 {
-        return Err(Error::invalid("--row-bytes is too large"));
+    if a.batches == 0 || a.batches > BATCHES_MAX {
+        return Err(Error::invalid(format!(
+            "--batches {} is out of range 1..={BATCHES_MAX}",
+            a.batches
+        )));
     }
     let meta = match std::fs::metadata(&a.table) {
         Ok(m) => m,
@@ -458,7 +474,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
     // A batch whose rows span more lines than the cache holds would evict its own lines before it is
     // consumed (every batch thrashing itself): refuse it with the remedy.
     let cap_lines = capacity / a.line_size;
-    let need = a.batch as u64 * lines_per_row(a.row_bytes, a.line_size);
+    let need = (a.batch as u64).saturating_mul(lines_per_row(a.row_bytes, a.line_size));
     if need > cap_lines {
         return Err(Error::invalid(format!(
             "a cache of {} ({cap_lines} lines of {}) cannot hold a batch of {} rows of {} bytes (up to {need} lines): raise --cache-size or lower --batch",

@@ -613,3 +613,240 @@ fn gather_bad_arguments_fail_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Issue 13: numeric flags checked before use, outputs that never overwrite inputs, a source without
+// edges said so, and edge files cut while a BFS reads them.
+
+#[test]
+fn bfs_and_gather_check_their_numeric_flags_before_using_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, _) = gen(dir.path(), "g", "kron", 8, 4, 1);
+    let g = s(&prefix);
+    let t = s(&table(dir.path(), 1 << 20));
+    for mode in ["memory", "mmap", "cache"] {
+        let bfs = |extra: &[&str], needles: &[&str]| {
+            let mut a = vec!["bfs", &g, "--source", "1", "--mode", mode];
+            a.extend_from_slice(extra);
+            fails_cleanly(&a, needles);
+        };
+        // Before: 0 divided by zero; 1T spoke of the cache size; both now name the flag and bounds.
+        for v in ["0", "1000", "1T", "128K", "18446744073709551615"] {
+            bfs(&["--line-size", v], &["--line-size", "512..=65536"]);
+        }
+        bfs(&["--queue-depth", "0"], &["--queue-depth 0", "1..="]);
+        bfs(&["--queue-depth", "5000"], &["--queue-depth 5000", "1..="]);
+        bfs(&["--coalesce", "1G"], &["--coalesce", "0..="]);
+    }
+    // The required flags with sound values, each unless `extra` gives it.
+    let gather = |extra: &[&str], needles: &[&str]| {
+        let mut a = vec!["gather", "--table", &t];
+        for (flag, value) in [("--row-bytes", "4K"), ("--batch", "8"), ("--batches", "2")] {
+            if !extra.contains(&flag) {
+                a.extend_from_slice(&[flag, value]);
+            }
+        }
+        a.extend_from_slice(extra);
+        fails_cleanly(&a, needles);
+    };
+    for v in ["0", "1000", "1T", "128K"] {
+        gather(&["--line-size", v], &["--line-size", "512..=65536"]);
+    }
+    // Before: busy-waited for ever.
+    for v in ["18446744073709551615", "1000001"] {
+        gather(&["--compute-us", v], &["--compute-us", "0..=1000000"]);
+    }
+    gather(&["--batches", "0"], &["--batches 0", "1..="]);
+    gather(
+        &["--batches", "100000000"],
+        &["--batches 100000000", "1..="],
+    );
+    gather(&["--coalesce", "8M"], &["--coalesce", "0..="]);
+    gather(&["--queue-depth", "99999"], &["--queue-depth 99999"]);
+    // A huge row and batch no longer overflow the line arithmetic.
+    gather(
+        &["--row-bytes", "9223372036854775807", "--batch", "1048576"],
+        &[],
+    );
+    // The flags are checked before the table is looked at.
+    let missing = s(&dir.path().join("nope.bin"));
+    fails_cleanly(
+        &[
+            "gather",
+            "--table",
+            &missing,
+            "--row-bytes",
+            "4K",
+            "--batch",
+            "8",
+            "--batches",
+            "2",
+            "--line-size",
+            "0",
+        ],
+        &["--line-size 0"],
+    );
+}
+
+#[test]
+fn bfs_never_writes_over_its_own_input_and_replaces_its_output_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, _) = gen(dir.path(), "g", "kron", 9, 4, 3);
+    let g = s(&prefix);
+    let before = bel_bytes(&prefix);
+    let col = dir.path().join("g.bel.col");
+    let dst = dir.path().join("g.bel.dst");
+    let hard = dir.path().join("hard-link");
+    std::fs::hard_link(&dst, &hard).unwrap();
+    let soft = dir.path().join("soft-link");
+    std::os::unix::fs::symlink(&col, &soft).unwrap();
+    for (out, input) in [
+        (&dst, "g.bel.dst"),
+        (&col, "g.bel.col"),
+        (&hard, "g.bel.dst"),
+        (&soft, "g.bel.col"),
+    ] {
+        for mode in ["memory", "mmap", "cache"] {
+            fails_cleanly(
+                &[
+                    "bfs",
+                    &g,
+                    "--source",
+                    "1",
+                    "--mode",
+                    mode,
+                    "--depths-out",
+                    &s(out),
+                ],
+                &["--depths-out", input, "refusing to overwrite an input"],
+            );
+        }
+    }
+    assert!(bel_bytes(&prefix) == before, "the graph is untouched");
+    // A relative spelling of the same file is refused too.
+    let out = common::gpuio_in(dir.path(), &["--version"]);
+    assert!(out.status.success());
+    let rel = std::process::Command::new(env!("CARGO_BIN_EXE_gpuio"))
+        .current_dir(dir.path())
+        .args(["bfs", "g", "--source", "1", "--depths-out", "./g.bel.dst"])
+        .output()
+        .unwrap();
+    assert!(!rel.status.success());
+    assert!(bel_bytes(&prefix) == before, "the graph is untouched");
+
+    // An existing output is replaced whole (a new file renamed over it), no temporary file is left,
+    // and an output in a missing directory fails before the search runs.
+    let depths = dir.path().join("depths.bin");
+    std::fs::write(&depths, vec![0xAAu8; 1 << 20]).unwrap();
+    let v = bfs_json(&prefix, 1, "memory", &[], &depths);
+    let got = read_depths(&depths);
+    assert_eq!(got.len() as u64, v["vertices"].as_u64().unwrap());
+    assert!(gpuio_testkit::temp_files(dir.path()).is_empty());
+    fails_cleanly(
+        &[
+            "bfs",
+            &g,
+            "--source",
+            "1",
+            "--depths-out",
+            &s(&dir.path().join("no-such-dir/depths.bin")),
+        ],
+        &["no-such-dir"],
+    );
+}
+
+#[test]
+fn bfs_says_when_the_source_vertex_has_no_edges() {
+    let dir = tempfile::tempdir().unwrap();
+    // The path 0-1-2 and vertex 3 alone: 4 vertices, offsets 0,1,3,4,4.
+    let prefix = dir.path().join("lonely");
+    write_graph(&prefix, 5, &[0, 1, 3, 4, 4], 4, &[1, 0, 2, 1]);
+    let p = s(&prefix);
+    for mode in ["memory", "mmap", "cache"] {
+        let out = ok(&["bfs", &p, "--source", "3", "--mode", mode]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("note: source vertex 3 has no edges")
+                && text.contains("reaches only the source")
+                && text.contains("--source 1"),
+            "{mode}: {text}"
+        );
+        let v = ok_json(&["bfs", &p, "--source", "3", "--mode", mode, "--json"]);
+        assert_eq!(v["vertices_reached"], 1, "{v}");
+        assert_eq!(v["source_degree"], 0, "{v}");
+        assert!(
+            v["note"].as_str().is_some_and(|n| n.contains("no edges")),
+            "{v}"
+        );
+        // A source with edges has no note.
+        let v = ok_json(&["bfs", &p, "--source", "0", "--mode", mode, "--json"]);
+        assert!(v["note"].is_null(), "{v}");
+        let out = ok(&["bfs", &p, "--source", "0", "--mode", mode]);
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("note:"));
+    }
+}
+
+#[test]
+fn bfs_with_its_edge_file_cut_mid_run_fails_with_one_line() {
+    // Another process truncates the edge file while the search runs: every mode must end with success
+    // (the cut came too late) or one line naming the file — never a signal (mmap: SIGBUS) or a panic.
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, _) = gen(dir.path(), "big", "kron", 15, 16, 5);
+    let dst = dir.path().join("big.bel.dst");
+    let whole = std::fs::read(&dst).unwrap();
+    let g = s(&prefix);
+    let mut failures = 0;
+    for mode in ["memory", "mmap", "cache"] {
+        for delay_ms in [0u64, 2, 10, 30, 100] {
+            std::fs::write(&dst, &whole).unwrap();
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpuio"))
+                .args(["bfs", &g, "--source", "1", "--mode", mode])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&dst)
+                .unwrap()
+                .set_len(whole.len() as u64 / 3)
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let status = loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    break st;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("{mode}, cut after {delay_ms} ms: still running after 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(
+                status.signal().is_none(),
+                "{mode}, cut after {delay_ms} ms: killed by signal {:?}; stderr: {err}",
+                status.signal()
+            );
+            if !status.success() {
+                failures += 1;
+                assert_eq!(status.code(), Some(1), "{mode}: {err}");
+                assert!(
+                    err.starts_with("gpuio: error:")
+                        && err.trim_end().lines().count() == 1
+                        && err.contains("big.bel.dst")
+                        && !err.contains("panicked"),
+                    "{mode}, cut after {delay_ms} ms: {err}"
+                );
+                if mode != "cache" && err.contains("shrank") || err.contains("ended early") {
+                    assert!(err.contains("at offset"), "{mode}: {err}");
+                }
+            }
+        }
+    }
+    assert!(failures > 0, "no run saw the cut: the test proves nothing");
+}

@@ -216,6 +216,82 @@ pub fn parse_prefix(prefix: &[u8], file_len: u64, path: &Path) -> Result<u64> {
     Ok(n)
 }
 
+/// A JSON value in which no object repeats a key, at any depth. `serde_json::Value` keeps the last of
+/// repeated keys; the reference implementation (the `safetensors` crate) derives `Deserialize` for its
+/// tensor records, and serde's derived struct deserializers refuse a repeated field (`duplicate field
+/// "dtype"`). We refuse repeated keys everywhere — tensor records, `__metadata__` and any value nested
+/// in them — so a header never means two things.
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<StrictValue, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrictValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, b: bool) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::Bool(b)))
+            }
+            fn visit_i64<E>(self, n: i64) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::from(n)))
+            }
+            fn visit_u64<E>(self, n: u64) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::from(n)))
+            }
+            fn visit_f64<E>(self, n: f64) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::from(n)))
+            }
+            fn visit_str<E>(self, s: &str) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::String(s.to_string())))
+            }
+            fn visit_string<E>(self, s: String) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::String(s)))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::Null))
+            }
+            fn visit_none<E>(self) -> std::result::Result<StrictValue, E> {
+                Ok(StrictValue(Value::Null))
+            }
+            fn visit_some<D2: Deserializer<'de>>(
+                self,
+                d: D2,
+            ) -> std::result::Result<StrictValue, D2::Error> {
+                serde::Deserialize::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<StrictValue, A::Error> {
+                let mut v = Vec::new();
+                while let Some(StrictValue(x)) = seq.next_element()? {
+                    v.push(x);
+                }
+                Ok(StrictValue(Value::Array(v)))
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<StrictValue, A::Error> {
+                let mut map = serde_json::Map::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    if map.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate key '{k}' in an object"
+                        )));
+                    }
+                    let StrictValue(v) = m.next_value()?;
+                    map.insert(k, v);
+                }
+                Ok(StrictValue(Value::Object(map)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Top-level entries in file order, duplicates kept (so they can be refused).
 struct Entries(Vec<(String, Value)>);
 
@@ -232,7 +308,22 @@ impl<'de> serde::Deserialize<'de> for Entries {
                 mut m: A,
             ) -> std::result::Result<Entries, A::Error> {
                 let mut v = Vec::new();
-                while let Some((k, val)) = m.next_entry::<String, Value>()? {
+                while let Some(k) = m.next_key::<String>()? {
+                    // Say whose record repeats a key (syntax errors pass through unchanged).
+                    let StrictValue(val) = m.next_value::<StrictValue>().map_err(|e| {
+                        let msg = e.to_string();
+                        if msg.starts_with("duplicate key") {
+                            let what = if k == "__metadata__" {
+                                "'__metadata__'".to_string()
+                            } else {
+                                format!("tensor '{k}'")
+                            };
+                            let msg = msg.split(" at line ").next().unwrap_or(&msg);
+                            serde::de::Error::custom(format!("{what}: {msg}"))
+                        } else {
+                            e
+                        }
+                    })?;
                     v.push((k, val));
                 }
                 Ok(Entries(v))
@@ -267,11 +358,31 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
         ));
     }
     let entries: Entries = serde_json::from_str(text).map_err(|e| {
-        whole(format!(
-            "header is not valid JSON: {e} (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
+        // Name the byte where the parser stopped (serde_json reports a line and a column).
+        let at = byte_offset(text, e.line(), e.column());
+        let msg = e.to_string();
+        if msg.contains(": duplicate key") {
+            corrupt(
+                path,
+                PREFIX_LEN + at,
+                1,
+                format!(
+                    "header repeats a key: {} (a key may appear once per object)",
+                    msg.split(" at line ").next().unwrap_or(&msg)
+                ),
+            )
+        } else {
+            corrupt(
+                path,
+                PREFIX_LEN + at,
+                1,
+                format!(
+                    "header is not valid JSON: {e} (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        }
     })?;
     let body_len = file_len - body_offset;
     let mut tensors = Vec::with_capacity(entries.0.len());
@@ -279,9 +390,11 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
     let mut seen = std::collections::HashSet::with_capacity(entries.0.len());
     for (name, v) in entries.0 {
         if !seen.insert(name.clone()) {
-            return Err(whole(format!(
-                "tensor '{name}' appears twice in the header"
-            )));
+            return Err(whole(if name == "__metadata__" {
+                "'__metadata__' appears twice in the header".to_string()
+            } else {
+                format!("tensor '{name}' appears twice in the header")
+            }));
         }
         if name == "__metadata__" {
             metadata = Some(parse_metadata(&v).map_err(whole)?);
@@ -353,6 +466,19 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
         metadata,
         json: json.to_vec(),
     })
+}
+
+/// The byte offset in `text` of serde_json's 1-based `line` and `column` (0 when it reports none).
+fn byte_offset(text: &str, line: usize, column: usize) -> u64 {
+    if line == 0 {
+        return 0;
+    }
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(line - 1)
+        .map(str::len)
+        .sum();
+    (line_start + column.saturating_sub(1)).min(text.len()) as u64
 }
 
 fn parse_metadata(v: &Value) -> std::result::Result<Vec<(String, String)>, String> {
@@ -457,13 +583,33 @@ fn parse_tensor(name: &str, v: &Value) -> std::result::Result<TensorSpec, String
 }
 
 /// Reads and validates the header of the file at `path` (plain reads of the first `8 + N` bytes).
+///
+/// Only regular files (and block devices) are read: a FIFO, socket or character device has no offsets
+/// to load tensors from, and opening a FIFO would wait for a writer for ever — so it is opened
+/// non-blocking and refused with [`ErrorKind::Unsupported`].
 pub fn read_header(path: &Path) -> Result<Header> {
-    let mut f =
-        std::fs::File::open(path).map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
-    let file_len = f
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
+    let meta = f
         .metadata()
-        .map_err(|e| Error::from_io(Op::Stat, &e).with_path(path))?
-        .len();
+        .map_err(|e| Error::from_io(Op::Stat, &e).with_path(path))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::new(ErrorKind::IsADirectory, "is a directory").with_path(path));
+    }
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "not a regular file (a FIFO, socket or character device): a safetensors file is read at offsets",
+        )
+        .with_op(Op::Open)
+        .with_path(path));
+    }
+    let file_len = meta.len();
     let mut prefix = [0u8; 8];
     let got = read_full(&mut f, &mut prefix, path)?;
     let n = parse_prefix(&prefix[..got], file_len, path)?;

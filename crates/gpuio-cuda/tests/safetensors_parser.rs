@@ -188,6 +188,86 @@ fn malformed_headers() {
     bad(&img, &["not UTF-8"]);
 }
 
+/// Repeated keys anywhere in the header: the reference implementation refuses a repeated field of a
+/// tensor record (serde's derived deserializer: "duplicate field"), and serde_json's `Value` would keep
+/// the last one silently — so a header could mean two things. Each row: header, body bytes, needles.
+#[test]
+fn repeated_keys_are_refused_everywhere() {
+    let t = r#""dtype":"U8","shape":[1],"data_offsets":[0,1]"#;
+    let table: Vec<(String, usize, Vec<&str>)> = vec![
+        // A tensor's field twice: the last value would win (U8 → F32 changes the size check too).
+        (
+            format!(r#"{{"a":{{{t},"dtype":"I8"}}}}"#),
+            1,
+            vec!["tensor 'a'", "duplicate key 'dtype'"],
+        ),
+        (
+            format!(r#"{{"a":{{"shape":[1],{t}}}}}"#),
+            1,
+            vec!["tensor 'a'", "duplicate key 'shape'"],
+        ),
+        (
+            format!(r#"{{"a":{{"data_offsets":[0,1],{t}}}}}"#),
+            1,
+            vec!["tensor 'a'", "duplicate key 'data_offsets'"],
+        ),
+        // In the second tensor, with the first one fine.
+        (
+            format!(
+                r#"{{"a":{{{t}}},"b":{{"dtype":"U8","shape":[1],"shape":[1],"data_offsets":[1,2]}}}}"#
+            ),
+            2,
+            vec!["tensor 'b'", "duplicate key 'shape'"],
+        ),
+        // The same tensor name twice.
+        (
+            format!(r#"{{"a":{{{t}}},"a":{{{t}}}}}"#),
+            1,
+            vec!["tensor 'a' appears twice"],
+        ),
+        // __metadata__ twice, and a key twice inside it.
+        (
+            format!(r#"{{"__metadata__":{{"k":"v"}},"a":{{{t}}},"__metadata__":{{"k":"w"}}}}"#),
+            1,
+            vec!["'__metadata__' appears twice"],
+        ),
+        (
+            format!(r#"{{"__metadata__":{{"k":"v","k":"w"}},"a":{{{t}}}}}"#),
+            1,
+            vec!["'__metadata__'", "duplicate key 'k'"],
+        ),
+        // Deeper: an object nested in a value that is later refused anyway must not hide a repeat.
+        (
+            format!(r#"{{"__metadata__":{{"k":{{"x":1,"x":2}}}},"a":{{{t}}}}}"#),
+            1,
+            vec!["'__metadata__'", "duplicate key 'x'"],
+        ),
+    ];
+    for (json, body, needles) in &table {
+        let e = bad(&image(json, *body), needles);
+        let s = e.to_string();
+        // The offset points into the header, at or past the repeated key.
+        let off = e.offset().unwrap();
+        assert!(off >= 8 && off <= 8 + json.len() as u64, "{off}: {s}");
+        if s.contains("duplicate key") {
+            let key = needles[1]
+                .trim_start_matches("duplicate key ")
+                .trim_matches('\'');
+            let first = json.find(&format!("\"{key}\"")).unwrap() as u64;
+            assert!(
+                off > 8 + first,
+                "offset {off} is not past the first '{key}': {s}"
+            );
+        }
+    }
+    // Control: the same records without repeats parse.
+    parse(&image(
+        &format!(r#"{{"__metadata__":{{"k":"v"}},"a":{{{t}}}}}"#),
+        1,
+    ))
+    .unwrap();
+}
+
 #[test]
 fn read_header_from_a_file_and_a_missing_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -720,9 +720,13 @@ mod tests {
     use gpuio::{AlignedBuf, DirectMode, File, OpenOptions};
 
     fn inner(kind: BackendKind) -> Option<Box<dyn Backend>> {
-        gpuio::backend::probe(&test_config(kind).backend)
-            .ok()
-            .map(|(b, _)| b)
+        match gpuio::backend::probe(&test_config(kind).backend) {
+            Ok((b, _)) => Some(b),
+            Err(e) => {
+                crate::backend_unavailable(kind, &e);
+                None
+            }
+        }
     }
 
     fn data(len: usize) -> Vec<u8> {

@@ -62,9 +62,52 @@ pub fn test_config(kind: BackendKind) -> EngineConfig {
     }
 }
 
+/// The environment variable that makes a missing io_uring a test failure instead of a skipped backend
+/// (CI sets it where io_uring is known to work, so a broken probe cannot silently shrink the tests).
+pub const REQUIRE_URING_ENV: &str = "GPUIO_REQUIRE_URING";
+
+/// Whether [`REQUIRE_URING_ENV`] is set to `1`.
+pub fn uring_required() -> bool {
+    std::env::var(REQUIRE_URING_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// Says that a backend of `kind` cannot start here (`why`): a note on stderr, or, when `kind` is
+/// io_uring and [`uring_required`], a panic that fails the test.
+///
+/// # Panics
+/// As just said.
+pub fn backend_unavailable(kind: BackendKind, why: &dyn std::fmt::Display) {
+    if kind == BackendKind::Uring && uring_required() {
+        panic!("{REQUIRE_URING_ENV}=1 but io_uring cannot start here: {why}");
+    }
+    eprintln!(
+        "note: the {} backend cannot start here, skipped: {why}",
+        kind.name()
+    );
+}
+
+/// [`backend_unavailable`] for a [`BackendChoice`] (`Auto` is never skipped silently: it panics).
+pub fn choice_unavailable(choice: BackendChoice, why: &dyn std::fmt::Display) {
+    match choice {
+        BackendChoice::Uring => backend_unavailable(BackendKind::Uring, why),
+        BackendChoice::Threads => backend_unavailable(BackendKind::Threads, why),
+        BackendChoice::Mmap => backend_unavailable(BackendKind::Mmap, why),
+        _ => panic!("{choice:?} cannot start here: {why}"),
+    }
+}
+
 /// Whether a backend of `kind` can start here (io_uring may be refused by the kernel or a sandbox).
+///
+/// # Panics
+/// If io_uring is [required](uring_required) and cannot start.
 pub fn kind_works(kind: BackendKind) -> bool {
-    backend::probe(&test_config(kind).backend).is_ok()
+    match backend::probe(&test_config(kind).backend) {
+        Ok(_) => true,
+        Err(e) => {
+            backend_unavailable(kind, &e);
+            false
+        }
+    }
 }
 
 /// The backend kinds that start here.
@@ -78,11 +121,20 @@ pub fn engine(kind: BackendKind) -> gpuio::Result<Engine> {
 }
 
 /// One engine for every backend kind that works here, labelled by kind name. io_uring is left out only
-/// where the kernel refuses it (the label list says which ran).
+/// where the kernel refuses it (the label list says which ran), and never when [`uring_required`].
+///
+/// # Panics
+/// If io_uring is required and cannot start.
 pub fn engines() -> Vec<(String, Engine)> {
     ALL_KINDS
         .into_iter()
-        .filter_map(|k| engine(k).ok().map(|e| (k.name().to_string(), e)))
+        .filter_map(|k| match engine(k) {
+            Ok(e) => Some((k.name().to_string(), e)),
+            Err(e) => {
+                backend_unavailable(k, &e);
+                None
+            }
+        })
         .collect()
 }
 
@@ -165,6 +217,21 @@ mod tests {
         assert!(es.iter().any(|(l, _)| l == "threads"), "{es:?}");
         for (label, e) in &es {
             assert_eq!(e.backend_kind().name(), label);
+        }
+    }
+
+    #[test]
+    fn a_required_uring_that_is_missing_fails() {
+        // Threads never panic; io_uring panics only when required (checked without touching the
+        // environment, which other tests read concurrently).
+        backend_unavailable(BackendKind::Threads, &"test");
+        let required = std::panic::catch_unwind(|| {
+            backend_unavailable(BackendKind::Uring, &"probe refused (test)")
+        })
+        .is_err();
+        assert_eq!(required, uring_required());
+        if uring_required() {
+            assert!(kind_works(BackendKind::Uring), "required and probed");
         }
     }
 

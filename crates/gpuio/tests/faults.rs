@@ -1222,3 +1222,174 @@ fn silent_faults_are_caught_by_verify() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// A mapped file truncated by someone else (SIGBUS): the mmap engine and `copy_from_mapping` must turn
+// it into a short read or an error, never the death of the process.
+
+/// `len` distinct bytes.
+fn content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 131 + i / 4093) as u8).collect()
+}
+
+#[test]
+fn copy_from_mapping_survives_a_file_truncated_under_its_mapping() {
+    use gpuio::backend::mmap::{copy_from_mapping, mapping_fault_epoch};
+    let dir = scratch_dir(Place::Disk);
+    let path = dir.path().join("shrinks.bin");
+    let data = content(1 << 20);
+    std::fs::write(&path, &data).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // SAFETY: a read-only mapping read only through copy_from_mapping; dropped after the fault.
+    let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    let mut out = vec![0u8; data.len()];
+    // SAFETY: the whole mapping, into a separate buffer of the same length.
+    let clean = unsafe { copy_from_mapping(map.as_ptr(), out.as_mut_ptr(), out.len()) };
+    assert!(clean && out == data, "an intact file copies cleanly");
+
+    // Cut the file to 10000 bytes (inside its third page): the pages from the fourth on are gone.
+    f.set_len(10_000).unwrap();
+    let before = mapping_fault_epoch();
+    // SAFETY: as above; the mapping stays alive during the copy.
+    let clean = unsafe { copy_from_mapping(map.as_ptr(), out.as_mut_ptr(), out.len()) };
+    assert!(
+        !clean,
+        "a copy over pages past the end of the file reports the fault"
+    );
+    assert!(mapping_fault_epoch() > before, "the fault was counted");
+    drop(map);
+    // A fresh mapping of what is left reads fine.
+    // SAFETY: as above.
+    let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    let mut out = vec![0u8; 10_000];
+    // SAFETY: as above.
+    let clean = unsafe { copy_from_mapping(map.as_ptr(), out.as_mut_ptr(), out.len()) };
+    assert!(clean && out[..] == data[..10_000]);
+}
+
+#[test]
+fn mmap_engine_reads_of_a_truncated_file_end_early_instead_of_faulting() {
+    let dir = scratch_dir(Place::Disk);
+    let path = dir.path().join("cut.bin");
+    let data = content(4 << 20);
+    std::fs::write(&path, &data).unwrap();
+    let engine = gpuio_testkit::engine(BackendKind::Mmap).unwrap();
+    let q = engine.queue(QueueDesc::default()).unwrap();
+    let file = OpenOptions::read()
+        .direct(DirectMode::Off)
+        .open(&path)
+        .unwrap();
+    let load = |len: usize| {
+        let mut cb = q.command_buffer();
+        let id = cb
+            .load_upto(&file, 0, AlignedBuf::new(len, 4096).unwrap())
+            .unwrap();
+        let (status, mut done) = finish(cb.commit().unwrap(), "load");
+        (status, done.bytes(id), done.take_buffer(id))
+    };
+    // The first read maps the whole file.
+    let (status, n, buf) = load(data.len());
+    assert!(status.is_complete(), "{status:?}");
+    assert_eq!(n as usize, data.len());
+    assert!(buf.unwrap()[..] == data[..]);
+    // Cut inside a page: a read of the whole file now gets exactly what is left (as pread would).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1_000_001)
+        .unwrap();
+    let (status, n, buf) = load(data.len());
+    assert!(status.is_complete(), "{status:?}");
+    assert_eq!(n, 1_000_001, "bytes read after the cut");
+    assert!(buf.unwrap()[..1_000_001] == data[..1_000_001]);
+    // An exact read past the new end fails with a typed error naming the file.
+    let mut cb = q.command_buffer();
+    cb.load(&file, 2 << 20, AlignedBuf::new(4096, 4096).unwrap())
+        .unwrap();
+    let (status, _) = finish(cb.commit().unwrap(), "exact load past the end");
+    let e = status.first_error().expect("a load past the end fails");
+    assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
+    assert_names_file(&e, &path, "load past the end");
+}
+
+#[test]
+fn mmap_engine_survives_a_file_truncated_by_another_thread_mid_read() {
+    // One thread cuts the file and writes it back, over and over; this one reads it whole through the
+    // mmap engine. Every read gives the file's bytes (or zeros where a task found the file short) or
+    // a typed error; the process must not die of SIGBUS (which it did before the guard).
+    let dir = scratch_dir(Place::Disk);
+    let path = dir.path().join("flapping.bin");
+    let data = std::sync::Arc::new(content(2 << 20));
+    std::fs::write(&path, &data[..]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutter = {
+        let (path, data, stop) = (path.clone(), data.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut cuts = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = (cuts * 1_234_567) % (data.len() as u64);
+                f.set_len(at).unwrap();
+                std::thread::sleep(Duration::from_micros(300));
+                f.write_all_at(&data[at as usize..], at).unwrap();
+                cuts += 1;
+            }
+            cuts
+        })
+    };
+    let engine = gpuio_testkit::engine(BackendKind::Mmap).unwrap();
+    let q = engine.queue(QueueDesc::default()).unwrap();
+    let file = OpenOptions::read()
+        .direct(DirectMode::Off)
+        .open(&path)
+        .unwrap();
+    let (mut whole, mut short, mut failed) = (0u32, 0u32, 0u32);
+    let start = std::time::Instant::now();
+    let faults_before = gpuio::backend::mmap::mapping_fault_epoch();
+    while start.elapsed() < Duration::from_secs(2) {
+        let mut cb = q.command_buffer();
+        let id = cb
+            .load_upto(&file, 0, AlignedBuf::new(data.len(), 4096).unwrap())
+            .unwrap();
+        let (status, mut done) = finish(cb.commit().unwrap(), "load while cut");
+        match &status {
+            Status::Complete => {
+                let n = done.bytes(id) as usize;
+                let buf = done.take_buffer(id).unwrap();
+                // A load is cut into tasks read independently; a task that ran while the file was
+                // short found its end (as pread would) even if later tasks found it written back, so
+                // a part may be left as the zeroed buffer was. Any other byte must be the file's.
+                if let Some(i) = (0..n).find(|&i| buf[i] != data[i] && buf[i] != 0) {
+                    panic!("byte {i} of a read of {n} bytes is neither the file's nor zero");
+                }
+                if n == data.len() {
+                    whole += 1
+                } else {
+                    short += 1
+                }
+            }
+            _ => {
+                let e = status.first_error().expect("an error");
+                assert!(
+                    matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::Io),
+                    "unexpected error: {e}"
+                );
+                assert_names_file(&e, &path, "load while cut");
+                failed += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cuts = cutter.join().unwrap();
+    let faults = gpuio::backend::mmap::mapping_fault_epoch() - faults_before;
+    eprintln!(
+        "{cuts} cuts; reads: {whole} whole, {short} short, {failed} failed; {faults} SIGBUS caught"
+    );
+    assert!(cuts > 0 && whole + short + failed > 0);
+}

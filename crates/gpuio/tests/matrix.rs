@@ -171,7 +171,11 @@ fn engine_for(choice: BackendChoice) -> Result<Engine, String> {
     };
     match Engine::new(config) {
         Ok(e) => Ok(e),
-        Err(e) if e.kind() == ErrorKind::Unsupported => Err(e.to_string()),
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            // Fails the test instead when io_uring is required (GPUIO_REQUIRE_URING=1).
+            gpuio_testkit::choice_unavailable(choice, &e);
+            Err(e.to_string())
+        }
         Err(e) => panic!("{}: engine failed to start: {e}", backend_name(choice)),
     }
 }

@@ -82,7 +82,8 @@ fn engine(choice: BackendChoice, queue_depth: usize, task_size_bytes: usize) -> 
     match Engine::new(config) {
         Ok(e) => Some(e),
         Err(e) if e.kind() == ErrorKind::Unsupported => {
-            eprintln!("note: {choice:?} cannot run here: {e}");
+            // A note, or a failure when io_uring is required (GPUIO_REQUIRE_URING=1).
+            gpuio_testkit::choice_unavailable(choice, &e);
             None
         }
         Err(e) => panic!("{choice:?}: {e}"),
@@ -155,6 +156,11 @@ struct Gate {
     pushed_total: AtomicUsize,
     /// The file id of every request pushed, in order.
     log: Mutex<Vec<u64>>,
+    /// Pushes ('P') and completions ('C') with the request's file offset, in order.
+    events: Mutex<Vec<(char, u64)>>,
+    /// Calls of `submit_and_reap`: the engine thread makes one or two per turn of its loop (see
+    /// `Driver::run` in crates/gpuio/src/queue/driver.rs), after taking in every message sent.
+    reaps: AtomicUsize,
 }
 
 impl Gate {
@@ -167,6 +173,21 @@ impl Gate {
     fn held(&self) -> usize {
         self.held.load(Ordering::SeqCst)
     }
+    /// Waits (bounded) until the engine thread has gone once more round its loop: taken in every
+    /// message sent before this call (commits) and dispatched what it could. A call of
+    /// `submit_and_reap` that started after this one began comes after a look at the messages in the
+    /// same turn only if it is the turn's first call; each turn makes at most two, so three new calls
+    /// include the first call of a turn that began after this one did. The gated backend keeps the loop
+    /// turning while it holds requests (each call waits at most a millisecond then).
+    fn engine_turned(&self) {
+        let start = self.reaps.load(Ordering::SeqCst);
+        eventually(10, "the engine thread to go round its loop", || {
+            self.reaps.load(Ordering::SeqCst) >= start + 3
+        });
+    }
+    fn events(&self) -> Vec<(char, u64)> {
+        self.events.lock().unwrap().clone()
+    }
 }
 
 struct Gated {
@@ -174,6 +195,8 @@ struct Gated {
     gate: Arc<Gate>,
     held: VecDeque<IoRequest>,
     lens: HashMap<u64, u64>,
+    /// File offset of each request by tag.
+    offsets: HashMap<u64, u64>,
 }
 
 impl Backend for Gated {
@@ -200,6 +223,8 @@ impl Backend for Gated {
         g.bytes_max.fetch_max(b, Ordering::SeqCst);
         g.pushed_total.fetch_add(1, Ordering::SeqCst);
         g.log.lock().unwrap().push(req.file.id());
+        g.events.lock().unwrap().push(('P', req.offset));
+        self.offsets.insert(req.tag, req.offset);
         self.lens.insert(req.tag, req.len as u64);
         self.held.push_back(req);
         g.held.fetch_add(1, Ordering::SeqCst);
@@ -211,6 +236,7 @@ impl Backend for Gated {
         timeout: Option<Duration>,
         out: &mut Vec<IoDone>,
     ) -> gpuio::Result<()> {
+        self.gate.reaps.fetch_add(1, Ordering::SeqCst);
         if self.gate.open.load(Ordering::SeqCst) {
             while let Some(req) = self.held.pop_front() {
                 // SAFETY: the engine's contract for `req` (memory valid until reaped) is passed on
@@ -234,6 +260,9 @@ impl Backend for Gated {
             if let Some(len) = self.lens.remove(&d.tag) {
                 self.gate.requests_now.fetch_sub(1, Ordering::SeqCst);
                 self.gate.bytes_now.fetch_sub(len, Ordering::SeqCst);
+            }
+            if let Some(off) = self.offsets.remove(&d.tag) {
+                self.gate.events.lock().unwrap().push(('C', off));
             }
         }
         Ok(())
@@ -260,6 +289,7 @@ fn gated_engine(queue_depth: usize, task_size_bytes: usize) -> (Engine, Arc<Gate
         gate: gate.clone(),
         held: VecDeque::new(),
         lens: HashMap::new(),
+        offsets: HashMap::new(),
     };
     let config = EngineConfig {
         backend: bc,
@@ -488,17 +518,30 @@ fn serial_queue_runs_one_command_buffer_at_a_time() {
                 cb.commit().unwrap()
             })
             .collect();
-        eventually(5, "a request to reach the backend", || gate.held() >= 1);
-        thread::sleep(Duration::from_millis(50));
+        eventually(5, "requests to reach the backend", || {
+            gate.held() >= expect_held
+        });
+        // Every commit taken in and dispatched: a serial queue still holds back the later ones.
+        gate.engine_turned();
         assert_eq!(
             gate.held(),
             expect_held,
             "{:?} queue: requests handed to the backend",
             q.desc().kind
         );
+        gate.events.lock().unwrap().clear();
         gate.open();
         for c in cs {
             assert!(c.wait().is_complete());
+        }
+        let events = gate.events();
+        if expect_held == 1 {
+            // Serial: command buffer i+1 reaches the backend only after i completed.
+            let want: Vec<(char, u64)> = (1..3u64)
+                .flat_map(|i| [('C', (i - 1) * 4096), ('P', i * 4096)])
+                .chain([('C', 2 * 4096)])
+                .collect();
+            assert_eq!(events, want, "serial queue: pushes and completions");
         }
     }
 }
@@ -644,8 +687,8 @@ fn gated_backlog(
         let _ = tx.send(d.load(Ordering::SeqCst));
     });
     let small_done = cb.commit().unwrap();
-    // Give the engine time to take the commit in (it looks for messages every 0.5 ms).
-    thread::sleep(Duration::from_millis(50));
+    // The engine has taken the commit in before the gate opens.
+    gate.engine_turned();
     gate.open();
     let at_done = rx.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(small_done.wait().is_complete());
@@ -1004,7 +1047,8 @@ fn bytes_in_flight_bound_is_respected() {
             .unwrap();
         let c = cb.commit().unwrap();
         eventually(5, "the backend to receive work", || gate.held() >= held);
-        thread::sleep(Duration::from_millis(30));
+        // The engine has dispatched all it would: the bound holds the rest back.
+        gate.engine_turned();
         assert_eq!(gate.held(), held, "bound {bound}: requests in the backend");
         gate.open();
         let mut done = c.finish().unwrap();
@@ -1314,11 +1358,21 @@ fn last_handle_dropped_by_a_completion_callback() {
     let (tx, rx) = mpsc::channel();
     let mut cb = q.command_buffer();
     cb.load(&file, 0, zeroed(64 * KIB)).unwrap();
-    let q2 = q.clone();
+    // Dropped with the callback, just after `q2` (a tuple's fields drop in order, also when unwinding):
+    // its signal says the last handle has been dropped, and any panic in that drop has been counted.
+    struct Dropped(mpsc::Sender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (dropped_tx, dropped_rx) = mpsc::channel();
+    let captured = (q.clone(), Dropped(dropped_tx));
     cb.on_complete(move |s| {
+        let captured = captured;
         // Wait until the test has dropped its own handles, so that `q2` is the last one.
         let _ = gate_rx.recv_timeout(Duration::from_secs(10));
-        let _ = tx.send((s.is_complete(), q2.desc().kind));
+        let _ = tx.send((s.is_complete(), captured.0.desc().kind));
     });
     drop(cb.commit().unwrap());
     drop(q);
@@ -1327,7 +1381,9 @@ fn last_handle_dropped_by_a_completion_callback() {
     let (ok, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert!(ok);
     // The callback's captures (the last engine handle among them) are dropped just after it returns.
-    thread::sleep(Duration::from_millis(200));
+    dropped_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the callback's captures were dropped");
     assert_eq!(
         panics.load(Ordering::SeqCst),
         0,
