@@ -358,7 +358,8 @@ def s_env():
 
 
 def s_tests():
-    env = dict(os.environ, GPUIO_REQUIRE_GPU="1" if ON_GPU else "0")
+    # GPUIO_TEST_DIR: a disk directory for the files the direct (cuFile) case reads.
+    env = dict(os.environ, GPUIO_REQUIRE_GPU="1" if ON_GPU else "0", GPUIO_TEST_DIR="/var/tmp")
     with open(os.path.join(OUT, "tests.log"), "a") as f:
         for name, filt in (("gpu", []), ("store", []), ("staged_load", []), ("zerocopy", [])):
             exe = os.path.join(TESTS, name)

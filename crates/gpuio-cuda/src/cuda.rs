@@ -363,6 +363,15 @@ impl Device for CudaDevice {
     }
     unsafe fn map_host_read_only(&self, ptr: *const u8, len: usize) -> Result<DevicePtr> {
         self.bind()?;
+        if !self.read_only_mapping_supported() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cuda:{} cannot map host memory read-only (CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED is 0), which a zero-copy mapping of a read-only file needs; copy it instead (--path staged)",
+                    self.ordinal
+                ),
+            ));
+        }
         let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY;
         // SAFETY: the caller keeps the range mapped; the driver pins it and maps it for the device.
         unsafe {

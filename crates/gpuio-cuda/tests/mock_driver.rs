@@ -5,14 +5,20 @@
 //! a context current on the calling thread, device addresses inside live allocations (device and
 //! mapped addresses are deliberately not host addresses), flags from the documented sets, kernel
 //! parameters and launch geometry, event and stream handles. Queued work runs only when something
-//! waits for it, so a staging buffer reused before its copy was waited for shows up as wrong bytes.
+//! waits for it, so a staging buffer reused before its copy was waited for shows up as wrong bytes;
+//! streams and events die with the context generation they were made in; a queued copy whose
+//! page-locked host range was unregistered before it ran is a fault; registrations may not overlap
+//! at all; device attributes have an H100's values and an unmodelled one is a refused call.
+//! `tests/mock_libcufile.c` beside it models cuFile (compatibility mode: reads through host
+//! memory) with injectable refusals (`MOCK_CUFILE_REGISTER_ERROR=5027`) and read errors.
 //! It is *not* a GPU: the kernel is a memcpy, nothing runs in parallel, timings mean nothing, and it
 //! says nothing about the PTX (see `kernel::tests` for that).
 //!
 //! cudarc loads the driver once per process and `driver_status()` is cached per process, so each
-//! scenario runs in a child process: the parent test compiles the mock with `cc` into a temporary
-//! directory as `libcuda.so.1` (plus a `libcuda.so` link), then re-runs this test executable with
-//! `LD_LIBRARY_PATH` pointing there, `GPUIO_MOCK_CHILD=1`, and `--exact child_<scenario>`.
+//! scenario runs in a child process: the parent test compiles the mocks with `cc` into a temporary
+//! directory as `libcuda.so.1` (plus a `libcuda.so` link) and `libcufile.so.0`, then re-runs this
+//! test executable with `LD_LIBRARY_PATH` pointing there, `GPUIO_MOCK_CHILD=1`, and
+//! `--exact child_<scenario>`.
 
 use std::ffi::{c_char, c_long, CStr, CString};
 use std::path::{Path, PathBuf};
@@ -33,21 +39,27 @@ const CHILD_ENV: &str = "GPUIO_MOCK_CHILD";
 
 // ---- parent side: build the mock, run one child scenario under it ----
 
-/// Compiles the mock into `dir`; `None` (saying why) where there is no C compiler.
+/// Compiles the mocks into `dir` (libcuda, and libcufile beside it); `None` (saying why) where
+/// there is no C compiler.
 fn build_mock(dir: &Path) -> Option<()> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mock_libcuda.c");
-    let lib = dir.join("libcuda.so.1");
+    compile(dir, "mock_libcuda.c", "libcuda.so.1")?;
+    // cudarc tries `libcuda.so` first: the same file, so both names are one loaded library.
+    std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so")).unwrap();
+    compile(dir, "mock_libcufile.c", "libcufile.so.0")
+}
+
+fn compile(dir: &Path, source: &str, soname: &str) -> Option<()> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(source);
+    let lib = dir.join(soname);
     let out = match Command::new("cc")
-        .args([
-            "-shared",
-            "-fPIC",
-            "-O1",
-            "-Wall",
-            "-Wl,-soname,libcuda.so.1",
-            "-o",
-        ])
+        .args(["-shared", "-fPIC", "-O1", "-Wall"])
+        .arg(format!("-Wl,-soname,{soname}"))
+        .arg("-o")
         .arg(&lib)
         .arg(&src)
+        .arg("-ldl")
         .output()
     {
         Ok(out) => out,
@@ -63,11 +75,9 @@ fn build_mock(dir: &Path) -> Option<()> {
     };
     assert!(
         out.status.success(),
-        "building the mock libcuda failed:\n{}",
+        "building {soname} from {source} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // cudarc tries `libcuda.so` first: the same file, so both names are one loaded library.
-    std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so")).unwrap();
     Some(())
 }
 
@@ -184,6 +194,28 @@ fn counter(name: &str) -> i64 {
     f() as i64
 }
 
+/// A counter of the loaded mock libcufile.
+fn cufile_counter(name: &str) -> i64 {
+    // SAFETY: RTLD_NOLOAD only looks the library up among those already loaded.
+    let lib = unsafe {
+        libc::dlopen(
+            c"libcufile.so.0".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_NOLOAD,
+        )
+    };
+    assert!(!lib.is_null(), "libcufile is not loaded in this process");
+    let sym = CString::new(name).unwrap();
+    // SAFETY: a handle from dlopen and a NUL-terminated name.
+    let f = unsafe { libc::dlsym(lib, sym.as_ptr()) };
+    assert!(
+        !f.is_null(),
+        "{name} missing: the loaded libcufile is not the mock"
+    );
+    // SAFETY: every mock_cufile_* counter is `long f(void)`.
+    let f: extern "C" fn() -> c_long = unsafe { std::mem::transmute(f) };
+    f() as i64
+}
+
 /// The mock's account of the last call it refused.
 fn last_bad() -> String {
     // SAFETY: as in `counter`; mock_last_bad is `const char *f(void)` returning a static string.
@@ -239,11 +271,13 @@ fn child_gpu_cases() {
     common::gpu_cases::zero_copy_mapping(&device);
     common::gpu_cases::pio_dma_sweep(&device);
     common::gpu_cases::out_of_device_memory(&device);
+    // The mock cuFile serves the file, so the direct load runs and is checked.
     let why = common::gpu_cases::direct_path_where_cufile_works(&device);
-    assert!(
-        why.is_some(),
-        "the mock models no cuFile, yet a direct load ran"
+    assert_eq!(
+        why, None,
+        "the direct load did not run under the mock cuFile"
     );
+    assert!(cufile_counter("mock_cufile_reads") > 0);
     assert_clean_calls();
 }
 
@@ -503,5 +537,261 @@ fn child_loader_holds_the_last_device_handle() {
     drop(loader);
     assert_eq!(counter("mock_ctx_refs"), 0);
     assert_clean_calls();
+    assert_all_released();
+}
+
+// ---- cuFile under the mock libcufile ----
+
+#[test]
+fn mock_cufile_direct_load() {
+    run_child("child_cufile_direct_load", &[]);
+}
+
+#[test]
+fn mock_cufile_refuses_a_filesystem() {
+    run_child(
+        "child_cufile_refuses_a_filesystem",
+        &[("MOCK_CUFILE_REGISTER_ERROR", "5027")],
+    );
+}
+
+#[test]
+fn mock_cufile_read_error() {
+    run_child(
+        "child_cufile_read_error",
+        &[("MOCK_CUFILE_READ_ERRNO", "5")],
+    );
+}
+
+/// A cold model on a disk (cuFile refuses buffered files; a file just written is warm).
+fn cold_model(dir: &Path, seed: u64) -> (PathBuf, Vec<(String, Vec<u8>)>, gpuio::File) {
+    let (path, want) = random_model(dir, seed, 10, 40_000);
+    let file = OpenOptions::read()
+        .direct(DirectMode::On)
+        .cold(true)
+        .open(&path)
+        .unwrap();
+    (path, want, file)
+}
+
+fn direct_loader(engine: &Engine, device: &Arc<dyn Device>) -> Loader {
+    let cfg = LoaderConfig {
+        path: PathChoice::Direct,
+        ..LoaderConfig::default()
+    };
+    Loader::new(engine, device.clone(), cfg).unwrap()
+}
+
+#[test]
+fn child_cufile_direct_load() {
+    if !is_child() {
+        return;
+    }
+    let st = gpuio_cuda::cufile::status();
+    assert!(st.usable, "{st:?}");
+    assert_eq!(st.library.as_deref(), Some("libcufile.so.0"));
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let engine = engine();
+    let device = open();
+    let reader = device.direct_reader().unwrap();
+    // No nvidia-fs here: compatibility mode, which the automatic choice does not prefer.
+    assert!(!reader.bypasses_host(), "{}", reader.describe());
+    drop(reader);
+    let loader = direct_loader(&engine, &device);
+    for seed in 0..3 {
+        let (path, want, file) = cold_model(dir.path(), seed);
+        let header = gpuio_cuda::safetensors::read_header(&path).unwrap();
+        let buf = DeviceBuffer::alloc(&device, header.body_len as usize).unwrap();
+        let reads = cufile_counter("mock_cufile_reads");
+        let st = loader
+            .load_range(&file, header.body_offset, &buf, 0, header.body_len)
+            .unwrap();
+        assert_eq!(st.path, LoadPath::Direct, "{}", st.note);
+        assert_eq!(st.read_mode, "O_DIRECT");
+        assert!(cufile_counter("mock_cufile_reads") > reads);
+        for (name, bytes) in &want {
+            let t = header.tensors.iter().find(|t| &t.name == name).unwrap();
+            let mut got = vec![0u8; bytes.len()];
+            buf.read(t.begin as usize, &mut got).unwrap();
+            assert!(&got == bytes, "{name}: device bytes differ");
+        }
+    }
+    assert_eq!(cufile_counter("mock_cufile_bad_calls"), 0);
+    drop(loader);
+    // Every registration is given back with the reader.
+    assert_eq!(cufile_counter("mock_cufile_live_handles"), 0);
+    assert_clean_calls();
+    drop(device);
+    assert_all_released();
+}
+
+#[test]
+fn child_cufile_refuses_a_filesystem() {
+    if !is_child() {
+        return;
+    }
+    // cuFileHandleRegister fails with 5027, as on ext4 over virtio on an H200 machine: the direct
+    // path says the file cannot be served (Unsupported), so an automatic choice would stage.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let engine = engine();
+    let device = open();
+    let loader = direct_loader(&engine, &device);
+    let (path, _, file) = cold_model(dir.path(), 7);
+    let header = gpuio_cuda::safetensors::read_header(&path).unwrap();
+    let buf = DeviceBuffer::alloc(&device, header.body_len as usize).unwrap();
+    let e = loader
+        .load_range(&file, header.body_offset, &buf, 0, header.body_len)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("CU_FILE_HANDLE_NOT_REGISTERED"), "{msg}");
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    drop((buf, loader));
+    assert_eq!(cufile_counter("mock_cufile_live_handles"), 0);
+    assert_clean_calls();
+    drop(device);
+    assert_all_released();
+}
+
+#[test]
+fn child_cufile_read_error() {
+    if !is_child() {
+        return;
+    }
+    // cuFileRead fails with EIO: an I/O error naming the file, and nothing left behind.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let engine = engine();
+    let device = open();
+    let loader = direct_loader(&engine, &device);
+    let (path, _, file) = cold_model(dir.path(), 8);
+    let header = gpuio_cuda::safetensors::read_header(&path).unwrap();
+    let buf = DeviceBuffer::alloc(&device, header.body_len as usize).unwrap();
+    let e = loader
+        .load_range(&file, header.body_offset, &buf, 0, header.body_len)
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.errno()),
+        (ErrorKind::Io, Some(libc::EIO)),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    drop((buf, loader, file));
+    assert_eq!(cufile_counter("mock_cufile_live_handles"), 0);
+    assert_clean_calls();
+    drop(device);
+    assert_all_released();
+}
+
+// ---- the mock catches what a GPU would ----
+
+#[test]
+fn mock_catches_driver_misuse() {
+    run_child("child_mock_catches_driver_misuse", &[]);
+}
+
+#[test]
+fn mock_read_only_mapping_unsupported() {
+    run_child(
+        "child_read_only_mapping_unsupported",
+        &[("MOCK_CUDA_ATTR_113", "0")],
+    );
+}
+
+/// Raw driver calls, each a mistake the mock must report: a stream of a reset context, an async
+/// copy whose page-locked source was unregistered before it ran, a registration that encloses a
+/// registered range, and an attribute it does not model.
+#[test]
+fn child_mock_catches_driver_misuse() {
+    if !is_child() {
+        return;
+    }
+    use cudarc::driver::sys::{self, CUresult};
+    use std::ptr::null_mut;
+    let ok = CUresult::CUDA_SUCCESS;
+    // SAFETY: raw calls on a mock driver, with live locals as out-params and buffers kept alive
+    // for every call that reads them.
+    unsafe {
+        assert_eq!(sys::cuInit(0), ok);
+        let mut ctx = null_mut();
+        assert_eq!(sys::cuDevicePrimaryCtxRetain(&mut ctx, 0), ok);
+        assert_eq!(sys::cuCtxSetCurrent(ctx), ok);
+        let mut stream = null_mut();
+        assert_eq!(sys::cuStreamCreate(&mut stream, 1), ok);
+        // The last release resets the context; the stream made in it is dead after.
+        assert_eq!(sys::cuDevicePrimaryCtxRelease_v2(0), ok);
+        assert_eq!(sys::cuDevicePrimaryCtxRetain(&mut ctx, 0), ok);
+        assert_eq!(sys::cuCtxSetCurrent(ctx), ok);
+        assert_eq!(
+            sys::cuStreamSynchronize(stream),
+            CUresult::CUDA_ERROR_INVALID_HANDLE
+        );
+        assert_eq!(counter("mock_bad_calls"), 1, "{}", last_bad());
+
+        let mut stream = null_mut();
+        assert_eq!(sys::cuStreamCreate(&mut stream, 1), ok);
+        let mut host = vec![7u8; 1 << 16];
+        let mut dev = 0;
+        assert_eq!(sys::cuMemAlloc_v2(&mut dev, host.len()), ok);
+        let p = host.as_mut_ptr() as *mut std::ffi::c_void;
+        // A registration enclosing a registered range (neither end point inside it).
+        let mid = p.add(4096);
+        assert_eq!(sys::cuMemHostRegister_v2(mid, 4096, 0), ok);
+        assert_eq!(
+            sys::cuMemHostRegister_v2(p, host.len(), 0),
+            CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+        );
+        assert_eq!(counter("mock_bad_calls"), 2, "{}", last_bad());
+
+        // An attribute the mock does not model is refused, so new queries get a real value.
+        let mut v = 0;
+        assert_eq!(
+            sys::cuDeviceGetAttribute(
+                &mut v,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                0
+            ),
+            ok
+        );
+        assert_eq!(v, 132);
+        assert_ne!(
+            sys::cuDeviceGetAttribute(
+                &mut v,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PITCH,
+                0
+            ),
+            ok
+        );
+        assert_eq!(counter("mock_bad_calls"), 3, "{}", last_bad());
+        assert_eq!(sys::cuMemHostUnregister(mid), ok);
+
+        // Last, as it leaves the context with a sticky error (as on a GPU):
+        // an async copy from page-locked memory unregistered before the copy ran.
+        assert_eq!(sys::cuMemHostRegister_v2(p, host.len(), 0), ok);
+        assert_eq!(sys::cuMemcpyHtoDAsync_v2(dev, p, host.len(), stream), ok);
+        assert_eq!(sys::cuMemHostUnregister(p), ok);
+        assert_eq!(
+            sys::cuStreamSynchronize(stream),
+            CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+        );
+        assert_eq!(counter("mock_faults"), 1);
+    }
+}
+
+#[test]
+fn child_read_only_mapping_unsupported() {
+    if !is_child() {
+        return;
+    }
+    // MOCK_CUDA_ATTR_113=0: a device that cannot map host memory read-only. Zero-copy is refused
+    // with the reason, before any registration.
+    let dir = tempfile::tempdir().unwrap();
+    let device = open();
+    let (path, _) = random_model(dir.path(), 4, 6, 3000);
+    let e = gpuio_cuda::map_safetensors(&device, &path).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert_eq!(counter("mock_registered"), 0);
+    assert_clean_calls();
+    drop(device);
     assert_all_released();
 }

@@ -39,6 +39,7 @@ enum {
     ILLEGAL_ADDRESS = 700,
     ALREADY_REGISTERED = 712,
     NOT_REGISTERED = 713,
+    NOT_SUPPORTED = 801,
 };
 
 #define DEV_BIAS (1ULL << 60) /* device address = host address + DEV_BIAS */
@@ -64,10 +65,14 @@ static struct range allocs[MAX_RANGES];
 static struct range regs[MAX_RANGES];
 static size_t alloc_bytes;
 
-/* Stream work: 0 = h2d, 1 = d2h, 2 = kernel copy (device addresses both sides). */
-struct op { int kind; CUdeviceptr dev_a; CUdeviceptr dev_b; uintptr_t host; size_t n; };
-struct stream { int live; long seq_done; long seq_next; struct op ops[MAX_OPS]; long op_seq[MAX_OPS]; int nops; };
-struct event { int live; struct stream *s; long seq; int queried; };
+/* Stream work: 0 = h2d, 1 = d2h, 2 = kernel copy (device addresses both sides). `pinned`: the host
+ * range was registered when the copy was queued, so it must still be when the copy runs (the
+ * driver reads page-locked memory by DMA at that moment; unregistered or freed memory is a fault). */
+struct op { int kind; CUdeviceptr dev_a; CUdeviceptr dev_b; uintptr_t host; size_t n; int pinned; };
+/* Streams and events belong to the context generation they were made in: after a reset (the last
+ * primary-context release) they are dead handles, as on a GPU. */
+struct stream { int live; int gen; long seq_done; long seq_next; struct op ops[MAX_OPS]; long op_seq[MAX_OPS]; int nops; };
+struct event { int live; int gen; struct stream *s; long seq; int queried; };
 struct module { int gen; int unloaded; };
 struct function { int gen; struct module *mod; };
 
@@ -92,6 +97,13 @@ static struct range *find(struct range *t, uintptr_t a, size_t n) {
     return NULL;
 }
 
+/* A live range of `t` sharing any byte with [a, a+n). */
+static struct range *overlapping(struct range *t, uintptr_t a, size_t n) {
+    for (int i = 0; i < MAX_RANGES; i++)
+        if (t[i].live && a < t[i].host + t[i].len && t[i].host < a + n) return &t[i];
+    return NULL;
+}
+
 /* Host address behind a device range, or 0 when it is not inside an allocation or (`readable`) a
  * mapped registration. */
 static uintptr_t dev_to_host(CUdeviceptr d, size_t n, int writable) {
@@ -106,6 +118,12 @@ static uintptr_t dev_to_host(CUdeviceptr d, size_t n, int writable) {
 
 static void run_op(struct op *o) {
     if (sticky_error) return;
+    if (o->pinned && !find(regs, o->host, o->n)) {
+        /* The page-locked source or destination was unregistered before the copy ran. */
+        n_faults++;
+        sticky_error = ILLEGAL_ADDRESS;
+        return;
+    }
     switch (o->kind) {
     case 0: {
         uintptr_t dst = dev_to_host(o->dev_a, o->n, 1);
@@ -146,7 +164,8 @@ static CUresult enqueue(struct stream *s, struct op o) {
     return SUCCESS;
 }
 
-static int valid_stream(struct stream *s) { return s && s->live; }
+static int valid_stream(struct stream *s) { return s && s->live && s->gen == ctx_gen; }
+static int valid_event(struct event *e) { return e && e->live && e->gen == ctx_gen; }
 
 #define CTX() do { CUresult c_ = need_ctx(__func__); if (c_) { pthread_mutex_unlock(&lock); return c_; } if (sticky_error) { pthread_mutex_unlock(&lock); return sticky_error; } } while (0)
 
@@ -176,11 +195,52 @@ CUresult cuDeviceGetName(char *name, int len, CUdevice d) {
     snprintf(name, (size_t)len, "%s", "Mock GPU");
     return SUCCESS;
 }
+/* The attributes of an H100-like device that gpuio-cuda may ask about (numbers from cuda.h's
+ * CUdevice_attribute). Any other attribute is a refused call, so a new query is noticed and added
+ * here with a real value; MOCK_CUDA_ATTR_<number>=<value> overrides one (to test fallbacks). */
+static const int attrs[][2] = {
+    {1, 1024},  /* MAX_THREADS_PER_BLOCK */
+    {16, 132},  /* MULTIPROCESSOR_COUNT */
+    {18, 0},    /* INTEGRATED */
+    {19, 1},    /* CAN_MAP_HOST_MEMORY */
+    {40, 3},    /* ASYNC_ENGINE_COUNT */
+    {41, 1},    /* UNIFIED_ADDRESSING */
+    {75, 9},    /* COMPUTE_CAPABILITY_MAJOR */
+    {76, 0},    /* COMPUTE_CAPABILITY_MINOR */
+    {88, 0},    /* PAGEABLE_MEMORY_ACCESS */
+    {91, 1},    /* CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM */
+    {99, 1},    /* HOST_REGISTER_SUPPORTED */
+    {113, 1},   /* READ_ONLY_HOST_REGISTER_SUPPORTED */
+    {116, 1},   /* GPU_DIRECT_RDMA_SUPPORTED */
+};
+static int attribute(int attr);
 CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
     if (!initialized) return BAD(NOT_INITIALIZED, "before cuInit");
-    if (d != 0 || attr <= 0) return BAD(INVALID_VALUE, "bad device or attribute");
-    *v = 1;
-    return SUCCESS;
+    if (d != 0) return BAD(INVALID_DEVICE, "bad device");
+    if (!v) return BAD(INVALID_VALUE, "null");
+    for (size_t i = 0; i < sizeof attrs / sizeof attrs[0]; i++) {
+        if (attrs[i][0] != attr) continue;
+        char name[32];
+        snprintf(name, sizeof name, "MOCK_CUDA_ATTR_%d", attr);
+        const char *o = getenv(name);
+        *v = o ? atoi(o) : attrs[i][1];
+        return SUCCESS;
+    }
+    n_bad_calls++;
+    snprintf(last_bad, sizeof last_bad, "cuDeviceGetAttribute: attribute %d is not modelled", attr);
+    return INVALID_VALUE;
+}
+/* The value of a modelled attribute (overrides included); 0 for one that is not modelled. */
+static int attribute(int attr) {
+    int v = 0;
+    for (size_t i = 0; i < sizeof attrs / sizeof attrs[0]; i++)
+        if (attrs[i][0] == attr) {
+            char name[32];
+            snprintf(name, sizeof name, "MOCK_CUDA_ATTR_%d", attr);
+            const char *o = getenv(name);
+            v = o ? atoi(o) : attrs[i][1];
+        }
+    return v;
 }
 CUresult cuGetErrorString(CUresult e, const char **s) {
     *s = e == SUCCESS ? "no error" : e == OUT_OF_MEMORY ? "out of memory (mock)" : "mock error";
@@ -277,8 +337,10 @@ CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned flags) {
     CUresult r = SUCCESS;
     if (!p || n == 0) r = BAD(INVALID_VALUE, "null or empty range");
     else if (flags & ~(1u | 2u | 4u | 8u)) r = BAD(INVALID_VALUE, "unknown flags");
-    else if (find(regs, (uintptr_t)p, 1) || find(regs, (uintptr_t)p + n - 1, 1))
+    else if (overlapping(regs, (uintptr_t)p, n))
         r = BAD(ALREADY_REGISTERED, "overlaps a registered range");
+    else if ((flags & 8) && !attribute(113))
+        r = NOT_SUPPORTED; /* READ_ONLY on a device without READ_ONLY_HOST_REGISTER_SUPPORTED */
     else {
         int i = 0;
         while (i < MAX_RANGES && regs[i].live) i++;
@@ -333,6 +395,7 @@ CUresult cuStreamCreate(void **s, unsigned flags) {
     else {
         struct stream *st = calloc(1, sizeof *st);
         st->live = 1;
+        st->gen = ctx_gen;
         n_live_streams++;
         *s = st;
     }
@@ -370,6 +433,7 @@ CUresult cuEventCreate(void **e, unsigned flags) {
     else {
         struct event *ev = calloc(1, sizeof *ev);
         ev->live = 1;
+        ev->gen = ctx_gen;
         n_live_events++;
         *e = ev;
     }
@@ -381,7 +445,7 @@ CUresult cuEventRecord(void *e, void *s) {
     CTX();
     struct event *ev = e;
     CUresult r = SUCCESS;
-    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event");
+    if (!valid_event(ev)) r = BAD(INVALID_HANDLE, "not a live event of this context");
     else if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
     else { ev->s = s; ev->seq = ((struct stream *)s)->seq_next; ev->queried = 0; }
     pthread_mutex_unlock(&lock);
@@ -392,7 +456,7 @@ CUresult cuEventQuery(void *e) {
     CTX();
     struct event *ev = e;
     CUresult r = SUCCESS;
-    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event");
+    if (!valid_event(ev)) r = BAD(INVALID_HANDLE, "not a live event of this context");
     else if (ev->s && ev->s->seq_done < ev->seq) {
         /* The first query after a record finds the work still running; the next finds it done. */
         if (!ev->queried) { ev->queried = 1; r = NOT_READY; }
@@ -406,7 +470,7 @@ CUresult cuEventSynchronize(void *e) {
     CTX();
     struct event *ev = e;
     CUresult r = SUCCESS;
-    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event");
+    if (!valid_event(ev)) r = BAD(INVALID_HANDLE, "not a live event of this context");
     else if (ev->s) { complete(ev->s, ev->seq); r = sticky_error; }
     pthread_mutex_unlock(&lock);
     return r;
@@ -416,7 +480,7 @@ CUresult cuEventDestroy_v2(void *e) {
     CTX();
     struct event *ev = e;
     CUresult r = SUCCESS;
-    if (!ev || !ev->live) r = BAD(INVALID_HANDLE, "not a live event (destroyed twice?)");
+    if (!valid_event(ev)) r = BAD(INVALID_HANDLE, "not a live event of this context (destroyed twice?)");
     else { ev->live = 0; n_live_events--; }
     pthread_mutex_unlock(&lock);
     return r;
@@ -428,7 +492,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *
     if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
     else if (!dev_to_host(dst, n, 1)) r = BAD(INVALID_VALUE, "destination is not device memory");
     else if (!src) r = BAD(INVALID_VALUE, "null source");
-    else { n_dma++; r = enqueue(s, (struct op){0, dst, 0, (uintptr_t)src, n}); }
+    else { n_dma++; r = enqueue(s, (struct op){0, dst, 0, (uintptr_t)src, n, find(regs, (uintptr_t)src, n) != NULL}); }
     pthread_mutex_unlock(&lock);
     return r;
 }
@@ -439,7 +503,7 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *s) {
     if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
     else if (!dev_to_host(src, n, 0)) r = BAD(INVALID_VALUE, "source is not device memory");
     else if (!dst) r = BAD(INVALID_VALUE, "null destination");
-    else { n_dma++; r = enqueue(s, (struct op){1, src, 0, (uintptr_t)dst, n}); }
+    else { n_dma++; r = enqueue(s, (struct op){1, src, 0, (uintptr_t)dst, n, find(regs, (uintptr_t)dst, n) != NULL}); }
     pthread_mutex_unlock(&lock);
     return r;
 }
@@ -496,7 +560,7 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
         /* The parameters are read now, as the driver does: the caller's locals may die after. */
         uint64_t src = *(uint64_t *)params[0], dst = *(uint64_t *)params[1], n = *(uint64_t *)params[2];
         n_launches++;
-        r = enqueue(s, (struct op){2, src, dst, 0, (size_t)n});
+        r = enqueue(s, (struct op){2, src, dst, 0, (size_t)n, 0});
     }
     pthread_mutex_unlock(&lock);
     return r;
@@ -518,3 +582,18 @@ long mock_registered(void) {
 }
 long mock_allocated_bytes(void) { return (long)alloc_bytes; }
 const char *mock_last_bad(void) { return last_bad; }
+
+/* For the mock cuFile (mock_libcufile.c): the host address behind device memory [d, d+n) written by
+ * a read, or 0 when the calling thread has no live context or the range is not inside an
+ * allocation. A refusal counts as a bad call. */
+uintptr_t mock_device_range_for_write(CUdeviceptr d, size_t n) {
+    pthread_mutex_lock(&lock);
+    uintptr_t h = 0;
+    if (need_ctx("cuFileRead") == SUCCESS) {
+        h = dev_to_host(d, n, 1);
+        if (!h || d >> 60 != 1) { h = 0; bad(0, "%s: destination is not device memory", "cuFileRead"); }
+    }
+    pthread_mutex_unlock(&lock);
+    return h;
+}
+int mock_cuda_initialized(void) { return initialized; }

@@ -114,6 +114,21 @@ pub fn out_of_device_memory(device: &Arc<dyn Device>) {
     );
 }
 
+/// A directory on a disk for files the direct path reads: `GPUIO_TEST_DIR`, else the build's
+/// target temp directory where it exists (not on a machine the test binary was carried to), else
+/// `/var/tmp`.
+fn disk_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("GPUIO_TEST_DIR") {
+        return d.into();
+    }
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    if target.is_dir() {
+        target.to_path_buf()
+    } else {
+        "/var/tmp".into()
+    }
+}
+
 /// The direct path where the device has one: byte-exact, or refused as `Unsupported` for a file
 /// cuFile cannot serve, in which case the automatic path stages the same file instead. Returns why
 /// it did not run the direct load, if it did not.
@@ -121,8 +136,12 @@ pub fn direct_path_where_cufile_works(device: &Arc<dyn Device>) -> Option<String
     if let Err(why) = device.direct_reader() {
         return Some(format!("no direct path on {} ({why})", device.label()));
     }
-    let dir = tempfile::tempdir().unwrap();
+    // On a disk, not in /tmp (tmpfs on some machines, which cuFile does not serve), and cold: a
+    // file just written is warm in the page cache, and a warm file is read buffered, which cuFile
+    // refuses.
+    let dir = tempfile::tempdir_in(disk_dir()).unwrap();
     let (path, ts) = model(dir.path());
+    drop(gpuio::OpenOptions::read().cold(true).open(&path).unwrap());
     let engine = Engine::new(EngineConfig::default()).unwrap();
     let loader = |path| {
         let cfg = LoaderConfig {
