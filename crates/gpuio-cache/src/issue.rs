@@ -278,7 +278,9 @@ impl<'a> IssueCtx<'a> {
             cell: Mutex::new(Cell2::Empty),
         });
         let b2 = batch.clone();
-        cb.on_complete(move |_| {
+        // Inside `commit` (a command buffer served inline) the cell is still Empty, so this only
+        // marks it Done and the code after `commit` finishes the batch: no lock held, nothing nested.
+        cb.on_complete_any_thread(move |_| {
             let mut c = b2.cell.lock();
             match std::mem::replace(&mut *c, Cell2::Finished) {
                 Cell2::Holding(comp) => {

@@ -303,11 +303,21 @@ pub fn run_engine(
             None => stats = Some(s),
         }
     }
-    let latency = stats.map(|s| s.latency()).unwrap_or_default();
+    let latency = stats.as_ref().map(|s| s.latency()).unwrap_or_default();
+    // Transfers served on the committing thread (small ones of memory-backed files) went through
+    // the buffered descriptor with pread/pwrite, not through the backend.
+    let (inline_ops, backend_ops) = stats.map_or((0, 0), |s| (s.inline_ops, s.ops));
+    let backend = match inline_ops {
+        0 => engine.backend_kind().to_string(),
+        n if n == backend_ops => "inline".to_string(),
+        _ => format!("{}+inline", engine.backend_kind()),
+    };
     Ok(Measurement {
         name: label.to_string(),
-        backend: engine.backend_kind().to_string(),
-        direct: file.is_direct() && engine.backend_kind() != gpuio::BackendKind::Mmap,
+        backend,
+        direct: file.is_direct()
+            && engine.backend_kind() != gpuio::BackendKind::Mmap
+            && inline_ops < backend_ops,
         ops,
         bytes: ops * spec.block_size as u64,
         elapsed_s: elapsed,
@@ -360,7 +370,8 @@ fn drive(
             }
         }
         let tx = tx.clone();
-        cb.on_complete(move |_| {
+        // Only a channel send, so it may run inside `commit` (command buffers served inline).
+        cb.on_complete_any_thread(move |_| {
             let _ = tx.send(slot);
         });
         cb.commit().map(Some)

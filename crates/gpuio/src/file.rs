@@ -147,6 +147,8 @@ struct FileInner {
     writable: bool,
     /// On a memory-backed filesystem, or warm when opened (see [`File::is_memory_resident`]).
     memory_resident: bool,
+    /// On a memory-backed filesystem (tmpfs, ramfs): see [`File::is_memory_backed`].
+    memory_backed: bool,
 }
 
 /// An open file, cheap to clone (shared).
@@ -280,6 +282,7 @@ impl File {
             direct_reason,
             writable: o.write,
             memory_resident: memory_backed || warm.is_some(),
+            memory_backed,
         })))
     }
 
@@ -351,6 +354,12 @@ impl File {
     /// large reads of such files on several threads (see `backend::uring`).
     pub fn is_memory_resident(&self) -> bool {
         self.0.memory_resident
+    }
+    /// Whether the file lives on a memory-backed filesystem (tmpfs, ramfs), where a transfer is a
+    /// copy to or from the page cache that never waits for a device (small ones are then served on
+    /// the committing thread: see [`EngineConfig::inline_max_bytes`](crate::EngineConfig)).
+    pub fn is_memory_backed(&self) -> bool {
+        self.0.memory_backed
     }
     pub fn is_writable(&self) -> bool {
         self.0.writable

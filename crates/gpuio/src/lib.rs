@@ -38,6 +38,6 @@ pub use mem::{AlignedBuf, BufferPool, IoBuffer, MemoryBudget, PageSize, PooledBu
 pub use pipeline::{Pipeline, PipelineError, PipelineStats};
 pub use queue::{
     CommandBuffer, CommandError, CommandId, Completion, Engine, EngineConfig, Finished, IoQueue,
-    Priority, QueueDesc, QueueKind, QueueStats, Status,
+    Priority, QueueDesc, QueueKind, QueueStats, Status, INLINE_MAX_BYTES_DEFAULT,
 };
 pub use replace::ReplaceFile;

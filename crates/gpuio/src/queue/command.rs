@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::engine::Msg;
+use super::inline;
 use super::IoQueue;
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
@@ -165,6 +166,8 @@ pub struct CommandBuffer {
     /// Indices of the first command after each barrier.
     barriers: Vec<usize>,
     callback: Option<Callback>,
+    /// The callback may run on the committing thread (see [`CommandBuffer::on_complete_any_thread`]).
+    callback_any_thread: bool,
 }
 
 impl fmt::Debug for CommandBuffer {
@@ -184,6 +187,7 @@ impl CommandBuffer {
             shared_buf: None,
             barriers: Vec::new(),
             callback: None,
+            callback_any_thread: false,
         }
     }
 
@@ -483,9 +487,23 @@ impl CommandBuffer {
 
     /// Runs `f` with the final status when the command buffer finishes. It runs on the engine thread:
     /// keep it short (signal something, do not do I/O). Waiters are woken just before it runs, so
-    /// `wait()` may return before the callback has finished.
+    /// `wait()` may return before the callback has finished. (A command buffer served on the
+    /// committing thread — small transfers of memory-backed files, see
+    /// [`EngineConfig::inline_max_bytes`](crate::EngineConfig::inline_max_bytes) — is complete when
+    /// `commit` returns; its callback still runs on the engine thread, shortly after.)
     pub fn on_complete(&mut self, f: impl FnOnce(&Status) + Send + 'static) {
         self.callback = Some(Box::new(f));
+        self.callback_any_thread = false;
+    }
+
+    /// Like [`on_complete`](Self::on_complete), but `f` may also run on the committing thread, inside
+    /// `commit`, before it returns — when the command buffer is served there (small transfers of
+    /// memory-backed files). That saves a hand-off to the engine thread per command buffer; use it
+    /// only when `f` takes no lock the committer may hold and starts no work that commits again
+    /// (which would then nest inside `commit`).
+    pub fn on_complete_any_thread(&mut self, f: impl FnOnce(&Status) + Send + 'static) {
+        self.callback = Some(Box::new(f));
+        self.callback_any_thread = true;
     }
 
     /// Hands the commands to the engine. Waits while the queue already has its maximum of command
@@ -505,9 +523,45 @@ impl CommandBuffer {
             commands,
             shared_buf,
             barriers,
-            callback,
+            mut callback,
+            callback_any_thread,
         } = self;
         Self::check_shared_overlaps(&commands)?;
+        let limits = *queue.engine.inline_limits();
+        if inline::eligible(
+            &limits,
+            queue.shared.desc.kind,
+            queue.shared.slots.is_idle(),
+            &commands,
+        ) {
+            let n = commands.len();
+            // A callback that must run on the engine thread is sent there once the work is done.
+            let deferred = if callback_any_thread {
+                None
+            } else {
+                callback.take()
+            };
+            let shared = Arc::new(CbShared::pending(queue.engine.next_id(), callback));
+            let served = {
+                let mut stats = queue.shared.stats.lock();
+                inline::serve(&limits, commands, shared_buf, &barriers, &mut stats)
+            };
+            let status = served.status.clone();
+            shared.finish(served.status, served.outputs, served.shared_buf);
+            if let Some(f) = deferred {
+                if let Err(returned) = queue.engine.send_or_return(Msg::RunCallback(f, status)) {
+                    // The engine thread is gone: the callback must still run, once.
+                    if let Msg::RunCallback(f, status) = *returned {
+                        f(&status);
+                    }
+                }
+            }
+            return Ok(Completion {
+                shared,
+                queue,
+                commands: n,
+            });
+        }
         queue.shared.slots.acquire(wait)?;
         let n = commands.len();
         let shared = Arc::new(CbShared::pending(queue.engine.next_id(), callback));

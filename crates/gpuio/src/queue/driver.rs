@@ -297,6 +297,7 @@ impl Driver {
                 barriers,
             } => self.commit(queue, cb, commands, shared_buf, barriers),
             Msg::Cancel(id) => self.cancel(id),
+            Msg::RunCallback(f, status) => f(&status),
             Msg::RegisterPool(pool, reply) => {
                 let reg = self.backend.register_pool(&pool);
                 let _ = reply.send(reg);

@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 
 use super::command::{CbShared, Recorded};
 use super::driver::Driver;
+use super::inline::InlineLimits;
 use super::{IoQueue, QueueDesc, QueueShared, Slots};
 use crate::backend::{self, Backend, BackendConfig, BackendKind, Explain, Waker};
 use crate::error::{Error, ErrorKind, Result};
@@ -27,6 +28,11 @@ pub const TASK_SIZE_DEFAULT: usize = 1 << 20;
 /// Smallest and largest task sizes accepted.
 pub const TASK_SIZE_MIN: usize = 4096;
 pub const TASK_SIZE_MAX: usize = 64 << 20;
+/// Default [`EngineConfig::inline_max_bytes`]: transfers of memory-backed files up to this size are
+/// served on the committing thread. Measured: docs/BENCHMARKS.md ("inline").
+pub const INLINE_MAX_BYTES_DEFAULT: usize = 64 << 10;
+/// Largest [`EngineConfig::inline_max_bytes`] accepted: larger copies belong on the copy threads.
+pub const INLINE_MAX_BYTES_MAX: usize = 16 << 20;
 /// How long the engine waits for a completion before looking at new messages again.
 pub(super) const REAP_WAIT: Duration = Duration::from_micros(500);
 /// Consecutive backend failures (not I/O errors: the submission machinery itself) before giving up.
@@ -47,6 +53,11 @@ pub struct EngineConfig {
     /// Continuations of short transfers per task.
     pub short_transfers_max: u32,
     pub page: PageSize,
+    /// Loads and stores of at most this many bytes of a memory-backed file (tmpfs, ramfs) are done by
+    /// `commit` itself on the committing thread, when the whole command buffer qualifies (see
+    /// `queue::inline`): no hand-off to the engine thread or the kernel's workers. 0 turns it off.
+    /// Engines on a custom backend ([`Engine::with_backend`]) never do this.
+    pub inline_max_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +70,7 @@ impl Default for EngineConfig {
             retries_max: 8,
             short_transfers_max: 64,
             page: PageSize::K4,
+            inline_max_bytes: INLINE_MAX_BYTES_DEFAULT,
         }
     }
 }
@@ -70,6 +82,12 @@ impl EngineConfig {
         if !(TASK_SIZE_MIN..=TASK_SIZE_MAX).contains(&t) || t % 4096 != 0 {
             return Err(Error::invalid(format!(
                 "task size {t} must be a multiple of 4096 in {TASK_SIZE_MIN}..={TASK_SIZE_MAX}"
+            )));
+        }
+        if self.inline_max_bytes > INLINE_MAX_BYTES_MAX {
+            return Err(Error::invalid(format!(
+                "inline transfer limit {} is above {INLINE_MAX_BYTES_MAX}",
+                self.inline_max_bytes
             )));
         }
         if self.bounce_buffers == 0 || self.bounce_buffers > 1024 {
@@ -96,6 +114,9 @@ pub(crate) enum Msg {
     },
     Cancel(u64),
     RegisterPool(BufferPool, Sender<Registration>),
+    /// The callback of a command buffer served on the committing thread, to run on the engine thread
+    /// as every other callback does.
+    RunCallback(super::command::Callback, super::command::Status),
 }
 
 struct EngineInner {
@@ -106,6 +127,8 @@ struct EngineInner {
     thread: Option<JoinHandle<()>>,
     explain: Explain,
     config: EngineConfig,
+    /// The inline path's limits (`max_bytes` 0 on a custom backend).
+    inline: InlineLimits,
     next_id: AtomicU64,
 }
 
@@ -144,16 +167,44 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         let (backend, explain) = backend::probe(&config.backend)?;
-        Engine::with_backend(config, backend, explain)
+        Engine::start(config, backend, explain, true)
     }
 
-    /// Starts an engine on a backend built elsewhere (a fault-injecting wrapper in tests, say).
+    /// Starts an engine on a backend built elsewhere (a fault-injecting wrapper in tests, say). Every
+    /// transfer goes through that backend: none is served on the committing thread.
     pub fn with_backend(
+        config: EngineConfig,
+        backend: Box<dyn Backend>,
+        explain: Explain,
+    ) -> Result<Engine> {
+        Engine::start(config, backend, explain, false)
+    }
+
+    fn start(
         config: EngineConfig,
         mut backend: Box<dyn Backend>,
         mut explain: Explain,
+        inline_allowed: bool,
     ) -> Result<Engine> {
         config.validate()?;
+        let inline = InlineLimits {
+            max_bytes: if inline_allowed {
+                config.inline_max_bytes
+            } else {
+                0
+            },
+            retries_max: config.retries_max,
+            shorts_max: config.short_transfers_max,
+        };
+        explain.reasons.push(match inline.max_bytes {
+            0 if !inline_allowed => {
+                "every transfer goes through the backend (custom backend)".to_string()
+            }
+            0 => "every transfer goes through the backend (inline transfers turned off)".to_string(),
+            n => format!(
+                "loads and stores of up to {n} bytes of memory-backed files (tmpfs, ramfs) are done on the committing thread: a page-cache copy costs less than a hand-off"
+            ),
+        });
         let bounce = BufferPool::new(
             &config.memory_budget,
             config.bounce_size(),
@@ -213,6 +264,7 @@ impl Engine {
             thread: Some(thread),
             explain,
             config,
+            inline,
             next_id: AtomicU64::new(1),
         })))
     }
@@ -277,17 +329,27 @@ impl Engine {
         Ok(pool)
     }
 
+    pub(crate) fn inline_limits(&self) -> &InlineLimits {
+        &self.0.inline
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
         self.0.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn send(&self, msg: Msg) -> Result<()> {
+        self.send_or_return(msg)
+            .map_err(|_| Error::new(ErrorKind::EngineStopped, "the engine thread has stopped"))
+    }
+
+    /// Like [`send`](Self::send), but gives the message back when the engine thread has stopped.
+    pub(crate) fn send_or_return(&self, msg: Msg) -> std::result::Result<(), Box<Msg>> {
         self.0
             .tx
             .as_ref()
             .expect("sender lives until drop")
             .send(msg)
-            .map_err(|_| Error::new(ErrorKind::EngineStopped, "the engine thread has stopped"))?;
+            .map_err(|e| Box::new(e.0))?;
         // Pairs with the engine's store-then-check in `Driver::reap`: either it sees this message
         // before waiting, or we see it waiting and wake it.
         if self.0.waiting.load(Ordering::SeqCst) {

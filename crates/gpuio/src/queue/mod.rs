@@ -32,12 +32,13 @@
 mod command;
 mod driver;
 mod engine;
+mod inline;
 mod outcome;
 pub(crate) mod plan;
 mod stats;
 
 pub use command::{CommandBuffer, CommandError, CommandId, Completion, Finished, Status};
-pub use engine::{Engine, EngineConfig, TASK_SIZE_DEFAULT};
+pub use engine::{Engine, EngineConfig, INLINE_MAX_BYTES_DEFAULT, TASK_SIZE_DEFAULT};
 pub use stats::{LatencySummary, QueueStats};
 
 use std::sync::Arc;
@@ -141,6 +142,10 @@ impl Slots {
         }
         *used += 1;
         Ok(())
+    }
+    /// No command buffer of the queue is in flight.
+    pub(crate) fn is_idle(&self) -> bool {
+        *self.used.lock() == 0
     }
     pub(crate) fn release(&self) {
         *self.used.lock() -= 1;

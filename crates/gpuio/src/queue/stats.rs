@@ -53,6 +53,9 @@ pub struct QueueStats {
     pub bounce_bytes: u64,
     /// Direct transfers the kernel refused with EINVAL and that were redone buffered.
     pub direct_fallbacks: u64,
+    /// Of `ops`, those served on the committing thread (small transfers of memory-backed files; see
+    /// [`EngineConfig::inline_max_bytes`](crate::EngineConfig::inline_max_bytes)).
+    pub inline_ops: u64,
     latency_ns: Histogram<u64>,
 }
 
@@ -66,6 +69,7 @@ impl Default for QueueStats {
             short_transfers: 0,
             bounce_bytes: 0,
             direct_fallbacks: 0,
+            inline_ops: 0,
             latency_ns: LatencySummary::histogram_ns(),
         }
     }
@@ -95,6 +99,7 @@ impl QueueStats {
         self.short_transfers += other.short_transfers;
         self.bounce_bytes += other.bounce_bytes;
         self.direct_fallbacks += other.direct_fallbacks;
+        self.inline_ops += other.inline_ops;
         let _ = self.latency_ns.add(&other.latency_ns);
     }
 }

@@ -1,0 +1,252 @@
+//! Serving a command buffer on the committing thread: small loads and stores of files on a
+//! memory-backed filesystem (tmpfs, ramfs).
+//!
+//! For such files a read or write is a copy between the page cache and the caller's memory that never
+//! waits for a device. Handing it to the engine thread and then to the kernel's io-wq workers (tmpfs
+//! has no non-blocking read path, so io_uring punts every request to a worker) costs more than the
+//! copy: on two cores the engine served 4 KiB random reads of /dev/shm at 0.86 × fio's rate where a
+//! plain `pread` loop on one thread ran at 1.5 × (docs/BENCHMARKS.md, issue 11). So `commit` does such
+//! a command buffer itself, with `pread`/`pwrite` on the buffered descriptor, and returns a completion
+//! that is already finished.
+//!
+//! A command buffer is served here only when every command is a load or store of at most
+//! [`EngineConfig::inline_max_bytes`](super::EngineConfig::inline_max_bytes) of a memory-backed file
+//! and, on a serial queue, nothing else is in flight on the queue (its order holds). Its completion
+//! callback still runs on the engine thread (sent there after the work), unless it was registered
+//! with `on_complete_any_thread`, which allows the committing thread. Engines built on a custom backend ([`Engine::with_backend`](super::Engine::with_backend),
+//! fault injection in tests) never serve anything here: every transfer goes through their backend.
+//!
+//! Results mean what they mean on the engine thread: the same decision table
+//! ([`outcome::classify`]) with the same bounds on retries and short transfers, the same errors
+//! (naming file, offset and length), barriers honoured (commands after a failed stage are skipped),
+//! the queue's statistics updated. This module must never block on anything but the copy itself, and
+//! never serve a file that is not memory-backed.
+
+use std::time::Instant;
+
+use super::command::{CmdKind, CommandError, CommandId, Output, Recorded, Status};
+use super::outcome::{self, AfterShort, Attempt, Failure, Verdict};
+use super::stats::QueueStats;
+use super::QueueKind;
+use crate::backend::IoOp;
+use crate::error::{Error, ErrorKind, Op};
+use crate::mem::IoBuffer;
+
+/// Bounds and switches of the inline path, copied from the engine's configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InlineLimits {
+    /// Largest command served here; 0 turns the path off.
+    pub max_bytes: usize,
+    pub retries_max: u32,
+    pub shorts_max: u32,
+}
+
+/// Whether a command buffer can be served on the committing thread.
+pub(crate) fn eligible(
+    limits: &InlineLimits,
+    kind: QueueKind,
+    queue_idle: bool,
+    commands: &[Recorded],
+) -> bool {
+    if limits.max_bytes == 0 || commands.is_empty() {
+        return false;
+    }
+    if kind == QueueKind::Serial && !queue_idle {
+        return false;
+    }
+    commands.iter().all(|c| {
+        matches!(c.kind, CmdKind::Load { .. } | CmdKind::Store)
+            && c.len <= limits.max_bytes as u64
+            && c.file.is_memory_backed()
+            && (c.kind != CmdKind::Store || c.file.is_writable())
+    })
+}
+
+/// What serving a command buffer produced, for `CbShared::finish`.
+pub(crate) struct Served {
+    pub status: Status,
+    pub outputs: Vec<Output>,
+    pub shared_buf: Option<IoBuffer>,
+}
+
+/// Runs every command in order (barriers split them into stages; a failure skips the later stages)
+/// and records the transfers in `stats`.
+pub(crate) fn serve(
+    limits: &InlineLimits,
+    mut commands: Vec<Recorded>,
+    mut shared_buf: Option<IoBuffer>,
+    barriers: &[usize],
+    stats: &mut QueueStats,
+) -> Served {
+    let shared_base = shared_buf
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |b| b.as_aligned_mut().as_mut_ptr());
+    let mut errors: Vec<CommandError> = Vec::new();
+    let mut outputs = Vec::with_capacity(commands.len());
+    let mut next_barrier = barriers.iter().copied().peekable();
+    let mut clock = Instant::now();
+    let mut skipping = false;
+    for (i, mut rec) in commands.drain(..).enumerate() {
+        while next_barrier.peek().is_some_and(|&b| b <= i) {
+            next_barrier.next();
+            // A stage starts here: it runs only if every earlier command succeeded.
+            skipping = !errors.is_empty();
+        }
+        if skipping {
+            errors.push(CommandError {
+                command: CommandId(i as u32),
+                error: Error::new(
+                    ErrorKind::Cancelled,
+                    "skipped: a command before a barrier failed",
+                ),
+            });
+            outputs.push(Output {
+                buf: rec.buf.take(),
+                bytes: 0,
+            });
+            continue;
+        }
+        let ptr = match (rec.buf.as_mut(), rec.in_shared) {
+            // SAFETY: buf_offset <= buf.len() was checked when the command was recorded.
+            (Some(b), _) => unsafe { b.as_aligned_mut().as_mut_ptr().add(rec.buf_offset) },
+            // SAFETY: buf_offset + len <= the shared buffer's length was checked when the command was
+            // recorded; the shared buffer lives in this function until it returns.
+            (None, true) => unsafe { shared_base.add(rec.buf_offset) },
+            (None, false) => std::ptr::null_mut(),
+        };
+        let (bytes, error) = transfer(limits, &rec, ptr, stats, &mut clock);
+        if let Some(e) = error {
+            errors.push(CommandError {
+                command: CommandId(i as u32),
+                error: e,
+            });
+        }
+        outputs.push(Output {
+            buf: rec.buf.take(),
+            bytes,
+        });
+    }
+    Served {
+        status: if errors.is_empty() {
+            Status::Complete
+        } else {
+            Status::Error(errors)
+        },
+        outputs,
+        shared_buf,
+    }
+}
+
+/// One command: `pread`/`pwrite` on the buffered descriptor until done, the end of the file, or a
+/// verdict of failure. Returns the bytes moved and the error, if any.
+fn transfer(
+    limits: &InlineLimits,
+    rec: &Recorded,
+    ptr: *mut u8,
+    stats: &mut QueueStats,
+    clock: &mut Instant,
+) -> (u64, Option<Error>) {
+    let (op, io_op) = match rec.kind {
+        CmdKind::Store => (Op::Write, IoOp::Write),
+        _ => (Op::Read, IoOp::Read),
+    };
+    let fd = rec.file.buffered_fd();
+    let len = rec.len as usize;
+    let (mut done, mut retries, mut shorts) = (0usize, 0u32, 0u32);
+    // One clock read per transfer: each one's end is the next one's start.
+    let mut start = *clock;
+    while done < len {
+        let (at, want) = (rec.offset + done as u64, len - done);
+        // SAFETY: ptr..ptr+len is the command's memory (its own buffer or its range of the shared
+        // buffer), owned by the command buffer being served; done < len keeps the range inside it.
+        let r = unsafe {
+            let p = ptr.add(done);
+            match io_op {
+                IoOp::Write => libc::pwrite(fd, p as *const libc::c_void, want, at as libc::off_t),
+                _ => libc::pread(fd, p as *mut libc::c_void, want, at as libc::off_t),
+            }
+        };
+        let result = if r < 0 {
+            -(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO) as i64)
+        } else {
+            r as i64
+        };
+        let end = Instant::now();
+        stats.ops += 1;
+        stats.inline_ops += 1;
+        stats.record_latency(end - start);
+        start = end;
+        *clock = end;
+        if result > 0 {
+            match io_op {
+                IoOp::Write => stats.bytes_written += result as u64,
+                _ => stats.bytes_read += result as u64,
+            }
+        }
+        let attempt = Attempt {
+            op: io_op,
+            len: want,
+            direct: false,
+            block: 512,
+            retries,
+            retries_max: limits.retries_max,
+            shorts,
+            shorts_max: limits.shorts_max,
+            cancelled: false,
+        };
+        let fail = |e: Error| e.with_path(rec.file.path()).with_range(at, want as u64);
+        match outcome::classify(&attempt, result) {
+            Verdict::Complete { n } => done += n,
+            Verdict::EndOfFile => break,
+            Verdict::Retry => {
+                retries += 1;
+                stats.retries += 1;
+            }
+            // Not direct, so never asked to redo buffered; treated as the error it carries.
+            Verdict::RedoBuffered => {
+                return (done as u64, Some(fail(Error::from_errno(op, libc::EINVAL))))
+            }
+            Verdict::Fail(Failure::Errno { errno, exhausted }) => {
+                let mut e = Error::from_errno(op, errno);
+                if exhausted {
+                    e = e.with_kind(ErrorKind::RetriesExhausted);
+                }
+                return (done as u64, Some(fail(e)));
+            }
+            Verdict::Fail(Failure::ZeroWrites) => {
+                let e = Error::new(
+                    ErrorKind::RetriesExhausted,
+                    "write kept transferring zero bytes",
+                )
+                .with_op(op);
+                return (done as u64, Some(fail(e)));
+            }
+            Verdict::Short { n, then, .. } => {
+                done += n;
+                shorts += 1;
+                stats.short_transfers += 1;
+                if then == AfterShort::GiveUp {
+                    let e = Error::new(
+                        ErrorKind::RetriesExhausted,
+                        format!("{shorts} short transfers in a row"),
+                    )
+                    .with_op(op);
+                    return (done as u64, Some(fail(e)));
+                }
+            }
+        }
+    }
+    if rec.kind == (CmdKind::Load { exact: true }) && done < len {
+        let e = Error::new(
+            ErrorKind::UnexpectedEof,
+            format!("end of file after {done} of {len} bytes"),
+        )
+        .with_op(Op::Read)
+        .with_path(rec.file.path())
+        .with_range(rec.offset, rec.len);
+        return (done as u64, Some(e));
+    }
+    (done as u64, None)
+}
