@@ -9,12 +9,19 @@
 # 3. Overlap: gather with compute per batch about equal to its I/O time, prefetch on against off.
 # 4. BFS on a Kronecker graph whose edge file is 5x the cache (cache = 20 % of edge bytes): cache
 #    against memory and mmap (cold) runs of the same BFS.
+# The raw output of every run, with its command, is kept under docs/bench-runs/DATE-COMMIT/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 g="$here/target/release/gpuio"
 secs=${1:-5}
 scale=${2:-21}
 cargo build --release --quiet --manifest-path "$here/Cargo.toml" --bins --examples
+# Every gpuio and fio run's raw JSON and exact command kept under docs/bench-runs/ (see bench-runs.sh).
+. "$here/scripts/bench-runs.sh"
+bench_runs_start "$0" "$@"
+g=$(bench_runs_wrap "$g")
+cache_bench=$(bench_runs_wrap "$here/target/release/examples/cache_bench")
+bench_runs_wrap_on_path fio
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpuio-cache.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo "$(nproc) CPUs, kernel $(uname -r), $("$g" --version), $(fio --version)"
@@ -36,7 +43,7 @@ done
 
 echo
 echo "== 2. hit-bound lookups =="
-"$here/target/release/examples/cache_bench" "$table" 1024 "$secs" 2>&1 | grep -iE "hit|thread|lookup" || true
+"$cache_bench" "$table" 1024 "$secs" 2>&1 | grep -iE "hit|thread|lookup" || true
 
 echo
 echo "== 3. overlap: compute per batch ~ I/O time per batch =="

@@ -15,11 +15,17 @@
 # (iou-wrk, which copy tmpfs data) included — gpu-io from its own getrusage, fio from the rusage of the
 # finished child. fio's own report (usr_cpu/sys_cpu) counts only its job thread; it is printed too.
 # Env: GPUIO_BENCH_ARGS adds flags to every gpu-io run (e.g. "--backend threads").
+# The raw JSON of every run, with its command, is kept under docs/bench-runs/DATE-COMMIT/.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 command -v fio >/dev/null || { echo "fio is not installed (apt-get install -y fio)" >&2; exit 1; }
 cargo build --release --quiet --manifest-path "$here/Cargo.toml" -p gpuio-cli
+# Every run's raw JSON and exact command kept under docs/bench-runs/ (see bench-runs.sh); the runs are
+# recorded by the Python below, not by a wrapper, which would add its own CPU time to what is measured.
+. "$here/scripts/bench-runs.sh"
+bench_runs_start "$0" "$@"
+export BENCH_RUNS_RAW="$runs_dir/raw"
 
 exec python3 - "$here/target/release/gpuio" "${1:-5}" "${2:-3}" "${3:-shm,loop}" \
   "${4:-randread:4k:64,randwrite:4k:64,read:1m:16,randread:4k:64:2}" <<'PY'
@@ -29,12 +35,24 @@ gpuio, rounds, secs, targets, workloads = sys.argv[1], int(sys.argv[2]), sys.arg
 extra = shlex.split(os.environ.get("GPUIO_BENCH_ARGS", ""))
 SIZE = 1 << 30
 
+RUNS = [0]
+
+def keep(cmd, out):
+    """Keeps a run's exact command and raw output under $BENCH_RUNS_RAW (scripts/bench-runs.sh)."""
+    RUNS[0] += 1
+    base = os.path.join(os.environ["BENCH_RUNS_RAW"], f"{RUNS[0]:05d}-{os.path.basename(cmd[0])}")
+    with open(base + ".cmd", "w") as f:
+        f.write(shlex.join(cmd) + "\n")
+    with open(base + ".out", "w") as f:
+        f.write(out)
+
 def run(cmd):
     """Runs cmd; returns (stdout, CPU seconds of the child and all its threads)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    keep(cmd, out)
     return out, cpu
 
 def gpuio_run(path, pattern, bs, qd, threads):

@@ -8,12 +8,17 @@
 # (logical bytes/s, 1 MiB reads at QD 16, direct I/O, one pass) against reading the raw file the same way,
 # alternating which runs first; random 4 KiB logical reads per second; and decompression scaling from one
 # to two cores (pack copied to /dev/shm so that storage is not the limit; taskset pins the process).
+# The raw JSON of every run, with its command, is kept under docs/bench-runs/DATE-COMMIT/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 g="$here/target/release/gpuio"
 size=${1:-1G}
 secs=${2:-5}
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
+# Every gpuio run's raw JSON and exact command kept under docs/bench-runs/ (see bench-runs.sh).
+. "$here/scripts/bench-runs.sh"
+bench_runs_start "$0" "$@"
+g=$(bench_runs_wrap "$g")
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpuio-packs.XXXXXX")
 shm=$(mktemp -d /dev/shm/gpuio-packs.XXXXXX)
 trap 'rm -rf "$work" "$shm"' EXIT

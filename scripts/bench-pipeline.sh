@@ -17,7 +17,8 @@
 # (default $TMPDIR or /tmp) and removed at the end. Page caches are dropped before each run when this
 # runs as root (else the reads of `cp` and `dd` may be served from memory: the script says so; set
 # DROP_CACHES=0 not to touch a machine others are measuring on); gpuio reads and writes with O_DIRECT
-# where the filesystem allows. Needs python3.
+# where the filesystem allows. Needs python3. Every run's JSON and timing is kept under
+# docs/bench-runs/DATE-COMMIT/.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,11 +30,20 @@ dir=${4:-${TMPDIR:-/tmp}}
 
 command -v python3 >/dev/null || { echo "python3 is needed" >&2; exit 1; }
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
+# The results directory (every stream run's JSON, the cp timings) is kept under docs/bench-runs/ with
+# the command (see bench-runs.sh); the scratch files are removed.
+. "$here/scripts/bench-runs.sh"
+bench_runs_start "$0" "$@"
 
 work=$(mktemp -d "$dir/gpuio-bench-pipeline.XXXXXX")
+results="$runs_dir/results"
 trap 'rm -rf "$work"' EXIT
-results="$work/results"
 mkdir -p "$results"
+{
+  echo "calibrate.json, s1-R.json, s3-R.json, sweep-SLOTS-CHUNK.json: gpuio stream --json outputs;"
+  echo "cp-R.txt: seconds per copy. Commands: see scripts/bench-pipeline.sh at this commit, with"
+  echo "SIZE=$size ROUNDS=$rounds CP_SIZE=$cp_size DIR=$dir"
+} >"$results/README.txt"
 
 bytes() { python3 -c "import sys; s=sys.argv[1].upper().rstrip('B').rstrip('I'); m={'K':1<<10,'M':1<<20,'G':1<<30,'T':1<<40}; print(int(float(s[:-1])*m[s[-1]]) if s[-1] in m else int(s))" "$1"; }
 

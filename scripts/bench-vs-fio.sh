@@ -6,6 +6,7 @@
 #   scripts/bench-vs-fio.sh [FILE] [ROUNDS] [SECONDS]
 #
 # FILE defaults to a 1 GiB scratch file in $TMPDIR (made once, removed at the end). Needs fio and python3.
+# The raw JSON of every run, with its command, is kept under docs/bench-runs/DATE-COMMIT/.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,6 +17,11 @@ secs=${3:-5}
 
 command -v fio >/dev/null || { echo "fio is not installed (apt-get install -y fio)" >&2; exit 1; }
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
+# Every gpuio and fio run's raw JSON and exact command kept under docs/bench-runs/ (see bench-runs.sh).
+. "$here/scripts/bench-runs.sh"
+bench_runs_start "$0" "$@"
+gpuio=$(bench_runs_wrap "$gpuio")
+bench_runs_wrap_on_path fio
 
 cleanup=
 if [ -z "$file" ]; then
@@ -48,7 +54,8 @@ for w in "randread 4k 64" "read 1m 16" "write 1m 16"; do
   pattern=$1 bs=$2 qd=$3
   echo
   echo "== $pattern bs=$bs QD=$qd =="
-  tmp=$(mktemp -d)
+  tmp="$runs_dir/$pattern-$bs-qd$qd" # gR.json, fR.json: round R's gpu-io and fio JSON, kept
+  mkdir -p "$tmp"
   for r in $(seq 1 "$rounds"); do
     if [ $((r % 2)) -eq 1 ]; then
       run_gpuio "$pattern" "$bs" "$qd" >"$tmp/g$r.json"; run_fio "$pattern" "$bs" "$qd" >"$tmp/f$r.json"
@@ -78,7 +85,6 @@ ratios = [a / b for a, b, *_ in rows]
 print(f"median gpu-io/fio IOPS ratio: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
       f"median CPU us/IO gpu-io {statistics.median(r[4] for r in rows):.1f} vs fio {statistics.median(r[5] for r in rows):.1f}")
 PY
-  rm -rf "$tmp"
   echo "-- same run, other references (gpuio bench --compare):"
   "$gpuio" bench --file "$file" --overwrite --pattern "$pattern" --block-size "$bs" --queue-depth "$qd" \
     --duration "$secs" --compare | sed -n '/┌/,/┘/p'

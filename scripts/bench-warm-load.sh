@@ -5,12 +5,18 @@
 #   scripts/bench-warm-load.sh [ROUNDS] [SIZE_MIB]
 #
 # Needs python3 with numpy and safetensors (pip install numpy safetensors). The file (default 512 MiB
-# of float32 tensors) is made in $TMPDIR and removed at the end.
+# of float32 tensors) is made in $TMPDIR and removed at the end. The raw JSON of every gpuio run, with
+# its command, is kept under docs/bench-runs/DATE-COMMIT/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cargo build --release --quiet --manifest-path "$here/Cargo.toml" -p gpuio-cli
+# Every gpuio run's raw JSON and exact command kept under docs/bench-runs/ (see bench-runs.sh); the
+# Python below records them after timing each run (a wrapper would add to the time measured).
+. "$here/scripts/bench-runs.sh"
+bench_runs_start "$0" "$@"
+export BENCH_RUNS_RAW="$runs_dir/raw"
 exec python3 - "$here/target/release/gpuio" "${1:-5}" "${2:-512}" <<'PY'
-import json, os, statistics, subprocess, sys, tempfile, time
+import json, os, shlex, statistics, subprocess, sys, tempfile, time
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -34,11 +40,23 @@ def warm():
         while f.read(16 << 20):
             pass
 
+RUNS = [0]
+
+def keep(cmd, out):
+    """Keeps a run's exact command and raw output under $BENCH_RUNS_RAW (scripts/bench-runs.sh)."""
+    RUNS[0] += 1
+    base = os.path.join(os.environ["BENCH_RUNS_RAW"], f"{RUNS[0]:05d}-{os.path.basename(cmd[0])}")
+    with open(base + ".cmd", "w") as f:
+        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+    with open(base + ".out", "w") as f:
+        f.write(out)
+
 def t_gpuio():
+    cmd = [gpuio, "load", path, "--device", "cpu", "--json"]
     t = time.perf_counter()
-    out = subprocess.run([gpuio, "load", path, "--device", "cpu", "--json"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     wall = time.perf_counter() - t
+    keep(cmd, out)
     j = json.loads(out)
     return wall, j
 

@@ -19,6 +19,39 @@ const BLOCK_SIZE_MAX: u64 = 256 << 20;
 const SCRATCH_SIZE_DEFAULT: u64 = 1 << 30;
 /// Longest run accepted per workload.
 const DURATION_MAX_S: f64 = 3600.0;
+/// Bytes left free on the filesystem of a scratch file (or of a --file bench creates): a benchmark
+/// must not fill the disk other programs write to.
+const FREE_SPACE_RESERVE: u64 = 256 << 20;
+
+/// Refuses to create a file of `size` bytes in `dir` unless its filesystem has that much free space for
+/// this user (`statvfs(3)`'s `f_bavail`) plus [`FREE_SPACE_RESERVE`]; the error names the numbers.
+fn check_free_space(dir: &Path, size: u64) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid("the path holds a NUL byte").with_path(dir))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills `st` from a valid NUL-terminated path.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::from_io(gpuio::error::Op::Stat, &e).with_path(dir));
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    if size.saturating_add(FREE_SPACE_RESERVE) > free {
+        return Err(Error::new(
+            gpuio::ErrorKind::NoSpace,
+            format!(
+                "a {size}-byte file ({}) does not fit: the filesystem has {free} bytes ({}) free and \
+                 {FREE_SPACE_RESERVE} are kept free; pass a smaller --size, or a --file (or TMPDIR) on \
+                 another filesystem",
+                gpuio::size::format_bytes(size as f64),
+                gpuio::size::format_bytes(free as f64),
+            ),
+        )
+        .with_path(dir));
+    }
+    Ok(())
+}
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -47,8 +80,12 @@ pub struct BenchArgs {
     /// numjobs; --compare runs fio with as many jobs).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// I/O backend: auto (the probe's choice: io_uring where it works), uring, threads (a pread/pwrite
+    /// thread pool) or mmap.
     #[arg(long, default_value = "auto")]
     backend: BackendChoice,
+    /// Direct I/O (O_DIRECT): auto (where the filesystem allows it), on (fail where it does not) or
+    /// off (buffered).
     #[arg(long, default_value = "auto")]
     direct: DirectMode,
     /// Size of the tasks large commands are split into.
@@ -268,10 +305,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
         })
     };
 
-    // The file: the user's, or a scratch file that is removed however we leave.
-    let (_scratch, path, created) = match &a.file {
+    // The file: the user's, or a scratch file that is removed however we leave (an error, or SIGINT,
+    // SIGTERM or SIGHUP through `gpuio::replace::register_temp`). Free space is checked before
+    // anything is created.
+    let wanted = a.size.unwrap_or(SCRATCH_SIZE_DEFAULT);
+    let (_registered, _scratch, path, created) = match &a.file {
         Some(p) => {
             let exists = p.exists();
+            if !exists {
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                check_free_space(&dir, wanted)?;
+            }
             if exists && suite.iter().any(|(p, ..)| p.is_write()) && !a.overwrite {
                 let meta = std::fs::metadata(p)
                     .map_err(|e| Error::from_io(gpuio::error::Op::Stat, &e).with_path(p))?;
@@ -282,9 +329,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     )));
                 }
             }
-            (None, p.clone(), !exists)
+            (None, None, p.clone(), !exists)
         }
         None => {
+            check_free_space(&std::env::temp_dir(), wanted)?;
             let t = tempfile::Builder::new()
                 .prefix("gpuio-bench-")
                 .tempfile_in(std::env::temp_dir())
@@ -292,11 +340,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     Error::from_io(gpuio::error::Op::Open, &e).with_path(&std::env::temp_dir())
                 })?;
             let path = t.path().to_path_buf();
-            (Some(t.into_temp_path()), path, true)
+            // `_registered` is bound before `_scratch`, so it is dropped after it: the file is never
+            // unregistered while it exists.
+            let registered = gpuio::replace::register_temp(&path);
+            (Some(registered), Some(t.into_temp_path()), path, true)
         }
     };
     let region = if created {
-        a.size.unwrap_or(SCRATCH_SIZE_DEFAULT)
+        wanted
     } else {
         let len = OpenOptions::read()
             .direct(DirectMode::Off)
@@ -321,7 +372,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     {
         let pb = make_pb(1000, String::new());
+        // A --file bench creates is removed if a signal ends the process while it is half-written.
+        let half_written =
+            (created && a.file.is_some()).then(|| gpuio::replace::register_temp(&path));
         let prepared = prepare_file(&path, region, created, a.direct, pb.as_ref());
+        drop(half_written);
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
@@ -333,7 +388,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             return Err(e);
         }
         if created && a.file.is_some() {
-            eprintln!("gpuio: created {} ({region} bytes)", path.display());
+            errln!("gpuio: created {} ({region} bytes)", path.display());
         }
     }
 
@@ -419,9 +474,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         });
     }
     if a.json {
-        println!("{}", report::json(&outcomes, &path, a.pattern.is_some()));
+        outln!("{}", report::json(&outcomes, &path, a.pattern.is_some()))?;
     } else {
-        print!("{}", report::table(&outcomes, &path));
+        out!("{}", report::table(&outcomes, &path))?;
     }
     Ok(())
 }
@@ -493,9 +548,9 @@ fn run_pack(
     }
     let shown = PathBuf::from(format!("{}:{entry_name}", pack_path.display()));
     if a.json {
-        println!("{}", report::json(&outcomes, &shown, a.pattern.is_some()));
+        outln!("{}", report::json(&outcomes, &shown, a.pattern.is_some()))?;
     } else {
-        print!("{}", report::table(&outcomes, &shown));
+        out!("{}", report::table(&outcomes, &shown))?;
     }
     Ok(())
 }

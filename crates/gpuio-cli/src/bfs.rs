@@ -617,6 +617,8 @@ pub fn run(a: BfsArgs) -> Result<()> {
     // fails at once rather than after the work; the check runs again on the resolved destination.
     let depths_out = match &a.depths_out {
         Some(p) => {
+            // Temporaries of earlier runs killed by SIGKILL (which no handler can catch).
+            crate::stream::remove_stale_temps(p);
             let r = gpuio::ReplaceFile::create(p)?;
             check_output_not_input("--depths-out", r.dest(), &[&bel.col_path, &bel.dst_path])?;
             Some(r)
@@ -794,17 +796,17 @@ pub fn run(a: BfsArgs) -> Result<()> {
         if let Value::Object(o) = &mut v {
             o.extend(extra);
         }
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
-        println!(
+        outln!(
             "bfs {} from vertex {} ({} mode): {} vertices, {} edges",
             bel.col_path.display().to_string().trim_end_matches(".col"),
             a.source,
             a.mode.name(),
             bel.n,
             bel.m
-        );
-        println!(
+        )?;
+        outln!(
             "reached {} vertices in {} levels, scanned {} edges in {:.3} s: {:.2} M TEPS ({} major faults)",
             t.reached,
             t.levels,
@@ -812,12 +814,12 @@ pub fn run(a: BfsArgs) -> Result<()> {
             t.seconds,
             teps / 1e6,
             faults
-        );
+        )?;
         for l in lines {
-            println!("{l}");
+            outln!("{l}")?;
         }
         if let Some(p) = &a.depths_out {
-            println!("depths written to {}", p.display());
+            outln!("depths written to {}", p.display())?;
         }
     }
     Ok(())

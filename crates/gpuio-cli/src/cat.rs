@@ -29,6 +29,7 @@ pub struct CatArgs {
     /// Bytes to print; default: to the end. Asking for bytes past the end is an error.
     #[arg(long, value_parser = crate::parse_size)]
     length: Option<u64>,
+    /// Direct I/O (O_DIRECT) for reading: auto (where the filesystem allows it), on or off.
     #[arg(long, default_value = "auto")]
     direct: DirectMode,
 }
@@ -62,11 +63,9 @@ fn range_end(a: &CatArgs, size: u64, name: &Path) -> Result<u64> {
     Ok(end)
 }
 
+/// A failed write to standard output as an error (a closed pipe included: see out.rs).
 fn stdout_error(e: std::io::Error) -> Result<()> {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        return Ok(()); // the reader has had enough (e.g. `| head`)
-    }
-    Err(Error::from_io(gpuio::error::Op::Write, &e).with_path(Path::new("<stdout>")))
+    Err(crate::out::stdout_error(&e))
 }
 
 pub fn run(a: CatArgs) -> Result<()> {
@@ -84,9 +83,10 @@ pub fn run(a: CatArgs) -> Result<()> {
             a.offset,
             end,
             &mut out,
-            Path::new("<stdout>"),
+            Path::new(crate::out::STDOUT_NAME),
             None,
-        )?;
+        )
+        .map_err(crate::out::from_stdout_write)?;
         return out.flush().or_else(stdout_error);
     }
     let path = PathBuf::from(&a.file);

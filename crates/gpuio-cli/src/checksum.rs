@@ -13,7 +13,20 @@ use crate::stream::{
     PipeArgs,
 };
 
+// checksum has no compute or write stage of its own (it sums in the compute stage and writes nothing):
+// the shared pipeline flags get help that says so.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("slots", |a| a.help(
+        "Slot buffers: 1 reads a slot, then sums it, one after another; 3 read the next slots while \
+         one is summed"
+    )),
+    mut_arg("direct", |a| a.help("Direct I/O (O_DIRECT) for reading the input")),
+    mut_arg("json", |a| a.help(
+        "Print one JSON object (crc32c, path, and the read and sum stages' times) instead of \
+         `crc  name`"
+    ))
+)]
 pub struct ChecksumArgs {
     /// A file, or an entry of a pack as PACK:ENTRY.
     file: String,
@@ -34,19 +47,19 @@ fn checksum_sequential(a: &ChecksumArgs) -> Result<()> {
         a,
         crc.value(),
         json!({ "bytes": bytes, "sequential": true }),
-    );
-    Ok(())
+    )
 }
 
-fn report(a: &ChecksumArgs, crc: u32, mut v: serde_json::Value) {
+fn report(a: &ChecksumArgs, crc: u32, mut v: serde_json::Value) -> Result<()> {
     let hex = format!("{crc:08x}");
     if a.pipe.json {
         v["path"] = json!(a.file);
         v["crc32c"] = json!(hex);
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
-        println!("{hex}  {}", gpuio::input::escape(&a.file));
+        outln!("{hex}  {}", gpuio::input::escape(&a.file))?;
     }
+    Ok(())
 }
 
 pub fn run(a: ChecksumArgs) -> Result<()> {
@@ -64,6 +77,5 @@ pub fn run(a: ChecksumArgs) -> Result<()> {
         crc.update(slot.bytes());
         Ok(())
     })?;
-    report(&a, crc.value(), stats_json(&stats));
-    Ok(())
+    report(&a, crc.value(), stats_json(&stats))
 }

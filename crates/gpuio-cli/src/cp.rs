@@ -98,15 +98,15 @@ fn copy_sequential(a: &CpArgs, probe: gpuio::input::Probe) -> Result<()> {
             "crash_safe": true,
             "stale_temps_removed": stale.len(),
         });
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
-        println!(
+        outln!(
             "copied {} from {} to {} in {wall:.2} s (read sequentially to its end: the source reports \
              a size of 0; synced and renamed into place)",
             format_bytes(bytes as f64),
             escape(&a.src),
             escape_path(&dst),
-        );
+        )?;
     }
     Ok(())
 }
@@ -138,10 +138,10 @@ pub fn run(a: CpArgs) -> Result<()> {
         v["direct"] = json!({ "read": src_direct, "write": dst_direct });
         v["crash_safe"] = json!(true);
         v["stale_temps_removed"] = json!(stale.len());
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
         let busy = |d: std::time::Duration| d.as_secs_f64() / stats.wall.as_secs_f64().max(1e-9);
-        println!(
+        outln!(
             "copied {} from {} to {} in {:.2} s ({}/s; read busy {:.0} %, write busy {:.0} %; {}; synced and renamed into place)",
             format_bytes(stats.bytes_in as f64),
             escape(&a.src),
@@ -156,7 +156,7 @@ pub fn run(a: CpArgs) -> Result<()> {
                 (true, false) => "direct read, buffered write",
                 (false, true) => "buffered read, direct write",
             },
-        );
+        )?;
     }
     Ok(())
 }

@@ -80,6 +80,7 @@ impl Kind {
 
 #[derive(Args, Debug)]
 pub struct GenArgs {
+    /// The generator.
     #[arg(long, value_enum, default_value = "kron")]
     kind: Kind,
     /// 2^SCALE vertices (1..=30).
@@ -489,9 +490,9 @@ fn gen(a: GenArgs) -> Result<()> {
             "build_seconds": t_build,
             "write_seconds": t_write,
         });
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
-        println!(
+        outln!(
             "{} scale {} degree {} seed {}: {n} vertices, {edges} directed edges \
              ({m} generated; both directions stored; {} self-loops and {} duplicates dropped)",
             a.kind.name(),
@@ -500,13 +501,13 @@ fn gen(a: GenArgs) -> Result<()> {
             a.seed,
             csr.self_loops,
             csr.duplicates
-        );
-        println!(
+        )?;
+        outln!(
             "wrote {} and {} ({}) in {secs:.2} s (generate {t_gen:.2} s, build {t_build:.2} s, write {t_write:.2} s)",
             gpuio::input::escape_path(&col_path),
             gpuio::input::escape_path(&dst_path),
             format_bytes(bytes as f64)
-        );
+        )?;
     }
     Ok(())
 }

@@ -100,7 +100,7 @@ fn describe_pack(path: &std::path::Path, only: Option<&str>, json: bool) -> Resu
             "file_size": pack.file().len()?,
             "entries": entries,
         });
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
         return Ok(());
     }
     let mut t = comfy_table::Table::new();
@@ -132,11 +132,11 @@ fn describe_pack(path: &std::path::Path, only: Option<&str>, json: bool) -> Resu
             raw.to_string(),
         ]);
     }
-    println!(
+    outln!(
         "pack {} ({} entries)\n{t}",
         path.display(),
         pack.entries().len()
-    );
+    )?;
     Ok(())
 }
 
@@ -162,7 +162,17 @@ pub fn run(a: InfoArgs) -> Result<()> {
             ..BackendConfig::default()
         };
         let status = match backend::probe(&cfg) {
-            Ok((_, ex)) => json!({"name": name, "available": true, "notes": ex.reasons}),
+            Ok((_, ex)) => {
+                // Each backend is probed by naming it, so `backend::probe` (crates/gpuio/src/backend/
+                // mod.rs) records "... chosen explicitly" first; the user chose nothing here, so that
+                // line is left out and the notes describe the backend alone.
+                let notes: Vec<String> = ex
+                    .reasons
+                    .into_iter()
+                    .filter(|r| !r.ends_with("chosen explicitly"))
+                    .collect();
+                json!({"name": name, "available": true, "notes": notes})
+            }
             Err(e) => json!({"name": name, "available": false, "why": e.to_string()}),
         };
         engines.push(status);
@@ -192,9 +202,9 @@ pub fn run(a: InfoArgs) -> Result<()> {
         });
     }
     if a.json {
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
-        print!("{}", human(&v));
+        out!("{}", human(&v))?;
     }
     Ok(())
 }

@@ -151,6 +151,10 @@ pub fn run(a: LoadArgs) -> Result<()> {
             "--save-to writes a model from device memory; a zero-copy mapping is the file itself: use another --path",
         ));
     }
+    if let Some(out) = &a.save_to {
+        // Temporaries of earlier saves killed by SIGKILL (which no handler can catch).
+        crate::stream::remove_stale_temps(out);
+    }
     let mut engine_cfg = EngineConfig::default();
     engine_cfg.backend.choice = a.backend;
     let engine = Engine::new(engine_cfg)?;
@@ -223,7 +227,7 @@ fn report(
         .filter(|n| !n.is_empty())
         .collect();
     if !a.json {
-        println!(
+        outln!(
             "loaded {} tensors, {} in {:.3} s ({}/s) to {} ({}) via {}{}",
             placed.tensors().len(),
             gpuio::size::format_bytes(s.bytes as f64),
@@ -241,29 +245,29 @@ fn report(
             } else {
                 String::new()
             },
-        );
-        println!(
+        )?;
+        outln!(
             "  end to end (header, set-up, allocation, transfer): {:.3} s",
             end_to_end.as_secs_f64()
-        );
+        )?;
         if !s.read_mode.is_empty() {
-            println!(
+            outln!(
                 "  read {} with the {} backend",
                 s.read_mode,
                 engine.explain().backend
-            );
+            )?;
         }
         for n in notes {
-            println!("  {n}");
+            outln!("  {n}")?;
         }
         if let (Some(out), Some(st)) = (&a.save_to, placed.saved()) {
-            println!(
+            outln!(
                 "saved to {} from device memory: {} in {:.3} s ({}/s)",
                 out.display(),
                 gpuio::size::format_bytes(st.bytes as f64),
                 st.seconds,
                 gpuio::size::format_bytes(st.bytes_per_sec()),
-            );
+            )?;
         }
         return Ok(());
     }
@@ -315,7 +319,7 @@ fn report(
             "write_wait_s": st.write_wait.as_secs_f64(),
         });
     }
-    crate::report::print_json(&v);
+    crate::report::print_json(&v)?;
     Ok(())
 }
 
@@ -337,34 +341,33 @@ pub fn pio_sweep(device: Arc<dyn gpuio_cuda::Device>, max: u64, json_out: bool) 
             "rows": rows,
             "dma_wins_from_bytes": r.dma_wins_from,
             "pio_unavailable": r.pio_unavailable,
-        }));
+        }))?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{} ({}): median of {} copies each",
         device.label(),
         device.description(),
         r.repetitions
-    );
+    )?;
     for row in &r.rows {
-        println!(
+        outln!(
             "{:>9}  DMA {:9.2} us  PIO {}",
             gpuio::size::format_bytes(row.bytes as f64),
             row.dma_us,
             row.pio_us
                 .map(|p| format!("{p:9.2} us"))
                 .unwrap_or_else(|| "-".into())
-        );
+        )?;
     }
     match (&r.pio_unavailable, r.dma_wins_from) {
-        (Some(why), _) => println!("no programmed-I/O copy: {why}"),
-        (None, Some(b)) => println!(
+        (Some(why), _) => outln!("no programmed-I/O copy: {why}"),
+        (None, Some(b)) => outln!(
             "DMA is faster from {} on",
             gpuio::size::format_bytes(b as f64)
         ),
-        (None, None) => println!("programmed I/O was faster at every size measured"),
+        (None, None) => outln!("programmed I/O was faster at every size measured"),
     }
-    Ok(())
 }
 
 /// `gpuio bench --target cuda:N`: one sequential pass over `region` bytes of `path`, staged into a
@@ -425,9 +428,9 @@ pub fn bench_device(
         }
     }
     if json_out {
-        println!("{v}");
+        outln!("{v}")?;
     } else {
-        println!(
+        outln!(
             "{} -> {}: {} in {:.3} s = {}/s ({} staging buffers){}",
             path.display(),
             device.label(),
@@ -439,7 +442,7 @@ pub fn bench_device(
                 .and_then(|r| r.as_f64())
                 .map(|r| format!("; {r:.2} x fio"))
                 .unwrap_or_default(),
-        );
+        )?;
     }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! `gpuio`: the command-line face of the gpu-io engine. Thin by design: parses flags, calls the library,
 //! prints tables, JSON and progress. Every error is one line on stderr and a non-zero exit status.
 
+#[macro_use]
+mod out;
+
 mod bench;
 mod bfs;
 mod cat;
@@ -61,10 +64,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Like other Unix filters, end quietly when the reader of our output goes away (`gpuio info | head`)
-    // instead of panicking in println!.
-    // SAFETY: restoring the default disposition of one signal before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // SIGPIPE stays ignored (as Rust's start-up code leaves it) while the command runs: a write to a
+    // closed pipe returns EPIPE, the command stops and cleans up, and `out::exit_if_stdout_closed`
+    // then ends the process as coreutils would. See out.rs.
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
@@ -81,10 +83,13 @@ fn main() -> ExitCode {
         Command::Checksum(a) => checksum::run(a),
         Command::Load(a) => load::run(a),
     };
+    // Every command's output is written by now; a line still buffered fails here if it fails at all.
+    let result = result.and_then(|()| out::flush());
+    out::exit_if_stdout_closed();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gpuio: error: {e}");
+            errln!("gpuio: error: {e}");
             ExitCode::FAILURE
         }
     }

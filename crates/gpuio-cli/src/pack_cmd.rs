@@ -46,6 +46,7 @@ pub struct PackArgs {
 
 #[derive(Args, Debug)]
 pub struct UnpackArgs {
+    /// The pack to extract from.
     pack: PathBuf,
     /// Directory to extract every entry into, or with --entry the file to write.
     #[arg(short, long)]
@@ -60,7 +61,9 @@ pub struct UnpackArgs {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
+    /// The pack to check.
     pack: PathBuf,
+    /// Print one JSON object (pack, intact, entries, chunks, problems) instead of a summary.
     #[arg(long)]
     json: bool,
 }
@@ -102,7 +105,7 @@ fn collect_inputs(inputs: &[PathBuf], output: &Path) -> Result<Vec<(String, Path
     };
     let out_dir_id = dir_id(output.parent().unwrap_or(Path::new(".")));
     let skip = |path: &Path, why: &str| {
-        eprintln!("gpuio: skipped {}: {why}", escape_path(path));
+        errln!("gpuio: skipped {}: {why}", escape_path(path));
     };
     let mut out = Vec::new();
     for input in inputs {
@@ -219,9 +222,9 @@ pub fn pack(a: PackArgs) -> Result<()> {
             "seconds": secs,
             "bytes_per_sec": s.logical_bytes as f64 / secs,
         });
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
-        println!(
+        outln!(
             "packed {} entr{} into {}: {} -> {} ({ratio:.2}:1, {}) in {secs:.2} s, {}/s",
             s.entries,
             if s.entries == 1 { "y" } else { "ies" },
@@ -230,7 +233,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
             gpuio::size::format_bytes(s.stored_bytes as f64),
             a.codec.name(),
             gpuio::size::format_bytes(s.logical_bytes as f64 / secs),
-        );
+        )?;
     }
     Ok(())
 }
@@ -275,9 +278,7 @@ pub(crate) fn stream_entry(
         };
         let buf = load.wait()?;
         if let Err(e) = out.write_all(&buf) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(());
-            }
+            // A closed pipe too: the caller decides what it means (cat: see out.rs).
             return Err(Error::from_io(gpuio::error::Op::Write, &e).with_path(out_name));
         }
         if let Some(pb) = pb {
@@ -352,7 +353,7 @@ pub fn unpack(a: UnpackArgs) -> Result<()> {
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    eprintln!(
+    errln!(
         "unpacked {} entr{} ({}) in {:.2} s",
         entries.len(),
         if entries.len() == 1 { "y" } else { "ies" },
@@ -387,17 +388,17 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             "chunks": chunks,
             "problems": problems.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
         });
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else if problems.is_empty() {
-        println!(
+        outln!(
             "{}: intact ({} entries, {chunks} chunks, {} checked)",
             gpuio::input::escape_path(&a.pack),
             pack.entries().len(),
             gpuio::size::format_bytes(total as f64)
-        );
+        )?;
     } else {
         for p in &problems {
-            println!("{p}");
+            outln!("{p}")?;
         }
     }
     if problems.is_empty() {

@@ -158,9 +158,9 @@ pub fn table(outcomes: &[Outcome], path: &Path) -> String {
 }
 
 /// Prints one JSON object (every command's `--json` output).
-pub(crate) fn print_json(v: &serde_json::Value) {
-    println!(
+pub(crate) fn print_json(v: &serde_json::Value) -> gpuio::Result<()> {
+    outln!(
         "{}",
         serde_json::to_string_pretty(v).expect("JSON values always serialize")
-    );
+    )
 }

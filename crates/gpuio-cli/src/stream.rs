@@ -199,11 +199,11 @@ pub(crate) fn check_output(
 /// can still be written.
 pub(crate) fn remove_stale_temps(output: &Path) -> Vec<PathBuf> {
     let removed = gpuio::replace::remove_stale_temps(output).unwrap_or_else(|e| {
-        eprintln!("gpuio: warning: stale temporary files not removed: {e}");
+        errln!("gpuio: warning: stale temporary files not removed: {e}");
         Vec::new()
     });
     for p in &removed {
-        eprintln!(
+        errln!(
             "gpuio: removed {}, left by a run that did not finish",
             gpuio::input::escape_path(p)
         );
@@ -430,11 +430,11 @@ pub fn run(a: StreamArgs) -> Result<()> {
         if let Some(c) = &crc {
             v["crc32c"] = json!(c);
         }
-        crate::report::print_json(&v);
+        crate::report::print_json(&v)?;
     } else {
-        print!("{}", stats_table(&stats));
+        out!("{}", stats_table(&stats))?;
         if let Some(c) = crc {
-            println!("crc32c: {c}");
+            outln!("crc32c: {c}")?;
         }
     }
     Ok(())

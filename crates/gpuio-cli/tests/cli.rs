@@ -409,3 +409,193 @@ fn bench_threads_split_one_pass_and_info_says_where_bytes_live() {
         assert_eq!(v["file"]["memory_resident"], true, "{v}");
     }
 }
+
+/// The subcommands `gpuio --help` lists, with `graph` as `graph gen` (its only subcommand).
+fn subcommands() -> Vec<Vec<String>> {
+    let out = gpuio(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let list = text.split("Commands:").nth(1).expect("a command list");
+    let names: Vec<String> = list
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|n| n != "help")
+        .collect();
+    assert!(names.len() >= 13, "{text}");
+    names
+        .into_iter()
+        .map(|n| {
+            if n == "graph" {
+                vec![n, "gen".into()]
+            } else {
+                vec![n]
+            }
+        })
+        .collect()
+}
+
+/// Every `--long` flag in `text` (a word that starts with two dashes and a letter).
+fn long_flags(text: &str) -> std::collections::BTreeSet<String> {
+    let mut flags = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("--") {
+        let before = text[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-') {
+            continue;
+        }
+        let rest = &text[i + 2..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
+            .collect();
+        if name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            flags.insert(format!("--{}", name.trim_end_matches('-')));
+        }
+    }
+    flags
+}
+
+/// README.md's `### Flags` entry for `gpuio CMD`: the list item that starts with it, to the next item.
+fn readme_entry<'a>(readme: &'a str, cmd: &str) -> &'a str {
+    let section = readme
+        .split("\n### Flags\n")
+        .nth(1)
+        .expect("README.md has a ### Flags section");
+    let section = section.split("\n#").next().unwrap();
+    let head = format!("\n- `gpuio {cmd}");
+    let start = section
+        .find(&head)
+        .unwrap_or_else(|| panic!("README.md's ### Flags has no entry for `gpuio {cmd}`"));
+    let item = &section[start + 1..];
+    let end = item[1..].find("\n- ").map_or(item.len(), |e| e + 1);
+    let end = end.min(item.find("\n\n").unwrap_or(item.len()));
+    &item[..end]
+}
+
+#[test]
+fn every_flag_has_help_and_the_readme_lists_exactly_the_flags_of_each_command() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    for cmd in subcommands() {
+        let mut args: Vec<&str> = cmd.iter().map(|s| s.as_str()).collect();
+        args.push("--help");
+        let out = gpuio(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        let options = help.split("Options:").nth(1).expect("an Options section");
+        // Every option line has help text: in the short layout on the same line, in the long layout
+        // (some flag has long help) on the lines below it.
+        let lines: Vec<&str> = options.lines().collect();
+        let mut in_help = std::collections::BTreeSet::new();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            // An option line (`  -o, --output <OUTPUT>  help`), not help text that names a flag.
+            if !t.starts_with('-') || l.len() - t.len() > 6 {
+                continue;
+            }
+            in_help.extend(long_flags(t.split("  ").next().unwrap()));
+            // Text, not just `[default: ...]` or `[possible values: ...]`.
+            let text = |s: &str| !s.trim().is_empty() && !s.trim().starts_with('[');
+            let own = t.split("  ").skip(1).any(text);
+            let below = lines
+                .get(i + 1)
+                .is_some_and(|n| text(n) && n.len() - n.trim_start().len() > 6);
+            assert!(
+                own || below,
+                "`gpuio {}`: no help for `{t}`:\n{help}",
+                cmd.join(" ")
+            );
+        }
+        in_help.remove("--help");
+        let name = cmd.join(" ");
+        let in_readme = long_flags(readme_entry(&readme, &name));
+        assert_eq!(
+            in_help, in_readme,
+            "README.md's ### Flags entry for `gpuio {name}` and `gpuio {name} --help` differ"
+        );
+    }
+}
+
+#[test]
+fn checksum_help_describes_no_write_stage_and_info_names_no_explicit_choice() {
+    let out = gpuio(&["checksum", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        !help.contains("write") && !help.contains("output"),
+        "checksum has no write stage: {help}"
+    );
+    // info probes every backend by naming it; nothing was chosen explicitly by the user.
+    for args in [vec!["info"], vec!["info", "--json"]] {
+        let out = gpuio(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        assert!(!text.contains("explicitly"), "{args:?}: {text}");
+    }
+}
+
+#[test]
+fn bench_refuses_a_scratch_file_larger_than_the_free_space_and_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = gpuio_in(
+        tmp.path(),
+        &["bench", "--size", "1000000T", "--duration", "0.1"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("gpuio: error:")
+            && err.contains("1099511627776000000-byte file")
+            && err.contains("bytes")
+            && err.contains("free")
+            && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    // A --file bench would create is checked the same way.
+    let f = tmp.path().join("new.bin").display().to_string();
+    let out = gpuio_in(tmp.path(), &["bench", "--file", &f, "--size", "1000000T"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("free"));
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn sigterm_or_sigint_mid_bench_removes_the_scratch_file() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let tmp = tempfile::tempdir().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gpuio"))
+            .args(["bench", "--size", "64M", "--pattern", "randwrite"])
+            .args(["--duration", "60", "--json"])
+            .env("TMPDIR", tmp.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the scratch file is there and fully written (the benchmark is running on it).
+        let start = Instant::now();
+        loop {
+            let full = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .any(|m| m.len() == 64 << 20);
+            if full {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "no scratch file");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.signal(), Some(sig), "{out:?}");
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "signal {sig} left {left:?}");
+    }
+}

@@ -1,4 +1,5 @@
-//! Crash consistency of `gpuio cp`, `gpuio unpack` and `gpuio graph gen` (STYLE item 12; issue 13).
+//! Crash consistency of `gpuio cp`, `unpack`, `graph gen`, `bfs --depths-out` and `load --save-to`
+//! (STYLE item 12; issue 13).
 //!
 //! `cp`: a copy killed with SIGKILL at a random moment, many
 //! times over — the destination absent before half of the runs and holding an older version before
@@ -14,6 +15,10 @@
 //! file is afterwards its old version or its complete new one, and the next run leaves no temporary
 //! file. (`graph gen` writes two files, each replaced whole; the pair is not one atomic step, see
 //! `write_bel` in `src/graph.rs`, so each file is checked on its own.)
+//!
+//! `bfs --depths-out` and `load --save-to` (on the host stand-in, `--device cpu`) are killed the same
+//! way: the depths file or the saved model is its old version or its complete new one, and the next
+//! run removes the temporaries of the killed ones.
 //!
 //! Reproduce a run with `GPUIO_CRASH_SEED=<seed>` (printed); `GPUIO_CRASH_RUNS=<n>` runs more kills.
 
@@ -324,4 +329,129 @@ fn a_graph_gen_killed_at_any_moment_leaves_old_or_new_files() {
     for (f, b) in outs.iter().zip(&new) {
         assert!(&std::fs::read(f).unwrap() == b);
     }
+}
+
+/// Kills runs of `make` that replace `out` (old version `old` before odd runs, absent before even
+/// ones) and checks that `out` is afterwards absent, old or complete; `new` is what a whole run writes.
+fn check_single_output(
+    seed: u64,
+    runs: u32,
+    dir: &Path,
+    out: &Path,
+    old: &[u8],
+    make: &dyn Fn() -> Command,
+    label: &str,
+) {
+    // What a whole run writes, made by one unkilled run.
+    let _ = std::fs::remove_file(out);
+    let st = make().status().unwrap();
+    assert!(st.success(), "{label}: {st}");
+    let new = std::fs::read(out).unwrap();
+    assert!(new != old && !new.is_empty());
+    let reset = |run: u32| {
+        if run % 2 == 1 {
+            std::fs::write(out, old).unwrap();
+        } else {
+            let _ = std::fs::remove_file(out);
+        }
+    };
+    let mut seen = Outcomes::default();
+    kill_at_random_moments(
+        seed,
+        runs,
+        dir,
+        make,
+        &reset,
+        &mut |run, what| match std::fs::read(out) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                assert!(run % 2 == 0, "{label} {what}: the old version disappeared");
+                seen.absent += 1;
+            }
+            Err(e) => panic!("{label} {what}: {e}"),
+            Ok(got) if got == new => seen.new += 1,
+            Ok(got) if got == old && run % 2 == 1 => seen.old += 1,
+            Ok(got) => panic!("{label} {what}: torn output of {} bytes", got.len()),
+        },
+    );
+    eprintln!("{label}: {seen:?}");
+    assert!(std::fs::read(out).unwrap() == new);
+}
+
+#[test]
+fn a_bfs_killed_at_any_moment_leaves_the_old_depths_or_the_new_ones() {
+    let (seed, runs) = seed_and_runs(16);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("g");
+    let st = Command::new(env!("CARGO_BIN_EXE_gpuio"))
+        .args(["graph", "gen", "--scale", "17", "--seed", "1", "-o"])
+        .arg(&prefix)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = dir.path().join("depths.bin");
+    let make = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpuio"));
+        // Vertex 1 has edges in this graph (vertex 0 may not): the depths differ from the old file.
+        c.arg("bfs")
+            .arg(&prefix)
+            .args(["--source", "1", "--mode", "memory", "--depths-out"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    let old = pattern(4 << 17, 5);
+    check_single_output(
+        seed,
+        runs,
+        dir.path(),
+        &out,
+        &old,
+        &make,
+        "bfs --depths-out",
+    );
+}
+
+/// A safetensors file of `tensors` F32 tensors of `elems` elements each, filled from `pattern`.
+fn safetensors(path: &Path, tensors: usize, elems: usize) {
+    let mut header = String::from("{");
+    for i in 0..tensors {
+        let (a, b) = (i * elems * 4, (i + 1) * elems * 4);
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            r#""t{i}":{{"dtype":"F32","shape":[{elems}],"data_offsets":[{a},{b}]}}"#
+        ));
+    }
+    header.push('}');
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(pattern(tensors * elems * 4, 6));
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_load_killed_while_saving_leaves_the_old_file_or_the_new_one() {
+    let (seed, runs) = seed_and_runs(16);
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    safetensors(&model, 6, 1 << 20); // 24 MiB
+    let out = dir.path().join("saved.safetensors");
+    let make = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpuio"));
+        c.arg("load")
+            .arg(&model)
+            .args(["--device", "cpu", "--save-to"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    let old = pattern(OLD_BYTES, 7);
+    check_single_output(seed, runs, dir.path(), &out, &old, &make, "load --save-to");
 }

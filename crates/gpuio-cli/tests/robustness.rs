@@ -34,36 +34,9 @@ const RUN_LIMIT: Duration = Duration::from_secs(20);
 /// subcommand, a description, and a predicate over the run's arguments and its outcome. Runs that
 /// match are printed as "known" and not failed. EMPTY THIS LIST as the causes are fixed.
 type Known = (&'static str, &'static str, fn(&[String], &Outcome) -> bool);
-const KNOWN_ELSEWHERE: &[Known] = &[
-    // cp.rs / stream.rs / checksum.rs with gpuio-pack's EntrySource: a pack entry streamed with a tiny
-    // --chunk-size decodes the whole 64 KiB pack chunk for every slot (65536 decodes for a 64 KiB
-    // entry with --chunk-size 1): minutes, not a hang, but past any limit. Fix there: a lower bound on
-    // --chunk-size for pack entries (e.g. the pack's chunk size), or keep the last decoded chunk in
-    // the entry source.
-    (
-        "cp",
-        "tiny --chunk-size over a pack entry",
-        tiny_chunks_over_pack,
-    ),
-    (
-        "stream",
-        "tiny --chunk-size over a pack entry",
-        tiny_chunks_over_pack,
-    ),
-    (
-        "checksum",
-        "tiny --chunk-size over a pack entry",
-        tiny_chunks_over_pack,
-    ),
-];
-
-fn tiny_chunks_over_pack(args: &[String], o: &Outcome) -> bool {
-    matches!(o, Outcome::Hung)
-        && args.iter().any(|a| a.contains(".gpk:"))
-        && args
-            .windows(2)
-            .any(|w| w[0] == "--chunk-size" && w[1].parse::<u64>().is_ok_and(|n| n < 4096))
-}
+// Empty: the last entries (a tiny --chunk-size over a pack entry decoding a whole pack chunk per
+// slot) were fixed in gpuio-pack's EntrySource, which keeps the last decoded chunk.
+const KNOWN_ELSEWHERE: &[Known] = &[];
 
 /// How a run ended.
 #[derive(Debug)]

@@ -240,8 +240,14 @@ fn empty_and_tiny_models_and_ranges() {
     let e = loader.load_range(&f, 0, &buf, 8, 9).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     let mut out = [0u8; 4];
-    assert!(buf.read(14, &mut out).is_err());
-    assert!(Loader::new(&engine, device, cfg(0, 64 << 10)).is_err());
+    let e = buf.read(14, &mut out).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::InvalidInput,
+        "a read past the buffer's end: {e}"
+    );
+    let e = Loader::new(&engine, device, cfg(0, 64 << 10)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "no staging buffers: {e}");
 }
 
 #[test]

@@ -154,5 +154,11 @@ fn a_pack_truncated_after_open_fails_reads_cleanly() {
     let mut out = vec![0u8; want.len()];
     let err = e.read_at(&q, 0, &mut out).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
-    assert!(pack.verify(&q, &mut |_, _| {}).is_err());
+    let err = pack.verify(&q, &mut |_, _| {}).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+    let name = path.file_name().unwrap().to_str().unwrap();
+    assert!(
+        err.to_string().contains(name),
+        "the error names the pack: {err}"
+    );
 }

@@ -136,7 +136,10 @@ fn past_the_end_fails_with_unexpected_eof_naming_pack_entry_and_offset() {
         .load(&q, 10_000, AlignedBuf::new(1, 4096).unwrap())
         .unwrap()
         .wait_parts();
-    assert!(r.is_err());
+    let err = r.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("eof.gpk") && msg.contains("t.txt"), "{msg}");
     assert_eq!(buf.unwrap().len(), 1);
     // load_range into the middle of a bigger buffer leaves the rest alone.
     let mut buf = AlignedBuf::new(100, 4096).unwrap();
@@ -144,9 +147,10 @@ fn past_the_end_fails_with_unexpected_eof_naming_pack_entry_and_offset() {
     let got = e.load_range(&q, 10, buf, 20, 50).unwrap().wait().unwrap();
     assert!(got[..20].iter().all(|&b| b == 7) && got[70..].iter().all(|&b| b == 7));
     assert_eq!(&got[20..70], &want[10..60]);
-    assert!(e
+    let err = e
         .load_range(&q, 0, AlignedBuf::new(10, 4096).unwrap(), 5, 6)
-        .is_err());
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 }
 
 #[test]

@@ -278,7 +278,9 @@ impl fmt::Display for Error {
             wrote = true;
         }
         if let Some(p) = &i.path {
-            write!(f, "{}{}", if wrote { " " } else { "" }, p.display())?;
+            // Escaped: a name with a newline or an escape sequence stays one harmless line.
+            let sep = if wrote { " " } else { "" };
+            write!(f, "{sep}{}", crate::input::escape_path(p))?;
             wrote = true;
         }
         if let Some(off) = i.offset {
@@ -365,6 +367,22 @@ mod tests {
             s.starts_with("pipeline write stage: slot 2: write /data/y at offset 8192"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn paths_with_control_characters_print_escaped_on_one_line() {
+        let e = Error::from_errno(Op::Open, libc::ENOENT)
+            .with_path(Path::new("/data/a\nb\u{1b}[31m\\c"))
+            .with_range(7, 1);
+        let s = e.to_string();
+        assert!(!s.contains('\n') && !s.contains('\u{1b}'), "{s:?}");
+        assert!(
+            s.starts_with("open /data/a\\nb\\u{1b}[31m\\\\c at offset 7 (+1 bytes): not found"),
+            "{s}"
+        );
+        // A name without control characters prints as it is.
+        let e = Error::invalid("bad").with_path(Path::new("/data/layers/0 é.bin"));
+        assert_eq!(e.to_string(), "/data/layers/0 é.bin: bad");
     }
 
     #[test]
