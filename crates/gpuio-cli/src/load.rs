@@ -161,7 +161,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
     // What a caller of the library waits for, as the peers' loaders are timed: header, staging set-up,
     // device allocation and the transfer; not the device's context creation (a process does that
     // once), nor checksums or saves.
-    let mut end_to_end = Duration::ZERO;
+    let mut phases = Phases::default();
     let (device, placed, pin_note) = match &packed {
         Some((pack_path, entry_name)) => {
             let t = Instant::now();
@@ -170,12 +170,14 @@ pub fn run(a: LoadArgs) -> Result<()> {
             // Validate the header before touching the device, so a bad file never needs a GPU.
             let probe = engine.queue(gpuio::QueueDesc::default())?;
             gpuio_cuda::loader::read_entry_header(&entry, &probe)?;
-            end_to_end += t.elapsed();
+            phases.header = t.elapsed();
             let device = gpuio_cuda::open_target(target)?;
             let t = Instant::now();
             let loader = Loader::new(&engine, device.clone(), cfg)?;
+            phases.setup = t.elapsed();
+            let t = Instant::now();
             let m = loader.load_safetensors_entry(&entry)?;
-            end_to_end += t.elapsed();
+            phases.load = t.elapsed();
             let saved = save(&a, &loader, &m)?;
             (
                 device,
@@ -187,19 +189,21 @@ pub fn run(a: LoadArgs) -> Result<()> {
             let file = Path::new(&a.file);
             let t = Instant::now();
             let header = gpuio_cuda::safetensors::read_header(file)?;
-            end_to_end += t.elapsed();
+            phases.header = t.elapsed();
             let device = gpuio_cuda::open_target(target)?;
             let t = Instant::now();
             match a.path {
                 PathArg::ZeroCopy => {
                     let m = gpuio_cuda::zerocopy::map_with_header(&device, file, &header)?;
-                    end_to_end += t.elapsed();
+                    phases.load = t.elapsed();
                     (device, Placed::Mapped(m), String::new())
                 }
                 PathArg::Staged | PathArg::Direct | PathArg::Auto => {
                     let loader = Loader::new(&engine, device.clone(), cfg)?;
+                    phases.setup = t.elapsed();
+                    let t = Instant::now();
                     let m = loader.load_with_header(file, &header)?;
-                    end_to_end += t.elapsed();
+                    phases.load = t.elapsed();
                     let saved = save(&a, &loader, &m)?;
                     (
                         device,
@@ -210,7 +214,26 @@ pub fn run(a: LoadArgs) -> Result<()> {
             }
         }
     };
-    report(&a, &engine, &device, &placed, &pin_note, end_to_end)
+    report(&a, &engine, &device, &placed, &pin_note, &phases)
+}
+
+/// Where a load's time went, as a caller of the library waits for it (the device's context creation
+/// excluded: a process does that once).
+#[derive(Debug, Default)]
+struct Phases {
+    /// Reading and validating the header.
+    header: Duration,
+    /// Making the loader: staging buffers (allocated, registered, page-locked), its queue and copy
+    /// stream, and the direct reader where one is asked for.
+    setup: Duration,
+    /// Opening the file, allocating device memory, and the transfer.
+    load: Duration,
+}
+
+impl Phases {
+    fn end_to_end(&self) -> Duration {
+        self.header + self.setup + self.load
+    }
 }
 
 fn report(
@@ -219,8 +242,9 @@ fn report(
     device: &Arc<dyn gpuio_cuda::Device>,
     placed: &Placed,
     pin_note: &str,
-    end_to_end: Duration,
+    phases: &Phases,
 ) -> Result<()> {
+    let end_to_end = phases.end_to_end();
     let s = placed.stats();
     let notes: Vec<&str> = [s.note.as_str(), pin_note]
         .into_iter()
@@ -295,6 +319,11 @@ fn report(
         "seconds": s.seconds,
         "bytes_per_sec": s.bytes_per_sec(),
         "end_to_end_s": end_to_end.as_secs_f64(),
+        "phases": {
+            "header_s": phases.header.as_secs_f64(),
+            "loader_setup_s": phases.setup.as_secs_f64(),
+            "load_s": phases.load.as_secs_f64(),
+        },
         "path": s.path.name(),
         "backend": engine.explain().backend.to_string(),
         "read_mode": s.read_mode,

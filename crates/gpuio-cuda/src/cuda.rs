@@ -402,11 +402,14 @@ impl Device for CudaDevice {
             unsafe { sys::cuMemHostUnregister(ptr as *mut c_void) };
         }
     }
+    fn direct_reader_slower(&self) -> Option<String> {
+        (!crate::cufile::nvidia_fs_loaded()).then(|| {
+            "cuFile would run in compatibility mode (the nvidia-fs module is not loaded: /proc/driver/nvidia-fs is absent), through host memory, which is slower than staging; the cuFile driver was not opened".to_string()
+        })
+    }
     fn direct_reader(&self) -> std::result::Result<Arc<dyn crate::device::DirectRead>, String> {
-        let st = crate::cufile::status();
-        if !st.usable {
-            return Err(st.reasons.join("; "));
-        }
+        // The reader opens the cuFile driver itself (once per process) and says why when it cannot;
+        // probing with `cufile::status()` first would open and close it once more.
         crate::cufile::CufileReader::new(self.ordinal, self.dev)
             .map(|r| Arc::new(r) as Arc<dyn crate::device::DirectRead>)
             .map_err(|e| e.to_string())

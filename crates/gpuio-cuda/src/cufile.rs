@@ -441,7 +441,9 @@ fn not_found_reason(lib: &Library) -> String {
     why
 }
 
-fn nvidia_fs_loaded() -> bool {
+/// Whether the nvidia-fs kernel module is loaded: without it cuFile runs in compatibility mode,
+/// through host memory.
+pub fn nvidia_fs_loaded() -> bool {
     std::path::Path::new("/proc/driver/nvidia-fs").exists()
 }
 

@@ -65,6 +65,10 @@ pub trait DirectRead: Send + Sync + fmt::Debug {
     fn bypasses_host(&self) -> bool {
         true
     }
+    /// Whether it can read only files open `O_DIRECT` (cuFile), so a buffered (warm) file is staged.
+    fn needs_o_direct(&self) -> bool {
+        true
+    }
     /// Reads up to `len` bytes of `file` at `offset` into device memory at `dst`, synchronously;
     /// returns the bytes read (fewer only at the end of the file). Thread-safe: loaders call it from
     /// several threads at once for different ranges.
@@ -149,6 +153,13 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// then stage through host memory and report the reason).
     fn direct_reader(&self) -> std::result::Result<Arc<dyn DirectRead>, String> {
         Err(format!("{} has no direct storage path", self.label()))
+    }
+    /// Why a direct reader, if there is one, would not bypass host memory — known without making
+    /// one (making a cuFile reader opens the cuFile driver, which takes most of a second): an
+    /// automatic choice then stages without asking for the reader. `None`: it would, or it cannot be
+    /// told cheaply.
+    fn direct_reader_slower(&self) -> Option<String> {
+        None
     }
 }
 
@@ -306,7 +317,7 @@ pub struct CopyRecord {
 #[derive(Debug, Default)]
 struct HostState {
     /// Live allocations by address → length; the memory itself is `Box<[u8]>` owned here.
-    allocs: BTreeMap<u64, Box<[u8]>>,
+    allocs: BTreeMap<u64, HostMem>,
     allocated_bytes: u64,
     pinned: BTreeMap<usize, usize>,
     /// Host ranges mapped read-only (address → length): readable like allocations, never written.
@@ -451,16 +462,13 @@ impl Device for HostDevice {
                 ));
             }
         }
-        let mut v = Vec::new();
-        v.try_reserve_exact(bytes).map_err(|_| {
+        let mem = HostMem::zeroed(bytes).ok_or_else(|| {
             Error::new(
                 ErrorKind::OutOfMemory,
                 format!("cannot allocate {bytes} bytes of host memory for the cpu device"),
             )
         })?;
-        v.resize(bytes, 0u8);
-        let mem = v.into_boxed_slice();
-        let ptr = mem.as_ptr() as u64;
+        let ptr = mem.ptr.as_ptr() as u64;
         st.allocs.insert(ptr, mem);
         st.allocated_bytes += bytes as u64;
         Ok(ptr)
@@ -468,8 +476,8 @@ impl Device for HostDevice {
     unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize) {
         let mut st = self.0.state.lock();
         if let Some(mem) = st.allocs.remove(&ptr) {
-            debug_assert_eq!(mem.len(), bytes);
-            st.allocated_bytes -= mem.len() as u64;
+            debug_assert_eq!(mem.len(), bytes.max(1));
+            st.allocated_bytes -= bytes as u64;
         }
     }
     unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<Pinned>> {
@@ -524,6 +532,84 @@ impl Device for HostDevice {
     }
 }
 
+/// The stand-in's "device memory": zeroed host memory, freed on drop.
+struct HostMem {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    /// Mapped with `mmap` (large) rather than taken from the allocator (small).
+    mapped: bool,
+}
+
+// SAFETY: plain owned memory; every access goes through the device's checked copies.
+unsafe impl Send for HostMem {}
+
+impl fmt::Debug for HostMem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostMem({:p}, {} bytes)", self.ptr, self.len)
+    }
+}
+
+impl HostMem {
+    /// Allocations from this size on are mapped from the OS and advised as transparent huge pages.
+    const HUGE: usize = 2 << 20;
+
+    /// `len` zero bytes (at least one), or `None` when there is no memory. Never a pass over the
+    /// memory: fresh pages from the OS are zero already, so allocating costs what `cudaMalloc` does;
+    /// large ones ask for huge pages, so first writes fault once per 2 MiB instead of once per
+    /// 4 KiB (page faults were most of a load's time into fresh stand-in memory).
+    fn zeroed(len: usize) -> Option<HostMem> {
+        let len = len.max(1);
+        if len < Self::HUGE {
+            let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+            // SAFETY: the layout has a non-zero size.
+            let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+            return Some(HostMem {
+                ptr,
+                len,
+                mapped: false,
+            });
+        }
+        // SAFETY: an anonymous private mapping of len bytes, owned by the value returned.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the mapping just made; a refusal (THP off) changes nothing.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        Some(HostMem {
+            ptr: std::ptr::NonNull::new(p as *mut u8)?,
+            len,
+            mapped: true,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: mapped in `zeroed` with this length, unmapped once.
+            unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+        } else {
+            let layout = std::alloc::Layout::array::<u8>(self.len).expect("valid at allocation");
+            // SAFETY: allocated in `zeroed` with this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
 /// The stand-in's direct path: `pread` from the file straight into "device" memory.
 #[derive(Debug)]
 struct HostDirectRead(HostDevice);
@@ -531,6 +617,10 @@ struct HostDirectRead(HostDevice);
 impl DirectRead for HostDirectRead {
     fn describe(&self) -> String {
         "pread into the cpu stand-in's memory".into()
+    }
+    /// It reads through the page cache either way.
+    fn needs_o_direct(&self) -> bool {
+        false
     }
     unsafe fn read(
         &self,

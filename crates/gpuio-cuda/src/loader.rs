@@ -380,7 +380,11 @@ impl Loader {
         let stream = device.copy_stream()?;
         let direct = match cfg.path {
             PathChoice::Staged => Err("the staged path was asked for".to_string()),
-            PathChoice::Auto | PathChoice::Direct => device.direct_reader(),
+            PathChoice::Auto => match device.direct_reader_slower() {
+                Some(why) => Err(why),
+                None => device.direct_reader(),
+            },
+            PathChoice::Direct => device.direct_reader(),
         };
         let mut loader = Loader {
             device,
@@ -514,7 +518,7 @@ impl Loader {
                 "direct path not taken: {} is slower than staging",
                 r.describe()
             )),
-            (Ok(_), PathChoice::Auto) if !file.is_direct() => Some(format!(
+            (Ok(r), PathChoice::Auto) if !file.is_direct() && r.needs_o_direct() => Some(format!(
                 "direct path not taken: the file is not open O_DIRECT ({})",
                 file.direct_reason()
             )),
