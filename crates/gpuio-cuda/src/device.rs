@@ -65,10 +65,6 @@ pub trait DirectRead: Send + Sync + fmt::Debug {
     fn bypasses_host(&self) -> bool {
         true
     }
-    /// Whether it can read only files open `O_DIRECT` (cuFile), so a buffered (warm) file is staged.
-    fn needs_o_direct(&self) -> bool {
-        true
-    }
     /// Reads up to `len` bytes of `file` at `offset` into device memory at `dst`, synchronously;
     /// returns the bytes read (fewer only at the end of the file). Thread-safe: loaders call it from
     /// several threads at once for different ranges.
@@ -617,10 +613,6 @@ struct HostDirectRead(HostDevice);
 impl DirectRead for HostDirectRead {
     fn describe(&self) -> String {
         "pread into the cpu stand-in's memory".into()
-    }
-    /// It reads through the page cache either way.
-    fn needs_o_direct(&self) -> bool {
-        false
     }
     unsafe fn read(
         &self,

@@ -518,7 +518,7 @@ impl Loader {
                 "direct path not taken: {} is slower than staging",
                 r.describe()
             )),
-            (Ok(r), PathChoice::Auto) if !file.is_direct() && r.needs_o_direct() => Some(format!(
+            (Ok(_), PathChoice::Auto) if !file.is_direct() => Some(format!(
                 "direct path not taken: the file is not open O_DIRECT ({})",
                 file.direct_reason()
             )),
