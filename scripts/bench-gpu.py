@@ -27,6 +27,7 @@ Sections, in priority order:
   cold     the same from the disk with the page cache dropped before each load; dd iflag=direct
            gives the disk's own sequential rate
   warm     the same with the file in the page cache
+  coldsweep cold loads with deeper staging against fastsafetensors (the fastest cold peer of run 2)
   bench    file -> GPU bytes/s (gpuio bench --target) on /dev/shm and the disk
   gds      --path direct (cuFile) against staged, with cuFile's mode or the reason it is unusable
   pio      gpuio's PIO/DMA sweep, 64 B .. 1 MiB
@@ -63,7 +64,7 @@ PEERS = ["safetensors", "fastsafetensors", "instanttensor", "kvikio"]
 # (section, timeout in seconds)
 SECTIONS = [
     ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("cold", 150),
-    ("warm", 90), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
+    ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
     ("pack", 90),
 ]
 
@@ -434,6 +435,19 @@ def s_cold():
         if j and r == 0:
             check_gpuio(j, "cold")
     run_peers(MODEL, "cold", rounds=1, cold=True, check=False)
+
+
+def s_coldsweep():
+    """Cold loads with deeper staging, against the fastest cold peer, alternating."""
+    if not drop_caches():
+        log("coldsweep: the page cache cannot be dropped here: skipped")
+        return
+    for r in range(2):
+        for extra in ([], ["--staging-buffers", "8"], ["--staging-size", "4M", "--staging-buffers", "16"],
+                      ["--staging-size", "64M", "--staging-buffers", "4"]):
+            drop_caches()
+            load_gpuio(MODEL, "coldsweep", extra)
+        run_peers(MODEL, "coldsweep", rounds=1, cold=True, check=False, peers=["fastsafetensors"])
 
 
 def s_warm():
