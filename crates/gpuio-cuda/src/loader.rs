@@ -88,9 +88,9 @@ pub enum PathChoice {
     Direct,
 }
 
-/// Default [`LoaderConfig::pio_max_bytes`]: off. The crossover between programmed I/O and DMA has not
-/// been measured on a GPU yet (none was available); `gpuio bench --target cuda:N --pio-sweep` measures
-/// it, and this default is to be set from that measurement.
+/// Default [`LoaderConfig::pio_max_bytes`]: off. Measured on an H200 (`gpuio bench --target cuda:0
+/// --pio-sweep`, docs/gpu-runs/2026-11-28-h200-issue12-run1/): a DMA beat the copy kernel at every size
+/// from 64 B (6.5 against 10.3 µs) to 1 MiB. Measure again on other machines before turning it on.
 pub const PIO_MAX_BYTES_DEFAULT: usize = 0;
 
 impl Default for LoaderConfig {
