@@ -46,6 +46,7 @@ pub mod direct;
 pub mod kernel;
 mod limits;
 pub mod loader;
+pub mod rings;
 pub mod safetensors;
 pub mod store;
 pub mod sweep;

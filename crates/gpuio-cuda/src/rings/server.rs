@@ -1,0 +1,1026 @@
+//! The host server: polling threads that take requests from the rings, turn each polling round into
+//! one command buffer of the engine's batch API (loads into and stores from a registered staging
+//! slab, adjacent lines of a file coalesced into one transfer), move read data to the device on a
+//! copy stream, and only then publish the completions (docs/rings.md, "Completion").
+//!
+//! Everything is bounded: requests per round (`batch_max`), staging bytes per round, one round in
+//! flight per thread, the engine's own retry limits, one split retry of a failed coalesced transfer,
+//! the I/O wait of a round (`io_timeout`, then cancel), and idle sleeps. A bad request gets an error
+//! result, never a panic; an engine failure becomes an error result for exactly the requests whose
+//! transfer it hit (a coalesced transfer that fails is retried request by request once, so one bad
+//! line does not fail its neighbours).
+//!
+//! CAM (ICDE'25) and GPUfs serve GPU storage requests from CPU threads the same way; BaM (ASPLOS'23)
+//! and AGILE put the NVMe queues on the GPU instead.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use gpuio::{
+    BufferPool, CommandId, Engine, Error, ErrorKind, File, IoBuffer, IoQueue, QueueDesc, Result,
+    Status,
+};
+
+use super::layout::{
+    code, completion_word, slot_word, OP_FLUSH, OP_FSYNC, OP_READ, OP_WRITE, SERVER_SERVING,
+    SERVER_STOPPED, SERVER_STOPPING, SLOT_FREE, SLOT_SUBMITTED,
+};
+use super::region::RingRegion;
+use crate::device::{CopyStream, Device, DevicePtr, Ticket};
+
+/// Makes completion words visible to the device, ordered after the data copies of the same round.
+pub trait Publish: Send + fmt::Debug {
+    /// Publishes every `(device address, word)` after every copy queued on `stream` up to and
+    /// including `after`. All or nothing: on an error none was published.
+    fn publish(
+        &mut self,
+        stream: &mut dyn CopyStream,
+        after: Option<Ticket>,
+        words: &[(DevicePtr, u64)],
+    ) -> Result<()>;
+}
+
+/// The stand-in's publisher: waits for the copy ticket, then stores each word with release ordering
+/// at its device address, which on the [`HostDevice`](crate::HostDevice) is a host address.
+///
+/// On a GPU the equivalent is `cuStreamWriteValue64` of each word on the same stream after the copies
+/// (its default flags order it after them and flush their writes), so no host wait is needed; that
+/// publisher is not written yet (docs/rings.md).
+#[derive(Debug)]
+pub struct HostStorePublish {
+    _private: (),
+}
+
+impl HostStorePublish {
+    /// # Safety
+    /// Every device address it is given is a host address of live, 8-aligned memory that is only
+    /// accessed atomically (the stand-in's device memory).
+    pub unsafe fn new() -> HostStorePublish {
+        HostStorePublish { _private: () }
+    }
+}
+
+impl Publish for HostStorePublish {
+    fn publish(
+        &mut self,
+        stream: &mut dyn CopyStream,
+        after: Option<Ticket>,
+        words: &[(DevicePtr, u64)],
+    ) -> Result<()> {
+        if let Some(t) = after {
+            stream.wait(t)?;
+        }
+        for &(addr, w) in words {
+            // SAFETY: per `new`, `addr` is a live 8-aligned host address accessed only atomically.
+            unsafe { AtomicU64::from_ptr(addr as *mut u64) }.store(w, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Polling threads (1..=16); ring `r` is served by thread `r % threads`.
+    pub threads: usize,
+    /// Most requests per polling round (1..=4096).
+    pub batch_max: usize,
+    /// Staging slab per thread, bytes (each request takes its length rounded up to 4 KiB); at least
+    /// the region's largest request.
+    pub staging_bytes: usize,
+    /// Largest transfer that adjacent requests are coalesced into.
+    pub coalesce_max_bytes: usize,
+    /// Longest a round's I/O may take before it is cancelled and its requests fail with ETIMEDOUT.
+    pub io_timeout: Duration,
+    /// Longest sleep of an idle polling thread.
+    pub idle_sleep_max: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            threads: 1,
+            batch_max: 256,
+            staging_bytes: 8 << 20,
+            coalesce_max_bytes: 1 << 20,
+            io_timeout: Duration::from_secs(30),
+            idle_sleep_max: Duration::from_micros(200),
+        }
+    }
+}
+
+/// A file the rings may name, by its index in the list given to [`RingServer::start`].
+#[derive(Debug, Clone)]
+struct FileEntry {
+    file: File,
+    size: u64,
+}
+
+/// Counters of a running server.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RingStats {
+    /// Requests taken from the rings.
+    pub requests: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub fsyncs: u64,
+    /// Requests completed with an error result.
+    pub errors: u64,
+    /// Polling rounds that took at least one request.
+    pub batches: u64,
+    /// Engine transfers issued (coalesced transfers count once).
+    pub transfers: u64,
+    /// Engine reads that served two or more requests.
+    pub coalesced_reads: u64,
+    /// Requests served by those reads.
+    pub coalesced_read_requests: u64,
+    /// Engine writes that served two or more requests.
+    pub coalesced_writes: u64,
+    /// Requests retried alone after the coalesced transfer they were in failed.
+    pub split_retries: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Requests whose completion index was out of range: nothing could be reported to them.
+    pub unanswerable: u64,
+    /// Requests failed with ESHUTDOWN by the final drain.
+    pub shut_down: u64,
+    /// Time since the server started.
+    pub elapsed: Duration,
+}
+
+impl RingStats {
+    pub fn requests_per_sec(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.requests as f64 / s
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    fsyncs: AtomicU64,
+    errors: AtomicU64,
+    batches: AtomicU64,
+    transfers: AtomicU64,
+    coalesced_reads: AtomicU64,
+    coalesced_read_requests: AtomicU64,
+    coalesced_writes: AtomicU64,
+    split_retries: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    unanswerable: AtomicU64,
+    shut_down: AtomicU64,
+}
+
+fn add(c: &AtomicU64, v: u64) {
+    if v > 0 {
+        c.fetch_add(v, Ordering::Relaxed);
+    }
+}
+
+struct Shared {
+    region: Arc<RingRegion>,
+    files: Vec<FileEntry>,
+    /// Device addresses requests may name: `start..end`.
+    window: (u64, u64),
+    config: ServerConfig,
+    stop: AtomicBool,
+    counters: Counters,
+    started: Instant,
+}
+
+/// The running server; [`shutdown`](Self::shutdown) (or drop) stops it.
+pub struct RingServer {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for RingServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RingServer")
+            .field("threads", &self.threads.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// One request as taken from a slot.
+#[derive(Debug, Clone, Copy)]
+struct Desc {
+    ring: u32,
+    opcode: u16,
+    flags: u16,
+    file_id: u32,
+    offset: u64,
+    length: u32,
+    completion: u32,
+    dev_addr: u64,
+    tag: u32,
+    reserved0: u32,
+}
+
+impl RingServer {
+    /// Starts serving `region`: `files[i]` is file id `i`; requests may name device addresses in
+    /// `window` (`start, len`: the device cache's line memory, say); `publisher` makes one
+    /// [`Publish`] per polling thread.
+    pub fn start(
+        engine: &Engine,
+        region: Arc<RingRegion>,
+        files: Vec<File>,
+        window: (DevicePtr, usize),
+        publisher: &dyn Fn() -> Box<dyn Publish>,
+        config: ServerConfig,
+    ) -> Result<RingServer> {
+        let c = &config;
+        let max_req = region.layout().config.max_request_bytes as usize;
+        if !(1..=16).contains(&c.threads)
+            || !(1..=4096).contains(&c.batch_max)
+            || c.staging_bytes < max_req.next_multiple_of(4096)
+            || c.staging_bytes > 1 << 30
+            || c.coalesce_max_bytes == 0
+        {
+            return Err(Error::invalid(format!(
+                "ring server: threads 1..=16, batch 1..=4096, staging ≥ the largest request ({max_req}) and ≤ 1 GiB, coalescing > 0: {c:?}"
+            )));
+        }
+        if files.len() > u32::MAX as usize {
+            return Err(Error::invalid("ring server: too many files"));
+        }
+        let files = files
+            .into_iter()
+            .map(|file| {
+                Ok(FileEntry {
+                    size: file.len()?,
+                    file,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared = Arc::new(Shared {
+            region: region.clone(),
+            files,
+            window: (window.0, window.0.saturating_add(window.1 as u64)),
+            config: config.clone(),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            started: Instant::now(),
+        });
+        let device = region.device().clone();
+        let rings = region.layout().config.ring_count;
+        let mut workers = Vec::new();
+        for t in 0..config.threads.min(rings as usize) {
+            let my: Vec<u32> = (0..rings)
+                .filter(|r| *r as usize % config.threads == t)
+                .collect();
+            let pool = engine.buffer_pool(config.staging_bytes, 1)?;
+            workers.push(Worker {
+                shared: shared.clone(),
+                heads: my
+                    .iter()
+                    .map(|&r| region.ring_control(r).head.load(Ordering::Acquire))
+                    .collect(),
+                rings: my,
+                queue: engine.queue(QueueDesc::default())?,
+                staging: Some(pool.get_timeout(Duration::from_secs(10))?.into()),
+                pool,
+                stream: device.copy_stream()?,
+                device: device.clone(),
+                publish: publisher(),
+                start: 0,
+            });
+        }
+        region
+            .header()
+            .server_state
+            .store(SERVER_SERVING, Ordering::Release);
+        let mut threads = Vec::new();
+        for (i, w) in workers.into_iter().enumerate() {
+            let spawned = std::thread::Builder::new()
+                .name(format!("gpuio-rings-{i}"))
+                .spawn(move || w.run());
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    let s = RingServer {
+                        shared: shared.clone(),
+                        threads,
+                    };
+                    drop(s);
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!("cannot start a ring polling thread: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(RingServer { shared, threads })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> RingStats {
+        let c = &self.shared.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RingStats {
+            requests: g(&c.requests),
+            reads: g(&c.reads),
+            writes: g(&c.writes),
+            flushes: g(&c.flushes),
+            fsyncs: g(&c.fsyncs),
+            errors: g(&c.errors),
+            batches: g(&c.batches),
+            transfers: g(&c.transfers),
+            coalesced_reads: g(&c.coalesced_reads),
+            coalesced_read_requests: g(&c.coalesced_read_requests),
+            coalesced_writes: g(&c.coalesced_writes),
+            split_retries: g(&c.split_retries),
+            bytes_read: g(&c.bytes_read),
+            bytes_written: g(&c.bytes_written),
+            unanswerable: g(&c.unanswerable),
+            shut_down: g(&c.shut_down),
+            elapsed: self.shared.started.elapsed(),
+        }
+    }
+
+    /// Stops serving: the header says `STOPPING` (producers then get ESHUTDOWN), each thread
+    /// finishes the round it has taken, fails what is still in its rings with ESHUTDOWN, and exits;
+    /// the header then says `STOPPED`. Returns the final counters.
+    pub fn shutdown(mut self) -> RingStats {
+        self.stop_threads();
+        self.stats()
+    }
+
+    fn stop_threads(&mut self) {
+        let h = self.shared.region.header();
+        if self.threads.is_empty() {
+            return;
+        }
+        h.server_state.store(SERVER_STOPPING, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        h.server_state.store(SERVER_STOPPED, Ordering::Release);
+    }
+}
+
+impl Drop for RingServer {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+enum Take {
+    Got(Desc),
+    Empty,
+    NoRoom,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    rings: Vec<u32>,
+    heads: Vec<u64>,
+    queue: IoQueue,
+    pool: BufferPool,
+    staging: Option<IoBuffer>,
+    stream: Box<dyn CopyStream>,
+    device: Arc<dyn Device>,
+    publish: Box<dyn Publish>,
+    start: usize,
+}
+
+/// A transfer of adjacent requests.
+struct Group {
+    op: u16,
+    file: u32,
+    offset: u64,
+    len: usize,
+    stage: usize,
+    members: Vec<usize>,
+    cmd: Option<CommandId>,
+}
+
+/// What an engine error means to the producer.
+fn code_of(e: &Error) -> i32 {
+    match e.kind() {
+        ErrorKind::UnexpectedEof => code::ENODATA,
+        ErrorKind::NoSpace => code::ENOSPC,
+        ErrorKind::PermissionDenied => code::EACCES,
+        ErrorKind::InvalidInput => code::EINVAL,
+        ErrorKind::Cancelled => code::ECANCELED,
+        ErrorKind::EngineStopped => code::ESHUTDOWN,
+        _ => code::EIO,
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut idle = 0u32;
+        let mut idle_sleep = Duration::from_micros(1);
+        loop {
+            let stopping = self.shared.stop.load(Ordering::Acquire);
+            let reqs = self.collect();
+            if reqs.is_empty() {
+                if stopping {
+                    break;
+                }
+                // Idle: spin and yield briefly, then sleep, doubling up to the configured bound.
+                idle = idle.saturating_add(1);
+                if idle < 16 {
+                    std::hint::spin_loop();
+                } else if idle < 32 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(idle_sleep);
+                    idle_sleep = (idle_sleep * 2).min(self.shared.config.idle_sleep_max);
+                }
+                continue;
+            }
+            idle = 0;
+            idle_sleep = Duration::from_micros(1);
+            if stopping {
+                // Taken after the stop: fail them cleanly.
+                self.fail_all(&reqs, code::ESHUTDOWN);
+                add(&self.shared.counters.shut_down, reqs.len() as u64);
+                continue;
+            }
+            self.round(reqs);
+        }
+    }
+
+    /// Takes the next request of ring `k` if it is submitted and fits the staging `budget`.
+    fn take(&mut self, k: usize, budget: &mut usize) -> Take {
+        let region = &self.shared.region;
+        let n = region.layout().config.slots_per_ring as u64;
+        let max = region.layout().config.max_request_bytes;
+        let (r, pos) = (self.rings[k], self.heads[k]);
+        let lap = (pos / n) as u32;
+        let slot = region.slot(r, (pos % n) as u32);
+        if slot.state.load(Ordering::Acquire) != slot_word(lap, SLOT_SUBMITTED) {
+            return Take::Empty;
+        }
+        let d = Desc {
+            ring: r,
+            opcode: slot.opcode.load(Ordering::Relaxed),
+            flags: slot.flags.load(Ordering::Relaxed),
+            file_id: slot.file_id.load(Ordering::Relaxed),
+            offset: slot.offset.load(Ordering::Relaxed),
+            length: slot.length.load(Ordering::Relaxed),
+            completion: slot.completion.load(Ordering::Relaxed),
+            dev_addr: slot.dev_addr.load(Ordering::Relaxed),
+            tag: slot.tag.load(Ordering::Relaxed),
+            reserved0: slot.reserved0.load(Ordering::Relaxed),
+        };
+        let moves_data = matches!(d.opcode, OP_READ | OP_WRITE) && (1..=max).contains(&d.length);
+        let cost = if moves_data {
+            (d.length as usize).next_multiple_of(4096)
+        } else {
+            0
+        };
+        if cost > *budget {
+            return Take::NoRoom;
+        }
+        *budget -= cost;
+        // The descriptor is copied out: the slot is free for the next lap.
+        slot.state
+            .store(slot_word(lap.wrapping_add(1), SLOT_FREE), Ordering::Release);
+        self.heads[k] = pos + 1;
+        region
+            .ring_control(r)
+            .head
+            .store(pos + 1, Ordering::Release);
+        Take::Got(d)
+    }
+
+    /// One polling round's requests: round-robin over this thread's rings, bounded by `batch_max` and
+    /// the staging slab.
+    fn collect(&mut self) -> Vec<Desc> {
+        let nr = self.rings.len();
+        let mut budget = self.shared.config.staging_bytes;
+        let mut reqs = Vec::new();
+        'outer: loop {
+            let mut progress = false;
+            for j in 0..nr {
+                let k = (self.start + j) % nr;
+                match self.take(k, &mut budget) {
+                    Take::Got(d) => {
+                        reqs.push(d);
+                        progress = true;
+                        if reqs.len() >= self.shared.config.batch_max {
+                            break 'outer;
+                        }
+                    }
+                    Take::Empty => {}
+                    Take::NoRoom => break 'outer,
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        self.start = (self.start + 1) % nr.max(1);
+        reqs
+    }
+
+    fn validate(&self, d: &Desc) -> std::result::Result<(), i32> {
+        let s = &self.shared;
+        if d.flags != 0 || d.reserved0 != 0 {
+            return Err(code::EINVAL);
+        }
+        if !matches!(d.opcode, OP_READ | OP_WRITE | OP_FLUSH | OP_FSYNC) {
+            return Err(code::EINVAL);
+        }
+        if d.opcode == OP_FLUSH {
+            return Ok(());
+        }
+        let f = s.files.get(d.file_id as usize).ok_or(code::EBADF)?;
+        if d.opcode == OP_FSYNC {
+            return Ok(());
+        }
+        let max = s.region.layout().config.max_request_bytes;
+        if d.length == 0 || d.length > max {
+            return Err(code::EINVAL);
+        }
+        if d.offset
+            .checked_add(d.length as u64)
+            .is_none_or(|end| end > f.size)
+        {
+            return Err(code::ERANGE);
+        }
+        if d.opcode == OP_WRITE && !f.file.is_writable() {
+            return Err(code::EACCES);
+        }
+        let end = d.dev_addr.checked_add(d.length as u64);
+        if d.dev_addr < s.window.0 || end.is_none_or(|e| e > s.window.1) {
+            return Err(code::EFAULT);
+        }
+        Ok(())
+    }
+
+    /// Completes every request in `reqs` with `result`.
+    fn fail_all(&mut self, reqs: &[Desc], result: i32) {
+        let res = vec![Some(result); reqs.len()];
+        self.deliver(reqs, &res, &[], None);
+    }
+
+    fn staging(&mut self) -> Option<IoBuffer> {
+        if self.staging.is_none() {
+            // A command buffer that failed before it ran dropped the slab back into the pool.
+            self.staging = self
+                .pool
+                .get_timeout(Duration::from_secs(5))
+                .ok()
+                .map(Into::into);
+        }
+        self.staging.take()
+    }
+
+    fn round(&mut self, reqs: Vec<Desc>) {
+        let shared = self.shared.clone();
+        let c = &shared.counters;
+        add(&c.batches, 1);
+        add(&c.requests, reqs.len() as u64);
+        let mut res: Vec<Option<i32>> = vec![None; reqs.len()];
+        for (i, d) in reqs.iter().enumerate() {
+            match d.opcode {
+                OP_READ => add(&c.reads, 1),
+                OP_WRITE => add(&c.writes, 1),
+                OP_FLUSH => add(&c.flushes, 1),
+                OP_FSYNC => add(&c.fsyncs, 1),
+                _ => {}
+            }
+            if let Err(e) = self.validate(d) {
+                res[i] = Some(e);
+            }
+        }
+
+        // Group adjacent reads (and writes) of a file; place each group in the staging slab.
+        let mut order: Vec<usize> = (0..reqs.len())
+            .filter(|&i| res[i].is_none() && matches!(reqs[i].opcode, OP_READ | OP_WRITE))
+            .collect();
+        order.sort_by_key(|&i| (reqs[i].opcode, reqs[i].file_id, reqs[i].offset));
+        let mut groups: Vec<Group> = Vec::new();
+        let mut cursor = 0usize;
+        for &i in &order {
+            let d = &reqs[i];
+            let len = d.length as usize;
+            if let Some(g) = groups.last_mut() {
+                if g.op == d.opcode
+                    && g.file == d.file_id
+                    && g.offset + g.len as u64 == d.offset
+                    && g.len + len <= self.shared.config.coalesce_max_bytes
+                {
+                    g.len += len;
+                    g.members.push(i);
+                    continue;
+                }
+            }
+            if let Some(g) = groups.last() {
+                cursor = (g.stage + g.len).next_multiple_of(4096);
+            }
+            groups.push(Group {
+                op: d.opcode,
+                file: d.file_id,
+                offset: d.offset,
+                len,
+                stage: cursor,
+                members: vec![i],
+                cmd: None,
+            });
+        }
+        let stage_of = |groups: &[Group], gi: usize, i: usize| {
+            groups[gi].stage + (reqs[i].offset - groups[gi].offset) as usize
+        };
+
+        let mut staging = if groups.is_empty() {
+            None
+        } else {
+            match self.staging() {
+                Some(s) => Some(s),
+                None => {
+                    for g in &groups {
+                        for &i in &g.members {
+                            res[i] = Some(code::EIO);
+                        }
+                    }
+                    groups.clear();
+                    None
+                }
+            }
+        };
+
+        // Writes: their bytes come from device memory first.
+        if let Some(buf) = staging.as_mut() {
+            let base = buf.as_aligned_mut().as_mut_ptr();
+            let mut last = None;
+            let mut failed = false;
+            for (gi, g) in groups.iter().enumerate().filter(|(_, g)| g.op == OP_WRITE) {
+                for &i in &g.members {
+                    let off = stage_of(&groups, gi, i);
+                    // SAFETY: the source range was validated against the registered window; the
+                    // destination lies in the staging slab (the round's placement fits it) and is
+                    // not touched until the stream is waited on below.
+                    let t = unsafe {
+                        self.stream.copy_d2h_async(
+                            reqs[i].dev_addr,
+                            base.add(off),
+                            reqs[i].length as usize,
+                        )
+                    };
+                    match t {
+                        Ok(t) => last = Some(t),
+                        Err(_) => failed = true,
+                    }
+                }
+            }
+            if let Some(t) = last {
+                failed |= self.stream.wait(t).is_err();
+            }
+            if failed {
+                for g in groups.iter().filter(|g| g.op == OP_WRITE) {
+                    for &i in &g.members {
+                        res[i] = Some(code::EIO);
+                    }
+                }
+                groups.retain(|g| g.op != OP_WRITE);
+                self.renew_stream();
+            }
+        }
+
+        // One command buffer: every transfer, then (after a barrier) the fsyncs.
+        let syncs: Vec<usize> = (0..reqs.len())
+            .filter(|&i| res[i].is_none() && matches!(reqs[i].opcode, OP_FLUSH | OP_FSYNC))
+            .collect();
+        let mut sync_cmds: BTreeMap<u32, CommandId> = BTreeMap::new();
+        if !groups.is_empty() || !syncs.is_empty() {
+            let mut cb = self.queue.command_buffer();
+            let mut record_err: Option<Error> = None;
+            if let Some(buf) = staging.take() {
+                if let Err(e) = cb.set_buffer(buf) {
+                    record_err = Some(e);
+                }
+            }
+            for g in groups.iter_mut() {
+                let f = &self.shared.files[g.file as usize].file;
+                let r = if g.op == OP_READ {
+                    cb.load_into(f, g.offset, g.stage, g.len)
+                } else {
+                    cb.store_from(f, g.offset, g.stage, g.len)
+                };
+                match r {
+                    Ok(id) => g.cmd = Some(id),
+                    Err(e) => {
+                        for &i in &g.members {
+                            res[i] = Some(code_of(&e));
+                        }
+                    }
+                }
+            }
+            if !syncs.is_empty() {
+                cb.barrier();
+                for &i in &syncs {
+                    let fid = reqs[i].file_id;
+                    if reqs[i].opcode == OP_FSYNC && !sync_cmds.contains_key(&fid) {
+                        match cb.sync(&self.shared.files[fid as usize].file) {
+                            Ok(id) => {
+                                sync_cmds.insert(fid, id);
+                            }
+                            Err(e) => res[i] = Some(code_of(&e)),
+                        }
+                    }
+                }
+            }
+            let live = groups.iter().filter(|g| g.cmd.is_some()).count();
+            add(&c.transfers, live as u64);
+            for g in groups
+                .iter()
+                .filter(|g| g.cmd.is_some() && g.members.len() > 1)
+            {
+                if g.op == OP_READ {
+                    add(&c.coalesced_reads, 1);
+                    add(&c.coalesced_read_requests, g.members.len() as u64);
+                } else {
+                    add(&c.coalesced_writes, 1);
+                }
+            }
+            let outcome = match record_err {
+                Some(e) => Err((e, None)),
+                None => self.run_cb(cb),
+            };
+            match outcome {
+                Err((e, buf)) => {
+                    staging = buf;
+                    let rc = code_of(&e);
+                    for g in &groups {
+                        for &i in &g.members {
+                            res[i].get_or_insert(rc);
+                        }
+                    }
+                    for &i in &syncs {
+                        res[i].get_or_insert(rc);
+                    }
+                    groups.clear();
+                }
+                Ok((errors, buf)) => {
+                    staging = buf;
+                    let mut retry: Vec<usize> = Vec::new();
+                    for g in &groups {
+                        let Some(id) = g.cmd else { continue };
+                        match errors.get(&id) {
+                            None => {
+                                for &i in &g.members {
+                                    res[i] = Some(reqs[i].length as i32);
+                                }
+                            }
+                            Some(_) if g.members.len() > 1 => retry.extend(&g.members),
+                            Some(e) => res[g.members[0]] = Some(code_of(e)),
+                        }
+                    }
+                    for &i in &syncs {
+                        if reqs[i].opcode == OP_FSYNC {
+                            let id = sync_cmds[&reqs[i].file_id];
+                            res[i] = Some(errors.get(&id).map_or(0, code_of));
+                        } else {
+                            res[i] = Some(0);
+                        }
+                    }
+                    if !retry.is_empty() {
+                        add(&c.split_retries, retry.len() as u64);
+                        staging = self.retry_alone(&reqs, &groups, &retry, staging, &mut res);
+                    }
+                }
+            }
+        }
+
+        // Deliver: read data to the device, then the completion words.
+        let mut copies = Vec::new();
+        for (gi, g) in groups.iter().enumerate().filter(|(_, g)| g.op == OP_READ) {
+            for &i in &g.members {
+                if res[i] == Some(reqs[i].length as i32) {
+                    copies.push((i, stage_of(&groups, gi, i)));
+                }
+            }
+        }
+        for (i, d) in reqs.iter().enumerate() {
+            if res[i].is_some_and(|r| r >= 0) {
+                match d.opcode {
+                    OP_READ => add(&c.bytes_read, d.length as u64),
+                    OP_WRITE => add(&c.bytes_written, d.length as u64),
+                    _ => {}
+                }
+            }
+        }
+        let base = staging
+            .as_ref()
+            .map(|b| b.as_aligned().as_ptr())
+            .unwrap_or(std::ptr::null());
+        if base.is_null() {
+            for &(i, _) in &copies {
+                res[i] = Some(code::EIO);
+            }
+            copies.clear();
+        }
+        self.deliver(&reqs, &res, &copies, Some(base));
+        self.staging = staging;
+    }
+
+    /// Commits and waits (bounded): the errors by command, and the staging slab back.
+    #[allow(clippy::type_complexity)]
+    fn run_cb(
+        &mut self,
+        cb: gpuio::CommandBuffer,
+    ) -> std::result::Result<
+        (BTreeMap<CommandId, Error>, Option<IoBuffer>),
+        (Error, Option<IoBuffer>),
+    > {
+        let completion = cb.commit().map_err(|e| (e, None))?;
+        let timed_out = completion
+            .wait_timeout(self.shared.config.io_timeout)
+            .is_none();
+        if timed_out {
+            completion.try_cancel();
+        }
+        let (status, mut fin) = completion.wait_parts();
+        let buf = fin.take_shared_buffer();
+        match status {
+            Status::Complete => Ok((BTreeMap::new(), buf)),
+            Status::Error(list) => Ok((
+                list.into_iter().map(|e| (e.command, e.error)).collect(),
+                buf,
+            )),
+            Status::Cancelled | Status::Pending => {
+                let e = if timed_out {
+                    Error::new(ErrorKind::RetriesExhausted, "ring round timed out")
+                } else {
+                    Error::new(ErrorKind::Cancelled, "ring round cancelled")
+                };
+                Err((e, buf))
+            }
+        }
+    }
+
+    /// Retries each request of failed coalesced transfers alone, once.
+    fn retry_alone(
+        &mut self,
+        reqs: &[Desc],
+        groups: &[Group],
+        retry: &[usize],
+        staging: Option<IoBuffer>,
+        res: &mut [Option<i32>],
+    ) -> Option<IoBuffer> {
+        let Some(buf) = staging.or_else(|| self.staging()) else {
+            for &i in retry {
+                res[i] = Some(code::EIO);
+            }
+            return None;
+        };
+        let place = |i: usize| {
+            let g = groups
+                .iter()
+                .find(|g| g.members.contains(&i))
+                .expect("retried requests come from groups");
+            g.stage + (reqs[i].offset - g.offset) as usize
+        };
+        let mut cb = self.queue.command_buffer();
+        let mut ids = Vec::new();
+        let mut out = None;
+        if cb.set_buffer(buf).is_ok() {
+            for &i in retry {
+                let d = &reqs[i];
+                let f = &self.shared.files[d.file_id as usize].file;
+                let r = if d.opcode == OP_READ {
+                    cb.load_into(f, d.offset, place(i), d.length as usize)
+                } else {
+                    cb.store_from(f, d.offset, place(i), d.length as usize)
+                };
+                match r {
+                    Ok(id) => ids.push((i, id)),
+                    Err(e) => res[i] = Some(code_of(&e)),
+                }
+            }
+            add(&self.shared.counters.transfers, ids.len() as u64);
+            match self.run_cb(cb) {
+                Ok((errors, b)) => {
+                    out = b;
+                    for (i, id) in ids {
+                        res[i] = Some(match errors.get(&id) {
+                            None => reqs[i].length as i32,
+                            Some(e) => code_of(e),
+                        });
+                    }
+                }
+                Err((e, b)) => {
+                    out = b;
+                    for (i, _) in ids {
+                        res[i] = Some(code_of(&e));
+                    }
+                }
+            }
+        }
+        for &i in retry {
+            res[i].get_or_insert(code::EIO);
+        }
+        out
+    }
+
+    fn renew_stream(&mut self) {
+        if let Ok(s) = self.device.copy_stream() {
+            self.stream = s;
+        }
+    }
+
+    /// Queues the read copies (`(request, staging offset)` from `base`), then publishes every
+    /// request's completion word after them.
+    fn deliver(
+        &mut self,
+        reqs: &[Desc],
+        res: &[Option<i32>],
+        copies: &[(usize, usize)],
+        base: Option<*const u8>,
+    ) {
+        let mut res = res.to_vec();
+        let mut last = None;
+        if let Some(base) = base {
+            for &(i, off) in copies {
+                // SAFETY: the destination was validated against the registered device window; the
+                // source lies in the staging slab, which is not reused before `publish` has waited
+                // for these copies (and the stream is synchronized below).
+                let t = unsafe {
+                    self.stream.copy_h2d_async(
+                        base.add(off),
+                        reqs[i].length as usize,
+                        reqs[i].dev_addr,
+                    )
+                };
+                match t {
+                    Ok(t) => last = Some(t),
+                    Err(_) => res[i] = Some(code::EIO),
+                }
+            }
+        }
+        let words = self.words(reqs, &res);
+        if self
+            .publish
+            .publish(self.stream.as_mut(), last, &words)
+            .is_err()
+        {
+            // A copy failed (streams fail stickily: which one is unknown): every read of the round
+            // reports EIO, on a fresh stream.
+            for &(i, _) in copies {
+                res[i] = Some(code::EIO);
+            }
+            self.renew_stream();
+            let words = self.words(reqs, &res);
+            let _ = self.publish.publish(self.stream.as_mut(), None, &words);
+        } else if self.stream.synchronize().is_err() {
+            self.renew_stream();
+        }
+        let shared = self.shared.clone();
+        let c = &shared.counters;
+        let mut per_ring: BTreeMap<u32, u64> = BTreeMap::new();
+        let count = self.shared.region.layout().config.completion_count;
+        for (i, d) in reqs.iter().enumerate() {
+            if res[i].is_some_and(|r| r < 0) {
+                add(&c.errors, 1);
+            }
+            if d.completion >= count {
+                add(&c.unanswerable, 1);
+            }
+            *per_ring.entry(d.ring).or_default() += 1;
+        }
+        for (r, n) in per_ring {
+            self.shared
+                .region
+                .ring_control(r)
+                .completed
+                .fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn words(&self, reqs: &[Desc], res: &[Option<i32>]) -> Vec<(DevicePtr, u64)> {
+        let region = &self.shared.region;
+        let count = region.layout().config.completion_count;
+        let mut words = Vec::with_capacity(reqs.len());
+        for (i, d) in reqs.iter().enumerate() {
+            if d.completion >= count {
+                continue;
+            }
+            let r = res[i].unwrap_or(code::EIO);
+            words.push((
+                region.completion_addr(d.completion),
+                completion_word(d.tag, r),
+            ));
+        }
+        words
+    }
+}
