@@ -15,6 +15,8 @@
 //!   safetensors with a crash-safe replacement.
 //! - [`zerocopy`] — a file mapped read-only into the device's address space; nothing copied.
 //! - [`sweep`] — the programmed-I/O vs DMA sweep that sets the small-copy threshold.
+//! - [`rings`] — request rings GPU kernels submit file I/O through, served by host polling threads
+//!   (docs/rings.md), and the device cache's line state machine.
 //! - [`cuda`] — the real device through the CUDA driver API, loaded at run time: no CUDA is needed to
 //!   build, and a missing driver or GPU is a typed error that names what was looked for, never a panic.
 //! - [`kernel`] — the programmed-I/O copy kernel (embedded PTX, JIT-compiled by the driver).
