@@ -20,10 +20,16 @@ const SAMPLE_PAGES: u64 = 16;
 /// Fraction of sampled pages that must be cached for a file to count as warm.
 pub const WARM_FRACTION: f64 = 0.9;
 
-/// The filesystem holding `fd` keeps its data in memory (tmpfs, ramfs), if `fstatfs` can tell.
+/// `fd` is a regular file on a filesystem that keeps its data in memory (tmpfs, ramfs), if `fstat`
+/// and `fstatfs` can tell. A device node is never memory-backed, whatever `/dev` is mounted as: a
+/// block device on devtmpfs reports tmpfs's magic, and its reads go to the device.
 pub fn is_memory_backed(fd: RawFd) -> bool {
-    // SAFETY: fstatfs fills the zeroed struct for an open descriptor.
+    // SAFETY: fstat and fstatfs fill zeroed structs for an open descriptor.
     unsafe {
+        let mut meta: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut meta) != 0 || meta.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return false;
+        }
         let mut st: libc::statfs = std::mem::zeroed();
         if libc::fstatfs(fd, &mut st) != 0 {
             return false;
@@ -129,5 +135,18 @@ mod tests {
         let t = tempfile::tempfile_in("/dev/shm").unwrap();
         assert!(is_memory_backed(t.as_raw_fd()));
         assert_eq!(page_cache_fraction(t.as_raw_fd(), 0), None);
+    }
+
+    #[test]
+    fn device_nodes_are_never_memory_backed() {
+        // /dev is devtmpfs, which reports tmpfs's magic; a device's reads still go to the device
+        // (served inline or by copy threads, a disk's reads would block the caller).
+        for dev in ["/dev/null", "/dev/zero"] {
+            let f = std::fs::File::open(dev).unwrap();
+            assert!(!is_memory_backed(f.as_raw_fd()), "{dev}");
+        }
+        // The directory itself is not a regular file either.
+        let d = std::fs::File::open("/dev/shm").unwrap();
+        assert!(!is_memory_backed(d.as_raw_fd()));
     }
 }
