@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// io_uring: reads at least this large of memory-resident files go to the copy threads (default 128K).
     #[arg(long, value_parser = crate::parse_size)]
     copy_min_size: Option<u64>,
+    /// Loads and stores of memory-backed files (tmpfs, ramfs) up to this size are done on the
+    /// committing thread instead of the engine's (default 64K; 0: off; at most 16M).
+    #[arg(long, value_parser = crate::parse_size)]
+    inline_max: Option<u64>,
     /// Also run, on the same file: a single-thread pread loop, the thread-pool and mmap backends, and fio
     /// (when installed); print each one's ratio to gpu-io.
     #[arg(long)]
@@ -154,6 +158,9 @@ impl BenchArgs {
             submit_batch: self.submit_batch,
             copy_threads: self.copy_threads,
             copy_min_bytes: self.copy_min_size.map(|b| b as usize),
+            inline_max_bytes: self
+                .inline_max
+                .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
         };
         (spec, opts)
     }

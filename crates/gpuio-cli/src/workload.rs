@@ -201,6 +201,8 @@ pub struct EngineOpts {
     /// io_uring copy threads and their threshold (`None`: the engine's defaults).
     pub copy_threads: Option<usize>,
     pub copy_min_bytes: Option<usize>,
+    /// Largest transfer served on the committing thread (`None`: the engine's default).
+    pub inline_max_bytes: Option<usize>,
 }
 
 impl EngineOpts {
@@ -218,6 +220,9 @@ impl EngineOpts {
         }
         if let Some(b) = self.copy_min_bytes {
             cfg.backend.copy_threads_min_bytes = b;
+        }
+        if let Some(b) = self.inline_max_bytes {
+            cfg.inline_max_bytes = b;
         }
         cfg
     }
