@@ -64,9 +64,12 @@ pub struct LoadArgs {
     #[arg(long, value_parser = crate::parse_size, default_value = "0")]
     pio_max: u64,
     /// After loading, write the model from device memory to this safetensors file (replaced
-    /// crash-safely).
+    /// crash-safely; never the input itself).
     #[arg(long)]
     save_to: Option<PathBuf>,
+    /// Let --save-to replace a write-protected file (or one in a directory this user may not write).
+    #[arg(long, requires = "save_to")]
+    force: bool,
     /// Print one JSON object: bytes, seconds (the transfer), end_to_end_s (header, staging set-up,
     /// allocation and transfer), bytes_per_sec, path, and every tensor with its CRC-32C and CRC-32
     /// read back from device memory.
@@ -152,6 +155,20 @@ pub fn run(a: LoadArgs) -> Result<()> {
         ));
     }
     if let Some(out) = &a.save_to {
+        // Checked before anything is loaded: never over the input (the pack, for PACK:ENTRY), and a
+        // write-protected destination only with --force.
+        let input = match &packed {
+            Some((pack_path, _)) => pack_path.clone(),
+            None => PathBuf::from(&a.file),
+        };
+        let id = gpuio::input::FileId::of_path(&input)?.ok_or_else(|| {
+            Error::from_errno(gpuio::error::Op::Stat, libc::ENOENT).with_path(&input)
+        })?;
+        let inputs = [gpuio::replace::InputFile {
+            id,
+            name: input.to_string_lossy().into_owned(),
+        }];
+        crate::stream::check_output(&inputs, out, a.force)?;
         // Temporaries of earlier saves killed by SIGKILL (which no handler can catch).
         crate::stream::remove_stale_temps(out);
     }

@@ -610,3 +610,43 @@ fn pack_keeps_few_files_open() {
     );
     no_temps(dir.path());
 }
+
+#[test]
+fn load_save_to_never_replaces_its_input_or_a_protected_file_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = gpuio_cuda::safetensors::serialize(
+        &[("w", gpuio_cuda::Dtype::U8, &[5][..], &b"abcde"[..])],
+        &[],
+    );
+    let input = write(d, "m.safetensors", &model);
+    let link = d.join("link.safetensors");
+    std::os::unix::fs::symlink("m.safetensors", &link).unwrap();
+    let p = pack(d, "m.gpk", &[&input]);
+    let pack_bytes = read(&p);
+    // The input itself, through a symbolic link, and the pack of a PACK:ENTRY input: refused, even
+    // with --force, before anything is loaded.
+    for (src, out) in [
+        (s(&input), s(&input)),
+        (s(&input), s(&link)),
+        (format!("{}:m.safetensors", s(&p)), s(&p)),
+    ] {
+        for force in [false, true] {
+            let mut args = vec!["load", src.as_str(), "--save-to", out.as_str()];
+            if force {
+                args.push("--force");
+            }
+            fails_with_error_line(&args, &[]);
+        }
+    }
+    assert_eq!(read(&input), model);
+    assert_eq!(read(&p), pack_bytes);
+    // A write-protected destination: refused without --force, replaced with it.
+    let ro = write(d, "ro.safetensors", b"protected");
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+    fails_with_error_line(&["load", &s(&input), "--save-to", &s(&ro)], &["--force"]);
+    assert_eq!(read(&ro), b"protected");
+    ok(&["load", &s(&input), "--save-to", &s(&ro), "--force"]);
+    assert_eq!(read(&ro), model);
+    no_temps(d);
+}
