@@ -103,14 +103,28 @@ fn a_copy_killed_at_any_moment_leaves_the_old_file_or_the_new_one() {
     };
     let mut seen = Outcomes::default();
     let started = Instant::now();
-    for run in 0..runs {
+    // Random moments over the whole copy; then, on a machine loaded enough that no copy finished (or
+    // none was killed before its rename) at those moments, later (earlier) ones until each side was
+    // seen — a bounded number of them.
+    let mut extra = 0u32;
+    for run in 0.. {
+        let delay = if run < runs {
+            full.mul_f64((next() % 1200) as f64 / 1000.0)
+        } else if seen.new == 0 && extra < 20 {
+            extra += 1;
+            full.mul_f64(3.0 * f64::from(extra))
+        } else if seen.absent + seen.old == 0 && extra < 20 {
+            extra += 1;
+            Duration::ZERO
+        } else {
+            break;
+        };
         let had_old = run % 2 == 1;
         if had_old {
             std::fs::write(&dst, &old).unwrap();
         } else {
             let _ = std::fs::remove_file(&dst);
         }
-        let delay = full.mul_f64((next() % 1200) as f64 / 1000.0);
         let mut child = cp(&src, &dst).spawn().unwrap();
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL (it may have finished already)

@@ -436,6 +436,9 @@ impl CommandBuffer {
 
     /// Ranges of the shared buffer that a load writes must not meet any other command's range.
     fn check_shared_overlaps(commands: &[Recorded]) -> Result<()> {
+        if !commands.iter().any(|r| r.in_shared) {
+            return Ok(());
+        }
         let mut ranges: Vec<(usize, usize, usize)> = commands
             .iter()
             .enumerate()
