@@ -157,7 +157,8 @@ def make_model():
         want = int(SIZE_GIB * (1 << 30))
         if free < want * 1.3:
             raise SystemExit(f"model: {DIR} has {free} bytes free, {want} needed")
-        spec = llama_like_tensors(max(want - 2 * 128256 * 4096 * 2, 1))
+        # The layers stop once the embedding and layers reach the target; the head comes after.
+        spec = llama_like_tensors(max(want - 128256 * 4096 * 2, 1))
         header, off = {"__metadata__": {"format": "pt"}}, 0
         for name, dt, shape in spec:
             n = 1
