@@ -1,0 +1,1 @@
+/work/main/target/release/gpuio bench --file /dev/shm/gpuio-memspeed.bin --overwrite --pattern randwrite --block-size 4k --queue-depth 64 --duration 2 --json

@@ -1,0 +1,1 @@
+fio --name=ref --filename=/dev/loop0 --rw=randwrite --bs=4k --iodepth=64 --ioengine=io_uring --direct=1 --runtime=2s --size=1073741824 --numjobs=1 --group_reporting --invalidate=1 --randrepeat=0 --output-format=json --time_based
