@@ -35,8 +35,24 @@ fn loader(device: &str) -> gpuio::Result<Arc<Loader>> {
     if let Some(l) = map.lock().get(&key) {
         return Ok(l.clone());
     }
-    let dev = open_device(&key)?;
-    let l = Arc::new(Loader::new(&engine()?, dev, LoaderConfig::default())?);
+    let (dev, cfg) = match key.parse()? {
+        // Host memory is its own destination: the file is read straight into it by parallel
+        // `pread`s (one copy), not staged and then copied again as a device would need.
+        gpuio_cuda::Target::Cpu => {
+            let dev: Arc<dyn gpuio_cuda::Device> =
+                Arc::new(gpuio_cuda::HostDevice::new(gpuio_cuda::HostDeviceConfig {
+                    direct_reads: true,
+                    ..gpuio_cuda::HostDeviceConfig::default()
+                }));
+            let cfg = LoaderConfig {
+                path: gpuio_cuda::PathChoice::Direct,
+                ..LoaderConfig::default()
+            };
+            (dev, cfg)
+        }
+        _ => (open_device(&key)?, LoaderConfig::default()),
+    };
+    let l = Arc::new(Loader::new(&engine()?, dev, cfg)?);
     Ok(map.lock().entry(key).or_insert(l).clone())
 }
 
