@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use gpuio::{AlignedBuf, DirectMode, Error, ReplaceFile};
-use gpuio_cuda::{open_device, Dtype, LoadedModel, Loader, LoaderConfig};
+use gpuio_cuda::{Dtype, LoadedModel, Loader, LoaderConfig};
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
@@ -25,20 +25,34 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// One loader per device, kept for the life of the process: its staging pool is registered with the
-/// engine's io_uring and lives as long as the engine (see `gpuio_cuda::Loader::new`).
-fn loader(device: &str) -> gpuio::Result<Arc<Loader>> {
+/// How a load into host memory reads its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostRead {
+    /// Straight into the destination by parallel `pread`s (one copy): data already in memory (warm
+    /// in the page cache, or on tmpfs).
+    Direct,
+    /// `O_DIRECT` reads into staging buffers, then copied: a cold file on a disk, where the deep
+    /// queue of direct reads gets more from the device than buffered reads with readahead.
+    Staged,
+}
+
+/// One loader per device (and, for host memory, per [`HostRead`]), kept for the life of the process:
+/// its staging pool is registered with the engine's io_uring and lives as long as the engine (see
+/// `gpuio_cuda::Loader::new`).
+fn loader(device: &str, host_read: HostRead) -> gpuio::Result<Arc<Loader>> {
     static LOADERS: OnceLock<Mutex<HashMap<String, Arc<Loader>>>> = OnceLock::new();
     let map = LOADERS.get_or_init(|| Mutex::new(HashMap::new()));
-    let key: gpuio_cuda::Target = device.parse()?;
-    let key = key.to_string();
+    let target: gpuio_cuda::Target = device.parse()?;
+    let key = match target {
+        gpuio_cuda::Target::Cpu => format!("cpu/{host_read:?}"),
+        t => t.to_string(),
+    };
     if let Some(l) = map.lock().get(&key) {
         return Ok(l.clone());
     }
-    let (dev, cfg) = match key.parse()? {
-        // Host memory is its own destination: the file is read straight into it by parallel
-        // `pread`s (one copy), not staged and then copied again as a device would need.
-        gpuio_cuda::Target::Cpu => {
+    let (dev, cfg) = match target {
+        // Host memory is its own destination: data already in memory is read straight into it.
+        gpuio_cuda::Target::Cpu if host_read == HostRead::Direct => {
             let dev: Arc<dyn gpuio_cuda::Device> =
                 Arc::new(gpuio_cuda::HostDevice::new(gpuio_cuda::HostDeviceConfig {
                     direct_reads: true,
@@ -50,10 +64,20 @@ fn loader(device: &str) -> gpuio::Result<Arc<Loader>> {
             };
             (dev, cfg)
         }
-        _ => (open_device(&key)?, LoaderConfig::default()),
+        t => (gpuio_cuda::open_target(t)?, LoaderConfig::default()),
     };
     let l = Arc::new(Loader::new(&engine()?, dev, cfg)?);
     Ok(map.lock().entry(key).or_insert(l).clone())
+}
+
+/// How a load of `path` into host memory should read it (see [`HostRead`]).
+fn host_read_for(path: &Path) -> gpuio::Result<HostRead> {
+    let f = gpuio::File::open(path)?;
+    Ok(if f.is_direct() && !f.is_memory_backed() {
+        HostRead::Staged
+    } else {
+        HostRead::Direct
+    })
 }
 
 /// A safetensors model loaded into one allocation on a device. Its tensors are views into that
@@ -168,16 +192,24 @@ impl Model {
 fn _load_safetensors(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Model> {
     let (model, label) = py
         .allow_threads(|| -> gpuio::Result<(LoadedModel, String)> {
-            let l = loader(device)?;
-            let label = l.device().label();
             let as_str = path.to_string_lossy();
-            let m = match gpuio_pack::split_pack_path(&as_str) {
+            let (m, l) = match gpuio_pack::split_pack_path(&as_str) {
                 Some((pack, entry)) => {
+                    // Pack chunks are decoded on the CPU into staging buffers either way.
+                    let l = loader(device, HostRead::Staged)?;
                     let pack = gpuio_pack::Pack::open(&pack)?;
-                    l.load_safetensors_entry(&pack.entry(&entry)?)?
+                    (l.load_safetensors_entry(&pack.entry(&entry)?)?, l)
                 }
-                None => l.load_safetensors(&path)?,
+                None => {
+                    let host_read = match device.parse()? {
+                        gpuio_cuda::Target::Cpu => host_read_for(&path)?,
+                        _ => HostRead::Staged,
+                    };
+                    let l = loader(device, host_read)?;
+                    (l.load_safetensors(&path)?, l)
+                }
             };
+            let label = l.device().label();
             Ok((m, label))
         })
         .py_err(py)?;
