@@ -7,8 +7,9 @@
 1. load_safetensors(device="cpu") against safetensors.numpy.load_file on the same file (float32
    tensors, SIZE_MIB in all), cold (page cache dropped: written back, then POSIX_FADV_DONTNEED) and
    warm (read once before).
-2. 4 KiB random reads of a 1 GiB file in the page cache: gpuio File.pread_batch (256 per call) against
-   an os.pread loop and numpy memmap fancy indexing, the same offsets for all three.
+2. 4 KiB random reads of a 1 GiB file, in the page cache and from the disk (dropped before each
+   engine's run): gpuio File.pread_batch (256 per call) against an os.pread loop and numpy memmap
+   fancy indexing, the same offsets for all three.
 3. Per-call overhead: one 4 KiB File.pread at a time from Python, against the same reads from Rust
    (`gpuio bench --pattern randread --block-size 4K --queue-depth 1`, time per I/O), on /dev/shm.
 
@@ -145,6 +146,23 @@ def random_reads(work):
     print(f"4 KiB random reads, page cache: gpuio (batches of {batch}) {g:,.0f}/s = "
           f"{g / statistics.median(res['pread']):.2f} x os.pread, {g / statistics.median(res['memmap']):.2f} x memmap")
 
+    # The same from the disk: the page cache dropped before each engine's run, fewer reads.
+    cold_n = 8192
+    cold = {"gpuio": [], "pread": [], "memmap": []}
+    for r in range(ROUNDS):
+        for name, f in (("gpuio", lambda: [file.pread_batch(list(zip(bufs, offs[i:i + batch])))
+                                           for i in range(0, cold_n, batch)]),
+                        ("pread", lambda: [os.pread(fd, 4096, o) for o in offs[:cold_n]]),
+                        ("memmap", lambda: [np.asarray(mm[rows[i:i + batch]]) for i in range(0, cold_n, batch)])):
+            drop(path)
+            s, _ = timed(f)
+            cold[name].append(cold_n / s)
+            record(kind="random_reads_cold", engine=name, round=r, reads_per_sec=cold_n / s, batch=batch)
+        print(f"round {r}, cold: 4 KiB reads/s gpuio {cold['gpuio'][-1]:,.0f}, os.pread {cold['pread'][-1]:,.0f}, "
+              f"memmap {cold['memmap'][-1]:,.0f}", flush=True)
+    g = statistics.median(cold["gpuio"])
+    print(f"4 KiB random reads, cold: gpuio (batches of {batch}) {g:,.0f}/s = "
+          f"{g / statistics.median(cold['pread']):.2f} x os.pread, {g / statistics.median(cold['memmap']):.2f} x memmap")
     file.close()
     os.close(fd)
     os.remove(path)
