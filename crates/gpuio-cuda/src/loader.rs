@@ -45,9 +45,11 @@ use crate::safetensors::{self, Dtype, Header};
 
 /// Default bytes per staging buffer.
 pub const STAGING_BYTES_DEFAULT: usize = 16 << 20;
-/// Default number of staging buffers (three: one being read, one being copied, one spare so a slow
-/// read or copy does not stall the other; finding 232).
-pub const STAGING_BUFFERS_DEFAULT: usize = 3;
+/// Default number of staging buffers: at least three (one being read, one being copied, one spare so
+/// a slow read or copy does not stall the other; finding 232), and four as measured: on an H200
+/// loading from /dev/shm the transfer ran at 48.9 and 52.4 GB/s with four against 42–47 with three, in
+/// two runs (docs/gpu-runs/2026-11-28-h200-issue12-run{1,2}/); eight gained nothing more.
+pub const STAGING_BUFFERS_DEFAULT: usize = 4;
 /// Most staging buffers a loader may have.
 pub const STAGING_BUFFERS_MAX: usize = 16;
 /// Smallest and largest staging buffer.
