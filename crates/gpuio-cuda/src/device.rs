@@ -550,9 +550,9 @@ impl HostMem {
     const HUGE: usize = 2 << 20;
 
     /// `len` zero bytes (at least one), or `None` when there is no memory. Never a pass over the
-    /// memory: fresh pages from the OS are zero already, so allocating costs what `cudaMalloc` does;
-    /// large ones ask for huge pages, so first writes fault once per 2 MiB instead of once per
-    /// 4 KiB (page faults were most of a load's time into fresh stand-in memory).
+    /// memory in user space: fresh pages from the OS are zero already; large allocations ask for huge
+    /// pages and have the kernel populate them at once, so copies into them do not fault (page faults
+    /// were most of a load's time into fresh stand-in memory).
     fn zeroed(len: usize) -> Option<HostMem> {
         let len = len.max(1);
         if len < Self::HUGE {
@@ -579,8 +579,14 @@ impl HostMem {
         if p == libc::MAP_FAILED {
             return None;
         }
-        // SAFETY: advice on the mapping just made; a refusal (THP off) changes nothing.
-        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        // SAFETY: advice on the mapping just made; a refusal (THP off, or a kernel before 5.14 without
+        // MADV_POPULATE_WRITE) changes nothing but speed. Huge pages, then populated now, in the kernel:
+        // measured on a 512 MiB load (2 cores), faulting them in during the copies instead cost 1.4–1.8 ×
+        // the end-to-end time, 4 KiB pages populated lazily 1.1 ×.
+        unsafe {
+            libc::madvise(p, len, libc::MADV_HUGEPAGE);
+            libc::madvise(p, len, libc::MADV_POPULATE_WRITE);
+        }
         Some(HostMem {
             ptr: std::ptr::NonNull::new(p as *mut u8)?,
             len,
