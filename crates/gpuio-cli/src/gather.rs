@@ -1,69 +1,15 @@
-//! `gpuio gather`: DLRM-style embedding lookups through the gpu-io page cache. Each batch draws `--batch`
-//! row indices (uniform, or Zipf over popularity ranks scattered across the table by a seeded bijection,
-//! so that hot rows are not neighbours), gathers the rows through the cache, then "computes" for
-//! `--compute-us` (a busy-wait on the calling thread, after folding a few bytes of every row into a
-//! checksum so the data is really used).
-//!
-//! With `--prefetch on` the next batch's gather is issued before the current batch computes (AGILE's
-//! overlap): its misses are in flight while this thread works. The synchronous version then runs too, in
-//! the same invocation, over the same indices and with a fresh cache of the same size, and `speedup` is
-//! its time divided by the prefetching run's. Both runs must read the same bytes (checked).
+//! `gpuio gather`: flags into a [`gpuio_workloads::gather::GatherConfig`], the summary or JSON out. The
+//! workload (row sampling, the page cache, prefetch and the synchronous reference run) lives in
+//! `gpuio_workloads::gather`.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use gpuio::size::format_bytes;
-use gpuio::{DirectMode, Engine, Error, ErrorKind, OpenOptions, Result};
-use gpuio_cache::{CacheConfig, PageCache};
+use gpuio::Result;
+use gpuio_workloads::cache::{parse_cache_size, CacheSize};
+use gpuio_workloads::gather::{self as wl, parse_dist, Dist, GatherConfig, GatherRun};
 use serde_json::{json, Value};
-
-use crate::bfs::{cache_bytes, cache_engine, parse_cache_size, CacheSize};
-use crate::graph::{mix, Rng};
-
-/// Row indices per batch, at most.
-const BATCH_MAX: usize = 1 << 20;
-/// Batches per run, at most (2^24: at the smallest cache's pace this is hours, never "forever").
-const BATCHES_MAX: usize = 1 << 24;
-/// Longest `--compute-us`: one second of busy-waiting per batch. The flag stands for a model's compute
-/// on one batch, milliseconds in DLRM (the README's example uses 2000 µs); more is a typo.
-const COMPUTE_US_MAX: u64 = 1_000_000;
-
-/// How row indices are drawn.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Dist {
-    Uniform,
-    /// Zipf with this exponent over popularity ranks.
-    Zipf(f64),
-}
-
-impl Dist {
-    fn name(self) -> String {
-        match self {
-            Dist::Uniform => "uniform".into(),
-            Dist::Zipf(s) => format!("zipf:{s}"),
-        }
-    }
-}
-
-fn parse_dist(s: &str) -> std::result::Result<Dist, String> {
-    let t = s.trim().to_ascii_lowercase();
-    if t == "uniform" {
-        return Ok(Dist::Uniform);
-    }
-    if let Some(e) = t.strip_prefix("zipf:") {
-        let v: f64 = e
-            .parse()
-            .map_err(|_| format!("'{s}': the Zipf exponent must be a number (zipf:1.1)"))?;
-        if !(v > 0.0 && v <= 100.0) {
-            return Err(format!("'{s}': the Zipf exponent must be in (0, 100]"));
-        }
-        return Ok(Dist::Zipf(v));
-    }
-    Err(format!(
-        "'{s}' is not a distribution: uniform or zipf:S (e.g. zipf:1.1)"
-    ))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
@@ -115,335 +61,11 @@ pub struct GatherArgs {
     json: bool,
 }
 
-/// Zipf sampling over ranks 1..=n by rejection-inversion (Hörmann & Derflinger), O(1) per draw with
-/// no table: works for any number of rows.
-#[derive(Debug, Clone)]
-struct Zipf {
-    n: f64,
-    s: f64,
-    h_x1: f64,
-    h_n: f64,
-    q: f64,
-}
-
-fn helper1(x: f64) -> f64 {
-    if x.abs() > 1e-8 {
-        x.ln_1p() / x
-    } else {
-        1.0 - x * (0.5 - x * (1.0 / 3.0 - 0.25 * x))
-    }
-}
-
-fn helper2(x: f64) -> f64 {
-    if x.abs() > 1e-8 {
-        x.exp_m1() / x
-    } else {
-        1.0 + x * 0.5 * (1.0 + x / 3.0 * (1.0 + 0.25 * x))
-    }
-}
-
-impl Zipf {
-    fn new(n: u64, s: f64) -> Zipf {
-        let mut z = Zipf {
-            n: n as f64,
-            s,
-            h_x1: 0.0,
-            h_n: 0.0,
-            q: 0.0,
-        };
-        z.h_x1 = z.h_integral(1.5) - 1.0;
-        z.h_n = z.h_integral(z.n + 0.5);
-        z.q = 2.0 - z.h_integral_inv(z.h_integral(2.5) - z.h(2.0));
-        z
-    }
-    fn h(&self, x: f64) -> f64 {
-        (-self.s * x.ln()).exp()
-    }
-    fn h_integral(&self, x: f64) -> f64 {
-        let lx = x.ln();
-        helper2((1.0 - self.s) * lx) * lx
-    }
-    fn h_integral_inv(&self, x: f64) -> f64 {
-        let t = (x * (1.0 - self.s)).max(-1.0);
-        (helper1(t) * x).exp()
-    }
-    /// A rank in 1..=n; rank 1 is the most popular.
-    fn sample(&self, rng: &mut Rng) -> u64 {
-        loop {
-            let u = self.h_n + rng.unit() * (self.h_x1 - self.h_n);
-            let x = self.h_integral_inv(u);
-            let k = (x + 0.5).floor().clamp(1.0, self.n);
-            if k - x <= self.q || u >= self.h_integral(k + 0.5) - self.h(k) {
-                return k as u64;
-            }
-        }
-    }
-}
-
-/// A seeded bijection of `0..n` (xor, odd multiplies and xor-shifts on the next power of two, cycle
-/// walking back into range): scatters popularity ranks over the table.
-#[derive(Debug, Clone)]
-struct Scatter {
-    n: u64,
-    mask: u64,
-    shift: u32,
-    key: u64,
-}
-
-impl Scatter {
-    fn new(n: u64, seed: u64) -> Scatter {
-        let mask = n.next_power_of_two() - 1;
-        Scatter {
-            n,
-            mask,
-            shift: (mask.count_ones() / 2).max(1),
-            key: mix(seed, 0x7363_6174) & mask,
-        }
-    }
-    fn apply(&self, r: u64) -> u64 {
-        let mut x = r;
-        loop {
-            x = (x ^ self.key) & self.mask;
-            x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15) & self.mask;
-            x ^= x >> self.shift;
-            x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9) & self.mask;
-            x ^= x >> self.shift;
-            if x < self.n {
-                return x;
-            }
-        }
-    }
-}
-
-/// The batches' row indices, the same sequence for every run with the same seed.
-#[derive(Debug, Clone)]
-struct Indices {
-    rng: Rng,
-    rows: u64,
-    zipf: Option<(Zipf, Scatter)>,
-}
-
-impl Indices {
-    fn new(dist: Dist, rows: u64, seed: u64) -> Indices {
-        Indices {
-            rng: Rng::new(mix(seed, 0x6761_7468)),
-            rows,
-            zipf: match dist {
-                Dist::Uniform => None,
-                Dist::Zipf(s) => Some((Zipf::new(rows, s), Scatter::new(rows, seed))),
-            },
-        }
-    }
-    fn next_row(&mut self) -> u64 {
-        match &self.zipf {
-            None => self.rng.below(self.rows),
-            Some((z, sc)) => sc.apply(z.sample(&mut self.rng) - 1),
-        }
-    }
-    /// The next batch as (byte offset, length) requests.
-    fn fill(&mut self, batch: usize, row_bytes: u64, out: &mut Vec<(u64, usize)>) {
-        out.clear();
-        for _ in 0..batch {
-            let r = self.next_row();
-            out.push((r * row_bytes, row_bytes as usize));
-        }
-    }
-}
-
-/// One run's figures.
-#[derive(Debug, Clone)]
-struct RunResult {
-    seconds: f64,
-    /// Time blocked waiting for gathers.
-    wait_seconds: f64,
-    /// Time spent in `gather()` calls (issuing; a gather may wait there for room in the queue).
-    issue_seconds: f64,
-    reads_issued: u64,
-    hit_rate: f64,
-    hits: u64,
-    misses: u64,
-    joined: u64,
-    bytes_read: u64,
-    checksum: u64,
-}
-
-fn busy_wait(us: u64) {
-    if us == 0 {
-        return;
-    }
-    let end = Instant::now() + Duration::from_micros(us);
-    while Instant::now() < end {
-        std::hint::spin_loop();
-    }
-}
-
-/// Folds the first and last (up to) 8 bytes of every row into `sum`.
-fn consume(got: &gpuio_cache::GatherResult, n: usize, mut sum: u64) -> u64 {
-    for i in 0..n {
-        let row = got.get(i);
-        let k = row.len().min(8);
-        let mut a = [0u8; 8];
-        a[..k].copy_from_slice(&row[..k]);
-        let mut b = [0u8; 8];
-        b[..k].copy_from_slice(&row[row.len() - k..]);
-        sum = sum.rotate_left(7) ^ u64::from_le_bytes(a) ^ u64::from_le_bytes(b).rotate_left(29);
-    }
-    sum
-}
-
-struct Plan<'a> {
-    a: &'a GatherArgs,
-    engine: &'a Engine,
-    file: &'a gpuio::File,
-    rows: u64,
-    capacity: u64,
-}
-
-fn run_once(p: &Plan<'_>, prefetch: bool) -> Result<RunResult> {
-    let a = p.a;
-    let cache = PageCache::new(
-        p.engine,
-        CacheConfig {
-            line_bytes: a.line_size as usize,
-            capacity_bytes: p.capacity,
-            queue_depth: a.queue_depth,
-            coalesce_bytes: a.coalesce.try_into().unwrap_or(usize::MAX),
-        },
-    )?;
-    let src = cache.attach_file(p.file)?;
-    p.file.drop_page_cache()?;
-    let mut idx = Indices::new(a.dist, p.rows, a.seed);
-    let mut cur = Vec::with_capacity(a.batch);
-    let mut nxt = Vec::with_capacity(a.batch);
-    let mut sum = 0u64;
-    let mut wait = Duration::ZERO;
-    let mut issue = Duration::ZERO;
-    // Each result's memory is handed to a later gather: a fresh buffer per batch would be zeroed and
-    // faulted in again every time (a fifth of the CPU time of a miss-bound gather on tmpfs).
-    let mut spare: Vec<u8> = Vec::new();
-    let start = Instant::now();
-    if prefetch {
-        idx.fill(a.batch, a.row_bytes, &mut cur);
-        let t = Instant::now();
-        let mut pending = Some(cache.gather(src, &cur)?);
-        issue += t.elapsed();
-        for k in 0..a.batches {
-            let g = pending.take().expect("a gather is pending for every batch");
-            let t = Instant::now();
-            let got = g.wait()?;
-            wait += t.elapsed();
-            if k + 1 < a.batches {
-                idx.fill(a.batch, a.row_bytes, &mut nxt);
-                let t = Instant::now();
-                pending = Some(cache.gather_into(src, &nxt, std::mem::take(&mut spare))?);
-                issue += t.elapsed();
-            }
-            sum = consume(&got, cur.len(), sum);
-            spare = got.into_bytes();
-            busy_wait(a.compute_us);
-            std::mem::swap(&mut cur, &mut nxt);
-        }
-    } else {
-        for _ in 0..a.batches {
-            idx.fill(a.batch, a.row_bytes, &mut cur);
-            let t = Instant::now();
-            let g = cache.gather_into(src, &cur, std::mem::take(&mut spare))?;
-            let t1 = Instant::now();
-            issue += t1 - t;
-            let got = g.wait()?;
-            wait += t1.elapsed();
-            sum = consume(&got, cur.len(), sum);
-            spare = got.into_bytes();
-            busy_wait(a.compute_us);
-        }
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    let s = cache.stats();
-    Ok(RunResult {
-        seconds,
-        wait_seconds: wait.as_secs_f64(),
-        issue_seconds: issue.as_secs_f64(),
-        reads_issued: s.reads_issued,
-        hit_rate: s.hit_rate(),
-        hits: s.hits,
-        misses: s.misses,
-        joined: s.joined,
-        bytes_read: s.bytes_read,
-        checksum: sum,
-    })
-}
-
-/// Most lines one row can touch.
-fn lines_per_row(row: u64, line: u64) -> u64 {
-    // (Written with division: `is_multiple_of` is newer than the supported toolchain.)
-    if row / line * line == row || line / row * row == line {
-        row.div_ceil(line)
-    } else {
-        row.div_ceil(line) + 1
-    }
-}
-
-fn validate(a: &GatherArgs) -> Result<u64> {
-    crate::bfs::validate_cache_flags(a.line_size, a.queue_depth, a.coalesce)?;
-    if a.row_bytes == 0 || a.row_bytes > usize::MAX as u64 {
-        return Err(Error::invalid(format!(
-            "--row-bytes {} is out of range 1..={}",
-            a.row_bytes,
-            usize::MAX
-        )));
-    }
-    if a.compute_us > COMPUTE_US_MAX {
-        return Err(Error::invalid(format!(
-            "--compute-us {} is out of range 0..={COMPUTE_US_MAX} (one second per batch)",
-            a.compute_us
-        )));
-    }
-    if a.batch == 0 || a.batch > BATCH_MAX {
-        return Err(Error::invalid(format!(
-            "--batch {} is out of range 1..={BATCH_MAX}",
-            a.batch
-        )));
-    }
-    if a.batches == 0 || a.batches > BATCHES_MAX {
-        return Err(Error::invalid(format!(
-            "--batches {} is out of range 1..={BATCHES_MAX}",
-            a.batches
-        )));
-    }
-    let meta = match std::fs::metadata(&a.table) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "--table {0} does not exist: make one first, e.g. `gpuio bench --file {0} --size 1G --pattern write` or `dd if=/dev/urandom of={0} bs=1M count=1024`",
-                    a.table.display()
-                ),
-            ));
-        }
-        Err(e) => {
-            return Err(Error::from_io(gpuio::error::Op::Stat, &e).with_path(&a.table));
-        }
-    };
-    if meta.is_dir() {
-        return Err(Error::new(ErrorKind::IsADirectory, "is a directory").with_path(&a.table));
-    }
-    let len = meta.len();
-    if len < a.row_bytes {
-        return Err(Error::invalid(format!(
-            "--table {} is {len} bytes, smaller than one row (--row-bytes {})",
-            a.table.display(),
-            a.row_bytes
-        )));
-    }
-    Ok(len)
-}
-
-fn run_json(r: &RunResult, rows: u64) -> Value {
+fn run_json(r: &GatherRun, rows: u64) -> Value {
     json!({
         "seconds": r.seconds,
-        "rows_per_sec": rows as f64 / r.seconds.max(1e-9),
-        "iops": r.reads_issued as f64 / r.seconds.max(1e-9),
+        "rows_per_sec": r.rows_per_sec(rows),
+        "iops": r.iops(),
         "hit_rate": r.hit_rate,
         "reads_issued": r.reads_issued,
         "hits": r.hits,
@@ -455,12 +77,12 @@ fn run_json(r: &RunResult, rows: u64) -> Value {
     })
 }
 
-fn run_line(name: &str, r: &RunResult, rows: u64) -> String {
+fn run_line(name: &str, r: &GatherRun, rows: u64) -> String {
     format!(
         "{name:<9} {:.3} s: {:.0} rows/s, {:.0} IOPS, hit rate {:.1}%, {} reads ({}), issuing {:.3} s, waiting {:.3} s",
         r.seconds,
-        rows as f64 / r.seconds.max(1e-9),
-        r.reads_issued as f64 / r.seconds.max(1e-9),
+        r.rows_per_sec(rows),
+        r.iops(),
         r.hit_rate * 100.0,
         r.reads_issued,
         format_bytes(r.bytes_read as f64),
@@ -470,70 +92,35 @@ fn run_line(name: &str, r: &RunResult, rows: u64) -> String {
 }
 
 pub fn run(a: GatherArgs) -> Result<()> {
-    let table_len = validate(&a)?;
-    let rows = table_len / a.row_bytes;
-    let capacity = cache_bytes(a.cache_size, table_len, a.line_size)?;
     let prefetch = a.prefetch == OnOff::On;
-    // A batch whose rows span more lines than the cache holds would evict its own lines before it is
-    // consumed (every batch thrashing itself): refuse it with the remedy.
-    let cap_lines = capacity / a.line_size;
-    let need = (a.batch as u64).saturating_mul(lines_per_row(a.row_bytes, a.line_size));
-    if need > cap_lines {
-        return Err(Error::invalid(format!(
-            "a cache of {} ({cap_lines} lines of {}) cannot hold a batch of {} rows of {} bytes (up to {need} lines): raise --cache-size or lower --batch",
-            format_bytes(capacity as f64),
-            a.line_size,
-            a.batch,
-            a.row_bytes,
-        )));
-    }
-    let engine = cache_engine(a.queue_depth, capacity)?;
-    let file = OpenOptions::read()
-        .direct(DirectMode::Auto)
-        .cold(true)
-        .open(&a.table)?;
-    let plan = Plan {
-        a: &a,
-        engine: &engine,
-        file: &file,
-        rows,
-        capacity,
+    let cfg = GatherConfig {
+        table: a.table.clone(),
+        row_bytes: a.row_bytes,
+        batch: a.batch,
+        batches: a.batches,
+        dist: a.dist,
+        cache: a.cache_size,
+        line_size: a.line_size,
+        queue_depth: a.queue_depth,
+        coalesce: a.coalesce,
+        prefetch,
+        compute_us: a.compute_us,
+        seed: a.seed,
     };
-    let spinner = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let pb = indicatif::ProgressBar::new_spinner();
-        pb.enable_steady_tick(Duration::from_millis(100));
-        pb
+    let spinner = crate::stream::spinner(a.json);
+    let r = wl::gather(&cfg, &mut |p| {
+        crate::stream::show_progress(spinner.as_ref(), p)
     });
-    if let Some(pb) = &spinner {
-        pb.set_message(if prefetch {
-            "gathering with prefetch"
-        } else {
-            "gathering"
-        });
-    }
-    let main = run_once(&plan, prefetch)?;
-    let sync = if prefetch {
-        if let Some(pb) = &spinner {
-            pb.set_message("gathering synchronously (reference)");
-        }
-        let s = run_once(&plan, false)?;
-        if s.checksum != main.checksum {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                "the prefetching and synchronous runs read different bytes for the same rows",
-            ));
-        }
-        Some(s)
-    } else {
-        None
-    };
     if let Some(pb) = spinner {
         pb.finish_and_clear();
     }
-    let total_rows = a.batch as u64 * a.batches as u64;
-    let speedup = sync.as_ref().map(|s| s.seconds / main.seconds.max(1e-9));
+    let r = r?;
+    let total_rows = r.rows_gathered;
+    let rows = r.rows;
+    let table_len = r.table_bytes;
+    let capacity = r.cache_bytes;
     if a.json {
-        let mut v = run_json(&main, total_rows);
+        let mut v = run_json(&r.main, total_rows);
         let extra = json!({
             "table": a.table.display().to_string(),
             "table_bytes": table_len,
@@ -548,12 +135,12 @@ pub fn run(a: GatherArgs) -> Result<()> {
             "queue_depth": a.queue_depth,
             "compute_us": a.compute_us,
             "prefetch": prefetch,
-            "direct": file.is_direct(),
-            "checksum": format!("{:016x}", main.checksum),
+            "direct": r.direct,
+            "checksum": format!("{:016x}", r.main.checksum),
         });
         if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
             o.extend(e);
-            if let (Some(s), Some(x)) = (&sync, speedup) {
+            if let (Some(s), Some(x)) = (&r.sync, r.speedup) {
                 o.insert("speedup".into(), json!(x));
                 o.insert("sync".into(), run_json(s, total_rows));
             }
@@ -575,10 +162,10 @@ pub fn run(a: GatherArgs) -> Result<()> {
             capacity as f64 * 100.0 / table_len as f64,
             format_bytes(a.line_size as f64),
             a.queue_depth,
-            if file.is_direct() {
+            if r.direct {
                 "direct I/O".to_string()
             } else {
-                format!("buffered I/O ({})", file.direct_reason())
+                format!("buffered I/O ({})", r.direct_reason)
             },
             a.compute_us
         )?;
@@ -586,62 +173,14 @@ pub fn run(a: GatherArgs) -> Result<()> {
             "{}",
             run_line(
                 if prefetch { "prefetch:" } else { "sync:" },
-                &main,
+                &r.main,
                 total_rows
             )
         )?;
-        if let (Some(s), Some(x)) = (&sync, speedup) {
+        if let (Some(s), Some(x)) = (&r.sync, r.speedup) {
             outln!("{}", run_line("sync:", s, total_rows))?;
             outln!("speedup (sync ÷ prefetch): {x:.2}×")?;
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zipf_matches_harmonic_weights() {
-        let n = 100u64;
-        let s = 1.0;
-        let z = Zipf::new(n, s);
-        let mut rng = Rng::new(3);
-        let trials = 200_000;
-        let mut counts = vec![0u32; n as usize + 1];
-        for _ in 0..trials {
-            let k = z.sample(&mut rng);
-            assert!((1..=n).contains(&k));
-            counts[k as usize] += 1;
-        }
-        let h: f64 = (1..=n).map(|k| 1.0 / (k as f64).powf(s)).sum();
-        for k in [1usize, 2, 10] {
-            let want = 1.0 / (k as f64).powf(s) / h;
-            let got = counts[k] as f64 / trials as f64;
-            assert!((got - want).abs() < 0.01, "rank {k}: {got} vs {want}");
-        }
-    }
-
-    #[test]
-    fn scatter_is_a_bijection() {
-        for n in [1u64, 2, 3, 100, 1000, 4096] {
-            let sc = Scatter::new(n, 9);
-            let mut seen = vec![false; n as usize];
-            for r in 0..n {
-                let x = sc.apply(r) as usize;
-                assert!(!seen[x]);
-                seen[x] = true;
-            }
-        }
-    }
-
-    #[test]
-    fn dist_parsing() {
-        assert_eq!(parse_dist("uniform"), Ok(Dist::Uniform));
-        assert_eq!(parse_dist("zipf:1.1"), Ok(Dist::Zipf(1.1)));
-        assert!(parse_dist("zipf:0").is_err());
-        assert!(parse_dist("zipf:x").is_err());
-        assert!(parse_dist("normal").is_err());
-    }
 }

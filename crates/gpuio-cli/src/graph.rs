@@ -1,50 +1,13 @@
-//! `gpuio graph gen`: Graph500 Kronecker and uniform random graphs written in the EMOGI/BaM `.bel` CSR
-//! layout, and the `.bel` reader `gpuio bfs` uses.
-//!
-//! The layout (all little-endian), as in the published BaM datasets:
-//!
-//! - `PREFIX.bel.col`: u64 count, u64 reserved (0), then `count` u64 vertex offsets. We write n+1
-//!   offsets (the last one is the edge count); the reader also accepts n (the final offset implied).
-//! - `PREFIX.bel.dst`: u64 edge count m, u64 reserved (0), then m u64 destination vertices; the
-//!   neighbours of vertex v are `dst[col[v]..col[v+1]]`.
-//!
-//! What `gen` writes (Graph500 BFS semantics): the generated edge tuples are undirected, so each is
-//! stored in both directions; self-loops are dropped and so are duplicate edges, so every adjacency list
-//! is sorted ascending without repeats (a simple graph, like the converted datasets BaM and EMOGI use).
-//! Kronecker vertex labels go through a seeded random permutation, as the Graph500 generator's do, so
-//! that high-degree vertices are not clustered at low ids. Output depends only on the arguments: edges
-//! are generated in fixed chunks, each from its own seeded stream, whatever the number of threads.
-//!
-//! Output: both files are written crash-safely (see [`write_bel`]); a write-protected one is replaced
-//! only with `--force`.
-//!
-//! Memory: the edge tuples (8 bytes each), the directed edge array (4 bytes per entry, two per tuple)
-//! and the offsets are built in RAM with a counting sort — about `16·D·2^S + 28·2^S` bytes, 4.3 GiB for
-//! scale 24 degree 16. A build that would not fit in the memory available is refused up front.
+//! `gpuio graph gen`: flags into a [`gpuio_workloads::graph::GraphGenConfig`], the summary or JSON out.
+//! The generator and the `.bel` format live in `gpuio_workloads::graph`.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
-use gpuio::error::Op;
 use gpuio::size::format_bytes;
-use gpuio::{Error, ErrorKind, Result};
+use gpuio::Result;
+use gpuio_workloads::graph::{self as wl, GraphGenConfig};
 use serde_json::json;
-
-/// Largest accepted `--scale` (2^30 vertices: labels still fit in 32 bits).
-pub const SCALE_MAX: u32 = 30;
-/// Largest accepted `--degree`.
-pub const DEGREE_MAX: u32 = 4096;
-/// Bytes of each `.bel` file's header: u64 count, u64 reserved.
-pub const HEADER_BYTES: u64 = 16;
-
-/// Graph500 Kronecker initiator probabilities.
-const KRON_A: f64 = 0.57;
-const KRON_B: f64 = 0.19;
-const KRON_C: f64 = 0.19;
-/// Edge tuples generated per seeded stream.
-const GEN_CHUNK: usize = 1 << 16;
 
 #[derive(Args, Debug)]
 pub struct GraphArgs {
@@ -69,11 +32,11 @@ pub enum Kind {
     Urand,
 }
 
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Kron => "kron",
-            Kind::Urand => "urand",
+impl From<Kind> for wl::Kind {
+    fn from(k: Kind) -> wl::Kind {
+        match k {
+            Kind::Kron => wl::Kind::Kron,
+            Kind::Urand => wl::Kind::Urand,
         }
     }
 }
@@ -109,613 +72,67 @@ pub fn run(a: GraphArgs) -> Result<()> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Seeded randomness (shared with `gpuio gather`).
-
-/// SplitMix64: small, fast, and good enough for graph generation and workload sampling.
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (Lemire's multiply; the bias is below 2^-32 for the n used here).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-    /// Uniform in [0, 1).
-    pub(crate) fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-/// A seed derived from two values (stream splitting).
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    Rng::new(a ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Paths.
-
-/// `PREFIX.bel.col` and `PREFIX.bel.dst`. A prefix that already ends in `.bel`, `.bel.col` or
-/// `.bel.dst` is understood as the same graph.
-pub fn bel_paths(prefix: &Path) -> (PathBuf, PathBuf) {
-    let s = prefix.as_os_str().to_string_lossy();
-    let base = s
-        .strip_suffix(".bel.col")
-        .or_else(|| s.strip_suffix(".bel.dst"))
-        .or_else(|| s.strip_suffix(".bel"))
-        .unwrap_or(&s);
-    (
-        PathBuf::from(format!("{base}.bel.col")),
-        PathBuf::from(format!("{base}.bel.dst")),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Generation.
-
-fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 64)
-}
-
-/// `MemAvailable` from /proc/meminfo, when readable.
-fn mem_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Probability `p` as a threshold on a uniform u32 (compared as u64).
-fn threshold(p: f64) -> u64 {
-    (p * 4_294_967_296.0).round() as u64
-}
-
-/// A seeded uniform random permutation of `0..n` (Fisher–Yates).
-fn permutation(n: usize, seed: u64) -> Vec<u32> {
-    let mut p: Vec<u32> = (0..n as u32).collect();
-    let mut rng = Rng::new(mix(seed, 0x7065_726d));
-    for i in (1..n).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        p.swap(i, j);
-    }
-    p
-}
-
-/// Fills `out` with the edge tuples of chunk `chunk` (each chunk its own stream).
-fn gen_chunk(kind: Kind, scale: u32, seed: u64, chunk: usize, perm: &[u32], out: &mut [[u32; 2]]) {
-    let mut rng = Rng::new(mix(mix(seed, kind as u64 + 1), chunk as u64));
-    match kind {
-        Kind::Kron => {
-            // The Graph500 reference generator's recursion, one bit of each endpoint per level:
-            // the row bit is 1 with probability C+D; the column bit is then 1 with probability
-            // B/(A+B) (row bit 0) or D/(C+D) (row bit 1).
-            let t_ab = threshold(KRON_A + KRON_B);
-            let t_a_norm = threshold(KRON_A / (KRON_A + KRON_B));
-            let t_c_norm = threshold(KRON_C / (1.0 - (KRON_A + KRON_B)));
-            for e in out.iter_mut() {
-                let (mut u, mut v) = (0u32, 0u32);
-                for _ in 0..scale {
-                    let r = rng.next_u64();
-                    let ii = (r & 0xFFFF_FFFF) >= t_ab;
-                    let jj = (r >> 32) >= if ii { t_c_norm } else { t_a_norm };
-                    u = (u << 1) | ii as u32;
-                    v = (v << 1) | jj as u32;
-                }
-                *e = [perm[u as usize], perm[v as usize]];
-            }
-        }
-        Kind::Urand => {
-            let n = 1u64 << scale;
-            for e in out.iter_mut() {
-                *e = [rng.below(n) as u32, rng.below(n) as u32];
-            }
-        }
-    }
-}
-
-/// All `m` edge tuples, generated in parallel; identical for any thread count.
-fn generate(kind: Kind, scale: u32, m: usize, seed: u64) -> Vec<[u32; 2]> {
-    let perm = match kind {
-        Kind::Kron => permutation(1usize << scale, seed),
-        Kind::Urand => Vec::new(),
-    };
-    let mut edges = vec![[0u32; 2]; m];
-    let chunks = m.div_ceil(GEN_CHUNK);
-    let t = threads().min(chunks).max(1);
-    let per = chunks.div_ceil(t);
-    std::thread::scope(|s| {
-        let mut rest: &mut [[u32; 2]] = &mut edges;
-        let mut first_chunk = 0;
-        while !rest.is_empty() {
-            let take = (per * GEN_CHUNK).min(rest.len());
-            let (mine, tail) = rest.split_at_mut(take);
-            rest = tail;
-            let perm = &perm;
-            let c0 = first_chunk;
-            s.spawn(move || {
-                for (i, out) in mine.chunks_mut(GEN_CHUNK).enumerate() {
-                    gen_chunk(kind, scale, seed, c0 + i, perm, out);
-                }
-            });
-            first_chunk += per;
-        }
-    });
-    edges
-}
-
-/// A CSR graph in memory: `dst[offsets[v]..offsets[v+1]]` are v's neighbours.
-pub struct Csr {
-    pub offsets: Vec<u64>,
-    pub dst: Vec<u32>,
-    pub self_loops: u64,
-    pub duplicates: u64,
-}
-
-/// Counting sort of the tuples by source, both directions, self-loops dropped; then each adjacency list
-/// sorted and its repeats removed.
-fn build_csr(n: usize, edges: Vec<[u32; 2]>) -> Csr {
-    let mut offsets = vec![0u64; n + 1];
-    let mut self_loops = 0u64;
-    for &[u, v] in &edges {
-        if u == v {
-            self_loops += 1;
-        } else {
-            offsets[u as usize + 1] += 1;
-            offsets[v as usize + 1] += 1;
-        }
-    }
-    for i in 0..n {
-        offsets[i + 1] += offsets[i];
-    }
-    let total = offsets[n] as usize;
-    let mut dst = vec![0u32; total];
-    {
-        let mut cursor: Vec<u64> = offsets[..n].to_vec();
-        for &[u, v] in &edges {
-            if u != v {
-                let cu = &mut cursor[u as usize];
-                dst[*cu as usize] = v;
-                *cu += 1;
-                let cv = &mut cursor[v as usize];
-                dst[*cv as usize] = u;
-                *cv += 1;
-            }
-        }
-    }
-    drop(edges);
-
-    // Sort and deduplicate every list, in parallel over vertex ranges of about equal edge counts.
-    let t = threads();
-    let mut bounds = vec![0usize];
-    for i in 1..t {
-        let target = total as u64 * i as u64 / t as u64;
-        let v = offsets.partition_point(|&o| o < target).min(n);
-        if v > *bounds.last().expect("non-empty") {
-            bounds.push(v);
-        }
-    }
-    if *bounds.last().expect("non-empty") < n {
-        bounds.push(n);
-    }
-    let mut unique = vec![0u64; n];
-    std::thread::scope(|s| {
-        let mut rest_dst: &mut [u32] = &mut dst;
-        let mut rest_unique: &mut [u64] = &mut unique;
-        for w in bounds.windows(2) {
-            let (lo, hi) = (w[0], w[1]);
-            let len = (offsets[hi] - offsets[lo]) as usize;
-            let (d, dt) = rest_dst.split_at_mut(len);
-            rest_dst = dt;
-            let (un, ut) = rest_unique.split_at_mut(hi - lo);
-            rest_unique = ut;
-            let offsets = &offsets;
-            s.spawn(move || {
-                let base = offsets[lo];
-                for v in lo..hi {
-                    let list =
-                        &mut d[(offsets[v] - base) as usize..(offsets[v + 1] - base) as usize];
-                    list.sort_unstable();
-                    let mut k = 0;
-                    for i in 0..list.len() {
-                        if i == 0 || list[i] != list[k - 1] {
-                            list[k] = list[i];
-                            k += 1;
-                        }
-                    }
-                    un[v - lo] = k as u64;
-                }
-            });
-        }
-    });
-    // Compact: lists only move towards the front, so a forward pass never overwrites unread data.
-    let mut at = 0u64;
-    let mut new_offsets = vec![0u64; n + 1];
-    for v in 0..n {
-        let start = offsets[v] as usize;
-        let k = unique[v] as usize;
-        if at as usize != start {
-            dst.copy_within(start..start + k, at as usize);
-        }
-        at += k as u64;
-        new_offsets[v + 1] = at;
-    }
-    let duplicates = total as u64 - at;
-    dst.truncate(at as usize);
-    dst.shrink_to_fit();
-    Csr {
-        offsets: new_offsets,
-        dst,
-        self_loops,
-        duplicates,
-    }
-}
-
-/// Writes one `.bel` file's new version beside it: header (count, 0) then `values` as little-endian
-/// u64, into a [`gpuio::ReplaceFile`] that the caller commits.
-fn write_u64s<T: Copy + Into<u64>>(path: &Path, values: &[T]) -> Result<gpuio::ReplaceFile> {
-    let tmp = gpuio::ReplaceFile::create(path)?;
-    let werr = |e: std::io::Error| Error::from_io(Op::Write, &e).with_path(tmp.temp_path());
-    let mut w = std::io::BufWriter::with_capacity(8 << 20, tmp.as_file());
-    let mut bytes = Vec::with_capacity(64 << 10);
-    bytes.extend_from_slice(&(values.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&0u64.to_le_bytes());
-    w.write_all(&bytes).map_err(werr)?;
-    for chunk in values.chunks(8192) {
-        bytes.clear();
-        for &v in chunk {
-            bytes.extend_from_slice(&v.into().to_le_bytes());
-        }
-        w.write_all(&bytes).map_err(werr)?;
-    }
-    w.flush().map_err(werr)?;
-    drop(w);
-    Ok(tmp)
-}
-
-/// Writes `csr` as `PREFIX.bel.col` and `PREFIX.bel.dst`, crash-safely; returns the bytes written.
-///
-/// Both new files are written in full beside the old ones and synced before either is renamed into
-/// place (`.dst` first, then `.col`), so a failure while writing (a full disk) or a kill leaves the old
-/// files untouched, and each file is always either its old or its new version. The two renames are not
-/// one atomic step: a crash between them (microseconds) leaves a new `.dst` beside the old `.col`.
-pub fn write_bel(prefix: &Path, csr: &Csr) -> Result<u64> {
-    let (col, dst) = bel_paths(prefix);
-    let col_tmp = write_u64s(&col, &csr.offsets)?;
-    let dst_tmp = write_u64s(&dst, &csr.dst)?;
-    dst_tmp.commit()?;
-    col_tmp.commit()?;
-    Ok(2 * HEADER_BYTES + 8 * (csr.offsets.len() + csr.dst.len()) as u64)
-}
-
 fn gen(a: GenArgs) -> Result<()> {
-    if a.scale == 0 || a.scale > SCALE_MAX {
-        return Err(Error::invalid(format!(
-            "--scale {} is out of range 1..={SCALE_MAX} (2^scale vertices)",
-            a.scale
-        )));
-    }
-    if a.degree == 0 || a.degree > DEGREE_MAX {
-        return Err(Error::invalid(format!(
-            "--degree {} is out of range 1..={DEGREE_MAX}",
-            a.degree
-        )));
-    }
-    let n = 1usize << a.scale;
-    let m = (a.degree as usize) << a.scale;
-    let need = 16 * m as u64 + 28 * n as u64;
-    if let Some(avail) = mem_available() {
-        if need > avail {
-            return Err(Error::invalid(format!(
-                "--scale {} --degree {} needs about {} of memory to build, more than the {} available: lower --scale or --degree",
-                a.scale,
-                a.degree,
-                format_bytes(need as f64),
-                format_bytes(avail as f64)
-            )));
-        }
-    }
-    let (col_path, dst_path) = bel_paths(&a.output);
-    if let Some(dir) = col_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "output directory {} does not exist",
-                    gpuio::input::escape_path(dir)
-                ),
-            ));
-        }
-    }
-    // Before the (long) build: a write-protected output is refused now, not after it.
-    for p in [&col_path, &dst_path] {
-        crate::stream::check_output(&[], p, a.force)?;
-        crate::stream::remove_stale_temps(p);
-    }
-    let spinner = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let pb = indicatif::ProgressBar::new_spinner();
-        pb.enable_steady_tick(std::time::Duration::from_millis(100));
-        pb
-    });
-    let say = |m: &str| {
-        if let Some(pb) = &spinner {
-            pb.set_message(m.to_string());
-        }
+    let cfg = GraphGenConfig {
+        kind: a.kind.into(),
+        scale: a.scale,
+        degree: a.degree,
+        seed: a.seed,
+        output: a.output.clone(),
+        force: a.force,
     };
-    let t0 = Instant::now();
-    say("generating edges");
-    let edges = generate(a.kind, a.scale, m, a.seed);
-    let t_gen = t0.elapsed().as_secs_f64();
-    say("building CSR");
-    let t1 = Instant::now();
-    let csr = build_csr(n, edges);
-    let t_build = t1.elapsed().as_secs_f64();
-    say("writing");
-    let t2 = Instant::now();
-    let bytes = write_bel(&a.output, &csr)?;
-    let t_write = t2.elapsed().as_secs_f64();
-    let secs = t0.elapsed().as_secs_f64();
+    let spinner = crate::stream::spinner(a.json);
+    let r = wl::generate(&cfg, &mut |p| {
+        crate::stream::show_progress(spinner.as_ref(), p)
+    });
     if let Some(pb) = spinner {
         pb.finish_and_clear();
     }
-    let edges = csr.dst.len() as u64;
+    let r = r?;
     if a.json {
         let v = json!({
-            "kind": a.kind.name(),
-            "scale": a.scale,
-            "degree": a.degree,
-            "seed": a.seed,
-            "vertices": n,
-            "edges": edges,
-            "generated_edges": m,
-            "self_loops_dropped": csr.self_loops,
-            "duplicates_dropped": csr.duplicates,
-            "col": col_path.display().to_string(),
-            "dst": dst_path.display().to_string(),
-            "bytes": bytes,
-            "seconds": secs,
-            "generate_seconds": t_gen,
-            "build_seconds": t_build,
-            "write_seconds": t_write,
+            "kind": r.kind.name(),
+            "scale": r.scale,
+            "degree": r.degree,
+            "seed": r.seed,
+            "vertices": r.vertices,
+            "edges": r.edges,
+            "generated_edges": r.generated_edges,
+            "self_loops_dropped": r.self_loops_dropped,
+            "duplicates_dropped": r.duplicates_dropped,
+            "col": r.col.display().to_string(),
+            "dst": r.dst.display().to_string(),
+            "bytes": r.bytes,
+            "seconds": r.seconds,
+            "generate_seconds": r.generate_seconds,
+            "build_seconds": r.build_seconds,
+            "write_seconds": r.write_seconds,
         });
         crate::report::print_json(&v)?;
     } else {
         outln!(
-            "{} scale {} degree {} seed {}: {n} vertices, {edges} directed edges \
-             ({m} generated; both directions stored; {} self-loops and {} duplicates dropped)",
-            a.kind.name(),
-            a.scale,
-            a.degree,
-            a.seed,
-            csr.self_loops,
-            csr.duplicates
+            "{} scale {} degree {} seed {}: {} vertices, {} directed edges \
+             ({} generated; both directions stored; {} self-loops and {} duplicates dropped)",
+            r.kind.name(),
+            r.scale,
+            r.degree,
+            r.seed,
+            r.vertices,
+            r.edges,
+            r.generated_edges,
+            r.self_loops_dropped,
+            r.duplicates_dropped
         )?;
         outln!(
-            "wrote {} and {} ({}) in {secs:.2} s (generate {t_gen:.2} s, build {t_build:.2} s, write {t_write:.2} s)",
-            gpuio::input::escape_path(&col_path),
-            gpuio::input::escape_path(&dst_path),
-            format_bytes(bytes as f64)
+            "wrote {} and {} ({}) in {:.2} s (generate {:.2} s, build {:.2} s, write {:.2} s)",
+            gpuio::input::escape_path(&r.col),
+            gpuio::input::escape_path(&r.dst),
+            format_bytes(r.bytes as f64),
+            r.seconds,
+            r.generate_seconds,
+            r.build_seconds,
+            r.write_seconds
         )?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Reading.
-
-/// A `.bel` graph opened for BFS: the offsets in memory (validated), the edge file located and its
-/// header checked. Destinations are checked as they are read.
-#[derive(Debug)]
-pub struct Bel {
-    pub col_path: PathBuf,
-    pub dst_path: PathBuf,
-    /// Vertices.
-    pub n: usize,
-    /// Edges (entries of the `.dst` file).
-    pub m: u64,
-    /// n+1 offsets, the last one `m`.
-    pub offsets: Vec<u64>,
-    /// Bytes of the `.dst` file.
-    pub dst_bytes: u64,
-}
-
-fn corrupt(path: &Path, msg: String) -> Error {
-    Error::new(ErrorKind::Corrupt, msg).with_path(path)
-}
-
-fn open_read(path: &Path) -> Result<(std::fs::File, u64)> {
-    let f = std::fs::File::open(path).map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| Error::from_io(Op::Stat, &e).with_path(path))?;
-    if meta.is_dir() {
-        return Err(Error::new(ErrorKind::IsADirectory, "is a directory").with_path(path));
-    }
-    Ok((f, meta.len()))
-}
-
-/// Reads a header and checks that its count agrees with the file's size.
-fn read_header(f: &mut std::fs::File, len: u64, path: &Path, what: &str) -> Result<u64> {
-    if len < HEADER_BYTES {
-        return Err(corrupt(
-            path,
-            format!("{len} bytes is shorter than the 16-byte .bel header"),
-        ));
-    }
-    let mut h = [0u8; 16];
-    f.read_exact(&mut h).map_err(|e| {
-        Error::from_io(Op::Read, &e)
-            .with_path(path)
-            .with_range(0, 16)
-    })?;
-    let count = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
-    let expect = count
-        .checked_mul(8)
-        .and_then(|b| b.checked_add(HEADER_BYTES));
-    if expect != Some(len) {
-        return Err(corrupt(
-            path,
-            format!(
-                "header count {count} {what} needs {} bytes but the file has {len}",
-                match expect {
-                    Some(b) => b.to_string(),
-                    None => "more than 2^64".to_string(),
-                }
-            ),
-        ));
-    }
-    Ok(count)
-}
-
-/// Opens `PREFIX.bel.{col,dst}`: checks both headers against the files' sizes and reads every offset,
-/// checking that they start at 0, never decrease and stay within the edge file. A `.col` count of n+1
-/// (the last offset equal to the edge count) or of n (the last offset below it, the final one implied)
-/// is accepted.
-pub fn read_bel(prefix: &Path) -> Result<Bel> {
-    let (col_path, dst_path) = bel_paths(prefix);
-    let (mut df, dst_bytes) = open_read(&dst_path)?;
-    let m = read_header(&mut df, dst_bytes, &dst_path, "(edges)")?;
-    drop(df);
-    let (cf, col_bytes) = open_read(&col_path)?;
-    let mut cf = std::io::BufReader::with_capacity(1 << 20, cf);
-    let count = {
-        let f = cf.get_mut();
-        read_header(f, col_bytes, &col_path, "(offsets)")?
-    };
-    if count == 0 {
-        return Err(corrupt(&col_path, "has no offsets: no vertices".into()));
-    }
-    if count > u32::MAX as u64 + 1 {
-        return Err(corrupt(
-            &col_path,
-            format!("{count} offsets: more than 2^32 vertices is not supported"),
-        ));
-    }
-    let mut offsets: Vec<u64> = Vec::with_capacity(count as usize + 1);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut i = 0u64;
-    let mut prev = 0u64;
-    while i < count {
-        let k = ((count - i) as usize).min(buf.len() / 8);
-        cf.read_exact(&mut buf[..k * 8]).map_err(|e| {
-            Error::from_io(Op::Read, &e)
-                .with_path(&col_path)
-                .with_range(HEADER_BYTES + 8 * i, 8 * k as u64)
-        })?;
-        for c in buf[..k * 8].chunks_exact(8) {
-            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            if i == 0 && v != 0 {
-                return Err(corrupt(
-                    &col_path,
-                    format!("offset 0 is {v}: the first offset must be 0"),
-                ));
-            }
-            if v < prev {
-                return Err(corrupt(
-                    &col_path,
-                    format!(
-                        "offset {i} is {v}, smaller than offset {} ({prev}): offsets must not decrease",
-                        i - 1
-                    ),
-                ));
-            }
-            if v > m {
-                return Err(corrupt(
-                    &col_path,
-                    format!(
-                        "offset {i} is {v}, past the {m} edges of {}",
-                        dst_path.display()
-                    ),
-                ));
-            }
-            offsets.push(v);
-            prev = v;
-            i += 1;
-        }
-    }
-    // n+1 offsets end at m; n offsets end below it (or at it, but then the last vertex would have no
-    // edges and the file is read as n+1: the two cannot be told apart).
-    if prev != m {
-        offsets.push(m);
-    }
-    let n = offsets.len() - 1;
-    if n == 0 {
-        return Err(corrupt(&col_path, "has no vertices".into()));
-    }
-    Ok(Bel {
-        col_path,
-        dst_path,
-        n,
-        m,
-        offsets,
-        dst_bytes,
-    })
-}
-
-/// The error for a destination that is not a vertex.
-pub fn bad_destination(bel: &Bel, edge: u64, v: u64) -> Error {
-    corrupt(
-        &bel.dst_path,
-        format!(
-            "edge {edge} has destination {v}, not a vertex (the graph has {} vertices)",
-            bel.n
-        ),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kron_probabilities() {
-        // One level's quadrant frequencies match A, B, C, D.
-        let t_ab = threshold(KRON_A + KRON_B);
-        let t_a = threshold(KRON_A / (KRON_A + KRON_B));
-        let t_c = threshold(KRON_C / (1.0 - (KRON_A + KRON_B)));
-        let mut rng = Rng::new(7);
-        let mut q = [0u32; 4];
-        let trials = 400_000;
-        for _ in 0..trials {
-            let r = rng.next_u64();
-            let ii = (r & 0xFFFF_FFFF) >= t_ab;
-            let jj = (r >> 32) >= if ii { t_c } else { t_a };
-            q[(ii as usize) * 2 + jj as usize] += 1;
-        }
-        let f: Vec<f64> = q.iter().map(|&c| c as f64 / trials as f64).collect();
-        for (got, want) in f.iter().zip([0.57, 0.19, 0.19, 0.05]) {
-            assert!((got - want).abs() < 0.005, "{f:?}");
-        }
-    }
-
-    #[test]
-    fn csr_is_symmetric_sorted_unique() {
-        let edges = vec![[0, 1], [1, 0], [2, 2], [3, 1], [0, 1]];
-        let c = build_csr(4, edges);
-        assert_eq!(c.offsets, vec![0, 1, 3, 3, 4]);
-        assert_eq!(c.dst, vec![1, 0, 3, 1]);
-        assert_eq!(c.self_loops, 1);
-        assert_eq!(c.duplicates, 4);
-    }
-
-    #[test]
-    fn paths() {
-        for p in ["g", "g.bel", "g.bel.col", "g.bel.dst"] {
-            let (c, d) = bel_paths(Path::new(p));
-            assert_eq!(c, PathBuf::from("g.bel.col"));
-            assert_eq!(d, PathBuf::from("g.bel.dst"));
-        }
-    }
 }

@@ -211,6 +211,48 @@ pub(crate) fn remove_stale_temps(output: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// Shows a workload's progress (`gpuio_workloads::Progress`): phases and BFS levels on the spinner
+/// when there is one, stale temporaries removed (or not) on standard error as
+/// [`remove_stale_temps`] reports them.
+pub(crate) fn show_progress(pb: Option<&indicatif::ProgressBar>, p: gpuio_workloads::Progress) {
+    use gpuio_workloads::Progress;
+    match p {
+        Progress::Phase(m) => {
+            if let Some(pb) = pb {
+                pb.set_message(m);
+            }
+        }
+        Progress::Level {
+            level,
+            reached,
+            frontier,
+        } => {
+            if let Some(pb) = pb {
+                pb.set_message(format!(
+                    "level {level}: {reached} vertices reached, frontier {frontier}"
+                ));
+            }
+        }
+        Progress::StaleTempRemoved(p) => errln!(
+            "gpuio: removed {}, left by a run that did not finish",
+            gpuio::input::escape_path(&p)
+        ),
+        Progress::StaleTempsNotRemoved(e) => {
+            errln!("gpuio: warning: stale temporary files not removed: {e}")
+        }
+        _ => {}
+    }
+}
+
+/// A spinner on standard error when it is a terminal and the output is not JSON.
+pub(crate) fn spinner(json: bool) -> Option<indicatif::ProgressBar> {
+    (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(std::time::Duration::from_millis(100));
+        pb
+    })
+}
+
 /// Runs `p`, calling `compute` on each slot, with a progress bar over `total` source bytes on a terminal
 /// (never with `--json`).
 pub(crate) fn run_pipeline(
