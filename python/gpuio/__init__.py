@@ -9,6 +9,7 @@
   cache with numpy-style gathers over files far larger than memory.
 - ``gpuio.load_safetensors(path, device="cpu", framework="numpy")`` / ``save_safetensors``.
 - ``gpuio.stream(input, output, fn, slots=3, chunk_size=4 << 20)``: read ‖ compute ‖ write.
+- ``gpuio.graph.generate`` / ``gpuio.graph.bfs`` and ``gpuio.gather``: the CLI's workloads.
 
 Errors are ``gpuio.Error`` subclasses that are also the matching built-in exceptions
 (``FileNotFoundError``, ``PermissionError``, ``OSError`` with ``errno``, ...); see ``gpuio._errors``.
@@ -54,6 +55,7 @@ from ._gpuio import (
     stream,
 )
 from ._tensors import load_safetensors, save_safetensors
+from ._workloads import gather, graph
 
 __version__ = _gpuio.__version__
 
@@ -83,6 +85,8 @@ __all__ = [
     "UnexpectedEofError",
     "UnsupportedError",
     "engine_info",
+    "gather",
+    "graph",
     "load_safetensors",
     "open",
     "pack",

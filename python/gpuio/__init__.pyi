@@ -259,3 +259,18 @@ def stream(
     chunk_size: int = 4194304,
     direct: _Direct = "auto",
 ) -> Dict[str, Any]: ...
+
+class _Graph:
+    @staticmethod
+    def generate(scale: int, output: _Path, *, degree: int = ..., seed: int = ..., kind: str = ...,
+                 force: bool = ...) -> dict: ...
+    @staticmethod
+    def bfs(prefix: _Path, source: int, *, mode: str = ..., cache_size: Optional[str] = ...,
+            line_size: int = ..., queue_depth: int = ..., coalesce: int = ...,
+            depths_out: Optional[_Path] = ...) -> dict: ...
+
+graph: _Graph
+
+def gather(table: _Path, row_bytes: int, batch: int, batches: int, *, dist: str = ...,
+           cache_size: Optional[str] = ..., line_size: int = ..., queue_depth: int = ...,
+           prefetch: bool = ..., compute_us: int = ..., seed: int = ...) -> dict: ...

@@ -29,6 +29,7 @@ mod future;
 mod pack;
 mod stream;
 mod tensors;
+mod workloads;
 
 /// The process-wide engine every binding uses (gpu-io's shared default: one engine thread, the probed
 /// backend). Created on first use; an engine that cannot start is an error each time it is asked for.
@@ -126,5 +127,6 @@ fn _gpuio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tensors::register(m)?;
     dlpack::register(m)?;
     stream::register(m)?;
+    workloads::register(m)?;
     Ok(())
 }

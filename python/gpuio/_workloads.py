@@ -1,0 +1,48 @@
+"""The workloads of the ``gpuio`` CLI as functions: ``gpuio.graph.generate`` and ``gpuio.graph.bfs``
+(Graph500 graphs in the ``.bel`` format, breadth-first search over the page cache, memory or mmap), and
+``gpuio.gather`` (DLRM-style embedding lookups through the page cache). The settings are the CLI's
+flags, the results what it reports (``gpuio graph gen``, ``gpuio bfs``, ``gpuio gather --json``)."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Optional, Union
+
+import numpy as np
+
+from . import _gpuio
+
+_Path = Union[str, "os.PathLike[str]"]
+
+
+def generate(scale: int, output: _Path, *, degree: int = 16, seed: int = 1, kind: str = "kron",
+             force: bool = False) -> dict:
+    """Writes a graph of 2**scale vertices at ``output`` (``OUTPUT.bel.col``, ``OUTPUT.bel.dst``),
+    crash-safely; ``kind`` is ``"kron"`` (Graph500 Kronecker) or ``"urand"``. Returns its summary."""
+    return _gpuio._graph_generate(scale, os.fspath(output), degree, seed, kind, force)
+
+
+def bfs(prefix: _Path, source: int, *, mode: str = "cache", cache_size: Optional[str] = None,
+        line_size: int = 16384, queue_depth: int = 64, coalesce: int = 131072,
+        depths_out: Optional[_Path] = None) -> dict:
+    """Breadth-first search of the graph at ``prefix`` from ``source``. ``mode``: ``"cache"`` (the
+    edge file through gpu-io's page cache; ``cache_size`` like ``"20%"`` or ``"256M"``), ``"memory"``
+    or ``"mmap"``. Returns the summary, with ``depths`` a numpy int32 array (-1: unreachable)."""
+    r = _gpuio._graph_bfs(os.fspath(prefix), source, mode, cache_size, line_size, queue_depth,
+                          coalesce, None if depths_out is None else os.fspath(depths_out))
+    r["depths"] = np.frombuffer(r["depths"], dtype="<i4")
+    return r
+
+
+def gather(table: _Path, row_bytes: int, batch: int, batches: int, *, dist: str = "uniform",
+           cache_size: Optional[str] = None, line_size: int = 4096, queue_depth: int = 64,
+           prefetch: bool = False, compute_us: int = 0, seed: int = 1) -> dict:
+    """``batches`` gathers of ``batch`` rows of ``row_bytes`` from ``table`` through a page cache
+    (``dist``: ``"uniform"`` or ``"zipf:S"``); with ``prefetch`` the next batch is issued before the
+    current one is consumed, and a synchronous run over the same rows gives ``speedup``."""
+    return _gpuio._gather(os.fspath(table), row_bytes, batch, batches, dist, cache_size, line_size,
+                          queue_depth, prefetch, compute_us, seed)
+
+
+graph = SimpleNamespace(generate=generate, bfs=bfs)
