@@ -64,19 +64,7 @@ struct Outcomes {
 
 #[test]
 fn a_copy_killed_at_any_moment_leaves_the_old_file_or_the_new_one() {
-    let seed: u64 = std::env::var("GPUIO_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    let runs: u32 = std::env::var("GPUIO_CRASH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-    eprintln!("GPUIO_CRASH_SEED={seed} GPUIO_CRASH_RUNS={runs}");
+    let (seed, runs) = seed_and_runs(40);
 
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.bin");

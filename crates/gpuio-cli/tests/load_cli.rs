@@ -4,11 +4,7 @@
 
 mod common;
 
-use common::{fails_with_error_line, ok, ok_json};
-
-fn crc32c(b: &[u8]) -> u32 {
-    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, b) as u32
-}
+use common::{crc32c, fails_with_error_line, ok, ok_json};
 
 /// A safetensors image written by hand (the format is simple): tensors in body order.
 fn image(tensors: &[(&str, &str, &[u64], &[u8])]) -> Vec<u8> {

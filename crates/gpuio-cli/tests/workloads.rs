@@ -10,11 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{fails_with_error_line as fails_cleanly, gpuio, ok, ok_json};
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
+use common::{fails_with_error_line as fails_cleanly, gpuio, ok, ok_json, s};
 
 /// A `.bel` file's header count and values.
 fn read_bel_file(path: &Path) -> (u64, Vec<u64>) {

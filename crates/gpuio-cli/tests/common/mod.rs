@@ -68,3 +68,33 @@ pub fn fails_with_error_line(args: &[&str], needles: &[&str]) {
     let err = fails_cleanly(args, needles);
     assert!(err.starts_with("gpuio: error:"), "{args:?}: {err}");
 }
+
+/// `len` bytes of a seeded xorshift sequence (files whose contents any misplaced byte would show).
+pub fn data(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// CRC-32C, the checksum `gpuio checksum` and the loaders print.
+pub fn crc32c(b: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, b) as u32
+}
+
+/// Writes `bytes` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
