@@ -625,6 +625,28 @@ fn child_cufile_direct_load() {
     assert_all_released();
 }
 
+/// A direct load of a cold model that the mock cuFile fails (as the parent's environment injects):
+/// returns the error and the model's path, after checking that nothing stays registered, allocated
+/// or refused.
+fn failed_direct_load(seed: u64) -> (gpuio::Error, PathBuf) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let engine = engine();
+    let device = open();
+    let loader = direct_loader(&engine, &device);
+    let (path, _, file) = cold_model(dir.path(), seed);
+    let header = gpuio_cuda::safetensors::read_header(&path).unwrap();
+    let buf = DeviceBuffer::alloc(&device, header.body_len as usize).unwrap();
+    let e = loader
+        .load_range(&file, header.body_offset, &buf, 0, header.body_len)
+        .unwrap_err();
+    drop((buf, loader, file));
+    assert_eq!(cufile_counter("mock_cufile_live_handles"), 0);
+    assert_clean_calls();
+    drop(device);
+    assert_all_released();
+    (e, path)
+}
+
 #[test]
 fn child_cufile_refuses_a_filesystem() {
     if !is_child() {
@@ -632,25 +654,11 @@ fn child_cufile_refuses_a_filesystem() {
     }
     // cuFileHandleRegister fails with 5027, as on ext4 over virtio on an H200 machine: the direct
     // path says the file cannot be served (Unsupported), so an automatic choice would stage.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let engine = engine();
-    let device = open();
-    let loader = direct_loader(&engine, &device);
-    let (path, _, file) = cold_model(dir.path(), 7);
-    let header = gpuio_cuda::safetensors::read_header(&path).unwrap();
-    let buf = DeviceBuffer::alloc(&device, header.body_len as usize).unwrap();
-    let e = loader
-        .load_range(&file, header.body_offset, &buf, 0, header.body_len)
-        .unwrap_err();
+    let (e, path) = failed_direct_load(7);
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     let msg = e.to_string();
     assert!(msg.contains("CU_FILE_HANDLE_NOT_REGISTERED"), "{msg}");
     assert!(msg.contains(&path.display().to_string()), "{msg}");
-    drop((buf, loader));
-    assert_eq!(cufile_counter("mock_cufile_live_handles"), 0);
-    assert_clean_calls();
-    drop(device);
-    assert_all_released();
 }
 
 #[test]
@@ -659,27 +667,13 @@ fn child_cufile_read_error() {
         return;
     }
     // cuFileRead fails with EIO: an I/O error naming the file, and nothing left behind.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let engine = engine();
-    let device = open();
-    let loader = direct_loader(&engine, &device);
-    let (path, _, file) = cold_model(dir.path(), 8);
-    let header = gpuio_cuda::safetensors::read_header(&path).unwrap();
-    let buf = DeviceBuffer::alloc(&device, header.body_len as usize).unwrap();
-    let e = loader
-        .load_range(&file, header.body_offset, &buf, 0, header.body_len)
-        .unwrap_err();
+    let (e, path) = failed_direct_load(8);
     assert_eq!(
         (e.kind(), e.errno()),
         (ErrorKind::Io, Some(libc::EIO)),
         "{e}"
     );
     assert!(e.to_string().contains(&path.display().to_string()), "{e}");
-    drop((buf, loader, file));
-    assert_eq!(cufile_counter("mock_cufile_live_handles"), 0);
-    assert_clean_calls();
-    drop(device);
-    assert_all_released();
 }
 
 // ---- the mock catches what a GPU would ----
