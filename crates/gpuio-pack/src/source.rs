@@ -209,12 +209,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_damaged_chunk_under_small_slots_fails_at_its_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let (pack_path, _) = sample(dir.path());
+    /// The sample pack with one byte of chunk `index` of entry "w" flipped, opened buffered; its
+    /// entry "w" and an engine and queue to read it with.
+    fn damaged(dir: &std::path::Path, index: usize) -> (Engine, gpuio::IoQueue, Entry) {
+        let (pack_path, _) = sample(dir);
         let pack = Pack::open(&pack_path).unwrap();
-        let chunk = pack.entries()[0].chunks[3]; // logical 48 KiB..64 KiB
+        let chunk = pack.entries()[0].chunks[index];
         let mut bytes = std::fs::read(&pack_path).unwrap();
         bytes[chunk.file_offset as usize + 5] ^= 0x40;
         std::fs::write(&pack_path, &bytes).unwrap();
@@ -224,6 +224,13 @@ mod tests {
             .unwrap()
             .entry("w")
             .unwrap();
+        (engine, queue, entry)
+    }
+
+    #[test]
+    fn a_damaged_chunk_under_small_slots_fails_at_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, queue, entry) = damaged(dir.path(), 3); // logical 48 KiB..64 KiB
         let mut seen = 0u64;
         let err = Pipeline::new(&engine, EntrySource::new(entry, &queue))
             .chunk_size(1000)
@@ -246,18 +253,7 @@ mod tests {
     #[test]
     fn a_damaged_chunk_stops_the_pipeline_at_its_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let (pack_path, _) = sample(dir.path());
-        let pack = Pack::open(&pack_path).unwrap();
-        let chunk = pack.entries()[0].chunks[30]; // logical 480 KiB..496 KiB
-        let mut bytes = std::fs::read(&pack_path).unwrap();
-        bytes[chunk.file_offset as usize + 5] ^= 0x40;
-        std::fs::write(&pack_path, &bytes).unwrap();
-        let engine = Engine::new(EngineConfig::default()).unwrap();
-        let queue = engine.queue(QueueDesc::default()).unwrap();
-        let entry = Pack::open_with(&pack_path, DirectMode::Off)
-            .unwrap()
-            .entry("w")
-            .unwrap();
+        let (engine, queue, entry) = damaged(dir.path(), 30); // logical 480 KiB..496 KiB
         let err = Pipeline::new(&engine, EntrySource::new(entry, &queue))
             .chunk_size(128 << 10)
             .run(|_| Ok(()))
