@@ -349,7 +349,7 @@ fn cufile_error(what: &str, code: i32, cu_err: i32) -> Error {
 fn register_error(code: i32, cu_err: i32) -> Error {
     let e = cufile_error("cuFileHandleRegister", code, cu_err);
     match code {
-        5010 | 5027 | 5030 | 5033 | 5048 => Error::new(ErrorKind::Unsupported, e.to_string()),
+        5010 | 5027 | 5030 | 5033 | 5048 => e.with_kind(ErrorKind::Unsupported),
         _ => e,
     }
 }
