@@ -15,7 +15,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::engine::Msg;
 use super::inline;
-use super::IoQueue;
+use super::{IoQueue, QueueKind};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::IoBuffer;
@@ -526,44 +526,24 @@ impl CommandBuffer {
             commands,
             shared_buf,
             barriers,
-            mut callback,
+            callback,
             callback_any_thread,
         } = self;
         Self::check_shared_overlaps(&commands)?;
         let limits = *queue.engine.inline_limits();
-        if inline::eligible(
-            &limits,
-            queue.shared.desc.kind,
-            queue.shared.slots.is_idle(),
-            &commands,
-        ) {
-            let n = commands.len();
-            // A callback that must run on the engine thread is sent there once the work is done.
-            let deferred = if callback_any_thread {
-                None
-            } else {
-                callback.take()
-            };
-            let shared = Arc::new(CbShared::pending(queue.engine.next_id(), callback));
-            let served = {
-                let mut stats = queue.shared.stats.lock();
-                inline::serve(&limits, commands, shared_buf, &barriers, &mut stats)
-            };
-            let status = served.status.clone();
-            shared.finish(served.status, served.outputs, served.shared_buf);
-            if let Some(f) = deferred {
-                if let Err(returned) = queue.engine.send_or_return(Msg::RunCallback(f, status)) {
-                    // The engine thread is gone: the callback must still run, once.
-                    if let Msg::RunCallback(f, status) = *returned {
-                        f(&status);
-                    }
-                }
-            }
-            return Ok(Completion {
-                shared,
+        // A serial queue keeps its order: nothing of it may be in flight (the lock only then).
+        let serial_busy =
+            queue.shared.desc.kind == QueueKind::Serial && !queue.shared.slots.is_idle();
+        if inline::eligible(&limits, serial_busy, &commands) {
+            return Ok(Self::commit_inline(
                 queue,
-                commands: n,
-            });
+                &limits,
+                commands,
+                shared_buf,
+                &barriers,
+                callback,
+                callback_any_thread,
+            ));
         }
         queue.shared.slots.acquire(wait)?;
         let n = commands.len();
@@ -587,6 +567,44 @@ impl CommandBuffer {
             queue,
             commands: n,
         })
+    }
+
+    /// Serves a command buffer on the committing thread (see `queue::inline`); it is finished when
+    /// this returns. A callback that must run on the engine thread is sent there after the work.
+    fn commit_inline(
+        queue: IoQueue,
+        limits: &inline::InlineLimits,
+        commands: Vec<Recorded>,
+        shared_buf: Option<IoBuffer>,
+        barriers: &[usize],
+        callback: Option<Callback>,
+        callback_any_thread: bool,
+    ) -> Completion {
+        let n = commands.len();
+        let (here, deferred) = match callback_any_thread {
+            true => (callback, None),
+            false => (None, callback),
+        };
+        let shared = Arc::new(CbShared::pending(queue.engine.next_id(), here));
+        let served = {
+            let mut stats = queue.shared.stats.lock();
+            inline::serve(limits, commands, shared_buf, barriers, &mut stats)
+        };
+        let status = deferred.as_ref().map(|_| served.status.clone());
+        shared.finish(served.status, served.outputs, served.shared_buf);
+        if let (Some(f), Some(status)) = (deferred, status) {
+            if let Err(returned) = queue.engine.send_or_return(Msg::RunCallback(f, status)) {
+                // The engine thread is gone: the callback must still run, once.
+                if let Msg::RunCallback(f, status) = *returned {
+                    f(&status);
+                }
+            }
+        }
+        Completion {
+            shared,
+            queue,
+            commands: n,
+        }
     }
 }
 

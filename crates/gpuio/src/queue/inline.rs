@@ -27,7 +27,6 @@ use std::time::Instant;
 use super::command::{CmdKind, CommandError, CommandId, Output, Recorded, Status};
 use super::outcome::{self, AfterShort, Attempt, Failure, Verdict};
 use super::stats::QueueStats;
-use super::QueueKind;
 use crate::backend::IoOp;
 use crate::error::{Error, ErrorKind, Op};
 use crate::mem::IoBuffer;
@@ -42,16 +41,9 @@ pub(crate) struct InlineLimits {
 }
 
 /// Whether a command buffer can be served on the committing thread.
-pub(crate) fn eligible(
-    limits: &InlineLimits,
-    kind: QueueKind,
-    queue_idle: bool,
-    commands: &[Recorded],
-) -> bool {
-    if limits.max_bytes == 0 || commands.is_empty() {
-        return false;
-    }
-    if kind == QueueKind::Serial && !queue_idle {
+/// `serial_busy`: the queue is serial and has a command buffer in flight (its order must hold).
+pub(crate) fn eligible(limits: &InlineLimits, serial_busy: bool, commands: &[Recorded]) -> bool {
+    if limits.max_bytes == 0 || serial_busy || commands.is_empty() {
         return false;
     }
     commands.iter().all(|c| {
