@@ -586,10 +586,7 @@ impl CommandBuffer {
             false => (None, callback),
         };
         let shared = Arc::new(CbShared::pending(queue.engine.next_id(), here));
-        let served = {
-            let mut stats = queue.shared.stats.lock();
-            inline::serve(limits, commands, shared_buf, barriers, &mut stats)
-        };
+        let served = inline::serve(limits, commands, shared_buf, barriers, &queue.shared.stats);
         let status = deferred.as_ref().map(|_| served.status.clone());
         shared.finish(served.status, served.outputs, served.shared_buf);
         if let (Some(f), Some(status)) = (deferred, status) {

@@ -26,10 +26,11 @@ use std::time::Instant;
 
 use super::command::{CmdKind, CommandError, CommandId, Output, Recorded, Status};
 use super::outcome::{self, AfterShort, Attempt, Failure, Verdict};
-use super::stats::QueueStats;
+use super::stats::{QueueStats, Tally};
 use crate::backend::IoOp;
 use crate::error::{Error, ErrorKind, Op};
 use crate::mem::IoBuffer;
+use parking_lot::Mutex;
 
 /// Bounds and switches of the inline path, copied from the engine's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -62,14 +63,16 @@ pub(crate) struct Served {
 }
 
 /// Runs every command in order (barriers split them into stages; a failure skips the later stages)
-/// and records the transfers in `stats`.
+/// and records the transfers in `stats` (without holding its lock while copying: other threads
+/// may be serving command buffers of the same queue).
 pub(crate) fn serve(
     limits: &InlineLimits,
     mut commands: Vec<Recorded>,
     mut shared_buf: Option<IoBuffer>,
     barriers: &[usize],
-    stats: &mut QueueStats,
+    stats: &Mutex<QueueStats>,
 ) -> Served {
+    let mut tally = Tally::new();
     let shared_base = shared_buf
         .as_mut()
         .map_or(std::ptr::null_mut(), |b| b.as_aligned_mut().as_mut_ptr());
@@ -106,7 +109,7 @@ pub(crate) fn serve(
             (None, true) => unsafe { shared_base.add(rec.buf_offset) },
             (None, false) => std::ptr::null_mut(),
         };
-        let (bytes, error) = transfer(limits, &rec, ptr, stats, &mut clock);
+        let (bytes, error) = transfer(limits, &rec, ptr, &mut tally, stats, &mut clock);
         if let Some(e) = error {
             errors.push(CommandError {
                 command: CommandId(i as u32),
@@ -118,6 +121,7 @@ pub(crate) fn serve(
             bytes,
         });
     }
+    tally.flush(stats);
     Served {
         status: if errors.is_empty() {
             Status::Complete
@@ -135,7 +139,8 @@ fn transfer(
     limits: &InlineLimits,
     rec: &Recorded,
     ptr: *mut u8,
-    stats: &mut QueueStats,
+    tally: &mut Tally,
+    stats: &Mutex<QueueStats>,
     clock: &mut Instant,
 ) -> (u64, Option<Error>) {
     let (op, io_op) = match rec.kind {
@@ -166,17 +171,13 @@ fn transfer(
             r as i64
         };
         let end = Instant::now();
-        stats.ops += 1;
-        stats.inline_ops += 1;
-        stats.record_latency(end - start);
+        let moved = result.max(0) as u64;
+        match io_op {
+            IoOp::Write => tally.op(end - start, 0, moved, stats),
+            _ => tally.op(end - start, moved, 0, stats),
+        }
         start = end;
         *clock = end;
-        if result > 0 {
-            match io_op {
-                IoOp::Write => stats.bytes_written += result as u64,
-                _ => stats.bytes_read += result as u64,
-            }
-        }
         let attempt = Attempt {
             op: io_op,
             len: want,
@@ -194,7 +195,7 @@ fn transfer(
             Verdict::EndOfFile => break,
             Verdict::Retry => {
                 retries += 1;
-                stats.retries += 1;
+                tally.retry();
             }
             // Not direct, so never asked to redo buffered; treated as the error it carries.
             Verdict::RedoBuffered => {
@@ -218,7 +219,7 @@ fn transfer(
             Verdict::Short { n, then, .. } => {
                 done += n;
                 shorts += 1;
-                stats.short_transfers += 1;
+                tally.short_transfer();
                 if then == AfterShort::GiveUp {
                     let e = Error::new(
                         ErrorKind::RetriesExhausted,

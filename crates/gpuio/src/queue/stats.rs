@@ -1,9 +1,11 @@
 //! Per-queue counters and the latency histogram of backend operations (submission to completion, as fio
-//! reports completion latency), updated by the engine thread.
+//! reports completion latency), updated by the engine thread, and by committing threads through a
+//! [`Tally`] (see `queue::inline`).
 
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -101,5 +103,71 @@ impl QueueStats {
         self.direct_fallbacks += other.direct_fallbacks;
         self.inline_ops += other.inline_ops;
         let _ = self.latency_ns.add(&other.latency_ns);
+    }
+}
+
+/// Operations a committing thread did, counted without the queue's lock and added to its
+/// [`QueueStats`] in one step every [`Tally::LATENCIES`] operations (and at the end): several threads
+/// serving command buffers of one queue must not hold its lock while they copy.
+pub(crate) struct Tally {
+    ops: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    retries: u64,
+    short_transfers: u64,
+    latencies_ns: [u64; Tally::LATENCIES],
+    latencies: usize,
+}
+
+impl Tally {
+    const LATENCIES: usize = 64;
+
+    pub(crate) fn new() -> Tally {
+        Tally {
+            ops: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            retries: 0,
+            short_transfers: 0,
+            latencies_ns: [0; Tally::LATENCIES],
+            latencies: 0,
+        }
+    }
+
+    /// One operation that took `d` and moved `read` / `written` bytes.
+    pub(crate) fn op(&mut self, d: Duration, read: u64, written: u64, into: &Mutex<QueueStats>) {
+        self.ops += 1;
+        self.bytes_read += read;
+        self.bytes_written += written;
+        self.latencies_ns[self.latencies] = (d.as_nanos() as u64).max(1);
+        self.latencies += 1;
+        if self.latencies == Tally::LATENCIES {
+            self.flush(into);
+        }
+    }
+    pub(crate) fn retry(&mut self) {
+        self.retries += 1;
+    }
+    pub(crate) fn short_transfer(&mut self) {
+        self.short_transfers += 1;
+    }
+
+    /// Adds what was counted to `into` (as inline operations) and starts again.
+    pub(crate) fn flush(&mut self, into: &Mutex<QueueStats>) {
+        if self.ops == 0 && self.retries == 0 && self.short_transfers == 0 {
+            return;
+        }
+        let mut s = into.lock();
+        s.ops += self.ops;
+        s.inline_ops += self.ops;
+        s.bytes_read += self.bytes_read;
+        s.bytes_written += self.bytes_written;
+        s.retries += self.retries;
+        s.short_transfers += self.short_transfers;
+        for &ns in &self.latencies_ns[..self.latencies] {
+            s.latency_ns.saturating_record(ns);
+        }
+        drop(s);
+        *self = Tally::new();
     }
 }
