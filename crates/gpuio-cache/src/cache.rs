@@ -19,6 +19,7 @@ use crate::config::{BOUNCE_BYTES_MAX, LOADS_PER_CB_DIVISOR};
 use crate::issue::PackJob;
 use crate::share::Loading;
 use crate::source::Source;
+use crate::spread::Helpers;
 use crate::stats::{Counters, Shard, SHARDS};
 use crate::{CacheConfig, BUSY_WAIT_MAX, SOURCES_MAX};
 
@@ -62,6 +63,10 @@ pub(crate) struct Inner {
     /// Write-back errors since the last flush: the first, and how many.
     pub(crate) wb_errors: Mutex<(Option<Error>, u64)>,
     pub(crate) pack_tx: OnceLock<crossbeam_channel::Sender<PackJob>>,
+    /// [`CacheConfig::issue_threads`] as configured (0: chosen per source).
+    pub(crate) issue_threads: usize,
+    /// The issue helpers, started by the first gather that spreads (see `spread`).
+    pub(crate) helpers: OnceLock<Helpers>,
 }
 
 /// A fixed budget of cache lines over files and pack entries. Cheap to clone (shared); `Send + Sync`.
@@ -172,6 +177,8 @@ impl PageCache {
                 counters: Counters::default(),
                 wb_errors: Mutex::new((None, 0)),
                 pack_tx: OnceLock::new(),
+                issue_threads: config.issue_threads,
+                helpers: OnceLock::new(),
             }),
         })
     }

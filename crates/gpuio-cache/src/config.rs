@@ -45,7 +45,23 @@ pub struct CacheConfig {
     /// line turns this off. At most [`COALESCE_BYTES_MAX`]. Pack entries are not coalesced here:
     /// their reader already merges adjacent chunks.
     pub coalesce_bytes: usize,
+    /// Threads one gather (or prefetch) may issue its misses from. A load of a memory-backed file
+    /// (tmpfs, ramfs) is a copy the issuing thread does itself (`gpuio::EngineConfig::
+    /// inline_max_bytes`), so a miss-bound gather of such a file runs at one core's copy rate unless
+    /// its misses are spread: with more than one thread, the misses are cut into chunks of
+    /// [`ISSUE_CHUNK_LINES`] lines that the calling thread and the cache's issue helpers take in turn.
+    /// `0` (the default): one per available core (at most [`ISSUE_THREADS_MAX`]) for memory-backed
+    /// files, and the calling thread alone for everything else, whose loads the engine completes
+    /// asynchronously anyway. `1`: always the calling thread alone. `N > 1`: up to `N` threads for
+    /// every source.
+    pub issue_threads: usize,
 }
+
+/// Most threads one gather issues from ([`CacheConfig::issue_threads`]).
+pub const ISSUE_THREADS_MAX: usize = 16;
+/// Lines per chunk when a gather's misses are spread over threads: a chunk of 4 KiB misses of a
+/// tmpfs file is about 0.2 ms of copying here, long next to a helper's wake-up (a few µs).
+pub const ISSUE_CHUNK_LINES: usize = 64;
 
 /// Largest [`CacheConfig::coalesce_bytes`].
 pub const COALESCE_BYTES_MAX: usize = 4 << 20;
@@ -60,6 +76,7 @@ impl Default for CacheConfig {
             capacity_bytes: 256 << 20,
             queue_depth: 64,
             coalesce_bytes: COALESCE_BYTES_DEFAULT,
+            issue_threads: 0,
         }
     }
 }
@@ -94,6 +111,12 @@ impl CacheConfig {
             return Err(Error::invalid(format!(
                 "coalesced read size {} exceeds the limit of {COALESCE_BYTES_MAX} bytes",
                 self.coalesce_bytes
+            )));
+        }
+        if self.issue_threads > ISSUE_THREADS_MAX {
+            return Err(Error::invalid(format!(
+                "cache issue threads {} exceeds the limit of {ISSUE_THREADS_MAX}",
+                self.issue_threads
             )));
         }
         Ok(())

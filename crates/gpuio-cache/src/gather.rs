@@ -9,7 +9,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use gpuio::{Error, Result};
 use parking_lot::{Condvar, Mutex};
 
-use crate::issue::IssueCtx;
 use crate::source::Source;
 use crate::stats::shard_index;
 use crate::{PageCache, SourceId};
@@ -77,14 +76,13 @@ impl PageCache {
         lines: &[u64],
     ) -> Result<Gather> {
         let shared = GatherShared::new(Vec::new(), vec![0]);
-        let mut ctx = IssueCtx::new(&self.inner, s, src);
-        let shard = &self.inner.shards[shard_index()];
-        for &line in lines {
-            self.request_line(&mut ctx, &shared, line, &[], shard)?;
+        let misses = lines.iter().map(|&line| (line, Vec::new())).collect();
+        let r = self.issue_misses(src, s, &shared, misses);
+        if let Err(e) = &r {
+            shared.fail(e.clone());
         }
-        ctx.commit()?;
         shared.issued();
-        Ok(Gather { shared })
+        r.map(|()| Gather { shared })
     }
 
     pub(crate) fn gather_inner(
@@ -157,21 +155,17 @@ impl PageCache {
             i = j;
         }
         let shared = GatherShared::new(buf, bounds);
-        if !missing.is_empty() {
-            let mut ctx = IssueCtx::new(&self.inner, s, src);
-            for (line, ps) in &missing {
-                if let Err(e) = self.request_line(&mut ctx, &shared, *line, ps, shard) {
-                    // Loads already issued finish on their own; the gather reports the error.
-                    let _ = ctx.commit();
-                    shared.fail(e.clone());
-                    shared.issued();
-                    return Err(e);
-                }
-            }
-            ctx.commit()?;
+        let r = if missing.is_empty() {
+            Ok(())
+        } else {
+            self.issue_misses(src, s, &shared, missing)
+        };
+        // On an error, loads already issued finish on their own; the gather reports it.
+        if let Err(e) = &r {
+            shared.fail(e.clone());
         }
         shared.issued();
-        Ok(Gather { shared })
+        r.map(|()| Gather { shared })
     }
 
     fn try_hit_pieces(
@@ -201,49 +195,68 @@ impl PageCache {
 struct GState {
     buf: Vec<u8>,
     bounds: Vec<usize>,
-    /// Lines outstanding, plus one while the gather is still issuing.
-    pending: usize,
     error: Option<Error>,
     waker: Option<Waker>,
 }
 
+/// A gather's state, shared by the threads that issue its misses and the completions that fill it.
+///
+/// Pieces are copied into the result without the lock: every piece has its own range of the buffer
+/// (the ranges' bounds are disjoint), and the buffer is neither moved nor read until `pending` has
+/// reached 0, which every copy happens before (`sub_pending` releases, the waiter acquires).
 pub(crate) struct GatherShared {
+    /// Lines outstanding, plus one for each thread still issuing.
+    pending: AtomicUsize,
+    /// `st.buf`'s bytes, fixed from `new` until `pending` is 0.
+    base: BufBase,
     st: Mutex<GState>,
     done: Condvar,
 }
 
+/// The result buffer's address, handed to the threads that copy into it.
+struct BufBase(*mut u8);
+// SAFETY: the address is only written through by `copy_from`, into ranges no other piece touches,
+// while the `Vec` it points into is kept alive and unmoved by the `GatherShared` that holds both.
+unsafe impl Send for BufBase {}
+// SAFETY: as for Send: shared access only ever writes disjoint ranges (see `copy_from`).
+unsafe impl Sync for BufBase {}
+
 impl GatherShared {
-    fn new(buf: Vec<u8>, bounds: Vec<usize>) -> Arc<GatherShared> {
+    fn new(mut buf: Vec<u8>, bounds: Vec<usize>) -> Arc<GatherShared> {
         Arc::new(GatherShared {
+            pending: AtomicUsize::new(1),
+            base: BufBase(buf.as_mut_ptr()),
             st: Mutex::new(GState {
                 buf,
                 bounds,
-                pending: 1,
                 error: None,
                 waker: None,
             }),
             done: Condvar::new(),
         })
     }
+    /// One more line (or issuing thread) to wait for. Only called by someone who already holds a
+    /// pending count, so the count cannot reach 0 in between.
     pub(crate) fn add_pending(&self) {
-        self.st.lock().pending += 1;
+        self.pending.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn sub_pending(&self) {
-        let waker = {
-            let mut st = self.st.lock();
-            st.pending -= 1;
-            if st.pending > 0 {
-                return;
-            }
-            st.waker.take()
-        };
+        if self.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        // Taking the lock orders this wake-up after a waiter's check of `pending` (made under the
+        // lock), so the waiter is either not yet waiting or woken.
+        let waker = self.st.lock().waker.take();
         self.done.notify_all();
         if let Some(w) = waker {
             w.wake();
         }
     }
+    fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
     /// The issuing thread is done adding lines.
-    fn issued(&self) {
+    pub(crate) fn issued(&self) {
         self.sub_pending();
     }
     pub(crate) fn fail(&self, e: Error) {
@@ -253,19 +266,15 @@ impl GatherShared {
         }
     }
     pub(crate) fn copy_from(&self, line: *const u8, pieces: &[Piece]) {
-        if pieces.is_empty() {
-            return;
-        }
-        let mut st = self.st.lock();
         for pc in pieces {
-            let dst = &mut st.buf[pc.out_off..pc.out_off + pc.len as usize];
-            // SAFETY: the caller holds the line pinned or Busy (its bytes are stable and alive);
-            // line_off + len <= line_bytes.
+            // SAFETY: the caller holds the line pinned or Busy (its bytes are stable and alive) and a
+            // pending count (the buffer is alive and unmoved); line_off + len <= line_bytes, and
+            // out_off + len <= the buffer's length, a range that is this piece's alone.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     line.add(pc.line_off as usize),
-                    dst.as_mut_ptr(),
-                    dst.len(),
+                    self.base.0.add(pc.out_off),
+                    pc.len as usize,
                 )
             };
         }
@@ -305,7 +314,7 @@ impl Gather {
     /// Blocks until every range has arrived; returns them, or the first error.
     pub fn wait(self) -> Result<GatherResult> {
         let mut st = self.shared.st.lock();
-        while st.pending > 0 {
+        while self.shared.is_pending() {
             self.shared.done.wait(&mut st);
         }
         self.shared.take(&mut st)
@@ -318,8 +327,10 @@ impl Gather {
     ) -> std::result::Result<Result<GatherResult>, Gather> {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.st.lock();
-        while st.pending > 0 {
-            if self.shared.done.wait_until(&mut st, deadline).timed_out() && st.pending > 0 {
+        while self.shared.is_pending() {
+            if self.shared.done.wait_until(&mut st, deadline).timed_out()
+                && self.shared.is_pending()
+            {
                 drop(st);
                 return Err(self);
             }
@@ -330,7 +341,7 @@ impl Gather {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.shared.st.lock().pending == 0
+        !self.shared.is_pending()
     }
 }
 
@@ -338,7 +349,7 @@ impl Future for Gather {
     type Output = Result<GatherResult>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut st = self.shared.st.lock();
-        if st.pending > 0 {
+        if self.shared.is_pending() {
             st.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }

@@ -53,6 +53,7 @@ mod issue;
 pub mod line;
 mod share;
 mod source;
+mod spread;
 mod stats;
 mod writeback;
 
@@ -60,8 +61,8 @@ pub use array::{Array, ArrayGather, ArrayIter};
 pub use cache::PageCache;
 pub use clock::PinnedLines;
 pub use config::{
-    CacheConfig, BUSY_WAIT_MAX, COALESCE_BYTES_DEFAULT, COALESCE_BYTES_MAX, LINES_MAX, SOURCES_MAX,
-    SOURCE_LINES_MAX,
+    CacheConfig, BUSY_WAIT_MAX, COALESCE_BYTES_DEFAULT, COALESCE_BYTES_MAX, ISSUE_CHUNK_LINES,
+    ISSUE_THREADS_MAX, LINES_MAX, SOURCES_MAX, SOURCE_LINES_MAX,
 };
 pub use file::CachedFile;
 pub use gather::{Gather, GatherResult};

@@ -28,6 +28,10 @@ pub struct CacheStats {
     pub bytes_read: u64,
     /// Bytes asked for by reads and gathers.
     pub bytes_requested: u64,
+    /// Chunks of gathers' misses that the cache's issue helpers issued (see
+    /// [`CacheConfig::issue_threads`](crate::CacheConfig::issue_threads)); the calling threads
+    /// issued the rest.
+    pub helper_chunks: u64,
 }
 
 impl CacheStats {
@@ -84,6 +88,7 @@ pub(crate) struct Counters {
     pub(crate) writes_issued: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) bytes_read: AtomicU64,
+    pub(crate) helper_chunks: AtomicU64,
 }
 
 impl PageCache {
@@ -106,6 +111,7 @@ impl PageCache {
             evictions: c.evictions.load(Ordering::Relaxed),
             bytes_read: c.bytes_read.load(Ordering::Relaxed),
             bytes_requested: req,
+            helper_chunks: c.helper_chunks.load(Ordering::Relaxed),
         }
     }
 
@@ -123,6 +129,7 @@ impl PageCache {
             &c.writes_issued,
             &c.evictions,
             &c.bytes_read,
+            &c.helper_chunks,
         ] {
             a.store(0, Ordering::Relaxed);
         }

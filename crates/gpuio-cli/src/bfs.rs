@@ -55,6 +55,10 @@ pub struct BfsArgs {
     /// Largest read for a run of adjacent missing lines (0: one read per line).
     #[arg(long, value_parser = crate::parse_size, default_value = "128K")]
     coalesce: u64,
+    /// Threads a gather issues its misses from (0: one per core when the file is memory-backed,
+    /// where each miss is a copy on the issuing thread; else one).
+    #[arg(long, default_value_t = 0)]
+    issue_threads: usize,
     /// Write every vertex's depth here as little-endian i32, -1 for unreachable.
     #[arg(long, value_name = "FILE")]
     depths_out: Option<PathBuf>,
@@ -72,6 +76,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
         line_size: a.line_size,
         queue_depth: a.queue_depth,
         coalesce: a.coalesce,
+        issue_threads: a.issue_threads,
         depths_out: a.depths_out.clone(),
     };
     let pb = crate::stream::spinner(a.json);

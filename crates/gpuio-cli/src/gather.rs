@@ -46,6 +46,10 @@ pub struct GatherArgs {
     /// Largest read for a run of adjacent missing lines (0: one read per line).
     #[arg(long, value_parser = crate::parse_size, default_value = "128K")]
     coalesce: u64,
+    /// Threads a gather issues its misses from (0: one per core when the file is memory-backed,
+    /// where each miss is a copy on the issuing thread; else one).
+    #[arg(long, default_value_t = 0)]
+    issue_threads: usize,
     /// Issue the next batch's gather before computing the current one; also run the synchronous
     /// version and report the speedup.
     #[arg(long, value_enum, default_value = "off")]
@@ -103,6 +107,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
         line_size: a.line_size,
         queue_depth: a.queue_depth,
         coalesce: a.coalesce,
+        issue_threads: a.issue_threads,
         prefetch,
         compute_us: a.compute_us,
         seed: a.seed,

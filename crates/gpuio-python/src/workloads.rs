@@ -106,6 +106,7 @@ fn _graph_bfs<'py>(
         line_size,
         queue_depth,
         coalesce,
+        issue_threads: 0,
         depths_out,
     };
     let r = py

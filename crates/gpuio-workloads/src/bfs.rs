@@ -74,6 +74,9 @@ pub struct BfsConfig {
     /// Largest read for a run of adjacent missing lines, 0 for one read per line (`--coalesce`,
     /// default 128 KiB).
     pub coalesce: u64,
+    /// Threads a gather may issue its misses from, 0 for the cache's choice (one per core for a
+    /// memory-backed file, else one); see `CacheConfig::issue_threads` (`--issue-threads`).
+    pub issue_threads: usize,
     /// Write every vertex's depth here as little-endian i32, -1 for unreachable (`--depths-out`).
     pub depths_out: Option<PathBuf>,
 }
@@ -89,13 +92,19 @@ impl BfsConfig {
             line_size: 16 << 10,
             queue_depth: 64,
             coalesce: 128 << 10,
+            issue_threads: 0,
             depths_out: None,
         }
     }
 
     /// Checks the page-cache settings (the same bounds and messages as the CLI's flags).
     pub fn validate(&self) -> Result<()> {
-        validate_cache_flags(self.line_size, self.queue_depth, self.coalesce)
+        validate_cache_flags(
+            self.line_size,
+            self.queue_depth,
+            self.coalesce,
+            self.issue_threads,
+        )
     }
 }
 
@@ -627,6 +636,7 @@ pub fn bfs(cfg: &BfsConfig, progress: &mut dyn FnMut(Progress)) -> Result<BfsRes
                     capacity_bytes: capacity,
                     queue_depth: cfg.queue_depth,
                     coalesce_bytes: cfg.coalesce.try_into().unwrap_or(usize::MAX),
+                    issue_threads: cfg.issue_threads,
                 },
             )?;
             let src = cache.attach_file(&file)?;

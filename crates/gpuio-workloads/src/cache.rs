@@ -78,7 +78,12 @@ pub fn cache_engine(qd: usize, capacity: u64) -> Result<Engine> {
 /// Checks the page-cache settings shared by `bfs` and `gather` before anything uses them, naming each
 /// flag and its bounds: `--line-size` a power of two in 512..=65536, `--queue-depth` in
 /// 1..=`QUEUE_DEPTH_MAX`, `--coalesce` at most `COALESCE_BYTES_MAX`.
-pub fn validate_cache_flags(line_size: u64, queue_depth: usize, coalesce: u64) -> Result<()> {
+pub fn validate_cache_flags(
+    line_size: u64,
+    queue_depth: usize,
+    coalesce: u64,
+    issue_threads: usize,
+) -> Result<()> {
     if !line_size.is_power_of_two() || !(LINE_BYTES_MIN..=LINE_BYTES_MAX).contains(&line_size) {
         return Err(Error::invalid(format!(
             "--line-size {line_size} must be a power of two in {LINE_BYTES_MIN}..={LINE_BYTES_MAX} (512, 1K, ... 64K)"
@@ -94,6 +99,12 @@ pub fn validate_cache_flags(line_size: u64, queue_depth: usize, coalesce: u64) -
         return Err(Error::invalid(format!(
             "--coalesce {coalesce} is out of range 0..={} (4M)",
             gpuio_cache::COALESCE_BYTES_MAX
+        )));
+    }
+    if issue_threads > gpuio_cache::ISSUE_THREADS_MAX {
+        return Err(Error::invalid(format!(
+            "--issue-threads {issue_threads} is out of range 0..={}",
+            gpuio_cache::ISSUE_THREADS_MAX
         )));
     }
     Ok(())

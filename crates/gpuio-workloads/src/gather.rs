@@ -91,6 +91,9 @@ pub struct GatherConfig {
     /// Largest read for a run of adjacent missing lines, 0 for one read per line (`--coalesce`,
     /// default 128 KiB).
     pub coalesce: u64,
+    /// Threads a gather may issue its misses from, 0 for the cache's choice (one per core for a
+    /// memory-backed file, else one); see `CacheConfig::issue_threads` (`--issue-threads`).
+    pub issue_threads: usize,
     /// Issue the next batch's gather before computing the current one, and also run the synchronous
     /// version for the speedup (`--prefetch on`).
     pub prefetch: bool,
@@ -113,6 +116,7 @@ impl GatherConfig {
             line_size: 4 << 10,
             queue_depth: 64,
             coalesce: 128 << 10,
+            issue_threads: 0,
             prefetch: false,
             compute_us: 0,
             seed: 1,
@@ -326,6 +330,7 @@ fn run_once(p: &Plan<'_>, prefetch: bool) -> Result<GatherRun> {
             capacity_bytes: p.capacity,
             queue_depth: a.queue_depth,
             coalesce_bytes: a.coalesce.try_into().unwrap_or(usize::MAX),
+            issue_threads: a.issue_threads,
         },
     )?;
     let src = cache.attach_file(p.file)?;
@@ -402,7 +407,7 @@ fn lines_per_row(row: u64, line: u64) -> u64 {
 }
 
 fn validate(a: &GatherConfig) -> Result<u64> {
-    crate::cache::validate_cache_flags(a.line_size, a.queue_depth, a.coalesce)?;
+    crate::cache::validate_cache_flags(a.line_size, a.queue_depth, a.coalesce, a.issue_threads)?;
     if a.row_bytes == 0 || a.row_bytes > usize::MAX as u64 {
         return Err(Error::invalid(format!(
             "--row-bytes {} is out of range 1..={}",
