@@ -52,6 +52,8 @@ pub mod server;
 pub use layout::{code, Layout, RingConfig};
 pub use line::{LineCache, LineState, Lookup, Word32};
 pub use producer::{Request, RingProducer};
-pub use publish::{CopyWordPublish, PublisherChoice, PublisherKind, StreamWritePublish};
+pub use publish::{
+    rings_info, CopyWordPublish, PublisherChoice, PublisherKind, RingsInfo, StreamWritePublish,
+};
 pub use region::RingRegion;
 pub use server::{HostStorePublish, Publish, RingServer, RingStats, ServerConfig};

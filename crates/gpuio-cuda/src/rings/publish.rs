@@ -220,3 +220,32 @@ impl Drop for CopyWordPublish {
         }
     }
 }
+
+/// What `gpuio info` says about request rings on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingsInfo {
+    /// Whether kernels can reach the host region (`CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY`), or why
+    /// that is unknown.
+    pub can_map_host_memory: std::result::Result<bool, String>,
+    /// The completion publisher [`RingServer::start_auto`](super::RingServer::start_auto) would use.
+    pub publisher: PublisherChoice,
+    /// Largest line copied by programmed I/O instead of DMA (0: DMA at every size).
+    pub pio_max_bytes: usize,
+    /// Why that threshold.
+    pub pio_reason: String,
+}
+
+/// The rings' view of `device`: host mapping, publisher, line copy threshold.
+pub fn rings_info(device: &dyn Device) -> RingsInfo {
+    let pio = crate::loader::PIO_MAX_BYTES_DEFAULT;
+    RingsInfo {
+        can_map_host_memory: device.can_map_host_memory(),
+        publisher: PublisherChoice::for_device(device),
+        pio_max_bytes: pio,
+        pio_reason: if pio == 0 {
+            "lines are copied to the device by DMA at every size (the programmed-I/O threshold is 0): on an H200 a DMA beat the programmed-I/O copy at every size from 64 B to 1 MiB (gpuio bench --pio-sweep, docs/gpu-runs/2026-11-28-h200-issue12-run1/)".into()
+        } else {
+            format!("lines of at most {pio} bytes would be copied by programmed I/O")
+        },
+    }
+}
