@@ -273,7 +273,25 @@ fn gpu_json() -> Value {
         true,
         "host memory standing in for a device (--device cpu)".into(),
     ));
+    // Request rings (issue 15) on the first GPU: can kernels reach the host region, how completions
+    // are published after their data, and the line copy threshold.
+    let rings = match &gpu0 {
+        Ok(g) => {
+            let r = gpuio_cuda::rings::rings_info(g.as_ref());
+            json!({
+                "device": gpuio_cuda::Device::label(g.as_ref()),
+                "can_map_host_memory": r.can_map_host_memory.as_ref().ok(),
+                "can_map_host_memory_error": r.can_map_host_memory.as_ref().err(),
+                "completion_publisher": r.publisher.kind.name(),
+                "completion_publisher_reason": r.publisher.reason,
+                "pio_max_bytes": r.pio_max_bytes,
+                "pio_reason": r.pio_reason,
+            })
+        }
+        Err(_) => Value::Null,
+    };
     json!({
+        "rings": rings,
         "driver_available": d.available,
         "driver_version": d.version.map(|v| gpuio_cuda::cuda::fmt_version(Some(v))),
         "driver_reason": d.reason,
@@ -344,6 +362,24 @@ fn human(v: &Value) -> String {
                 "unavailable"
             },
             p["why"].as_str().unwrap_or_default()
+        ));
+    }
+    let r = &g["rings"];
+    if !r.is_null() {
+        out.push_str(&format!(
+            "  request rings ({}):\n    maps host memory: {}\n    completion publisher: {}: {}\n    line copies: {}\n",
+            r["device"].as_str().unwrap_or_default(),
+            match r["can_map_host_memory"].as_bool() {
+                Some(true) => "yes (CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY)".to_string(),
+                Some(false) => "no (CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY = 0): kernels cannot reach the rings".to_string(),
+                None => format!(
+                    "unknown ({})",
+                    r["can_map_host_memory_error"].as_str().unwrap_or_default()
+                ),
+            },
+            r["completion_publisher"].as_str().unwrap_or_default(),
+            r["completion_publisher_reason"].as_str().unwrap_or_default(),
+            r["pio_reason"].as_str().unwrap_or_default(),
         ));
     }
     if let Some(f) = v.get("file") {

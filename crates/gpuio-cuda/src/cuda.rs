@@ -8,6 +8,11 @@
 //!
 //! The copy stream is a non-blocking CUDA stream (its host → device copies run on the copy engines,
 //! leaving the SMs to kernels, finding 493); each copy records an event, which is its [`Ticket`].
+//!
+//! Stream-ordered value writes (`cuStreamWriteValue64_v2`, or the v1 `cuStreamWriteValue64`) are
+//! optional driver symbols: they are looked up in the loaded library by hand (cudarc's wrapper
+//! panics on a missing symbol) and used only where the device's attribute says they work
+//! ([`CudaDevice::stream_write_u64`] says which, or why not).
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -136,6 +141,25 @@ pub fn fmt_version(v: Option<i32>) -> String {
     }
 }
 
+/// `cuStreamWriteValue64_v2` / `cuStreamWriteValue64`: `(stream, addr, value, flags)` (cuda.h).
+type WriteValue64Fn = unsafe extern "C" fn(
+    sys::CUstream,
+    sys::CUdeviceptr,
+    sys::cuuint64_t,
+    std::ffi::c_uint,
+) -> sys::CUresult;
+
+/// `CU_STREAM_WRITE_VALUE_DEFAULT`: the write waits for the stream's earlier work and flushes its
+/// memory writes first (CUDA driver API, "Stream Memory Operations").
+const CU_STREAM_WRITE_VALUE_DEFAULT: std::ffi::c_uint = 0;
+
+/// A usable stream write: the entry point and the name it was found under.
+#[derive(Clone, Copy)]
+struct StreamWrite {
+    f: WriteValue64Fn,
+    symbol: &'static str,
+}
+
 /// One GPU, through its primary context.
 pub struct CudaDevice {
     ordinal: usize,
@@ -143,6 +167,8 @@ pub struct CudaDevice {
     ctx: sys::CUcontext,
     name: String,
     version: Option<i32>,
+    /// Probed on first use: the stream write to use, or why there is none.
+    stream_write: OnceLock<std::result::Result<StreamWrite, String>>,
 }
 
 // SAFETY: a CUDA context may be used from any thread once made current there; every method makes it
@@ -204,6 +230,7 @@ impl CudaDevice {
                 ctx,
                 name,
                 version: st.version,
+                stream_write: OnceLock::new(),
             }))
         }
     }
@@ -240,6 +267,78 @@ impl CudaDevice {
     fn bind(&self) -> Result<()> {
         // SAFETY: ctx is the retained primary context of a live device.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+    }
+
+    /// An integer attribute of this device, or the driver's refusal.
+    fn attribute(&self, a: sys::CUdevice_attribute) -> std::result::Result<i32, String> {
+        let mut v = 0;
+        // SAFETY: out-param is a local; dev is a valid device of an initialized driver.
+        let r = unsafe { sys::cuDeviceGetAttribute(&mut v, a, self.dev) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            Ok(v)
+        } else {
+            Err(format!("cuDeviceGetAttribute({a:?}) failed ({r:?})"))
+        }
+    }
+
+    /// Which stream write works here, probed once: `cuStreamWriteValue64_v2` (CUDA 11.7+) where
+    /// `CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS` (122 in CUDA 12's cuda.h; `_V2` in 11.7
+    /// and 11.8) is set; else the v1 `cuStreamWriteValue64` where both v1 attributes
+    /// (`CAN_USE_STREAM_MEM_OPS_V1` = 92, `CAN_USE_64_BIT_STREAM_MEM_OPS_V1` = 93) are set (the v1
+    /// memory operations are off unless the nvidia module was loaded with
+    /// `NVreg_EnableStreamMemOPs=1`); else the reasons neither is usable.
+    fn stream_write(&self) -> &std::result::Result<StreamWrite, String> {
+        self.stream_write.get_or_init(|| {
+            let lookup = |name: &'static str| -> Option<WriteValue64Fn> {
+                // SAFETY: the driver library is loaded and initialized (this device exists); the
+                // symbol, where present, has cuda.h's signature, which WriteValue64Fn spells.
+                unsafe { sys::culib().get::<WriteValue64Fn>(name.as_bytes()) }
+                    .ok()
+                    .map(|s| *s)
+            };
+            let mut why = Vec::new();
+            use sys::CUdevice_attribute as A;
+            match lookup("cuStreamWriteValue64_v2") {
+                Some(f) => match self.attribute(A::CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS) {
+                    Ok(v) if v != 0 => {
+                        return Ok(StreamWrite {
+                            f,
+                            symbol: "cuStreamWriteValue64_v2",
+                        })
+                    }
+                    Ok(_) => why.push("the driver has cuStreamWriteValue64_v2 but CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS (122) is 0 on this device".to_string()),
+                    Err(e) => why.push(e),
+                },
+                None => why.push("the driver has no cuStreamWriteValue64_v2 (CUDA 11.7+)".into()),
+            }
+            match lookup("cuStreamWriteValue64") {
+                Some(f) => {
+                    let ops = self.attribute(A::CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1);
+                    let ops64 =
+                        self.attribute(A::CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS_V1);
+                    match (ops, ops64) {
+                        (Ok(a), Ok(b)) if a != 0 && b != 0 => {
+                            return Ok(StreamWrite {
+                                f,
+                                symbol: "cuStreamWriteValue64",
+                            })
+                        }
+                        (Ok(a), Ok(b)) => why.push(format!(
+                            "the v1 cuStreamWriteValue64 needs CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1 (92) and CAN_USE_64_BIT_STREAM_MEM_OPS_V1 (93), which are {a} and {b} (the v1 memory operations are off unless the nvidia module is loaded with NVreg_EnableStreamMemOPs=1)"
+                        )),
+                        (Err(e), _) | (_, Err(e)) => why.push(e),
+                    }
+                }
+                None => why.push("nor the v1 cuStreamWriteValue64".into()),
+            }
+            Err(why.join("; "))
+        })
+    }
+
+    /// Whether the GPU can map page-locked host memory (`CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY`).
+    pub fn maps_host_memory(&self) -> std::result::Result<bool, String> {
+        self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY)
+            .map(|v| v != 0)
     }
 }
 
@@ -332,6 +431,7 @@ impl Device for CudaDevice {
         Ok(Box::new(CudaStream {
             ctx,
             dev: self.dev,
+            write: self.stream_write().clone(),
             kernel: None,
             stream: s,
             pending: VecDeque::new(),
@@ -414,6 +514,20 @@ impl Device for CudaDevice {
             .map(|r| Arc::new(r) as Arc<dyn crate::device::DirectRead>)
             .map_err(|e| e.to_string())
     }
+    fn stream_write_u64(&self) -> std::result::Result<String, String> {
+        self.stream_write()
+            .as_ref()
+            .map(|w| {
+                format!(
+                    "{} on the copy stream: the GPU writes the word after the stream's earlier copies, with no host wait",
+                    w.symbol
+                )
+            })
+            .map_err(Clone::clone)
+    }
+    fn can_map_host_memory(&self) -> std::result::Result<bool, String> {
+        self.maps_host_memory()
+    }
 }
 
 /// A non-blocking stream and the events recorded after its copies. It holds a reference to the
@@ -421,6 +535,8 @@ impl Device for CudaDevice {
 struct CudaStream {
     ctx: sys::CUcontext,
     dev: sys::CUdevice,
+    /// The stream write to use, or why there is none (the device's probe).
+    write: std::result::Result<StreamWrite, String>,
     /// The programmed-I/O kernel, loaded on first use (or the reason it could not be).
     kernel: Option<std::result::Result<crate::kernel::CopyKernel, Error>>,
     stream: sys::CUstream,
@@ -566,6 +682,20 @@ impl CopyStream for CudaStream {
             // SAFETY: src_mapped is the device address of pinned, mapped host memory the caller keeps
             // valid; dst lies inside an allocation; the kernel touches exactly len bytes of each.
             unsafe { crate::kernel::launch(kernel, s, src_mapped, dst, len as u64) }
+        })
+    }
+    unsafe fn write_u64_async(&mut self, dst: DevicePtr, value: u64) -> Result<Ticket> {
+        let w = match &self.write {
+            Ok(w) => *w,
+            Err(why) => return Err(Error::new(ErrorKind::Unsupported, why.clone())),
+        };
+        self.enqueue(|s| {
+            // SAFETY: the caller promises dst..dst+8 lies in a live allocation, 8-aligned; the entry
+            // point was found in the loaded driver and its device attribute checked.
+            check(
+                unsafe { (w.f)(s, dst, value, CU_STREAM_WRITE_VALUE_DEFAULT) },
+                w.symbol,
+            )
         })
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {

@@ -45,6 +45,9 @@ pub enum CopyKind {
     DeviceToHost,
     /// Host → device by device threads reading mapped pinned host memory (programmed I/O).
     HostToDeviceMapped,
+    /// An 8-byte value written to device memory in stream order
+    /// ([`CopyStream::write_u64_async`]; `cuStreamWriteValue64` on a GPU).
+    WriteValue64,
 }
 
 /// A host range page-locked by [`Device::pin_host`].
@@ -157,6 +160,24 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn direct_reader_slower(&self) -> Option<String> {
         None
     }
+    /// Whether this device's copy streams implement [`CopyStream::write_u64_async`]: `Ok(how)` or
+    /// `Err(why not)`. What the ring server's completion publisher is chosen by
+    /// (`rings::publish::PublisherChoice`).
+    fn stream_write_u64(&self) -> std::result::Result<String, String> {
+        Err(format!(
+            "{} has no stream-ordered 64-bit value write",
+            self.label()
+        ))
+    }
+    /// Whether the device can address page-locked host memory mapped into its address space
+    /// (`CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY` on a GPU): what request rings in host memory need.
+    /// `Err` with the reason where it cannot be told.
+    fn can_map_host_memory(&self) -> std::result::Result<bool, String> {
+        Err(format!(
+            "{} cannot say whether it maps host memory",
+            self.label()
+        ))
+    }
 }
 
 /// Copies executed in the order they were queued.
@@ -198,6 +219,22 @@ pub trait CopyStream: Send + fmt::Debug {
         Err(Error::new(
             ErrorKind::Unsupported,
             "this stream has no programmed-I/O copy",
+        ))
+    }
+    /// Queues a write of the 8-byte `value` to device address `dst` that runs after every copy
+    /// queued on this stream before it, and makes their bytes visible to the device before the value
+    /// (`cuStreamWriteValue64` with its default flags on a GPU). No host wait is involved: this is how
+    /// a completion word is ordered after its data. [`ErrorKind::Unsupported`] where the stream cannot
+    /// ([`Device::stream_write_u64`] says why); the caller then copies the value from pinned host
+    /// memory instead.
+    ///
+    /// # Safety
+    /// `dst..dst+8` lies inside a live allocation of this stream's device, 8-aligned.
+    unsafe fn write_u64_async(&mut self, dst: DevicePtr, value: u64) -> Result<Ticket> {
+        let _ = (dst, value);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this stream has no stream-ordered value write",
         ))
     }
     /// Whether the copy of `ticket` (and so every copy before it) has finished. A failed copy is an
@@ -526,6 +563,13 @@ impl Device for HostDevice {
             Err("the cpu stand-in offers no direct storage path unless configured to".into())
         }
     }
+    fn stream_write_u64(&self) -> std::result::Result<String, String> {
+        Ok("the stand-in's copy worker stores the value (release) after the stream's earlier copies"
+            .into())
+    }
+    fn can_map_host_memory(&self) -> std::result::Result<bool, String> {
+        Ok(!self.0.cfg.no_host_mapping)
+    }
 }
 
 /// The stand-in's "device memory": zeroed host memory, freed on drop.
@@ -677,6 +721,8 @@ struct Job {
     dst: usize,
     /// CRC-32C of a host source when queued (to catch a staging buffer reused too early).
     crc: Option<u32>,
+    /// The value of a [`CopyKind::WriteValue64`] (then `src` is unused).
+    value: u64,
 }
 
 #[derive(Default)]
@@ -761,11 +807,17 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
             }
         };
         let started = Instant::now();
-        let n = device.0.copies_started.fetch_add(1, Ordering::Relaxed) + 1;
-        if !device.0.cfg.copy_delay.is_zero() {
+        // Value writes are not copies: neither delayed nor counted for `fail_copy_nth`.
+        let is_copy = job.kind != CopyKind::WriteValue64;
+        let n = if is_copy {
+            device.0.copies_started.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
+        };
+        if is_copy && !device.0.cfg.copy_delay.is_zero() {
             std::thread::sleep(device.0.cfg.copy_delay);
         }
-        let failed = device.0.cfg.fail_copy_nth == Some(n);
+        let failed = is_copy && device.0.cfg.fail_copy_nth == Some(n);
         let mut st_err = None;
         if failed {
             st_err = Some(Error::new(
@@ -775,6 +827,11 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
                     job.len, job.dst
                 ),
             ));
+        } else if job.kind == CopyKind::WriteValue64 {
+            // SAFETY: the destination was checked to lie in a live allocation, 8-aligned, when the
+            // write was queued; the release store orders every earlier copy of this worker (this
+            // stream) before it, as cuStreamWriteValue64's default flags do on a GPU.
+            unsafe { AtomicU64::from_ptr(job.dst as *mut u64) }.store(job.value, Ordering::Release);
         } else {
             // SAFETY: the caller of copy_h2d_async keeps the source valid until this ticket is done,
             // and the destination was checked to lie in a live allocation that is not freed while
@@ -808,13 +865,24 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
 
 impl HostStream {
     fn enqueue(&mut self, kind: CopyKind, src: usize, len: usize, dst: usize) -> Result<Ticket> {
+        self.enqueue_value(kind, src, len, dst, 0)
+    }
+
+    fn enqueue_value(
+        &mut self,
+        kind: CopyKind,
+        src: usize,
+        len: usize,
+        dst: usize,
+        value: u64,
+    ) -> Result<Ticket> {
         let sum = match kind {
             CopyKind::HostToDevice | CopyKind::HostToDeviceMapped => {
                 // SAFETY: the caller of the copy promises src..src+len is valid host memory now.
                 let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
                 Some(crc(bytes))
             }
-            CopyKind::DeviceToHost => None,
+            CopyKind::DeviceToHost | CopyKind::WriteValue64 => None,
         };
         let mut st = self.shared.state.lock();
         if let Some(e) = &st.error {
@@ -829,6 +897,7 @@ impl HostStream {
             len,
             dst,
             crc: sum,
+            value,
         });
         self.shared.cond.notify_all();
         Ok(ticket)
@@ -881,6 +950,15 @@ impl CopyStream for HostStream {
             len,
             dst as usize,
         )
+    }
+    unsafe fn write_u64_async(&mut self, dst: DevicePtr, value: u64) -> Result<Ticket> {
+        if dst % 8 != 0 {
+            return Err(Error::invalid(format!(
+                "stream value write to {dst:#x}: not 8-aligned"
+            )));
+        }
+        self.device.check_range(dst, 8)?;
+        self.enqueue_value(CopyKind::WriteValue64, 0, 8, dst as usize, value)
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
         let st = self.shared.state.lock();

@@ -20,95 +20,21 @@
 //! test executable with `LD_LIBRARY_PATH` pointing there, `GPUIO_MOCK_CHILD=1`, and
 //! `--exact child_<scenario>`.
 
-use std::ffi::{c_char, c_long, CStr, CString};
+use std::ffi::{c_long, CString};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 mod common;
 
+use common::mock::{
+    assert_all_released, assert_clean_calls, counter, is_child, last_bad, run_child,
+};
 use common::{check_model, crc, random_model};
 use gpuio::backend::BackendKind;
 use gpuio::{DirectMode, Engine, ErrorKind, OpenOptions};
 use gpuio_cuda::cuda::{driver_status, CudaDevice};
 use gpuio_cuda::sweep::{pio_dma_sweep, sizes_up_to};
 use gpuio_cuda::{Device, DeviceBuffer, LoadPath, Loader, LoaderConfig, PathChoice};
-
-/// Set in the child processes only; the `child_*` tests do nothing without it.
-const CHILD_ENV: &str = "GPUIO_MOCK_CHILD";
-
-// ---- parent side: build the mock, run one child scenario under it ----
-
-/// Compiles the mocks into `dir` (libcuda, and libcufile beside it); `None` (saying why) where
-/// there is no C compiler.
-fn build_mock(dir: &Path) -> Option<()> {
-    compile(dir, "mock_libcuda.c", "libcuda.so.1")?;
-    // cudarc tries `libcuda.so` first: the same file, so both names are one loaded library.
-    std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so")).unwrap();
-    compile(dir, "mock_libcufile.c", "libcufile.so.0")
-}
-
-fn compile(dir: &Path, source: &str, soname: &str) -> Option<()> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join(source);
-    let lib = dir.join(soname);
-    let out = match Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-Wall"])
-        .arg(format!("-Wl,-soname,{soname}"))
-        .arg("-o")
-        .arg(&lib)
-        .arg(&src)
-        .arg("-ldl")
-        .output()
-    {
-        Ok(out) => out,
-        Err(e) if std::env::var("GPUIO_REQUIRE_CC").is_ok_and(|v| v == "1") => {
-            panic!("GPUIO_REQUIRE_CC=1 but the C compiler `cc` cannot run: {e}")
-        }
-        Err(e) => {
-            eprintln!(
-                "skipped: no C compiler `cc` to build the mock libcuda ({e}); set GPUIO_REQUIRE_CC=1 to fail instead"
-            );
-            return None;
-        }
-    };
-    assert!(
-        out.status.success(),
-        "building {soname} from {source} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(())
-}
-
-/// Runs `child` in a child process under the mock (with `env` set from the start) and asserts that
-/// it ran and passed.
-fn run_child(child: &str, env: &[(&str, &str)]) {
-    let dir = tempfile::tempdir().unwrap();
-    if build_mock(dir.path()).is_none() {
-        return;
-    }
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", child, "--nocapture", "--test-threads", "1"])
-        .env("LD_LIBRARY_PATH", dir.path())
-        .env(CHILD_ENV, "1");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{child} failed under the mock driver ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-    // A filter that matched nothing also "succeeds": make sure the scenario really ran.
-    assert!(
-        stdout.contains("1 passed"),
-        "{child} did not run in the child:\n{stdout}\n{stderr}"
-    );
-}
 
 #[test]
 fn mock_open_and_status() {
@@ -167,33 +93,6 @@ fn mock_loader_holds_the_last_device_handle() {
 
 // ---- child side ----
 
-/// Whether this process is a child started by [`run_child`]. The `child_*` tests return at once
-/// (passing, doing nothing) in a normal test run, where no mock driver is loaded.
-fn is_child() -> bool {
-    std::env::var_os(CHILD_ENV).is_some()
-}
-
-/// The loaded mock library (the one cudarc opened), for its counters.
-fn mock() -> *mut libc::c_void {
-    // SAFETY: RTLD_NOLOAD only looks the library up among those already loaded.
-    let lib = unsafe { libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
-    assert!(!lib.is_null(), "libcuda is not loaded in this process");
-    lib
-}
-
-fn counter(name: &str) -> i64 {
-    let sym = CString::new(name).unwrap();
-    // SAFETY: a handle from dlopen and a NUL-terminated name.
-    let f = unsafe { libc::dlsym(mock(), sym.as_ptr()) };
-    assert!(
-        !f.is_null(),
-        "{name} missing: the loaded libcuda is not the mock"
-    );
-    // SAFETY: every mock_* counter is `long f(void)`.
-    let f: extern "C" fn() -> c_long = unsafe { std::mem::transmute(f) };
-    f() as i64
-}
-
 /// A counter of the loaded mock libcufile.
 fn cufile_counter(name: &str) -> i64 {
     // SAFETY: RTLD_NOLOAD only looks the library up among those already loaded.
@@ -214,32 +113,6 @@ fn cufile_counter(name: &str) -> i64 {
     // SAFETY: every mock_cufile_* counter is `long f(void)`.
     let f: extern "C" fn() -> c_long = unsafe { std::mem::transmute(f) };
     f() as i64
-}
-
-/// The mock's account of the last call it refused.
-fn last_bad() -> String {
-    // SAFETY: as in `counter`; mock_last_bad is `const char *f(void)` returning a static string.
-    unsafe {
-        let f = libc::dlsym(mock(), c"mock_last_bad".as_ptr());
-        assert!(!f.is_null());
-        let f: extern "C" fn() -> *const c_char = std::mem::transmute(f);
-        CStr::from_ptr(f()).to_string_lossy().into_owned()
-    }
-}
-
-/// No call was refused and no queued copy touched memory outside an allocation.
-fn assert_clean_calls() {
-    assert_eq!(counter("mock_bad_calls"), 0, "refused call: {}", last_bad());
-    assert_eq!(counter("mock_faults"), 0, "a queued copy faulted");
-}
-
-/// Everything the device handed out has been given back.
-fn assert_all_released() {
-    assert_eq!(counter("mock_allocated_bytes"), 0, "device memory leaked");
-    assert_eq!(counter("mock_registered"), 0, "host memory left registered");
-    assert_eq!(counter("mock_live_streams"), 0, "stream leaked");
-    assert_eq!(counter("mock_live_events"), 0, "event leaked");
-    assert_eq!(counter("mock_live_modules"), 0, "kernel module left loaded");
 }
 
 fn open() -> Arc<dyn Device> {

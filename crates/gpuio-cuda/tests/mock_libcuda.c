@@ -14,12 +14,21 @@
  *
  * Problems a real GPU would report asynchronously (a queued copy whose memory was freed before it
  * ran) become a sticky CUDA_ERROR_ILLEGAL_ADDRESS, as on a GPU, and are counted in mock_faults().
+ *
+ * Stream memory operations: cuStreamWriteValue64_v2 (and the v1 cuStreamWriteValue64) queue an
+ * 8-byte write that runs in stream order after the copies queued before it, stored with release
+ * ordering, so a CPU thread that polls the word in "device" memory (host memory here) and sees it
+ * also sees the copied bytes -- the guarantee the default flags give on a GPU. Each is refused
+ * (CUDA_ERROR_NOT_SUPPORTED) where its device attribute says 0 (122 for v2; 92 and 93 for v1).
+ * MOCK_CUDA_COPY_DELAY_US=<n> makes every queued copy sleep n microseconds before it moves its
+ * bytes, so a completion published before its data is seen by a polling thread.
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -58,6 +67,7 @@ static int sticky_error;
 
 /* Counters, read by the test through the exported mock_* functions. */
 static long n_launches, n_dma, n_faults, n_bad_calls, n_live_events, n_live_streams, n_live_modules;
+static long n_stream_writes;
 static char last_bad[512];
 
 struct range { uintptr_t host; size_t len; unsigned flags; int live; };
@@ -65,10 +75,11 @@ static struct range allocs[MAX_RANGES];
 static struct range regs[MAX_RANGES];
 static size_t alloc_bytes;
 
-/* Stream work: 0 = h2d, 1 = d2h, 2 = kernel copy (device addresses both sides). `pinned`: the host
- * range was registered when the copy was queued, so it must still be when the copy runs (the
- * driver reads page-locked memory by DMA at that moment; unregistered or freed memory is a fault). */
-struct op { int kind; CUdeviceptr dev_a; CUdeviceptr dev_b; uintptr_t host; size_t n; int pinned; };
+/* Stream work: 0 = h2d, 1 = d2h, 2 = kernel copy (device addresses both sides), 3 = 64-bit value
+ * write to dev_a. `pinned`: the host range was registered when the copy was queued, so it must
+ * still be when the copy runs (the driver reads page-locked memory by DMA at that moment;
+ * unregistered or freed memory is a fault). */
+struct op { int kind; CUdeviceptr dev_a; CUdeviceptr dev_b; uintptr_t host; size_t n; int pinned; uint64_t value; };
 /* Streams and events belong to the context generation they were made in: after a reset (the last
  * primary-context release) they are dead handles, as on a GPU. */
 struct stream { int live; int gen; long seq_done; long seq_next; struct op ops[MAX_OPS]; long op_seq[MAX_OPS]; int nops; };
@@ -116,8 +127,14 @@ static uintptr_t dev_to_host(CUdeviceptr d, size_t n, int writable) {
     return 0;
 }
 
+static long copy_delay_us(void) {
+    const char *s = getenv("MOCK_CUDA_COPY_DELAY_US");
+    return s ? atol(s) : 0;
+}
+
 static void run_op(struct op *o) {
     if (sticky_error) return;
+    if (o->kind != 3 && copy_delay_us() > 0) usleep((useconds_t)copy_delay_us());
     if (o->pinned && !find(regs, o->host, o->n)) {
         /* The page-locked source or destination was unregistered before the copy ran. */
         n_faults++;
@@ -141,6 +158,13 @@ static void run_op(struct op *o) {
         uintptr_t src = dev_to_host(o->dev_a, o->n, 0), dst = dev_to_host(o->dev_b, o->n, 1);
         if (!src || !dst) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
         memmove((void *)dst, (void *)src, o->n);
+        break;
+    }
+    case 3: {
+        uintptr_t dst = dev_to_host(o->dev_a, 8, 1);
+        if (!dst) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
+        /* Release: the earlier ops' bytes are visible to whoever acquires this word. */
+        __atomic_store_n((uint64_t *)dst, o->value, __ATOMIC_RELEASE);
         break;
     }
     }
@@ -212,6 +236,13 @@ static const int attrs[][2] = {
     {99, 1},    /* HOST_REGISTER_SUPPORTED */
     {113, 1},   /* READ_ONLY_HOST_REGISTER_SUPPORTED */
     {116, 1},   /* GPU_DIRECT_RDMA_SUPPORTED */
+    /* Stream memory operations as a CUDA 12/13 driver installed with default module parameters
+     * reports them: the v1 API (92 CAN_USE_STREAM_MEM_OPS_V1, 93 CAN_USE_64_BIT_STREAM_MEM_OPS_V1)
+     * off without NVreg_EnableStreamMemOPs=1, the v2 64-bit operations (122
+     * CAN_USE_64_BIT_STREAM_MEM_OPS, named _V2 in CUDA 11.7/11.8) on. */
+    {92, 0},
+    {93, 0},
+    {122, 1},
 };
 static int attribute(int attr);
 CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
@@ -508,6 +539,28 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *s) {
     return r;
 }
 
+/* ---- stream memory operations ---- */
+
+static CUresult write_value64(void *s, CUdeviceptr addr, uint64_t value, unsigned flags, int supported) {
+    pthread_mutex_lock(&lock);
+    CTX();
+    CUresult r = SUCCESS;
+    if (!supported) r = NOT_SUPPORTED; /* as a driver whose device attribute says 0 */
+    else if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
+    else if (flags & ~1u) r = BAD(INVALID_VALUE, "flags must be CU_STREAM_WRITE_VALUE_DEFAULT or _NO_MEMORY_BARRIER");
+    else if (addr % 8) r = BAD(INVALID_VALUE, "address not 8-aligned");
+    else if (!dev_to_host(addr, 8, 1)) r = BAD(INVALID_VALUE, "address is not device memory");
+    else { n_stream_writes++; r = enqueue(s, (struct op){3, addr, 0, 0, 8, 0, value}); }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+CUresult cuStreamWriteValue64_v2(void *s, CUdeviceptr addr, uint64_t value, unsigned flags) {
+    return write_value64(s, addr, value, flags, attribute(122));
+}
+CUresult cuStreamWriteValue64(void *s, CUdeviceptr addr, uint64_t value, unsigned flags) {
+    return write_value64(s, addr, value, flags, attribute(92) && attribute(93));
+}
+
 /* ---- the copy kernel ---- */
 
 CUresult cuModuleLoadData(void **m, const void *image) {
@@ -570,6 +623,9 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
 
 long mock_kernel_launches(void) { return n_launches; }
 long mock_dma_copies(void) { return n_dma; }
+long mock_stream_writes(void) { return n_stream_writes; }
+/* Device address - host address of device memory (for CPU threads playing a kernel). */
+long mock_device_bias(void) { return (long)DEV_BIAS; }
 long mock_faults(void) { return n_faults; }
 long mock_bad_calls(void) { return n_bad_calls; }
 long mock_live_events(void) { return n_live_events; }

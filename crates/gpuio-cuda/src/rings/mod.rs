@@ -8,6 +8,8 @@
 //! - [`producer`] — the producer protocol on CPU threads (the reference `gpuio.cuh` mirrors; the
 //!   tests' stand-in for kernels).
 //! - [`server`] — the polling threads: batches, coalescing, copies, completions, statistics.
+//! - [`publish`] — how completion words reach device memory after their data (a stream write, or a
+//!   copy from pinned memory on the same stream), and which one a device gets, with the reason.
 //! - [`line`] — the Rust twin of the device cache's line state machine (model-checked with loom).
 //!
 //! ```
@@ -43,11 +45,15 @@
 pub mod layout;
 pub mod line;
 pub mod producer;
+pub mod publish;
 pub mod region;
 pub mod server;
 
 pub use layout::{code, Layout, RingConfig};
 pub use line::{LineCache, LineState, Lookup, Word32};
 pub use producer::{Request, RingProducer};
+pub use publish::{
+    rings_info, CopyWordPublish, PublisherChoice, PublisherKind, RingsInfo, StreamWritePublish,
+};
 pub use region::RingRegion;
 pub use server::{HostStorePublish, Publish, RingServer, RingStats, ServerConfig};

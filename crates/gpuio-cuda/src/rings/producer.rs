@@ -36,10 +36,14 @@ pub struct Request {
     pub tag: u32,
 }
 
-/// A CPU producer on a region whose device memory is host-addressable (the stand-in).
+/// A CPU producer on a region whose device memory is host-addressable: the stand-in (device
+/// addresses are host addresses) or a mock driver whose device memory is host memory at a fixed
+/// offset ([`with_device_bias`](Self::with_device_bias)).
 #[derive(Debug, Clone)]
 pub struct RingProducer {
     region: Arc<RingRegion>,
+    /// Device address − host address of the device region.
+    bias: u64,
 }
 
 impl RingProducer {
@@ -49,7 +53,22 @@ impl RingProducer {
     /// The region's device addresses must be host addresses of live memory (the
     /// [`HostDevice`](crate::HostDevice) stand-in; [`RingRegion::require_host_addressable`]).
     pub unsafe fn new(region: Arc<RingRegion>) -> RingProducer {
-        RingProducer { region }
+        RingProducer { region, bias: 0 }
+    }
+
+    /// A producer on `region` whose device memory is host memory at `device address − bias` (a
+    /// mock driver's device memory, tests/mock_libcuda.c).
+    ///
+    /// # Safety
+    /// For every address of the region's device region, `address − bias` is the host address of the
+    /// same live memory, which the device side accesses only atomically or by whole copies.
+    pub unsafe fn with_device_bias(region: Arc<RingRegion>, bias: u64) -> RingProducer {
+        RingProducer { region, bias }
+    }
+
+    /// The host address of device address `dev` (see [`with_device_bias`](Self::with_device_bias)).
+    pub fn host_address(&self, dev: DevicePtr) -> usize {
+        dev.wrapping_sub(self.bias) as usize
     }
 
     pub fn region(&self) -> &Arc<RingRegion> {
@@ -59,13 +78,15 @@ impl RingProducer {
     fn tail(&self, ring: u32) -> &AtomicU64 {
         // SAFETY: per `new`, device addresses are host addresses; the tail lies in the live device
         // region (8-aligned) and is only ever accessed atomically.
-        unsafe { AtomicU64::from_ptr(self.region.tail_addr(ring) as *mut u64) }
+        unsafe { AtomicU64::from_ptr(self.host_address(self.region.tail_addr(ring)) as *mut u64) }
     }
 
     fn completion(&self, i: u32) -> &AtomicU64 {
         assert!(i < self.region.layout().config.completion_count);
         // SAFETY: as for `tail`; index checked.
-        unsafe { AtomicU64::from_ptr(self.region.completion_addr(i) as *mut u64) }
+        unsafe {
+            AtomicU64::from_ptr(self.host_address(self.region.completion_addr(i)) as *mut u64)
+        }
     }
 
     /// Submits `req` on `ring`: `Ok` once the slot is published; [`code::EAGAIN`] if the ring is full

@@ -29,27 +29,43 @@ use super::layout::{
     code, completion_word, slot_word, OP_FLUSH, OP_FSYNC, OP_READ, OP_WRITE, SERVER_SERVING,
     SERVER_STOPPED, SERVER_STOPPING, SLOT_FREE, SLOT_SUBMITTED,
 };
+use super::publish::PublisherChoice;
 use super::region::RingRegion;
 use crate::device::{CopyStream, Device, DevicePtr, Ticket};
 
-/// Makes completion words visible to the device, ordered after the data copies of the same round.
+/// Makes completion words visible to the device, ordered after the data copies of the same round
+/// (the implementations and how one is chosen: [`super::publish`]).
+///
+/// The server's side of the contract: it synchronizes `stream` after every call (so a publisher's
+/// staging memory is free again), or, where the stream failed, drops it, makes a fresh one and calls
+/// [`stream_replaced`](Self::stream_replaced) before the next call; it drops its stream before its
+/// publisher.
 pub trait Publish: Send + fmt::Debug {
     /// Publishes every `(device address, word)` after every copy queued on `stream` up to and
-    /// including `after`. All or nothing: on an error none was published.
+    /// including `after`; it may return before the words are written (a stream-ordered publisher
+    /// only queues them). An error means the words are not known to be written: the server then
+    /// publishes the round again, with its reads failed, on a fresh stream. A word queued before the
+    /// failing one on a stream that did not fail stickily may therefore be written twice (same tag;
+    /// the second says EIO); with CUDA's sticky stream errors, nothing queued after a failed copy
+    /// runs.
     fn publish(
         &mut self,
         stream: &mut dyn CopyStream,
         after: Option<Ticket>,
         words: &[(DevicePtr, u64)],
     ) -> Result<()>;
+
+    /// The server replaced its copy stream with a fresh one (the old one was dropped, which waits
+    /// for what it had queued): tickets of the old stream mean nothing now.
+    fn stream_replaced(&mut self) {}
 }
 
 /// The stand-in's publisher: waits for the copy ticket, then stores each word with release ordering
 /// at its device address, which on the [`HostDevice`](crate::HostDevice) is a host address.
 ///
-/// On a GPU the equivalent is `cuStreamWriteValue64` of each word on the same stream after the copies
-/// (its default flags order it after them and flush their writes), so no host wait is needed; that
-/// publisher is not written yet (docs/rings.md).
+/// On a GPU the equivalent is [`StreamWritePublish`](super::publish::StreamWritePublish)
+/// (`cuStreamWriteValue64_v2` of each word on the same stream after the copies), which needs no host
+/// wait; [`RingServer::start_auto`] picks that or its fallback.
 #[derive(Debug)]
 pub struct HostStorePublish {
     _private: (),
@@ -199,6 +215,8 @@ struct Shared {
     stop: AtomicBool,
     counters: Counters,
     started: Instant,
+    /// The publisher [`RingServer::start_auto`] chose (None: the caller gave one).
+    publisher: Option<PublisherChoice>,
 }
 
 /// The running server; [`shutdown`](Self::shutdown) (or drop) stops it.
@@ -243,6 +261,58 @@ impl RingServer {
         publisher: &dyn Fn() -> Box<dyn Publish>,
         config: ServerConfig,
     ) -> Result<RingServer> {
+        Self::start_with(
+            engine,
+            region,
+            files,
+            window,
+            &|| Ok(publisher()),
+            None,
+            config,
+        )
+    }
+
+    /// As [`start`](Self::start), with the publisher the region's device calls for
+    /// ([`PublisherChoice::for_device`]: a stream write after the copies where the device has one,
+    /// else a copy of the words from pinned memory on the same stream); [`publisher`](Self::publisher)
+    /// says which and why.
+    pub fn start_auto(
+        engine: &Engine,
+        region: Arc<RingRegion>,
+        files: Vec<File>,
+        window: (DevicePtr, usize),
+        config: ServerConfig,
+    ) -> Result<RingServer> {
+        let device = region.device().clone();
+        let choice = PublisherChoice::for_device(device.as_ref());
+        let words = config.batch_max;
+        let make = |c: &PublisherChoice| c.make(&device, words);
+        let c2 = choice.clone();
+        Self::start_with(
+            engine,
+            region,
+            files,
+            window,
+            &move || make(&c2),
+            Some(choice),
+            config,
+        )
+    }
+
+    /// The publisher [`start_auto`](Self::start_auto) chose; `None` when the caller gave one.
+    pub fn publisher(&self) -> Option<&PublisherChoice> {
+        self.shared.publisher.as_ref()
+    }
+
+    fn start_with(
+        engine: &Engine,
+        region: Arc<RingRegion>,
+        files: Vec<File>,
+        window: (DevicePtr, usize),
+        publisher: &dyn Fn() -> Result<Box<dyn Publish>>,
+        choice: Option<PublisherChoice>,
+        config: ServerConfig,
+    ) -> Result<RingServer> {
         let c = &config;
         let max_req = region.layout().config.max_request_bytes as usize;
         if !(1..=16).contains(&c.threads)
@@ -275,6 +345,7 @@ impl RingServer {
             stop: AtomicBool::new(false),
             counters: Counters::default(),
             started: Instant::now(),
+            publisher: choice,
         });
         let device = region.device().clone();
         let rings = region.layout().config.ring_count;
@@ -296,7 +367,7 @@ impl RingServer {
                 pool,
                 stream: device.copy_stream()?,
                 device: device.clone(),
-                publish: publisher(),
+                publish: publisher()?,
                 start: 0,
             });
         }
@@ -935,7 +1006,9 @@ impl Worker {
 
     fn renew_stream(&mut self) {
         if let Ok(s) = self.device.copy_stream() {
+            // Dropping the old stream waits for what it still had queued.
             self.stream = s;
+            self.publish.stream_replaced();
         }
     }
 
@@ -969,11 +1042,13 @@ impl Worker {
             }
         }
         let words = self.words(reqs, &res);
-        if self
+        // A stream-ordered publisher only queues the words: the synchronize is where a failed copy
+        // shows, and then (sticky stream errors) none of the words queued after it was written.
+        let published = self
             .publish
             .publish(self.stream.as_mut(), last, &words)
-            .is_err()
-        {
+            .and_then(|()| self.stream.synchronize());
+        if published.is_err() {
             // A copy failed (streams fail stickily: which one is unknown): every read of the round
             // reports EIO, on a fresh stream.
             for &(i, _) in copies {
@@ -981,9 +1056,13 @@ impl Worker {
             }
             self.renew_stream();
             let words = self.words(reqs, &res);
-            let _ = self.publish.publish(self.stream.as_mut(), None, &words);
-        } else if self.stream.synchronize().is_err() {
-            self.renew_stream();
+            let again = self
+                .publish
+                .publish(self.stream.as_mut(), None, &words)
+                .and_then(|()| self.stream.synchronize());
+            if again.is_err() {
+                self.renew_stream();
+            }
         }
         let shared = self.shared.clone();
         let c = &shared.counters;

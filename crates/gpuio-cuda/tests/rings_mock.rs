@@ -1,0 +1,519 @@
+//! The ring server end to end on the real CUDA code path (`gpuio_cuda::cuda`) under the mock driver
+//! (`tests/mock_libcuda.c`): the host region pinned and mapped with `cuMemHostRegister`, the device
+//! region and the line memory in the mock's device memory, copies on a real `CudaStream`, and the
+//! completion words published by the publisher `RingServer::start_auto` picks for the device.
+//!
+//! CPU producer threads play the kernel: they claim slots and write descriptors into the host
+//! region exactly as `device/gpuio.cuh` does (the shared `RingProducer`), and poll completion words
+//! in the mock's device memory (host memory at a fixed offset, `mock_device_bias`). The mock runs
+//! queued stream work only when the host waits for it and, with `MOCK_CUDA_COPY_DELAY_US`, sleeps
+//! before each copy moves its bytes, so a completion word written before its data is seen by the
+//! polling producer; every read's bytes are checked the moment its word is seen. A publisher that
+//! writes words before the data (`child_rings_early_publisher_is_caught`) is caught by exactly that
+//! check, which shows the check can fail.
+//!
+//! Each scenario runs in a child process under the mock (see `common::mock`); every wait is bounded,
+//! and the child itself runs under a watchdog and is killed by the parent after a bound.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::mock::{assert_all_released, assert_clean_calls, counter, is_child, run_child};
+use gpuio::backend::BackendKind;
+use gpuio::{DirectMode, File, OpenOptions, Result};
+use gpuio_cuda::cuda::CudaDevice;
+use gpuio_cuda::device::{CopyStream, DevicePtr, Ticket};
+use gpuio_cuda::rings::layout::{code, OP_READ, OP_WRITE};
+use gpuio_cuda::rings::{
+    Publish, PublisherChoice, PublisherKind, Request, RingConfig, RingProducer, RingRegion,
+    RingServer, ServerConfig,
+};
+use gpuio_cuda::{Device, DeviceBuffer};
+use gpuio_testkit::{faulty_engine_with, scratch_dir, test_config, FaultPlan, Place, Rng};
+
+const LINE: usize = 4096;
+const LINES: u64 = 64;
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---- parent side ----
+
+/// The GPU path: `cuStreamWriteValue64_v2` after the copies, copies slowed down so an early word
+/// would be seen; engine faults injected.
+#[test]
+fn mock_rings_stream_write_publisher() {
+    run_child(
+        "child_rings_stream_write",
+        &[("MOCK_CUDA_COPY_DELAY_US", "300")],
+    );
+}
+
+/// A device whose 64-bit stream memory operations are off (attribute 122 = 0, v1 API off): the
+/// words are copied from pinned memory on the same stream after the data.
+#[test]
+fn mock_rings_copy_word_fallback() {
+    run_child(
+        "child_rings_copy_word",
+        &[
+            ("MOCK_CUDA_COPY_DELAY_US", "300"),
+            ("MOCK_CUDA_ATTR_122", "0"),
+        ],
+    );
+}
+
+/// Only the v1 API enabled (as with `NVreg_EnableStreamMemOPs=1` on a driver whose v2 attribute
+/// is 0): the v1 `cuStreamWriteValue64` is used.
+#[test]
+fn mock_rings_v1_stream_write() {
+    run_child(
+        "child_rings_v1_stream_write",
+        &[
+            ("MOCK_CUDA_ATTR_122", "0"),
+            ("MOCK_CUDA_ATTR_92", "1"),
+            ("MOCK_CUDA_ATTR_93", "1"),
+        ],
+    );
+}
+
+/// The negative control: a publisher that writes the words before the copies ran is caught.
+#[test]
+fn mock_rings_early_publisher_is_caught() {
+    run_child(
+        "child_rings_early_publisher_is_caught",
+        &[("MOCK_CUDA_COPY_DELAY_US", "20000")],
+    );
+}
+
+// ---- child side ----
+
+/// Runs `f` on a thread and fails if it takes longer than `secs` (a hang).
+fn watchdog<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
+    let (tx, rx) = mpsc::channel();
+    let h = std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(()) => h.join().unwrap(),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(e) = h.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test body hung for {secs} s"),
+    }
+}
+
+/// The bytes of `line` at `version` (0: as the file was created).
+fn content(line: u64, version: u64) -> Vec<u8> {
+    (0..LINE / 8)
+        .flat_map(|i| {
+            let w = (line << 40) ^ (version << 20) ^ i as u64 ^ 0x5a5a_0000_0000_a5a5;
+            w.to_le_bytes()
+        })
+        .collect()
+}
+
+/// Reads `len` bytes of "device" memory at host address `host` word by word with atomic loads
+/// (the mock may be copying into it right now, which is what the early-word check looks for).
+fn snapshot(host: usize, len: usize) -> Vec<u8> {
+    (0..len / 8)
+        .flat_map(|i| {
+            // SAFETY: `host` is the host address of live, 8-aligned mock device memory.
+            unsafe { AtomicU64::from_ptr((host + i * 8) as *mut u64) }
+                .load(Ordering::Relaxed)
+                .to_le_bytes()
+        })
+        .collect()
+}
+
+fn fill(host: usize, bytes: &[u8]) {
+    // SAFETY: as for `snapshot`; no request on this range is in flight.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), host as *mut u8, bytes.len()) };
+}
+
+/// What a scenario saw.
+#[derive(Debug, Default)]
+struct Seen {
+    ok: u64,
+    failed: u64,
+    /// Reads whose word said success while their bytes were not (yet) the file's.
+    early: u64,
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    device: Arc<dyn Device>,
+    region: Arc<RingRegion>,
+    lines: DeviceBuffer,
+}
+
+const PRODUCERS: usize = 4;
+/// Device line slots (and completion words) per producer.
+const SLOTS: usize = 8;
+
+fn setup() -> Setup {
+    let dir = scratch_dir(Place::Disk);
+    let path = dir.path().join("data.bin");
+    let mut v = Vec::new();
+    for l in 0..LINES {
+        v.extend(content(l, 0));
+    }
+    std::fs::write(&path, v).unwrap();
+    let device: Arc<dyn Device> = CudaDevice::open(0).unwrap();
+    let region = Arc::new(
+        RingRegion::new(
+            &device,
+            RingConfig {
+                ring_count: 4,
+                slots_per_ring: 16,
+                completion_count: (PRODUCERS * SLOTS) as u32,
+                ..RingConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    assert!(
+        region.host_mapped().is_some(),
+        "the host region was not mapped"
+    );
+    let lines = DeviceBuffer::alloc(&device, PRODUCERS * SLOTS * LINE).unwrap();
+    Setup {
+        _dir: dir,
+        path,
+        device,
+        region,
+        lines,
+    }
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        threads: 2,
+        batch_max: 16,
+        staging_bytes: 1 << 20,
+        io_timeout: Duration::from_secs(10),
+        ..ServerConfig::default()
+    }
+}
+
+/// `PRODUCERS` threads, each `rounds` times submitting a batch of reads and writes of its own file
+/// lines (line % PRODUCERS == thread) into its own device slots, then waiting for each; every read's
+/// bytes are checked against the model when its word is seen; then the file is checked. `writes`:
+/// a third of the requests are writes. A result other than success or EIO fails the test.
+fn produce(s: &Setup, producer: &RingProducer, rounds: usize, writes: bool) -> (Seen, Vec<u64>) {
+    let seen = std::thread::scope(|sc| {
+        let mut hs = Vec::new();
+        for t in 0..PRODUCERS {
+            let p = producer.clone();
+            let base = s.lines.ptr();
+            hs.push(sc.spawn(move || producer_thread(t, &p, base, rounds, writes)));
+        }
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let mut total = Seen::default();
+    let mut ver = vec![0u64; LINES as usize];
+    let mut maybe = vec![false; LINES as usize];
+    for (sn, v, m) in seen {
+        total.ok += sn.ok;
+        total.failed += sn.failed;
+        total.early += sn.early;
+        for l in 0..LINES as usize {
+            if l % PRODUCERS == v.0 {
+                ver[l] = v.1[l];
+                maybe[l] = m[l];
+            }
+        }
+    }
+    // Every line on disk: the model's version, or for a failed last write, word by word old or new.
+    let disk = std::fs::read(&s.path).unwrap();
+    for l in 0..LINES as usize {
+        let got = &disk[l * LINE..(l + 1) * LINE];
+        let old = content(l as u64, ver[l]);
+        let new = content(l as u64, ver[l] + 1);
+        let ok = if maybe[l] {
+            (0..LINE / 8).all(|w| {
+                let r = w * 8..w * 8 + 8;
+                got[r.clone()] == old[r.clone()] || got[r.clone()] == new[r]
+            })
+        } else {
+            got == &old[..]
+        };
+        assert!(
+            ok,
+            "line {l} on disk is not version {} (maybe {})",
+            ver[l], maybe[l]
+        );
+    }
+    (total, ver)
+}
+
+#[allow(clippy::type_complexity)]
+fn producer_thread(
+    t: usize,
+    p: &RingProducer,
+    base: DevicePtr,
+    rounds: usize,
+    writes: bool,
+) -> (Seen, (usize, Vec<u64>), Vec<bool>) {
+    let mut rng = Rng::new(1000 + t as u64);
+    let mut seen = Seen::default();
+    let mut ver = vec![0u64; LINES as usize];
+    let mut maybe = vec![false; LINES as usize];
+    let mine: Vec<u64> = (0..LINES)
+        .filter(|l| *l as usize % PRODUCERS == t)
+        .collect();
+    let mut tag = (t as u32) << 24;
+    for _ in 0..rounds {
+        // A batch of distinct lines of this thread, each read or written.
+        let k = 1 + rng.below(SLOTS as u64) as usize;
+        let first = rng.below(mine.len() as u64) as usize;
+        let mut batch = Vec::new();
+        for j in 0..k {
+            let line = mine[(first + j) % mine.len()];
+            let op = if writes && rng.below(3) == 0 {
+                OP_WRITE
+            } else {
+                OP_READ
+            };
+            let slot = t * SLOTS + j;
+            let dev = base + (slot * LINE) as u64;
+            if op == OP_WRITE {
+                fill(p.host_address(dev), &content(line, ver[line as usize] + 1));
+            } else {
+                // Poison the slot, so bytes not delivered yet cannot pass for the file's.
+                fill(p.host_address(dev), &[0xEE; LINE]);
+            }
+            tag += 1;
+            let req = Request {
+                opcode: op,
+                file_id: 0,
+                offset: line * LINE as u64,
+                length: LINE as u32,
+                completion: slot as u32,
+                dev_addr: dev,
+                tag,
+            };
+            let mut retries = 0;
+            let ring = rng.below(4) as u32;
+            p.submit_until(ring, &req, Instant::now() + WAIT, &mut retries)
+                .unwrap_or_else(|e| panic!("submit: {}", code::name(e)));
+            batch.push((op, line, slot, dev, tag));
+        }
+        for (op, line, slot, dev, tag) in batch {
+            let deadline = Instant::now() + WAIT;
+            let r = loop {
+                if let Some(r) = p.poll(slot as u32, tag) {
+                    break r;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "request {tag} never completed (server running: {})",
+                    p.region().serving()
+                );
+                std::hint::spin_loop();
+            };
+            let l = line as usize;
+            if r == LINE as i32 {
+                seen.ok += 1;
+                if op == OP_READ {
+                    // Checked at once: the word must not be visible before the bytes.
+                    if snapshot(p.host_address(dev), LINE) != content(line, ver[l]) {
+                        seen.early += 1;
+                    }
+                } else {
+                    ver[l] += 1;
+                    maybe[l] = false;
+                }
+            } else {
+                assert_eq!(r, code::EIO, "unexpected result {}", code::name(r));
+                seen.failed += 1;
+                if op == OP_WRITE {
+                    maybe[l] = true;
+                }
+            }
+        }
+    }
+    (seen, (t, ver), maybe)
+}
+
+fn open_rw(path: &std::path::Path) -> File {
+    OpenOptions::read_write()
+        .direct(DirectMode::Off)
+        .open(path)
+        .unwrap()
+}
+
+/// The full scenario with the publisher the device calls for, which must be `want`.
+fn serve_and_check(want: PublisherKind, symbol: &str, faults: bool, rounds: usize) {
+    let s = setup();
+    let plan = if faults {
+        FaultPlan::none()
+            .with_read_eio(0.05)
+            .with_write_eio(0.05)
+            .with_short_read(0.2)
+            .with_eintr(0.1)
+    } else {
+        FaultPlan::none()
+    };
+    let (engine, injected) =
+        faulty_engine_with(test_config(BackendKind::Threads), 7, plan).unwrap();
+    let server = RingServer::start_auto(
+        &engine,
+        s.region.clone(),
+        vec![open_rw(&s.path)],
+        (s.lines.ptr(), s.lines.len()),
+        server_config(),
+    )
+    .unwrap();
+    let choice = server.publisher().cloned().unwrap();
+    assert_eq!(choice.kind, want, "{choice:?}");
+    assert!(choice.reason.contains(symbol), "{choice:?}");
+    assert_eq!(
+        choice,
+        PublisherChoice::for_device(s.device.as_ref()),
+        "start_auto and for_device disagree"
+    );
+    let bias = counter("mock_device_bias") as u64;
+    // SAFETY: the mock's device memory is host memory at `device address - bias`
+    // (mock_libcuda.c, DEV_BIAS), live while `s` is.
+    let producer = unsafe { RingProducer::with_device_bias(s.region.clone(), bias) };
+    let writes_before = counter("mock_stream_writes");
+    let (seen, _) = {
+        let stats_seen = produce(&s, &producer, rounds, true);
+        let stats = server.shutdown();
+        eprintln!("{want}: {:?}; {stats:?}", stats_seen.0);
+        assert_eq!(stats.requests, stats_seen.0.ok + stats_seen.0.failed);
+        assert_eq!(stats.errors, stats_seen.0.failed);
+        stats_seen
+    };
+    assert_eq!(seen.early, 0, "a completion was visible before its data");
+    assert!(seen.ok > 0, "{seen:?}");
+    let f = injected.counts();
+    if faults {
+        assert!(
+            seen.failed > 0 || f.read_eio + f.write_eio == 0,
+            "{seen:?} {f:?}"
+        );
+    } else {
+        assert_eq!(seen.failed, 0, "{seen:?}");
+    }
+    let stream_writes = counter("mock_stream_writes") - writes_before;
+    match want {
+        PublisherKind::StreamWrite => assert!(
+            stream_writes as u64 >= seen.ok + seen.failed,
+            "{stream_writes} stream writes for {} requests",
+            seen.ok + seen.failed
+        ),
+        _ => assert_eq!(stream_writes, 0, "the fallback used stream writes"),
+    }
+    assert_clean_calls();
+    drop(producer);
+    drop(s);
+    drop(engine);
+    assert_all_released();
+}
+
+#[test]
+fn child_rings_stream_write() {
+    if !is_child() {
+        return;
+    }
+    watchdog(240, || {
+        serve_and_check(
+            PublisherKind::StreamWrite,
+            "cuStreamWriteValue64_v2",
+            true,
+            40,
+        )
+    });
+}
+
+#[test]
+fn child_rings_copy_word() {
+    if !is_child() {
+        return;
+    }
+    watchdog(240, || {
+        serve_and_check(
+            PublisherKind::CopyWord,
+            "CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS (122) is 0",
+            true,
+            40,
+        )
+    });
+}
+
+#[test]
+fn child_rings_v1_stream_write() {
+    if !is_child() {
+        return;
+    }
+    watchdog(240, || {
+        serve_and_check(
+            PublisherKind::StreamWrite,
+            "cuStreamWriteValue64 on",
+            false,
+            10,
+        )
+    });
+}
+
+/// Writes the words at once, before the copies queued ahead of them have run: what a publisher
+/// that ignores stream order would do.
+#[derive(Debug)]
+struct EarlyPublish {
+    bias: u64,
+}
+
+impl Publish for EarlyPublish {
+    fn publish(
+        &mut self,
+        _stream: &mut dyn CopyStream,
+        _after: Option<Ticket>,
+        words: &[(DevicePtr, u64)],
+    ) -> Result<()> {
+        for &(addr, w) in words {
+            // SAFETY: completion words are live mock device memory at `addr - bias`.
+            unsafe { AtomicU64::from_ptr(addr.wrapping_sub(self.bias) as *mut u64) }
+                .store(w, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn child_rings_early_publisher_is_caught() {
+    if !is_child() {
+        return;
+    }
+    watchdog(240, || {
+        let s = setup();
+        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+        let bias = counter("mock_device_bias") as u64;
+        let server = RingServer::start(
+            &engine,
+            s.region.clone(),
+            vec![open_rw(&s.path)],
+            (s.lines.ptr(), s.lines.len()),
+            &|| Box::new(EarlyPublish { bias }) as Box<dyn Publish>,
+            server_config(),
+        )
+        .unwrap();
+        // SAFETY: as in serve_and_check.
+        let producer = unsafe { RingProducer::with_device_bias(s.region.clone(), bias) };
+        let (seen, _) = produce(&s, &producer, 2, false);
+        server.shutdown();
+        assert!(
+            seen.early > 0,
+            "no completion was seen before its data with a publisher that writes words first: the check cannot fail ({seen:?})"
+        );
+        eprintln!("early publisher caught: {seen:?}");
+    });
+}
