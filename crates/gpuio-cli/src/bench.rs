@@ -104,6 +104,10 @@ pub struct BenchArgs {
     /// committing thread instead of the engine's (default 64K; 0: off; at most 16M).
     #[arg(long, value_parser = crate::parse_size)]
     inline_max: Option<u64>,
+    /// Threads that serve such transfers in the committing thread's place when one is idle
+    /// (default: one fewer than the cores; 0: the committing thread always).
+    #[arg(long)]
+    inline_threads: Option<usize>,
     /// Also run, on the same file: a single-thread pread loop, the thread-pool and mmap backends, and fio
     /// (when installed); print each one's ratio to gpu-io.
     #[arg(long)]
@@ -161,6 +165,7 @@ impl BenchArgs {
             inline_max_bytes: self
                 .inline_max
                 .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+            inline_threads: self.inline_threads,
         };
         (spec, opts)
     }

@@ -203,6 +203,8 @@ pub struct EngineOpts {
     pub copy_min_bytes: Option<usize>,
     /// Largest transfer served on the committing thread (`None`: the engine's default).
     pub inline_max_bytes: Option<usize>,
+    /// Inline workers (`None`: the engine's default).
+    pub inline_threads: Option<usize>,
 }
 
 impl EngineOpts {
@@ -223,6 +225,9 @@ impl EngineOpts {
         }
         if let Some(b) = self.inline_max_bytes {
             cfg.inline_max_bytes = b;
+        }
+        if let Some(n) = self.inline_threads {
+            cfg.inline_threads = n;
         }
         cfg
     }

@@ -36,9 +36,12 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
+/// Inline workers off: everything here is about the committing thread (tests/inline_workers.rs
+/// covers the workers).
 fn engine(inline_max: usize) -> Engine {
     Engine::new(EngineConfig {
         inline_max_bytes: inline_max,
+        inline_threads: 0,
         ..EngineConfig::default()
     })
     .unwrap()

@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::engine::Msg;
 use super::inline;
+use super::workers::InlineJob;
 use super::{IoQueue, QueueKind};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
@@ -537,10 +538,9 @@ impl CommandBuffer {
         if inline::eligible(&limits, serial_busy, &commands) {
             return Ok(Self::commit_inline(
                 queue,
-                &limits,
                 commands,
                 shared_buf,
-                &barriers,
+                barriers,
                 callback,
                 callback_any_thread,
             ));
@@ -569,14 +569,15 @@ impl CommandBuffer {
         })
     }
 
-    /// Serves a command buffer on the committing thread (see `queue::inline`); it is finished when
-    /// this returns. A callback that must run on the engine thread is sent there after the work.
+    /// Serves a command buffer with the inline path (see `queue::inline`): handed to an idle inline
+    /// worker (`queue::workers`) when its queue is concurrent and has a slot free, else here, so that
+    /// it is finished when this returns. A callback that must run on the engine thread is sent there
+    /// after the work.
     fn commit_inline(
         queue: IoQueue,
-        limits: &inline::InlineLimits,
         commands: Vec<Recorded>,
         shared_buf: Option<IoBuffer>,
-        barriers: &[usize],
+        barriers: Vec<usize>,
         callback: Option<Callback>,
         callback_any_thread: bool,
     ) -> Completion {
@@ -586,17 +587,36 @@ impl CommandBuffer {
             false => (None, callback),
         };
         let shared = Arc::new(CbShared::pending(queue.engine.next_id(), here));
-        let served = inline::serve(limits, commands, shared_buf, barriers, &queue.shared.stats);
-        let status = deferred.as_ref().map(|_| served.status.clone());
-        shared.finish(served.status, served.outputs, served.shared_buf);
-        if let (Some(f), Some(status)) = (deferred, status) {
-            if let Err(returned) = queue.engine.send_or_return(Msg::RunCallback(f, status)) {
-                // The engine thread is gone: the callback must still run, once.
-                if let Msg::RunCallback(f, status) = *returned {
-                    f(&status);
+        let mut job = InlineJob {
+            queue: queue.clone(),
+            shared: shared.clone(),
+            commands,
+            shared_buf,
+            barriers,
+            deferred,
+            holds_slot: false,
+        };
+        if queue.shared.desc.kind == QueueKind::Concurrent
+            && queue.engine.inline_worker_idle()
+            && queue.shared.slots.try_acquire()
+        {
+            job.holds_slot = true;
+            match queue.engine.hand_inline(job) {
+                None => {
+                    return Completion {
+                        shared,
+                        queue,
+                        commands: n,
+                    }
+                }
+                Some(back) => {
+                    job = back;
+                    job.holds_slot = false;
+                    queue.shared.slots.release();
                 }
             }
         }
+        job.run();
         Completion {
             shared,
             queue,

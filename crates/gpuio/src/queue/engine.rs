@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use super::command::{CbShared, Recorded};
 use super::driver::Driver;
 use super::inline::InlineLimits;
+use super::workers::{InlineJob, Workers, INLINE_THREADS_MAX};
 use super::{IoQueue, QueueDesc, QueueShared, Slots};
 use crate::backend::{self, Backend, BackendConfig, BackendKind, Explain, Waker};
 use crate::error::{Error, ErrorKind, Result};
@@ -58,6 +59,12 @@ pub struct EngineConfig {
     /// `queue::inline`): no hand-off to the engine thread or the kernel's workers. 0 turns it off.
     /// Engines on a custom backend ([`Engine::with_backend`]) never do this.
     pub inline_max_bytes: usize,
+    /// Threads that serve such command buffers in the committing thread's place when one of them is
+    /// idle (`queue::workers`), so one application thread's small transfers of memory-backed files
+    /// run on several cores; a thread that finds none idle serves its own. Started on first use. 0:
+    /// always the committing thread. Default: one fewer than the available cores, at most
+    /// [`INLINE_THREADS_MAX`](super::INLINE_THREADS_MAX).
+    pub inline_threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +78,7 @@ impl Default for EngineConfig {
             short_transfers_max: 64,
             page: PageSize::K4,
             inline_max_bytes: INLINE_MAX_BYTES_DEFAULT,
+            inline_threads: inline_threads_default(),
         }
     }
 }
@@ -90,6 +98,12 @@ impl EngineConfig {
                 self.inline_max_bytes
             )));
         }
+        if self.inline_threads > INLINE_THREADS_MAX {
+            return Err(Error::invalid(format!(
+                "inline worker count {} is above {INLINE_THREADS_MAX}",
+                self.inline_threads
+            )));
+        }
         if self.bounce_buffers == 0 || self.bounce_buffers > 1024 {
             return Err(Error::invalid(format!(
                 "bounce buffer count {} is out of range 1..=1024",
@@ -102,6 +116,15 @@ impl EngineConfig {
     pub(super) fn bounce_size(&self) -> usize {
         self.task_size_bytes.max(64 << 10)
     }
+}
+
+/// One fewer than the cores this process may use (the committing thread is one), at most
+/// [`INLINE_THREADS_MAX`].
+fn inline_threads_default() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .min(INLINE_THREADS_MAX)
 }
 
 pub(crate) enum Msg {
@@ -129,6 +152,8 @@ struct EngineInner {
     config: EngineConfig,
     /// The inline path's limits (`max_bytes` 0 on a custom backend).
     inline: InlineLimits,
+    /// The inline workers, started by the first command buffer that could use one.
+    workers: OnceLock<Workers>,
     next_id: AtomicU64,
 }
 
@@ -202,7 +227,8 @@ impl Engine {
             }
             0 => "every transfer goes through the backend (inline transfers turned off)".to_string(),
             n => format!(
-                "loads and stores of up to {n} bytes of memory-backed files (tmpfs, ramfs) are done on the committing thread: a page-cache copy costs less than a hand-off"
+                "loads and stores of up to {n} bytes of memory-backed files (tmpfs, ramfs) are done on the committing thread, or by one of {} inline workers when one is idle: a page-cache copy costs less than a hand-off to the engine thread",
+                config.inline_threads
             ),
         });
         let bounce = BufferPool::new(
@@ -265,6 +291,7 @@ impl Engine {
             explain,
             config,
             inline,
+            workers: OnceLock::new(),
             next_id: AtomicU64::new(1),
         })))
     }
@@ -331,6 +358,29 @@ impl Engine {
 
     pub(crate) fn inline_limits(&self) -> &InlineLimits {
         &self.0.inline
+    }
+
+    /// Hands `job` (a command buffer of a concurrent queue, holding one of its slots) to an idle
+    /// inline worker; gives it back (`Some`) when none is idle.
+    pub(crate) fn hand_inline(&self, job: InlineJob) -> Option<InlineJob> {
+        match self.inline_workers() {
+            Some(w) => w.try_hand(job),
+            None => Some(job),
+        }
+    }
+
+    /// Whether an inline worker is idle now (a hint for whether to try [`Engine::hand_inline`]).
+    pub(crate) fn inline_worker_idle(&self) -> bool {
+        self.inline_workers().is_some_and(Workers::any_idle)
+    }
+
+    fn inline_workers(&self) -> Option<&Workers> {
+        let n = self.0.config.inline_threads;
+        if n == 0 || self.0.inline.max_bytes == 0 {
+            return None;
+        }
+        let w = self.0.workers.get_or_init(|| Workers::start(n));
+        (w.started() > 0).then_some(w)
     }
 
     pub(crate) fn next_id(&self) -> u64 {

@@ -133,6 +133,23 @@ pub(crate) fn serve(
     }
 }
 
+/// Serves nothing: every command is reported cancelled and its buffer handed back (a handed-over
+/// command buffer whose cancel arrived before a worker started it).
+pub(crate) fn skip(mut commands: Vec<Recorded>, shared_buf: Option<IoBuffer>) -> Served {
+    let outputs = commands
+        .iter_mut()
+        .map(|rec| Output {
+            buf: rec.buf.take(),
+            bytes: 0,
+        })
+        .collect();
+    Served {
+        status: Status::Cancelled,
+        outputs,
+        shared_buf,
+    }
+}
+
 /// One command: `pread`/`pwrite` on the buffered descriptor until done, the end of the file, or a
 /// verdict of failure. Returns the bytes moved and the error, if any.
 fn transfer(

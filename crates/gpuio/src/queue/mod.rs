@@ -36,10 +36,12 @@ mod inline;
 mod outcome;
 pub(crate) mod plan;
 mod stats;
+mod workers;
 
 pub use command::{CommandBuffer, CommandError, CommandId, Completion, Finished, Status};
 pub use engine::{Engine, EngineConfig, INLINE_MAX_BYTES_DEFAULT, TASK_SIZE_DEFAULT};
 pub use stats::{LatencySummary, QueueStats};
+pub use workers::INLINE_THREADS_MAX;
 
 use std::sync::Arc;
 
@@ -142,6 +144,15 @@ impl Slots {
         }
         *used += 1;
         Ok(())
+    }
+    /// Takes a slot if one is free, without waiting.
+    pub(crate) fn try_acquire(&self) -> bool {
+        let mut used = self.used.lock();
+        if *used >= self.max {
+            return false;
+        }
+        *used += 1;
+        true
     }
     /// No command buffer of the queue is in flight.
     pub(crate) fn is_idle(&self) -> bool {
