@@ -889,7 +889,10 @@ mod tests {
         assert_eq!(buf.as_ptr() as usize, at + 3);
         assert_eq!(buf.align(), 1 << (at + 3).trailing_zeros().min(21));
         buf.prefault();
-        assert!(buf.iter().all(|&b| b == 7), "prefault must not write lent memory");
+        assert!(
+            buf.iter().all(|&b| b == 7),
+            "prefault must not write lent memory"
+        );
         assert_eq!(
             buf.set_len(10_000).unwrap_err().kind(),
             ErrorKind::InvalidInput,
@@ -905,7 +908,11 @@ mod tests {
         assert_eq!(back.as_ptr() as usize, at + 3, "and does not copy it");
         assert_eq!(drops_of(&drops), 0);
         drop(back);
-        assert_eq!(drops_of(&drops), 1, "the keep-alive is dropped exactly once");
+        assert_eq!(
+            drops_of(&drops),
+            1,
+            "the keep-alive is dropped exactly once"
+        );
         // Still ours, intact (a dealloc of foreign memory would have corrupted or crashed here).
         assert_eq!(mem[3], 1);
         assert!(mem[4..].iter().all(|&b| b == 7));
@@ -945,12 +952,19 @@ mod tests {
         let id = cb.load(&file, 1234, buf).unwrap();
         let mut done = cb.commit().unwrap().finish().unwrap();
         assert_eq!(done.bytes(id), 200_001);
-        assert_eq!(drops_of(&drops), 0, "held until the caller lets the buffer go");
+        assert_eq!(
+            drops_of(&drops),
+            0,
+            "held until the caller lets the buffer go"
+        );
         let back = done.take_buffer(id).unwrap();
         assert!(back.is_foreign());
         drop((back, done));
         assert_eq!(drops_of(&drops), 1);
-        assert!(mem == data[1234..1234 + 200_001], "bytes read into lent memory");
+        assert!(
+            mem == data[1234..1234 + 200_001],
+            "bytes read into lent memory"
+        );
         // Error: an exact load past the end of the file.
         let mut mem = vec![0u8; 8192];
         let (buf, drops) = lent(&mut mem);
@@ -983,7 +997,10 @@ mod tests {
         let c = cb.commit().unwrap();
         c.try_cancel();
         let (status, done) = c.wait_parts();
-        assert!(matches!(status, crate::Status::Cancelled | crate::Status::Complete));
+        assert!(matches!(
+            status,
+            crate::Status::Cancelled | crate::Status::Complete
+        ));
         assert_eq!(drops_of(&drops), 0);
         drop(done);
         assert_eq!(drops_of(&drops), 1);
