@@ -269,7 +269,9 @@ impl AlignedBuf {
     ///
     /// Until the returned buffer (or the [`IoBuffer`] holding it) is dropped:
     /// - `ptr..ptr + len` must be valid for reads and writes, and hold initialised bytes (any
-    ///   values; memory from another language's allocator, `mmap` or `malloc`, counts as such);
+    ///   values; memory from another language's allocator, `mmap` or `malloc`, counts as such). A
+    ///   buffer only ever given to `store` commands need only be valid for reads (the engine never
+    ///   writes a store's buffer), provided its holder does not write it either;
     /// - nothing else may read or write that memory — the engine's threads and the kernel may be
     ///   writing it at any moment — nor free, unmap or resize it (holding `keep_alive` is one way to
     ///   guarantee the last);
