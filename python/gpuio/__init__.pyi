@@ -100,6 +100,12 @@ class File:
         errors: Literal["raise", "return"] = "raise",
     ) -> List[Union[int, Error]]: ...
     def sync(self, *, queue: Optional[Queue] = None) -> None: ...
+    def copy_stats(self) -> Dict[str, int]:
+        """Requests that went straight between the file and the caller's buffer (``reads_zero_copy``,
+        ``writes_zero_copy``, ``bytes_zero_copy``) or through an engine buffer and a copy
+        (``reads_copied``, ``writes_copied``, ``bytes_copied``: O_DIRECT with a misaligned buffer
+        address, length or offset)."""
+        ...
     @property
     def size(self) -> int: ...
     @property
@@ -260,17 +266,24 @@ def stream(
     direct: _Direct = "auto",
 ) -> Dict[str, Any]: ...
 
+# A workload's progress callback: called with {"phase", "done", "total", "level", "reached",
+# "frontier", "note"} (see gpuio._workloads); an exception it raises stops the workload and is re-raised.
+_ProgressCallback = Callable[[Dict[str, Any]], Any]
+
 class _Graph:
     @staticmethod
     def generate(scale: int, output: _Path, *, degree: int = ..., seed: int = ..., kind: str = ...,
-                 force: bool = ...) -> dict: ...
+                 force: bool = ..., progress: Optional[_ProgressCallback] = ...,
+                 progress_interval: float = ...) -> dict: ...
     @staticmethod
     def bfs(prefix: _Path, source: int, *, mode: str = ..., cache_size: Optional[str] = ...,
             line_size: int = ..., queue_depth: int = ..., coalesce: int = ...,
-            depths_out: Optional[_Path] = ...) -> dict: ...
+            depths_out: Optional[_Path] = ..., progress: Optional[_ProgressCallback] = ...,
+            progress_interval: float = ...) -> dict: ...
 
 graph: _Graph
 
 def gather(table: _Path, row_bytes: int, batch: int, batches: int, *, dist: str = ...,
            cache_size: Optional[str] = ..., line_size: int = ..., queue_depth: int = ...,
-           prefetch: bool = ..., compute_us: int = ..., seed: int = ...) -> dict: ...
+           prefetch: bool = ..., compute_us: int = ..., seed: int = ...,
+           progress: Optional[_ProgressCallback] = ..., progress_interval: float = ...) -> dict: ...

@@ -84,3 +84,102 @@ def test_gather_matches_the_cli_on_the_same_settings(tmp_path):
                           "--batches", "8", "--dist", "zipf:1.1", "--cache-size", "25%", "--seed", "5",
                           "--json"], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["checksum"] == r["run"]["checksum"]
+
+
+class Stop(Exception):
+    pass
+
+
+def check_progress(calls):
+    """Every call has the documented keys; done never decreases; the last has done == total."""
+    assert calls, "the progress callback was never called"
+    for c in calls:
+        assert set(c) == {"phase", "done", "total", "level", "reached", "frontier", "note"}, c
+    dones = [c["done"] for c in calls]
+    assert dones == sorted(dones), dones
+    assert calls[-1]["total"] is not None and calls[-1]["done"] == calls[-1]["total"], calls[-1]
+
+
+def test_progress_callbacks_report_every_workload(tmp_path):
+    prefix = tmp_path / "g"
+    calls = []
+    gpuio.graph.generate(9, prefix, degree=4, progress=calls.append, progress_interval=0)
+    check_progress(calls)
+    assert [c["phase"] for c in calls if c["done"] == 0][0] == "generating edges"
+    assert calls[-1] == dict(calls[-1], phase="writing", done=3, total=3)
+
+    offs = np.fromfile(f"{prefix}.bel.col", dtype="<u8", offset=16)
+    source = int(np.argmax(np.diff(offs)))
+    for mode in ("cache", "memory"):
+        calls = []
+        r = gpuio.graph.bfs(prefix, source, mode=mode, progress=calls.append, progress_interval=0)
+        check_progress(calls)
+        levels = [c for c in calls if c["level"] is not None]
+        assert [c["level"] for c in levels] == list(range(1, r["levels"] + 1)), mode
+        assert levels[-1]["frontier"] == 0 and levels[-1]["reached"] == r["vertices_reached"]
+        assert all(c["phase"] == "searching" for c in levels)
+        assert all(c["total"] is None for c in levels[:-1])
+
+    table = tmp_path / "table"
+    table.write_bytes(np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+    calls = []
+    gpuio.gather(table, 512, 16, 25, prefetch=True, progress=calls.append, progress_interval=0)
+    check_progress(calls)
+    assert calls[-1]["total"] == 50 and {c["done"] for c in calls} == set(range(51))
+    assert {c["phase"] for c in calls} == {"gathering with prefetch", "gathering synchronously (reference)"}
+
+
+def test_progress_is_rate_limited(tmp_path):
+    table = tmp_path / "table"
+    table.write_bytes(bytes(1 << 20))
+    calls = []
+    gpuio.gather(table, 512, 4, 3000, progress=calls.append, progress_interval=3600)
+    # The first report, the phase, and the last step: not one call per batch.
+    assert len(calls) <= 3, len(calls)
+    check_progress(calls)
+
+
+def test_progress_exception_stops_the_workload_and_is_raised(tmp_path):
+    table = tmp_path / "table"
+    table.write_bytes(bytes(1 << 20))
+    seen = []
+
+    def stop_at_5(p):
+        seen.append(p["done"])
+        if p["done"] >= 5:
+            raise Stop("enough")
+
+    with pytest.raises(Stop, match="enough"):
+        gpuio.gather(table, 512, 16, 100_000, progress=stop_at_5, progress_interval=0)
+    assert max(seen) == 5, "no batch was reported after the callback raised"
+
+    prefix = tmp_path / "g"
+
+    def stop_writing(p):
+        if p["phase"] == "writing":
+            raise KeyError("no")
+
+    with pytest.raises(KeyError):
+        gpuio.graph.generate(9, prefix, progress=stop_writing)
+    assert not os.path.exists(f"{prefix}.bel.col") and not os.path.exists(f"{prefix}.bel.dst")
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+    gpuio.graph.generate(9, prefix, degree=4)
+    levels = []
+
+    def stop_at_first_level(p):
+        if p["level"] is not None:
+            levels.append(p["level"])
+            raise Stop()
+
+    offs = np.fromfile(f"{prefix}.bel.col", dtype="<u8", offset=16)
+    source = int(np.argmax(np.diff(offs)))
+    out = tmp_path / "depths"
+    with pytest.raises(Stop):
+        gpuio.graph.bfs(prefix, source, depths_out=out, progress=stop_at_first_level)
+    assert levels == [1] and not out.exists()
+
+    with pytest.raises(TypeError):
+        gpuio.gather(table, 512, 16, 10, progress=42)
+    with pytest.raises(ValueError):
+        gpuio.gather(table, 512, 16, 10, progress=print, progress_interval=-1)

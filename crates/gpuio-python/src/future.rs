@@ -3,8 +3,11 @@
 //! A transfer of at most one piece (`file::PIECE_BYTES`) is committed to the engine from the calling
 //! thread, so any number of them are in flight at once. Its completion callback (on the engine thread,
 //! which must not do work) only hands the future to one "finisher" thread, which copies the bytes into
-//! the held Python buffer, releases the buffer, marks the future done and runs its done-callbacks with
-//! the GIL. A larger transfer runs the blocking piece-by-piece path on a thread of its own.
+//! the held Python buffer if they did not go there straight (`file::straight`), releases the buffer,
+//! marks the future done and runs its done-callbacks with the GIL. A read straight into the caller's
+//! buffer lends the engine a clone of the `Arc` holding the export; the finisher holds the other and
+//! drops it after the engine's, so the export is released on the finisher thread, never the engine's.
+//! A larger transfer runs the blocking piece-by-piece path on a thread of its own.
 //!
 //! asyncio: `await future` registers a done-callback that wakes the event loop with
 //! `loop.call_soon_threadsafe` (python/gpuio/_aio.py) — no polling, and the loop never blocks.
@@ -21,7 +24,9 @@ use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 
 use crate::buffer::{to_numpy, HeldBuffer, Memory};
-use crate::file::{pread_blocking, pwrite_blocking, read_owned, ALIGN, PIECE_BYTES};
+use crate::file::{
+    lend, pread_blocking, pwrite_blocking, read_owned, straight, CopyStats, ALIGN, PIECE_BYTES,
+};
 use crate::{to_py_err, IntoPy};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -35,13 +40,15 @@ pub(crate) enum Job {
         queue: gpuio::IoQueue,
         file: gpuio::File,
         offset: u64,
-        held: HeldBuffer,
+        held: Arc<HeldBuffer>,
+        copies: Arc<CopyStats>,
     },
     Pwrite {
         queue: gpuio::IoQueue,
         file: gpuio::File,
         offset: u64,
-        held: HeldBuffer,
+        held: Arc<HeldBuffer>,
+        copies: Arc<CopyStats>,
     },
     Read {
         queue: gpuio::IoQueue,
@@ -62,8 +69,9 @@ pub(crate) enum Outcome {
 
 /// What the finisher does once a committed command buffer completes.
 enum After {
-    /// Copy the bytes read into the held buffer.
-    Pread(HeldBuffer),
+    /// Copy the bytes read into the held buffer (unless `lent`: they went there straight); then
+    /// release it.
+    Pread { held: Arc<HeldBuffer>, lent: bool },
     /// Hand the engine buffer over as the result.
     Read,
     /// Nothing to copy.
@@ -159,9 +167,10 @@ fn finisher() -> &'static Sender<Arc<Shared>> {
                                 None => None,
                             };
                             match p.after {
-                                After::Pread(held) => {
-                                    if let Some(b) = &buf {
-                                        held.copy_in(&b[..got as usize]);
+                                After::Pread { held, lent } => {
+                                    match (&buf, lent) {
+                                        (Some(b), false) => held.copy_in(&b[..got as usize]),
+                                        _ => drop(buf), // the engine's clone of `held`, if lent
                                     }
                                     drop(held); // releases the export (takes the GIL)
                                     Outcome::Int(got)
@@ -206,8 +215,9 @@ impl Future {
                             file,
                             offset,
                             held,
+                            copies,
                         } => {
-                            let r = pread_blocking(&queue, &file, offset, &held, flag);
+                            let r = pread_blocking(&queue, &file, offset, &held, flag, &copies);
                             drop(held);
                             r.map(Outcome::Int)
                         }
@@ -216,8 +226,9 @@ impl Future {
                             file,
                             offset,
                             held,
+                            copies,
                         } => {
-                            let r = pwrite_blocking(&queue, &file, offset, held.as_slice(), flag);
+                            let r = pwrite_blocking(&queue, &file, offset, &held, flag, &copies);
                             drop(held);
                             r.map(Outcome::Int)
                         }
@@ -261,15 +272,34 @@ impl Future {
             };
             let mut cb = queue.command_buffer();
             let (id, after) = match job {
-                Job::Pread { held, .. } => {
-                    let id = cb.load_upto(&file, offset, AlignedBuf::new(held.len(), ALIGN)?)?;
-                    (id, After::Pread(held))
+                Job::Pread { held, copies, .. } => {
+                    let lent = straight(
+                        &queue,
+                        &file,
+                        held.ptr() as usize,
+                        offset,
+                        held.len(),
+                        false,
+                    );
+                    copies.count(false, lent, held.len());
+                    let buf = if lent {
+                        // SAFETY: the whole export `held` holds; nothing else lends or touches it
+                        // until the finisher has waited for this command buffer.
+                        unsafe { lend(held.ptr(), held.len(), Box::new(held.clone())) }?
+                    } else {
+                        AlignedBuf::new(held.len(), ALIGN)?
+                    };
+                    let id = cb.load_upto(&file, offset, buf)?;
+                    (id, After::Pread { held, lent })
                 }
                 Job::Read { n, .. } => {
                     let id = cb.load_upto(&file, offset, AlignedBuf::new(n, ALIGN)?)?;
                     (id, After::Read)
                 }
-                Job::Pwrite { held, .. } => {
+                Job::Pwrite { held, copies, .. } => {
+                    // Copied even where it could be lent: the caller may change `buf` as soon as the
+                    // call returns (the documented behaviour of a small `pwrite_async`).
+                    copies.count(true, false, held.len());
                     let mut buf = AlignedBuf::new(held.len(), ALIGN)?;
                     buf.copy_from_slice(held.as_slice());
                     drop(held); // the bytes are taken; the export is released now

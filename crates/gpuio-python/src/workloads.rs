@@ -4,11 +4,19 @@
 //! wraps them as `gpuio.graph.generate`, `gpuio.graph.bfs` and `gpuio.gather`.
 //!
 //! This module only converts arguments and results; it never decides anything the library does not.
+//!
+//! `progress=callable`: the workload (run with the GIL released) reports through a [`PyProgress`],
+//! which takes the GIL and calls the callable with a dict, at most once per `progress_interval`
+//! seconds except for the reports that must not be missed (a new phase, the last step, the last BFS
+//! level, a note). An exception the callable raises stops the workload (the library's `*_with`
+//! entry points end early with `Cancelled`) and is raised to the caller as it was. A Ctrl-C that
+//! arrives meanwhile is raised the same way, at the next report.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use gpuio_workloads::{bfs, cache, gather, graph, no_progress};
-use pyo3::exceptions::PyValueError;
+use gpuio_workloads::{bfs, cache, gather, graph, Flow, Progress};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -21,14 +29,135 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// A workload's progress delivered to a Python callable (see the module docs).
+struct PyProgress<'a> {
+    callback: Option<&'a Py<PyAny>>,
+    interval: Duration,
+    last: Option<Instant>,
+    phase: Option<String>,
+    done: u64,
+    total: Option<u64>,
+    /// What the callable raised (or a pending signal); the workload was told to stop.
+    error: Option<PyErr>,
+}
+
+impl<'a> PyProgress<'a> {
+    fn new(callback: Option<&'a Py<PyAny>>, interval: f64, py: Python<'_>) -> PyResult<Self> {
+        if let Some(cb) = callback {
+            if !cb.bind(py).is_callable() {
+                return Err(PyTypeError::new_err("progress must be callable"));
+            }
+        }
+        if !(interval.is_finite() && interval >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "progress_interval {interval} must be a number of seconds >= 0"
+            )));
+        }
+        Ok(PyProgress {
+            callback,
+            interval: Duration::from_secs_f64(interval.min(1e6)),
+            last: None,
+            phase: None,
+            done: 0,
+            total: None,
+            error: None,
+        })
+    }
+
+    /// Hears one report from the workload (on its thread, without the GIL).
+    fn on(&mut self, p: Progress) -> Flow {
+        let (mut level, mut note) = (None, None);
+        let must = match p {
+            Progress::Phase(m) => {
+                self.phase = Some(m);
+                true
+            }
+            Progress::Step { done, total } => {
+                self.done = done;
+                self.total = Some(total);
+                done == total
+            }
+            Progress::Level {
+                level: l,
+                reached,
+                frontier,
+            } => {
+                if self
+                    .phase
+                    .as_deref()
+                    .is_none_or(|p| p.starts_with("loading"))
+                {
+                    self.phase = Some("searching".into());
+                }
+                // Levels done; how many there are is known only at the last (an empty frontier).
+                self.done = l as u64;
+                self.total = (frontier == 0).then_some(l as u64);
+                level = Some((l, reached, frontier));
+                frontier == 0
+            }
+            Progress::StaleTempRemoved(path) => {
+                note = Some(format!(
+                    "removed {}, left by a run that did not finish",
+                    path.display()
+                ));
+                true
+            }
+            Progress::StaleTempsNotRemoved(e) => {
+                note = Some(format!("stale temporary files not removed: {e}"));
+                true
+            }
+            _ => false,
+        };
+        let now = Instant::now();
+        if !must && self.last.is_some_and(|t| now - t < self.interval) {
+            return Flow::Continue(());
+        }
+        self.last = Some(now);
+        Python::with_gil(|py| {
+            let r = py.check_signals().and_then(|()| match self.callback {
+                Some(cb) => {
+                    let d = PyDict::new(py);
+                    d.set_item("phase", self.phase.as_deref())?;
+                    d.set_item("done", self.done)?;
+                    d.set_item("total", self.total)?;
+                    d.set_item("level", level.map(|l| l.0))?;
+                    d.set_item("reached", level.map(|l| l.1))?;
+                    d.set_item("frontier", level.map(|l| l.2))?;
+                    d.set_item("note", note)?;
+                    cb.bind(py).call1((d,)).map(drop)
+                }
+                None => Ok(()),
+            });
+            match r {
+                Ok(()) => Flow::Continue(()),
+                Err(e) => {
+                    self.error = Some(e);
+                    Flow::Break(())
+                }
+            }
+        })
+    }
+
+    /// The workload's result, or what the callable raised (which is why the workload stopped).
+    fn finish<T>(mut self, py: Python<'_>, r: gpuio::Result<T>) -> PyResult<T> {
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => r.py_err(py),
+        }
+    }
+}
+
 fn cache_size(s: Option<&str>) -> PyResult<Option<cache::CacheSize>> {
     s.map(|s| cache::parse_cache_size(s).map_err(PyValueError::new_err))
         .transpose()
 }
 
 /// Writes a graph at `output` (`OUTPUT.bel.col`, `OUTPUT.bel.dst`), crash-safely; returns its summary.
+/// `progress`: see the module docs.
 #[pyfunction]
-#[pyo3(signature = (scale, output, degree = 16, seed = 1, kind = "kron", force = false))]
+#[pyo3(signature = (scale, output, degree = 16, seed = 1, kind = "kron", force = false,
+    progress = None, progress_interval = 0.1))]
+#[allow(clippy::too_many_arguments)]
 fn _graph_generate<'py>(
     py: Python<'py>,
     scale: u32,
@@ -37,7 +166,10 @@ fn _graph_generate<'py>(
     seed: u64,
     kind: &str,
     force: bool,
+    progress: Option<Py<PyAny>>,
+    progress_interval: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let mut prog = PyProgress::new(progress.as_ref(), progress_interval, py)?;
     let kind = match kind {
         "kron" => graph::Kind::Kron,
         "urand" => graph::Kind::Urand,
@@ -51,9 +183,8 @@ fn _graph_generate<'py>(
         output,
         force,
     };
-    let r = py
-        .allow_threads(|| graph::generate(&cfg, &mut no_progress))
-        .py_err(py)?;
+    let r = py.allow_threads(|| graph::generate_with(&cfg, &mut |p| prog.on(p)));
+    let r = prog.finish(py, r)?;
     let d = PyDict::new(py);
     d.set_item("kind", r.kind.name())?;
     d.set_item("scale", r.scale)?;
@@ -75,7 +206,7 @@ fn _graph_generate<'py>(
 /// "depths", every vertex's depth as little-endian int32 bytes (-1: unreachable).
 #[pyfunction]
 #[pyo3(signature = (prefix, source, mode = "cache", cache_size = None, line_size = 16384,
-    queue_depth = 64, coalesce = 131072, depths_out = None))]
+    queue_depth = 64, coalesce = 131072, depths_out = None, progress = None, progress_interval = 0.1))]
 #[allow(clippy::too_many_arguments)]
 fn _graph_bfs<'py>(
     py: Python<'py>,
@@ -87,7 +218,10 @@ fn _graph_bfs<'py>(
     queue_depth: usize,
     coalesce: u64,
     depths_out: Option<PathBuf>,
+    progress: Option<Py<PyAny>>,
+    progress_interval: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let mut prog = PyProgress::new(progress.as_ref(), progress_interval, py)?;
     let mode = match mode {
         "cache" => bfs::Mode::Cache,
         "memory" => bfs::Mode::Memory,
@@ -109,9 +243,8 @@ fn _graph_bfs<'py>(
         issue_threads: 0,
         depths_out,
     };
-    let r = py
-        .allow_threads(|| bfs::bfs(&cfg, &mut no_progress))
-        .py_err(py)?;
+    let r = py.allow_threads(|| bfs::bfs_with(&cfg, &mut |p| prog.on(p)));
+    let r = prog.finish(py, r)?;
     let d = PyDict::new(py);
     d.set_item("graph", &r.graph)?;
     d.set_item("mode", r.mode.name())?;
@@ -152,7 +285,8 @@ fn run_dict<'py>(py: Python<'py>, r: &gather::GatherRun) -> PyResult<Bound<'py, 
 /// run's figures (and, with `prefetch`, the synchronous reference run and the speedup).
 #[pyfunction]
 #[pyo3(signature = (table, row_bytes, batch, batches, dist = "uniform", cache_size = None,
-    line_size = 4096, queue_depth = 64, prefetch = false, compute_us = 0, seed = 1))]
+    line_size = 4096, queue_depth = 64, prefetch = false, compute_us = 0, seed = 1, progress = None,
+    progress_interval = 0.1))]
 #[allow(clippy::too_many_arguments)]
 fn _gather<'py>(
     py: Python<'py>,
@@ -167,7 +301,10 @@ fn _gather<'py>(
     prefetch: bool,
     compute_us: u64,
     seed: u64,
+    progress: Option<Py<PyAny>>,
+    progress_interval: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let mut prog = PyProgress::new(progress.as_ref(), progress_interval, py)?;
     let mut cfg = gather::GatherConfig::new(table, row_bytes, batch, batches);
     cfg.dist = gather::parse_dist(dist).map_err(PyValueError::new_err)?;
     cfg.cache = self::cache_size(cache_size)?;
@@ -176,9 +313,8 @@ fn _gather<'py>(
     cfg.prefetch = prefetch;
     cfg.compute_us = compute_us;
     cfg.seed = seed;
-    let r = py
-        .allow_threads(|| gather::gather(&cfg, &mut no_progress))
-        .py_err(py)?;
+    let r = py.allow_threads(|| gather::gather_with(&cfg, &mut |p| prog.on(p)));
+    let r = prog.finish(py, r)?;
     let d = PyDict::new(py);
     d.set_item("table_bytes", r.table_bytes)?;
     d.set_item("rows", r.rows)?;

@@ -28,7 +28,7 @@ use gpuio_cache::{CacheConfig, CacheStats, PageCache};
 
 use crate::cache::{cache_bytes, cache_engine, validate_cache_flags, CacheSize};
 use crate::graph::{self, Bel, HEADER_BYTES};
-use crate::{check_output_not_input, major_faults, Progress};
+use crate::{check_output_not_input, listening, major_faults, report, Progress, Report};
 
 /// Most pieces (each within one cache line) in one gather.
 pub const BATCH_PIECES_MAX: usize = 16384;
@@ -420,7 +420,7 @@ fn traverse<E: Edges>(
     bel: &Bel,
     source: u32,
     edges: &mut E,
-    progress: &mut dyn FnMut(Progress),
+    progress: Report<'_>,
 ) -> Result<Traversal> {
     let start = Instant::now();
     let mut depths = vec![-1i32; bel.n];
@@ -445,11 +445,14 @@ fn traverse<E: Edges>(
         levels += 1;
         reached += next.len() as u64;
         std::mem::swap(&mut frontier, &mut next);
-        progress(Progress::Level {
-            level: levels,
-            reached,
-            frontier: frontier.len() as u64,
-        });
+        report(
+            progress,
+            Progress::Level {
+                level: levels,
+                reached,
+                frontier: frontier.len() as u64,
+            },
+        )?;
     }
     Ok(Traversal {
         depths,
@@ -539,6 +542,12 @@ fn write_depths(out: gpuio::ReplaceFile, depths: &[i32]) -> Result<()> {
 /// [`BfsConfig::depths_out`], the depths are written there crash-safely once the search is done; that
 /// file's temporary is made before the search, so a missing or read-only directory fails at once.
 pub fn bfs(cfg: &BfsConfig, progress: &mut dyn FnMut(Progress)) -> Result<BfsResult> {
+    bfs_with(cfg, &mut listening(progress))
+}
+
+/// [`bfs`] with a callback that can stop it (see [`crate::Flow`]): after any level; the depths file
+/// is then not written.
+pub fn bfs_with(cfg: &BfsConfig, progress: Report<'_>) -> Result<BfsResult> {
     cfg.validate()?;
     let (col_path, dst_path) = graph::bel_paths(&cfg.prefix);
     if let Some(out) = &cfg.depths_out {
@@ -572,7 +581,7 @@ pub fn bfs(cfg: &BfsConfig, progress: &mut dyn FnMut(Progress)) -> Result<BfsRes
     let depths_out = match &cfg.depths_out {
         Some(p) => {
             // Temporaries of earlier runs killed by SIGKILL (which no handler can catch).
-            crate::remove_stale_temps(p, progress);
+            crate::remove_stale_temps(p, progress)?;
             let r = gpuio::ReplaceFile::create(p)?;
             check_output_not_input("--depths-out", r.dest(), &[&bel.col_path, &bel.dst_path])?;
             Some(r)
@@ -583,10 +592,10 @@ pub fn bfs(cfg: &BfsConfig, progress: &mut dyn FnMut(Progress)) -> Result<BfsRes
     let mut load_seconds = None;
     let (t, cache) = match cfg.mode {
         Mode::Memory => {
-            progress(Progress::Phase(format!(
-                "loading {}",
-                bel.dst_path.display()
-            )));
+            report(
+                progress,
+                Progress::Phase(format!("loading {}", bel.dst_path.display())),
+            )?;
             let t0 = Instant::now();
             let dst = load_edges(&bel)?;
             load_seconds = Some(t0.elapsed().as_secs_f64());

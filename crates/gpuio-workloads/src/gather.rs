@@ -20,7 +20,7 @@ use gpuio_cache::{CacheConfig, PageCache};
 
 use crate::cache::{cache_bytes, cache_engine, CacheSize};
 use crate::rng::{mix, Rng};
-use crate::Progress;
+use crate::{listening, report, Progress, Report};
 
 /// Row indices per batch, at most.
 pub const BATCH_MAX: usize = 1 << 20;
@@ -321,8 +321,24 @@ struct Plan<'a> {
     capacity: u64,
 }
 
-fn run_once(p: &Plan<'_>, prefetch: bool) -> Result<GatherRun> {
+/// Batches finished before this run (of all runs), and the batches of all runs.
+struct Steps {
+    base: u64,
+    total: u64,
+}
+
+fn run_once(
+    p: &Plan<'_>,
+    prefetch: bool,
+    progress: Report<'_>,
+    steps: &Steps,
+) -> Result<GatherRun> {
     let a = p.a;
+    let step = |k: usize| Progress::Step {
+        done: steps.base + k as u64,
+        total: steps.total,
+    };
+    report(progress, step(0))?;
     let cache = PageCache::new(
         p.engine,
         CacheConfig {
@@ -365,9 +381,11 @@ fn run_once(p: &Plan<'_>, prefetch: bool) -> Result<GatherRun> {
             spare = got.into_bytes();
             busy_wait(a.compute_us);
             std::mem::swap(&mut cur, &mut nxt);
+            // Stopping drops the next batch's pending gather: the cache lets its reads finish.
+            report(progress, step(k + 1))?;
         }
     } else {
-        for _ in 0..a.batches {
+        for k in 0..a.batches {
             idx.fill(a.batch, a.row_bytes, &mut cur);
             let t = Instant::now();
             let g = cache.gather_into(src, &cur, std::mem::take(&mut spare))?;
@@ -378,6 +396,7 @@ fn run_once(p: &Plan<'_>, prefetch: bool) -> Result<GatherRun> {
             sum = consume(&got, cur.len(), sum);
             spare = got.into_bytes();
             busy_wait(a.compute_us);
+            report(progress, step(k + 1))?;
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -500,6 +519,12 @@ impl GatherRun {
 /// same rows with a fresh cache); `progress` hears of each run as it starts. Refused up front: a bad
 /// field, a missing table, and a batch whose rows would not fit in the cache together.
 pub fn gather(cfg: &GatherConfig, progress: &mut dyn FnMut(Progress)) -> Result<GatherResult> {
+    gather_with(cfg, &mut listening(progress))
+}
+
+/// [`gather`] with a callback that can stop it (see [`crate::Flow`]): after any batch. It also hears
+/// [`Progress::Step`] after each batch (batches of both runs with prefetch).
+pub fn gather_with(cfg: &GatherConfig, progress: Report<'_>) -> Result<GatherResult> {
     let a = cfg;
     let table_len = validate(a)?;
     let rows = table_len / a.row_bytes;
@@ -530,20 +555,30 @@ pub fn gather(cfg: &GatherConfig, progress: &mut dyn FnMut(Progress)) -> Result<
         rows,
         capacity,
     };
-    progress(Progress::Phase(
-        if prefetch {
-            "gathering with prefetch"
-        } else {
-            "gathering"
-        }
-        .into(),
-    ));
-    let main = run_once(&plan, prefetch)?;
+    let runs = if prefetch { 2 } else { 1 };
+    let total = a.batches as u64 * runs;
+    report(
+        progress,
+        Progress::Phase(
+            if prefetch {
+                "gathering with prefetch"
+            } else {
+                "gathering"
+            }
+            .into(),
+        ),
+    )?;
+    let main = run_once(&plan, prefetch, progress, &Steps { base: 0, total })?;
     let sync = if prefetch {
-        progress(Progress::Phase(
-            "gathering synchronously (reference)".into(),
-        ));
-        let s = run_once(&plan, false)?;
+        report(
+            progress,
+            Progress::Phase("gathering synchronously (reference)".into()),
+        )?;
+        let steps = Steps {
+            base: a.batches as u64,
+            total,
+        };
+        let s = run_once(&plan, false, progress, &steps)?;
         if s.checksum != main.checksum {
             return Err(Error::new(
                 ErrorKind::Corrupt,

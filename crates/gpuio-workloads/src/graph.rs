@@ -35,7 +35,7 @@ use gpuio::size::format_bytes;
 use gpuio::{Error, ErrorKind, Result};
 
 pub use crate::rng::{mix, Rng};
-use crate::Progress;
+use crate::{listening, report, Progress, Report};
 
 /// Largest accepted `--scale` (2^30 vertices: labels still fit in 32 bits).
 pub const SCALE_MAX: u32 = 30;
@@ -413,6 +413,15 @@ pub fn generate(
     cfg: &GraphGenConfig,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<GraphGenResult> {
+    generate_with(cfg, &mut listening(progress))
+}
+
+/// Phases of [`generate`], counted by [`Progress::Step`].
+const GENERATE_STEPS: u64 = 3;
+
+/// [`generate`] with a callback that can stop it (see [`crate::Flow`]): between phases, and before
+/// anything is written; the output files are then left as they were.
+pub fn generate_with(cfg: &GraphGenConfig, progress: Report<'_>) -> Result<GraphGenResult> {
     cfg.validate()?;
     let n = 1usize << cfg.scale;
     let m = (cfg.degree as usize) << cfg.scale;
@@ -443,20 +452,29 @@ pub fn generate(
     // Before the (long) build: a write-protected output is refused now, not after it.
     for p in [&col_path, &dst_path] {
         gpuio::replace::check_destination(p, &[], cfg.force)?;
-        crate::remove_stale_temps(p, progress);
+        crate::remove_stale_temps(p, progress)?;
     }
+    let step = |done| Progress::Step {
+        done,
+        total: GENERATE_STEPS,
+    };
     let t0 = Instant::now();
-    progress(Progress::Phase("generating edges".into()));
+    report(progress, Progress::Phase("generating edges".into()))?;
+    report(progress, step(0))?;
     let edges = generate_edges(cfg.kind, cfg.scale, m, cfg.seed);
     let t_gen = t0.elapsed().as_secs_f64();
-    progress(Progress::Phase("building CSR".into()));
+    report(progress, step(1))?;
+    report(progress, Progress::Phase("building CSR".into()))?;
     let t1 = Instant::now();
     let csr = build_csr(n, edges);
     let t_build = t1.elapsed().as_secs_f64();
-    progress(Progress::Phase("writing".into()));
+    report(progress, step(2))?;
+    report(progress, Progress::Phase("writing".into()))?;
     let t2 = Instant::now();
     let bytes = write_bel(&cfg.output, &csr)?;
     let t_write = t2.elapsed().as_secs_f64();
+    // The files are in place: a callback that stops now still gets the error, after the work.
+    report(progress, step(GENERATE_STEPS))?;
     let secs = t0.elapsed().as_secs_f64();
     Ok(GraphGenResult {
         kind: cfg.kind,

@@ -5,13 +5,18 @@
 //! Each workload takes a plain config struct, checks it (the errors name the CLI flag each field comes
 //! from, with its bounds, so that `gpuio` and every other front end report the same one-line messages),
 //! runs, and returns a result struct holding every figure a front end shows. Long phases are reported
-//! through a progress callback (`&mut dyn FnMut(Progress)`).
+//! through a progress callback (`&mut dyn FnMut(Progress)`); the `*_with` variants of the entry points
+//! ([`graph::generate_with`], [`bfs::bfs_with`], [`gather::gather_with`]) take one that can also stop
+//! the workload ([`Flow`]): it then ends early and cleanly — outputs not written, temporaries
+//! removed, reads already issued left to finish on their own — with an
+//! [`ErrorKind::Cancelled`](gpuio::ErrorKind::Cancelled) error.
 //!
 //! What this crate must never do: print (to standard output or standard error), exit the process, read
 //! flags or the environment's terminal state, or panic on bad input. Presentation — tables, JSON,
 //! spinners, warnings — belongs to the front ends (the `gpuio` CLI, the Python package). Errors are
 //! [`gpuio::Error`]s.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 pub mod bfs;
@@ -33,6 +38,10 @@ pub enum Progress {
         reached: u64,
         frontier: u64,
     },
+    /// `done` of `total` units of the workload are finished: batches for `gather` (over both runs
+    /// with prefetch), phases for graph generation. `done` never decreases within a run; the last
+    /// report of a run that finishes has `done == total`.
+    Step { done: u64, total: u64 },
     /// A temporary file left beside an output by an earlier run that did not finish (killed) was
     /// removed.
     StaleTempRemoved(PathBuf),
@@ -43,16 +52,46 @@ pub enum Progress {
 /// A progress callback that ignores everything.
 pub fn no_progress(_: Progress) {}
 
+/// What a stoppable progress callback answers: `Continue(())` to go on, `Break(())` to stop the
+/// workload (it returns [`ErrorKind::Cancelled`](gpuio::ErrorKind::Cancelled) as soon as it can).
+pub type Flow = ControlFlow<()>;
+
+/// A progress callback that may stop the workload (see [`Flow`]).
+pub type Report<'a> = &'a mut dyn FnMut(Progress) -> Flow;
+
+/// A callback that never stops the workload, from one that only listens.
+pub(crate) fn listening(progress: &mut dyn FnMut(Progress)) -> impl FnMut(Progress) -> Flow + '_ {
+    move |p| {
+        progress(p);
+        Flow::Continue(())
+    }
+}
+
+/// Reports `p`; an error of kind `Cancelled` if the callback asked to stop.
+pub(crate) fn report(progress: Report<'_>, p: Progress) -> gpuio::Result<()> {
+    match progress(p) {
+        Flow::Continue(()) => Ok(()),
+        Flow::Break(()) => Err(gpuio::Error::new(
+            gpuio::ErrorKind::Cancelled,
+            "stopped by the progress callback",
+        )),
+    }
+}
+
 /// Removes the temporary files that killed runs left beside `output`, reporting each (or the failure to
 /// look, which is not an error) through `progress`.
-pub(crate) fn remove_stale_temps(output: &std::path::Path, progress: &mut dyn FnMut(Progress)) {
+pub(crate) fn remove_stale_temps(
+    output: &std::path::Path,
+    progress: Report<'_>,
+) -> gpuio::Result<()> {
     match gpuio::replace::remove_stale_temps(output) {
         Ok(removed) => {
             for p in removed {
-                progress(Progress::StaleTempRemoved(p));
+                report(progress, Progress::StaleTempRemoved(p))?;
             }
+            Ok(())
         }
-        Err(e) => progress(Progress::StaleTempsNotRemoved(e)),
+        Err(e) => report(progress, Progress::StaleTempsNotRemoved(e)),
     }
 }
 

@@ -210,3 +210,89 @@ fn gather_reads_the_tables_bytes() {
         }
     }
 }
+
+#[test]
+fn a_callback_can_stop_each_workload_and_steps_count_to_the_total() {
+    use gpuio_workloads::Flow;
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table");
+    std::fs::write(&table, vec![7u8; 1 << 20]).unwrap();
+    // Steps: 0..=total, never decreasing, over both runs with prefetch.
+    let mut cfg = GatherConfig::new(&table, 512, 16, 30);
+    cfg.prefetch = true;
+    let mut steps = Vec::new();
+    gather::gather(&cfg, &mut |p| {
+        if let Progress::Step { done, total } = p {
+            steps.push((done, total))
+        }
+    })
+    .unwrap();
+    assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0), "{steps:?}");
+    assert_eq!(steps.first(), Some(&(0, 60)));
+    assert_eq!(steps.last(), Some(&(60, 60)));
+    // Stopped after the third batch: nothing more is reported, and the error says why.
+    let mut seen = 0;
+    let e = gather::gather_with(&cfg, &mut |p| match p {
+        Progress::Step { done, .. } => {
+            seen = done;
+            if done >= 3 {
+                Flow::Break(())
+            } else {
+                Flow::Continue(())
+            }
+        }
+        _ => Flow::Continue(()),
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), gpuio::ErrorKind::Cancelled, "{e}");
+    assert_eq!(
+        seen, 3,
+        "the run stopped at the batch whose report said stop"
+    );
+
+    // Generation stopped before writing: no output files.
+    let prefix = dir.path().join("g");
+    let gcfg = GraphGenConfig::new(8, &prefix);
+    let e = graph::generate_with(&gcfg, &mut |p| match p {
+        Progress::Phase(m) if m == "writing" => Flow::Break(()),
+        _ => Flow::Continue(()),
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), gpuio::ErrorKind::Cancelled);
+    let (col, dst) = graph::bel_paths(&prefix);
+    assert!(!col.exists() && !dst.exists());
+    let mut gsteps = Vec::new();
+    graph::generate(&gcfg, &mut |p| {
+        if let Progress::Step { done, total } = p {
+            gsteps.push((done, total))
+        }
+    })
+    .unwrap();
+    assert_eq!(gsteps, [(0, 3), (1, 3), (2, 3), (3, 3)]);
+
+    // BFS stopped after its first level: the depths file is not written, no temporary is left.
+    let out = dir.path().join("depths");
+    let mut b = BfsConfig::new(&prefix, 1);
+    b.depths_out = Some(out.clone());
+    let mut levels = 0;
+    let e = bfs::bfs_with(&b, &mut |p| match p {
+        Progress::Level { .. } => {
+            levels += 1;
+            Flow::Break(())
+        }
+        _ => Flow::Continue(()),
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), gpuio::ErrorKind::Cancelled);
+    assert_eq!(levels, 1);
+    assert!(!out.exists());
+    assert!(no_temps_left(dir.path()));
+}
+
+/// No crash-safe write temporaries (`.NAME.PID-RAND.tmp`) left in `dir`.
+fn no_temps_left(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().ends_with(".tmp"))
+}

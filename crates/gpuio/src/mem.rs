@@ -1,6 +1,8 @@
 //! Memory the engine moves bytes into and out of: page-aligned owned buffers ([`AlignedBuf`]), a pool of
 //! fixed-size buffers that are recycled rather than freed ([`BufferPool`]), and a [`MemoryBudget`] that
-//! pools and staging buffers are charged against.
+//! pools and staging buffers are charged against. A caller's own memory (a Python buffer, a numpy
+//! array, a mapping) can be lent to the engine as an [`AlignedBuf`] too, without a copy: see
+//! [`AlignedBuf::from_raw_parts`] for the contract.
 //!
 //! Why recycle: freeing a large buffer unmaps its pages, and every unmap of pages another thread touched
 //! costs a TLB shootdown (finding 595). A pool allocates once and hands the same pages out again, so the
@@ -11,6 +13,7 @@
 //! memory to be returned or, if it asked not to wait, gets [`ErrorKind::WouldBlock`].
 
 use std::alloc::{self, Layout};
+use std::any::Any;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -145,6 +148,10 @@ impl Drop for BudgetCharge {
 
 /// An owned, zero-initialised, aligned heap buffer. Its address never changes while it lives, so the
 /// engine can hand it to the kernel; moving the `AlignedBuf` value moves only the handle.
+///
+/// It can also stand for memory it does not own, lent by a caller ([`AlignedBuf::from_raw_parts`]): such
+/// a buffer is never freed or recycled here, has whatever alignment its address gives, and cannot grow
+/// past the length it was lent with.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -158,6 +165,9 @@ enum Owner {
     Alone(#[allow(dead_code)] Option<BudgetCharge>),
     /// A piece of a slab shared by many buffers; the slab is freed when its last piece is.
     Slab(#[allow(dead_code)] Arc<Slab>),
+    /// Memory lent by a caller ([`AlignedBuf::from_raw_parts`]): never freed here; the keep-alive is
+    /// dropped (once) with the buffer.
+    Foreign(#[allow(dead_code)] Box<dyn Any + Send>),
 }
 
 /// One allocation that [`AlignedBuf::carve`] cut into many buffers.
@@ -180,9 +190,11 @@ impl Drop for Slab {
     }
 }
 
-// SAFETY: AlignedBuf uniquely owns its allocation (or its piece of a slab), like Vec<u8>.
+// SAFETY: AlignedBuf uniquely owns its allocation (or its piece of a slab), like Vec<u8>; lent memory
+// is exclusively the buffer's by `from_raw_parts`'s contract, and its keep-alive is `Send`.
 unsafe impl Send for AlignedBuf {}
-// SAFETY: shared references only allow reads, like &Vec<u8>.
+// SAFETY: shared references only allow reads, like &Vec<u8>. A keep-alive is never reached through a
+// shared reference (it is only dropped, with the buffer), so it need not be `Sync`.
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
@@ -231,6 +243,64 @@ impl AlignedBuf {
             layout,
             owner: Owner::Alone(charge),
         })
+    }
+
+    /// Lends `len` bytes of caller memory at `ptr` to gpu-io as a buffer, without copying: loads write
+    /// straight into it, stores read straight from it. `keep_alive` is whatever keeps the memory
+    /// valid (a Python buffer export, an `Arc` of the owning allocation, a mapping); it is dropped
+    /// exactly once, when the buffer is — and the engine drops a command's buffer only after the
+    /// kernel and its worker threads are done with it: when the caller drops what the command
+    /// buffer handed back ([`Finished`](crate::Finished)), or with the command buffer's shared state
+    /// if the [`Completion`](crate::Completion) was dropped first — on success, error, cancellation
+    /// and engine shutdown alike (the engine drains in-flight I/O before it lets a buffer go).
+    ///
+    /// The buffer never frees the memory and never hands it to a [`BufferPool`]. Its
+    /// [`capacity`](Self::capacity) is `len` ([`set_len`](Self::set_len) can shorten it and restore
+    /// it, never grow it); [`align`](Self::align) is the largest power of two (up to 2 MiB) dividing
+    /// the address; [`prefault`](Self::prefault) does nothing; [`IoBuffer::into_owned`] returns it
+    /// as is (still lent). The engine transfers only the byte range a command names, bouncing the
+    /// parts that direct I/O cannot reach at this address (see `queue::plan`), so any address and
+    /// length work; an address, length and file offset aligned for the file's direct I/O
+    /// ([`File::align`](crate::File::align)) go to the device with no copy at all.
+    ///
+    /// Fails only for a `len` no allocation can have (more than `isize::MAX` bytes).
+    ///
+    /// # Safety
+    ///
+    /// Until the returned buffer (or the [`IoBuffer`] holding it) is dropped:
+    /// - `ptr..ptr + len` must be valid for reads and writes, and hold initialised bytes (any
+    ///   values; memory from another language's allocator, `mmap` or `malloc`, counts as such). A
+    ///   buffer only ever given to `store` commands need only be valid for reads (the engine never
+    ///   writes a store's buffer), provided its holder does not write it either;
+    /// - nothing else may read or write that memory — the engine's threads and the kernel may be
+    ///   writing it at any moment — nor free, unmap or resize it (holding `keep_alive` is one way to
+    ///   guarantee the last);
+    /// - it must not overlap another live buffer's memory that gpu-io may write.
+    ///
+    /// Dropping `keep_alive` must be safe on any thread (it is `Send`); it may run on the engine thread
+    /// when the completion was dropped without waiting, so it should not block on locks the engine's
+    /// users hold while they wait for it (a Python keep-alive should not need the GIL there: see
+    /// `crates/gpuio-python/src/file.rs`).
+    pub unsafe fn from_raw_parts(
+        ptr: NonNull<u8>,
+        len: usize,
+        keep_alive: Box<dyn Any + Send>,
+    ) -> Result<AlignedBuf> {
+        let align = 1usize << (ptr.as_ptr() as usize).trailing_zeros().min(21);
+        let layout = Layout::from_size_align(len, align)
+            .map_err(|_| Error::invalid(format!("a lent buffer of {len} bytes is too large")))?;
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            layout,
+            owner: Owner::Foreign(keep_alive),
+        })
+    }
+
+    /// Whether the memory is lent by a caller ([`from_raw_parts`](Self::from_raw_parts)) rather than
+    /// gpu-io's own.
+    pub fn is_foreign(&self) -> bool {
+        matches!(self.owner, Owner::Foreign(_))
     }
 
     /// `count` zeroed buffers of `len` bytes aligned to `align`, cut from one allocation charged to
@@ -290,7 +360,7 @@ impl AlignedBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Usable bytes: `len` rounded up to the alignment.
+    /// Usable bytes: `len` rounded up to the alignment (a lent buffer: the length it was lent with).
     pub fn capacity(&self) -> usize {
         self.layout.size()
     }
@@ -306,6 +376,10 @@ impl AlignedBuf {
     /// Touches every page so that it is resident now rather than faulted in on first use (a pool's
     /// buffers are made once and reused: their page faults belong at creation, not on the hot path).
     pub fn prefault(&mut self) {
+        if self.is_foreign() {
+            // Not ours: its bytes are the caller's data, and its pages are the caller's business.
+            return;
+        }
         let base = self.ptr.as_ptr();
         for off in (0..self.capacity()).step_by(4096) {
             // SAFETY: off < capacity; writing the zero that is already there only forces the page in.
@@ -329,7 +403,7 @@ impl AlignedBuf {
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for capacity() >= len initialised (zeroed) bytes.
+        // SAFETY: ptr is valid for capacity() >= len initialised (zeroed, or lent initialised) bytes.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -343,6 +417,8 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        // A slab is freed with its last piece (Slab's Drop); lent memory is never freed here, and its
+        // keep-alive is dropped with the `owner` field right after this.
         if let Owner::Alone(_) = self.owner {
             // SAFETY: allocated alone with this layout in alloc().
             unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
@@ -355,6 +431,7 @@ impl fmt::Debug for AlignedBuf {
         f.debug_struct("AlignedBuf")
             .field("len", &self.len)
             .field("align", &self.layout.align())
+            .field("foreign", &self.is_foreign())
             .finish()
     }
 }
@@ -618,7 +695,12 @@ impl IoBuffer {
             IoBuffer::Pooled(p) => p,
         }
     }
-    /// Unwraps an owned buffer (a pooled one is copied into a fresh owned buffer).
+    /// Whether the memory is lent by a caller ([`AlignedBuf::from_raw_parts`]).
+    pub fn is_foreign(&self) -> bool {
+        self.as_aligned().is_foreign()
+    }
+    /// Unwraps an owned buffer (a pooled one is copied into a fresh owned buffer; a lent one is
+    /// returned as is, still lent).
     pub fn into_owned(self) -> Result<AlignedBuf> {
         match self {
             IoBuffer::Owned(b) => Ok(b),
@@ -774,5 +856,168 @@ mod tests {
         assert_eq!(budget.used_bytes(), 3 * 4096, "a failed pool takes nothing");
         drop(pool);
         assert_eq!(budget.used_bytes(), 0);
+    }
+
+    /// A keep-alive that counts its drops.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// `mem` lent as a buffer, and the counter of its keep-alive's drops.
+    fn lent(mem: &mut [u8]) -> (AlignedBuf, Arc<std::sync::atomic::AtomicUsize>) {
+        let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ptr = NonNull::new(mem.as_mut_ptr()).unwrap();
+        // SAFETY: the tests touch `mem` only after the buffer is dropped (checked by `drops`).
+        let buf =
+            unsafe { AlignedBuf::from_raw_parts(ptr, mem.len(), Box::new(Counted(drops.clone()))) }
+                .unwrap();
+        (buf, drops)
+    }
+
+    fn drops_of(c: &std::sync::atomic::AtomicUsize) -> usize {
+        c.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn lent_memory_is_never_freed_grown_or_cleared() {
+        let mut mem = vec![7u8; 10_000];
+        let at = mem.as_ptr() as usize;
+        let (mut buf, drops) = lent(&mut mem[3..]);
+        assert!(buf.is_foreign());
+        assert_eq!((buf.len(), buf.capacity()), (9_997, 9_997));
+        assert_eq!(buf.as_ptr() as usize, at + 3);
+        assert_eq!(buf.align(), 1 << (at + 3).trailing_zeros().min(21));
+        buf.prefault();
+        assert!(
+            buf.iter().all(|&b| b == 7),
+            "prefault must not write lent memory"
+        );
+        assert_eq!(
+            buf.set_len(10_000).unwrap_err().kind(),
+            ErrorKind::InvalidInput,
+            "a lent buffer cannot grow past the memory lent"
+        );
+        buf.set_len(5).unwrap();
+        buf.set_len(9_997).unwrap();
+        buf[0] = 1;
+        let io = IoBuffer::from(buf);
+        assert!(io.is_foreign());
+        let back = io.into_owned().unwrap();
+        assert!(back.is_foreign(), "into_owned keeps the lent memory lent");
+        assert_eq!(back.as_ptr() as usize, at + 3, "and does not copy it");
+        assert_eq!(drops_of(&drops), 0);
+        drop(back);
+        assert_eq!(
+            drops_of(&drops),
+            1,
+            "the keep-alive is dropped exactly once"
+        );
+        // Still ours, intact (a dealloc of foreign memory would have corrupted or crashed here).
+        assert_eq!(mem[3], 1);
+        assert!(mem[4..].iter().all(|&b| b == 7));
+        mem.push(9);
+    }
+
+    /// A file of `len` known bytes, and an engine on the thread-pool backend (available everywhere).
+    fn file_and_queue(
+        dir: &std::path::Path,
+        len: usize,
+    ) -> (Vec<u8>, crate::File, crate::Engine, crate::IoQueue) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let path = dir.join("data.bin");
+        std::fs::write(&path, &data).unwrap();
+        let file = crate::File::open(&path).unwrap();
+        let engine = crate::Engine::new(crate::EngineConfig {
+            backend: crate::BackendConfig {
+                choice: crate::BackendChoice::Threads,
+                ..crate::BackendConfig::default()
+            },
+            task_size_bytes: 64 << 10,
+            ..crate::EngineConfig::default()
+        })
+        .unwrap();
+        let queue = engine.queue(crate::QueueDesc::default()).unwrap();
+        (data, file, engine, queue)
+    }
+
+    #[test]
+    fn lent_buffer_keep_alive_dropped_once_on_success_and_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, file, _engine, queue) = file_and_queue(dir.path(), 300_000);
+        // Success: the bytes land in the caller's memory.
+        let mut mem = vec![0u8; 200_001];
+        let (buf, drops) = lent(&mut mem);
+        let mut cb = queue.command_buffer();
+        let id = cb.load(&file, 1234, buf).unwrap();
+        let mut done = cb.commit().unwrap().finish().unwrap();
+        assert_eq!(done.bytes(id), 200_001);
+        assert_eq!(
+            drops_of(&drops),
+            0,
+            "held until the caller lets the buffer go"
+        );
+        let back = done.take_buffer(id).unwrap();
+        assert!(back.is_foreign());
+        drop((back, done));
+        assert_eq!(drops_of(&drops), 1);
+        assert!(
+            mem == data[1234..1234 + 200_001],
+            "bytes read into lent memory"
+        );
+        // Error: an exact load past the end of the file.
+        let mut mem = vec![0u8; 8192];
+        let (buf, drops) = lent(&mut mem);
+        let mut cb = queue.command_buffer();
+        cb.load(&file, 299_000, buf).unwrap();
+        let (status, done) = cb.commit().unwrap().wait_parts();
+        assert_eq!(
+            status.first_error().map(|e| e.kind()),
+            Some(ErrorKind::UnexpectedEof)
+        );
+        drop(done);
+        assert_eq!(drops_of(&drops), 1, "released once after an error too");
+        // A command that fails when recorded (a range outside the buffer) releases it at once.
+        let mut mem = vec![0u8; 4096];
+        let (buf, drops) = lent(&mut mem);
+        let mut cb = queue.command_buffer();
+        assert!(cb.load_range(&file, 0, buf, 4000, 200, true).is_err());
+        assert_eq!(drops_of(&drops), 1);
+    }
+
+    #[test]
+    fn lent_buffer_keep_alive_dropped_once_on_cancel_and_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, file, engine, queue) = file_and_queue(dir.path(), 8 << 20);
+        // Cancel: whether or not it wins the race, the buffer comes back once, after the I/O.
+        let mut mem = vec![0u8; 8 << 20];
+        let (buf, drops) = lent(&mut mem);
+        let mut cb = queue.command_buffer();
+        cb.load(&file, 0, buf).unwrap();
+        let c = cb.commit().unwrap();
+        c.try_cancel();
+        let (status, done) = c.wait_parts();
+        assert!(matches!(
+            status,
+            crate::Status::Cancelled | crate::Status::Complete
+        ));
+        assert_eq!(drops_of(&drops), 0);
+        drop(done);
+        assert_eq!(drops_of(&drops), 1);
+        if status.is_complete() {
+            assert!(mem == data);
+        }
+        // Completion, queue and engine dropped while the read is in flight: the engine drains the
+        // read, then lets the buffer go; the last handle's drop joins the engine thread.
+        let mut mem = vec![0u8; 8 << 20];
+        let (buf, drops) = lent(&mut mem);
+        let mut cb = queue.command_buffer();
+        cb.load(&file, 0, buf).unwrap();
+        let c = cb.commit().unwrap();
+        drop((c, queue, engine));
+        assert_eq!(drops_of(&drops), 1, "released by the engine at shutdown");
+        assert!(mem == data, "the read drained before the memory was let go");
     }
 }
