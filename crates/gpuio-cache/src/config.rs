@@ -59,8 +59,9 @@ pub struct CacheConfig {
 
 /// Most threads one gather issues from ([`CacheConfig::issue_threads`]).
 pub const ISSUE_THREADS_MAX: usize = 16;
-/// Lines per chunk when a gather's misses are spread over threads: a chunk of 4 KiB misses of a
-/// tmpfs file is about 0.2 ms of copying here, long next to a helper's wake-up (a few µs).
+/// Lines per chunk (at least; a chunk ends at a gap between missing lines, so that a run of adjacent
+/// lines is coalesced by one thread) when a gather's misses are spread over threads: 64 misses of a
+/// tmpfs file are about 0.2 ms of copying here, long next to a helper's wake-up (a few µs).
 pub const ISSUE_CHUNK_LINES: usize = 64;
 
 /// Largest [`CacheConfig::coalesce_bytes`].

@@ -18,6 +18,7 @@ use gpuio::{Error, Result};
 use parking_lot::{Condvar, Mutex};
 
 use crate::source::Source;
+use crate::spread::Helping;
 use crate::stats::shard_index;
 use crate::{PageCache, SourceId};
 
@@ -82,7 +83,7 @@ impl PageCache {
             shared.fail(e.clone());
         }
         shared.issued();
-        r.map(|()| Gather { shared })
+        r.map(|help| Gather { shared, help })
     }
 
     pub(crate) fn gather_inner(
@@ -156,7 +157,7 @@ impl PageCache {
         }
         let shared = GatherShared::new(buf, bounds);
         let r = if missing.is_empty() {
-            Ok(())
+            Ok(None)
         } else {
             self.issue_misses(src, s, &shared, missing)
         };
@@ -165,7 +166,7 @@ impl PageCache {
             shared.fail(e.clone());
         }
         shared.issued();
-        r.map(|()| Gather { shared })
+        r.map(|help| Gather { shared, help })
     }
 
     fn try_hit_pieces(
@@ -294,6 +295,8 @@ impl GatherShared {
 /// (its loads still complete and fill the cache).
 pub struct Gather {
     shared: Arc<GatherShared>,
+    /// Chunks of misses the issue helpers are draining, which `wait` helps with (see `spread`).
+    help: Option<Helping>,
 }
 
 impl fmt::Debug for Gather {
@@ -308,11 +311,15 @@ impl Gather {
     fn ready(buf: Vec<u8>, bounds: Vec<usize>) -> Gather {
         let shared = GatherShared::new(buf, bounds);
         shared.issued();
-        Gather { shared }
+        Gather { shared, help: None }
     }
 
-    /// Blocks until every range has arrived; returns them, or the first error.
-    pub fn wait(self) -> Result<GatherResult> {
+    /// Blocks until every range has arrived; returns them, or the first error. Misses that the
+    /// cache's issue helpers have not taken yet are issued by this thread meanwhile.
+    pub fn wait(mut self) -> Result<GatherResult> {
+        if let Some(h) = self.help.take() {
+            h.issue_rest(&self.shared);
+        }
         let mut st = self.shared.st.lock();
         while self.shared.is_pending() {
             self.shared.done.wait(&mut st);

@@ -3,10 +3,13 @@
 //! A load of a small range of a memory-backed file (tmpfs, ramfs) is not handed to the engine's
 //! thread: `commit` copies it on the committing thread (`gpuio::queue::inline`), so a miss-bound
 //! gather of such a file runs at one core's copy rate, where fio's io-wq workers copy on every core.
-//! Here the misses are cut into chunks of [`ISSUE_CHUNK_LINES`] lines that the calling thread and up
-//! to `issue_threads - 1` helper threads take in turn ([`CacheConfig::issue_threads`]). The calling
-//! thread always takes chunks itself, so a gather never depends on a helper being free: helpers are
-//! offered the work through a bounded channel and an offer that does not fit is simply not made.
+//! Here the misses are cut into chunks of [`ISSUE_CHUNK_LINES`] lines that up to `issue_threads - 1`
+//! helper threads take in turn ([`CacheConfig::issue_threads`]), offered the work through a bounded
+//! channel (an offer that does not fit is simply not made). When at least one helper took it, the
+//! gather returns at once, its misses being copied on the helpers while the caller computes, and
+//! [`Gather::wait`] takes the chunks that are left itself; when none did, the calling thread issues
+//! everything before returning. So a gather never depends on a helper being free, and an accepted
+//! offer guarantees that every chunk is issued (a helper drains the cursor) even if nobody waits.
 //!
 //! A helper holds one pending count of the gather while it issues, so [`Gather::wait`] returns only
 //! after every chunk was issued and every load completed; an error a helper meets is the gather's
@@ -29,10 +32,14 @@ use crate::source::{Backing, Source};
 use crate::stats::shard_index;
 use crate::{PageCache, SourceId, ISSUE_CHUNK_LINES, ISSUE_THREADS_MAX};
 
-/// A gather's missing lines (each with the pieces it serves, ascending by line) and the cursor over
-/// their chunks.
+/// A gather's missing lines (each with the pieces it serves, ascending by line), cut into chunks,
+/// and the cursor over the chunks.
 pub(crate) struct Misses {
     lines: Vec<(u64, Vec<Piece>)>,
+    /// Where each chunk starts in `lines`, and `lines.len()` last. A chunk ends at a gap between
+    /// lines, so adjacent missing lines are issued by one thread and coalesced as they would be
+    /// without helpers (up to [`CHUNK_LINES_MAX`] lines, where a long scan is cut anyway).
+    starts: Vec<usize>,
     /// Next chunk to take.
     cursor: AtomicUsize,
     /// Set by the first thread that fails: the others take no more chunks.
@@ -41,16 +48,29 @@ pub(crate) struct Misses {
 
 impl Misses {
     pub(crate) fn new(lines: Vec<(u64, Vec<Piece>)>) -> Misses {
+        let mut starts = vec![0];
+        for i in 1..lines.len() {
+            let len = i - starts[starts.len() - 1];
+            let gap = lines[i].0 != lines[i - 1].0 + 1;
+            if (len >= ISSUE_CHUNK_LINES && gap) || len >= CHUNK_LINES_MAX {
+                starts.push(i);
+            }
+        }
+        starts.push(lines.len());
         Misses {
             lines,
+            starts,
             cursor: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         }
     }
     fn chunks(&self) -> usize {
-        self.lines.len().div_ceil(ISSUE_CHUNK_LINES)
+        self.starts.len() - 1
     }
 }
+
+/// Most lines in one chunk: a run of adjacent misses longer than this is cut.
+const CHUNK_LINES_MAX: usize = 4 * ISSUE_CHUNK_LINES;
 
 /// Work offered to a helper: issue chunks of `misses` for `shared`.
 pub(crate) struct IssueJob {
@@ -61,27 +81,55 @@ pub(crate) struct IssueJob {
     misses: Arc<Misses>,
 }
 
+/// A spread gather's chunks, for the thread that waits for it to help with (see `Gather::wait`).
+pub(crate) struct Helping {
+    cache: PageCache,
+    src: SourceId,
+    source: Arc<Source>,
+    misses: Arc<Misses>,
+}
+
+impl Helping {
+    /// Issues chunks no helper has taken yet, holding a pending count of `shared` meanwhile.
+    pub(crate) fn issue_rest(self, shared: &Arc<GatherShared>) {
+        shared.add_pending();
+        let r = self
+            .cache
+            .issue_chunks(self.src, &self.source, shared, &self.misses, false);
+        if let Err(e) = r {
+            shared.fail(e);
+        }
+        shared.sub_pending();
+    }
+}
+
 /// The helpers' side of the channel; dropped with the cache, which ends them.
 pub(crate) type Helpers = crossbeam_channel::Sender<IssueJob>;
 
 impl PageCache {
-    /// Issues every missing line for `shared`. The calling thread keeps a pending count of its own
-    /// (the gather's "still issuing" count) throughout; an error it meets is returned, with the
-    /// lines it had issued still in flight.
+    /// Issues every missing line for `shared`, or starts to. Spread over helpers, the calling thread
+    /// only offers the work and returns (so that an asynchronous gather overlaps its caller's
+    /// compute even when each load is a copy): the helpers that took the offer drain every chunk,
+    /// and [`Helping`] lets `Gather::wait` take chunks too. When no helper took it, the calling
+    /// thread issues everything itself, as it does without helpers. An error met here is returned,
+    /// with the lines issued so far still in flight.
     pub(crate) fn issue_misses(
         &self,
         src: SourceId,
         s: &Arc<Source>,
         shared: &Arc<GatherShared>,
         lines: Vec<(u64, Vec<Piece>)>,
-    ) -> Result<()> {
+    ) -> Result<Option<Helping>> {
         let misses = Misses::new(lines);
         let threads = self.issue_threads(s).min(misses.chunks());
         if threads <= 1 {
-            return self.issue_chunks(src, s, shared, &misses, false);
+            return self
+                .issue_chunks(src, s, shared, &misses, false)
+                .map(|()| None);
         }
         let misses = Arc::new(misses);
         let helpers = self.helpers();
+        let mut offered = 0;
         for _ in 1..threads {
             shared.add_pending();
             let job = IssueJob {
@@ -96,8 +144,19 @@ impl PageCache {
                 shared.sub_pending();
                 break;
             }
+            offered += 1;
         }
-        self.issue_chunks(src, s, shared, &misses, false)
+        if offered == 0 {
+            return self
+                .issue_chunks(src, s, shared, &misses, false)
+                .map(|()| None);
+        }
+        Ok(Some(Helping {
+            cache: self.clone(),
+            src,
+            source: s.clone(),
+            misses,
+        }))
     }
 
     /// How many threads a gather of `s` may issue from.
@@ -158,13 +217,12 @@ impl PageCache {
     ) -> Result<()> {
         let shard = &self.inner.shards[shard_index()];
         let mut ctx = IssueCtx::new(&self.inner, s, src);
-        let n = misses.lines.len();
         while !misses.stop.load(Ordering::Relaxed) {
-            let start = misses.cursor.fetch_add(1, Ordering::Relaxed) * ISSUE_CHUNK_LINES;
-            if start >= n {
+            let c = misses.cursor.fetch_add(1, Ordering::Relaxed);
+            if c >= misses.chunks() {
                 break;
             }
-            let chunk = &misses.lines[start..(start + ISSUE_CHUNK_LINES).min(n)];
+            let chunk = &misses.lines[misses.starts[c]..misses.starts[c + 1]];
             if helper {
                 self.inner
                     .counters
