@@ -1,0 +1,1 @@
+/work/main/target/release/gpuio gather --table /dev/shm/gpuio-cache.Vm2b7f/table.bin --row-bytes 4096 --batch 256 --batches 400 --dist uniform --cache-size 10% --queue-depth 64 --prefetch on --compute-us 1247 --json

@@ -1,0 +1,1 @@
+/work/main/target/release/gpuio graph gen --kind kron --scale 21 --degree 16 --seed 1 -o /dev/shm/gpuio-cache.Vm2b7f/kron --json

@@ -1,0 +1,1 @@
+/work/main/target/release/gpuio gather --table /tmp/gpuio-cache.sJHEeU/table.bin --row-bytes 4096 --batch 256 --batches 400 --dist uniform --cache-size 10% --queue-depth 64 --prefetch on --compute-us 3592 --json

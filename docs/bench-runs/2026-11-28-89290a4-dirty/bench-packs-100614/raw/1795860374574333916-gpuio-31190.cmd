@@ -1,0 +1,1 @@
+/work/main/target/release/gpuio --version

@@ -1,0 +1,1 @@
+/work/main/target/release/gpuio bench --file /tmp/gpuio-packs.mLhbcP/mixed-none.gpk:mixed.bin --pattern randread --block-size 4K --queue-depth 64 --duration 5 --json
