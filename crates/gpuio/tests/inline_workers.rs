@@ -144,6 +144,31 @@ fn without_workers_or_on_a_serial_queue_the_committing_thread_serves() {
 }
 
 #[test]
+fn a_thread_that_commits_then_waits_serves_its_own_command_buffers() {
+    let Some(dir) = shm_dir() else { return };
+    let bytes = data(1 << 20);
+    let file = File::open(write(dir.path(), "t", &bytes)).unwrap();
+    let e = engine(2);
+    let q = e.queue(QueueDesc::default()).unwrap();
+    let me = thread_name();
+    // Nothing else outstanding at each commit: a hand-off would only add a wake-up to the wait.
+    for k in 0..300u64 {
+        let mut cb = q.command_buffer();
+        cb.load(
+            &file,
+            (k % 128) * 8192,
+            AlignedBuf::new(8192, 4096).unwrap(),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        cb.on_complete_any_thread(move |_| tx.send(thread_name()).unwrap());
+        let c = cb.commit().unwrap();
+        assert!(c.status().is_complete(), "served inside commit");
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), me);
+    }
+}
+
+#[test]
 fn engine_thread_callbacks_still_run_on_the_engine_thread() {
     let Some(dir) = shm_dir() else { return };
     let bytes = data(1 << 20);
@@ -195,6 +220,11 @@ fn errors_on_a_worker_name_the_file_and_range_and_barriers_hold() {
     let file = File::open(&path).unwrap();
     let e = engine(2);
     let q = e.queue(QueueDesc::default()).unwrap();
+    // A completion kept alive: the thread has other work outstanding, so hand-offs are allowed.
+    let mut cb = q.command_buffer();
+    cb.load(&file, 0, AlignedBuf::new(4096, 4096).unwrap())
+        .unwrap();
+    let _outstanding = cb.commit().unwrap();
     let mut seen_worker = false;
     for _ in 0..300 {
         let mut cb = q.command_buffer();
@@ -231,8 +261,18 @@ fn a_cancel_either_stops_a_handed_command_buffer_or_comes_too_late_and_buffers_r
     let file = File::open(write(dir.path(), "t", &bytes)).unwrap();
     let e = engine(2);
     let q = e.queue(QueueDesc::default()).unwrap();
+    // Other work outstanding, so that command buffers are handed to workers at all.
+    let mut cb = q.command_buffer();
+    cb.load(&file, 0, AlignedBuf::new(4096, 4096).unwrap())
+        .unwrap();
+    let _outstanding = cb.commit().unwrap();
     let (mut cancelled, mut complete) = (0, 0);
-    for k in 0..500u64 {
+    // Whether a cancel lands before a worker starts is a race of microseconds: go on (bounded)
+    // until one has, so that both outcomes are checked even on a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut k = 0u64;
+    while k < 500 || (cancelled == 0 && std::time::Instant::now() < deadline) {
+        k += 1;
         let mut cb = q.command_buffer();
         let id = cb
             .load(&file, (k % 64) * 8192, AlignedBuf::new(8192, 4096).unwrap())
@@ -254,7 +294,11 @@ fn a_cancel_either_stops_a_handed_command_buffer_or_comes_too_late_and_buffers_r
             s => panic!("{s:?}"),
         }
     }
-    assert_eq!(cancelled + complete, 500);
+    assert_eq!(cancelled + complete, k);
+    assert!(
+        cancelled > 0,
+        "no cancel reached a handed-over command buffer: that path was not tested"
+    );
     eprintln!("{cancelled} cancelled before a worker started them, {complete} complete");
 }
 

@@ -5,7 +5,7 @@
 //! This module starts and stops the engine thread and talks to it only through its channel and
 //! waker; it never touches the backend once the thread owns it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -329,6 +329,7 @@ impl Engine {
                 slots: Slots::new(desc.command_buffers_max),
                 desc,
                 stats: Mutex::new(QueueStats::default()),
+                outstanding: AtomicUsize::new(0),
             }),
         })
     }

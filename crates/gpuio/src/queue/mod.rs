@@ -171,6 +171,9 @@ pub(crate) struct QueueShared {
     pub desc: QueueDesc,
     pub slots: Slots,
     pub stats: Mutex<QueueStats>,
+    /// [`Completion`]s of the queue that exist (committed, not yet dropped): whether the committing
+    /// thread has other work in flight, which decides whether an inline worker may take over.
+    pub outstanding: std::sync::atomic::AtomicUsize,
 }
 
 /// A command queue on an [`Engine`]. Cheap to clone (shared).

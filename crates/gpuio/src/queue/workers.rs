@@ -4,8 +4,10 @@
 //!
 //! Served on the committing thread alone, such transfers run at one core's copy rate, while fio's
 //! io-wq workers copy on every core (docs/BENCHMARKS.md, issue 11). A committing thread hands a
-//! command buffer over only by claiming an idle worker first; with none idle it serves the command
-//! buffer itself, as before. So a handed-over command buffer never waits behind another one (each
+//! command buffer over only when it has other command buffers of the queue outstanding (a thread
+//! that commits and then waits would only pay a worker's wake-up: a 4 KiB read's latency tripled),
+//! and only by claiming an idle worker first; otherwise it serves the command buffer itself, as
+//! before. So a handed-over command buffer never waits behind another one (each
 //! sent job has a worker that was idle when it was claimed), the channel never holds more jobs than
 //! there are workers, and the committing thread never blocks here.
 //!
