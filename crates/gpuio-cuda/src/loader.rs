@@ -684,6 +684,7 @@ impl Loader {
         let result = run.drive(&mut **stream);
         // Whatever happened, nothing may still read a staging buffer or write the device.
         let synced = stream.synchronize();
+        let synced = run.name_copies(synced);
         run.drain_reads();
         result?;
         synced?;
@@ -898,8 +899,8 @@ struct Run<'a> {
     /// The range being read (`segs.len()` once every range is read).
     cur: usize,
     reads: VecDeque<Reading>,
-    /// Copies queued and the staging buffer each reads.
-    copies: VecDeque<(Ticket, IoBuffer)>,
+    /// Copies queued, the staging buffer each reads, and its range.
+    copies: VecDeque<(Ticket, IoBuffer, usize)>,
     /// Chunks issued, all ranges together.
     chunks: usize,
     /// Why programmed I/O was not used for a chunk small enough for it (first reason only).
@@ -938,6 +939,27 @@ impl<'a> Run<'a> {
         self.cur < self.segs.len()
     }
 
+    /// A stream's error names the files whose copies were outstanding when it came, where the run
+    /// covers several (a stream reports a failed copy at the next wait, not which copy failed).
+    fn name_copies<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            if self.segs.len() < 2 {
+                return e;
+            }
+            let mut segs: Vec<usize> = self.copies.iter().map(|c| c.2).collect();
+            segs.dedup();
+            let names: Vec<String> = segs
+                .iter()
+                .filter_map(|&i| self.segs.get(i).map(|s| s.name()))
+                .collect();
+            if names.is_empty() {
+                e
+            } else {
+                e.with_context(format!("copying to the device for {}", names.join(", ")))
+            }
+        })
+    }
+
     /// The range copy waits are charged to: the one being read, or the last.
     fn waiting_segment(&mut self) -> Option<&mut Segment<'a>> {
         let i = self.cur.min(self.segs.len().saturating_sub(1));
@@ -952,7 +974,8 @@ impl<'a> Run<'a> {
                 self.copy_front(stream)?;
             }
             if self.more_to_read() {
-                if let Some(buf) = self.free_buffer(stream)? {
+                let free = self.free_buffer(stream);
+                if let Some(buf) = self.name_copies(free)? {
                     self.issue_read(buf)?;
                     continue;
                 }
@@ -963,13 +986,15 @@ impl<'a> Run<'a> {
             }
             if self.more_to_read() {
                 // Every buffer is under a copy: wait for the oldest.
-                let Some((ticket, buf)) = self.copies.pop_front() else {
+                let Some(&(ticket, ..)) = self.copies.front() else {
                     return Err(Error::invalid(
                         "staged load: no staging buffer is being read or copied",
                     ));
                 };
                 let t = Instant::now();
-                stream.wait(ticket)?;
+                let waited = stream.wait(ticket);
+                self.name_copies(waited)?;
+                let buf = self.copies.pop_front();
                 if let Some(seg) = self.waiting_segment() {
                     seg.copy_wait += t.elapsed();
                 }
@@ -985,9 +1010,9 @@ impl<'a> Run<'a> {
         if let Ok(b) = self.loader.pool.try_get() {
             return Ok(Some(b.into()));
         }
-        if let Some(&(ticket, _)) = self.copies.front() {
+        if let Some(&(ticket, ..)) = self.copies.front() {
             if stream.is_done(ticket)? {
-                return Ok(self.copies.pop_front().map(|(_, b)| b));
+                return Ok(self.copies.pop_front().map(|(_, b, _)| b));
             }
         }
         Ok(None)
@@ -1098,7 +1123,7 @@ impl<'a> Run<'a> {
                 ticket,
             });
         }
-        self.copies.push_back((ticket, buf));
+        self.copies.push_back((ticket, buf, r.seg));
         Ok(())
     }
 
