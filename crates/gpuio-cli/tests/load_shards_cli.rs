@@ -17,8 +17,11 @@ use gpuio_cuda::Dtype;
 #[path = "../../gpuio-cuda/tests/common/mock.rs"]
 mod mock;
 
+/// Every tensor's name and bytes.
+type Tensors = Vec<(String, Vec<u8>)>;
+
 /// Three shards and their index in `dir`: (index, shards, every tensor's name and bytes).
-fn shards(dir: &Path) -> (PathBuf, Vec<PathBuf>, Vec<(String, Vec<u8>)>) {
+fn shards(dir: &Path) -> (PathBuf, Vec<PathBuf>, Tensors) {
     let mut want = Vec::new();
     let mut paths = Vec::new();
     let mut map = serde_json::Map::new();
@@ -92,16 +95,31 @@ fn check_json(v: &serde_json::Value, paths: &[PathBuf], want: &[(String, Vec<u8>
     ] {
         assert!(ph[k].as_f64().is_some_and(|x| x >= 0.0), "phases.{k}: {v}");
     }
-    for k in ["staging_alloc_s", "registration_s", "pinning_s", "copy_stream_s"] {
+    for k in [
+        "staging_alloc_s",
+        "registration_s",
+        "pinning_s",
+        "copy_stream_s",
+    ] {
         assert!(ph["loader_setup"][k].as_f64().is_some(), "{k}: {v}");
     }
     // The critical path's steps fit in end to end.
-    let sum: f64 = ["header_s", "open_s", "device_alloc_s", "setup_wait_s", "transfer_s", "other_s"]
-        .iter()
-        .map(|k| ph[k].as_f64().unwrap())
-        .sum();
+    let sum: f64 = [
+        "header_s",
+        "open_s",
+        "device_alloc_s",
+        "setup_wait_s",
+        "transfer_s",
+        "other_s",
+    ]
+    .iter()
+    .map(|k| ph[k].as_f64().unwrap())
+    .sum();
     let e2e = v["end_to_end_s"].as_f64().unwrap();
-    assert!((sum - e2e).abs() < 1e-6, "phases {sum} != end to end {e2e}: {v}");
+    assert!(
+        (sum - e2e).abs() < 1e-6,
+        "phases {sum} != end to end {e2e}: {v}"
+    );
 }
 
 #[test]
@@ -135,7 +153,11 @@ fn bad_checkpoints_fail_with_one_line_naming_the_file() {
     // The same file twice: its tensors are in two shards.
     fails_cleanly(
         &["load", s(&paths[0]), s(&paths[1]), s(&paths[0])],
-        &["layers.0.mlp", "is also in", "model-00001-of-00003.safetensors"],
+        &[
+            "layers.0.mlp",
+            "is also in",
+            "model-00001-of-00003.safetensors",
+        ],
     );
     // Several shards cannot be saved to one file, nor mapped.
     let out = dir.path().join("out.safetensors");

@@ -140,10 +140,8 @@ impl Checkpoint {
         check_unique(&shards)?;
         // Every tensor of every shard is in the index, for that shard (a tensor in two shards was
         // refused just above).
-        let listed: HashMap<&str, &str> = map
-            .iter()
-            .map(|(t, s)| (t.as_str(), s.as_str()))
-            .collect();
+        let listed: HashMap<&str, &str> =
+            map.iter().map(|(t, s)| (t.as_str(), s.as_str())).collect();
         for (shard, name) in shards.iter().zip(by_shard.keys()) {
             for t in &shard.header.tensors {
                 match listed.get(t.name.as_str()) {
@@ -219,7 +217,8 @@ fn check_unique(shards: &[Shard]) -> Result<()> {
 /// The index's `weight_map` as (tensor, shard file name) pairs, every name checked.
 fn read_weight_map(index: &Path) -> Result<Vec<(String, String)>> {
     use std::io::Read;
-    let f = std::fs::File::open(index).map_err(|e| Error::from_io(Op::Open, &e).with_path(index))?;
+    let f =
+        std::fs::File::open(index).map_err(|e| Error::from_io(Op::Open, &e).with_path(index))?;
     let mut text = Vec::new();
     f.take(INDEX_LEN_MAX + 1)
         .read_to_end(&mut text)
@@ -438,7 +437,13 @@ impl Loader {
             for (k, (p, s)) in prepared.iter().zip(&ckpt.shards).enumerate() {
                 let from = t.elapsed();
                 let st = self
-                    .load_range(&p.file, s.header.body_offset, &p.buffer, 0, s.header.body_len)
+                    .load_range(
+                        &p.file,
+                        s.header.body_offset,
+                        &p.buffer,
+                        0,
+                        s.header.body_len,
+                    )
                     .map_err(|e| e.with_context(format!("shard {} of {n}", k + 1)))?;
                 stats.push(st);
                 windows.push((from, t.elapsed()));

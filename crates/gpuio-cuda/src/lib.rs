@@ -61,11 +61,11 @@ pub mod zerocopy;
 
 use std::sync::Arc;
 
+pub use checkpoint::{open_and_load, Checkpoint, LoadPhases, LoadedCheckpoint, Shard};
 pub use device::{
     CopyKind, CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, DirectRead, HostDevice,
     HostDeviceConfig, MemInfo, Pinned, Ticket,
 };
-pub use checkpoint::{open_and_load, Checkpoint, LoadPhases, LoadedCheckpoint, Shard};
 pub use direct::{load_range_direct, DirectConfig, DirectStats};
 pub use loader::{
     ChunkTiming, DeviceTensor, LoadPath, LoadStats, LoadedModel, Loader, LoaderConfig, PathChoice,

@@ -926,11 +926,7 @@ impl<'a> Run<'a> {
 
     /// Moves `cur` past ranges with nothing left to read.
     fn skip_read_segments(&mut self) {
-        while self
-            .segs
-            .get(self.cur)
-            .is_some_and(|s| s.next >= s.end)
-        {
+        while self.segs.get(self.cur).is_some_and(|s| s.next >= s.end) {
             self.cur += 1;
         }
     }

@@ -91,7 +91,11 @@ fn check(c: &LoadedCheckpoint, want: &Want) {
             .find_map(|m| m.tensors.iter().find(|t| &t.name == name).map(|t| (m, t)))
             .unwrap_or_else(|| panic!("{name} not loaded"));
         assert_eq!(t.bytes as usize, bytes.len(), "{name}");
-        assert_eq!(m.crc32c(t).unwrap(), crc(bytes), "{name}: device bytes differ");
+        assert_eq!(
+            m.crc32c(t).unwrap(),
+            crc(bytes),
+            "{name}: device bytes differ"
+        );
     }
 }
 
@@ -122,10 +126,13 @@ fn an_index_loads_every_shard_byte_exact_with_staging_set_up_once() {
             assert_eq!(c.shards.len(), 4);
             assert_eq!(c.bytes(), ckpt.bytes());
             for (m, p) in c.shards.iter().zip(&paths) {
-                assert_eq!(m.stats.bytes, std::fs::metadata(p).unwrap().len() - {
-                    let h = gpuio_cuda::safetensors::read_header(p).unwrap();
-                    h.body_offset
-                });
+                assert_eq!(
+                    m.stats.bytes,
+                    std::fs::metadata(p).unwrap().len() - {
+                        let h = gpuio_cuda::safetensors::read_header(p).unwrap();
+                        h.body_offset
+                    }
+                );
                 assert!(m.stats.chunks >= 4, "{label}: {:?}", m.stats);
             }
             drop(c);
@@ -133,7 +140,11 @@ fn an_index_loads_every_shard_byte_exact_with_staging_set_up_once() {
         }
         // One staging set-up for 8 shard loads: no buffer was pinned again, none is missing.
         assert_eq!(dev.pin_calls(), 3, "{label}: staging set up again");
-        assert_eq!(dev.alloc_calls(), 8, "{label}: one device allocation per shard");
+        assert_eq!(
+            dev.alloc_calls(),
+            8,
+            "{label}: one device allocation per shard"
+        );
         assert_eq!(loader.staging_pool().available(), 3, "{label}");
         assert_eq!(dev.reuse_violations(), 0, "{label}");
         drop(loader);
@@ -158,7 +169,11 @@ fn several_files_load_as_one_checkpoint_and_the_next_shard_is_read_while_copies_
     let log = dev.copy_log();
     for k in 0..c.shards.len() - 1 {
         let last = c.shards[k].stats.timeline.last().unwrap();
-        let done = log.iter().find(|r| r.ticket == last.ticket).unwrap().finished;
+        let done = log
+            .iter()
+            .find(|r| r.ticket == last.ticket)
+            .unwrap()
+            .finished;
         let next = c.shards[k + 1].stats.timeline[0].read_issued;
         assert!(
             next < done,
@@ -270,7 +285,10 @@ fn bad_checkpoints_are_refused_naming_the_file_before_any_allocation() {
     );
     map.remove("ghost");
     // A tensor of a shard that the index puts in another shard, and one it leaves out.
-    map.insert("layers.0.0.weight".into(), serde_json::json!(name(&paths[1])));
+    map.insert(
+        "layers.0.0.weight".into(),
+        serde_json::json!(name(&paths[1])),
+    );
     let ix = write_index(
         "moved.safetensors.index.json",
         &serde_json::json!({ "weight_map": map }).to_string(),
@@ -284,7 +302,11 @@ fn bad_checkpoints_are_refused_naming_the_file_before_any_allocation() {
     refused(
         &one(&ix),
         ErrorKind::Corrupt,
-        &["'layers.0.0.weight'", "not in the weight_map", &name(&paths[0])],
+        &[
+            "'layers.0.0.weight'",
+            "not in the weight_map",
+            &name(&paths[0]),
+        ],
     );
     // Repeated keys, names out of the directory, no weight_map, not JSON.
     let ix = write_index(

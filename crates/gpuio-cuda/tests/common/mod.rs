@@ -10,6 +10,9 @@ use gpuio_cuda::safetensors::serialize;
 use gpuio_cuda::{Dtype, LoadedModel};
 use gpuio_testkit::Rng;
 
+/// Tensors as (name, bytes).
+pub type Tensors = Vec<(String, Vec<u8>)>;
+
 /// A random safetensors file `m{seed}.safetensors` in `dir`: `n` tensors of random dtypes and
 /// shapes (rows up to `max_elems`; the middle one empty) and a metadata entry of random length, so
 /// the body starts at an unaligned offset. Returns its path and each tensor's (name, bytes).
@@ -31,12 +34,19 @@ pub fn random_shards(
     n: usize,
     tensors: usize,
     max_elems: u64,
-) -> (PathBuf, Vec<PathBuf>, Vec<(String, Vec<u8>)>) {
+) -> (PathBuf, Vec<PathBuf>, Tensors) {
     let mut map = serde_json::Map::new();
     let (mut paths, mut want) = (Vec::new(), Vec::new());
     for k in 0..n {
         let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
-        let (p, w) = random_model_in(dir, seed + k as u64, tensors, max_elems, &format!("s{k}."), &file);
+        let (p, w) = random_model_in(
+            dir,
+            seed + k as u64,
+            tensors,
+            max_elems,
+            &format!("s{k}."),
+            &file,
+        );
         for (name, _) in &w {
             map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
@@ -77,7 +87,12 @@ fn random_model_in(
         let cols = 1 + rng.below(3);
         let mut data = vec![0u8; (rows * cols * d.bits() / 8) as usize];
         rng.fill(&mut data);
-        owned.push((format!("{prefix}layer.{i}.weight"), d, vec![rows, cols], data));
+        owned.push((
+            format!("{prefix}layer.{i}.weight"),
+            d,
+            vec![rows, cols],
+            data,
+        ));
     }
     let pad = "x".repeat(rng.below(50) as usize);
     let views: Vec<(&str, Dtype, &[u64], &[u8])> = owned

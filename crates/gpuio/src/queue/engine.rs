@@ -310,7 +310,8 @@ impl Engine {
     /// [`ErrorKind::WouldBlock`] if it is exhausted) and registered with the backend where it can
     /// (see [`BufferPool::registration`] for why not). A registered pool lives as long as the engine.
     pub fn buffer_pool(&self, buf_size: usize, count: usize) -> Result<BufferPool> {
-        self.buffer_pool_timed(buf_size, count).map(|(pool, _, _)| pool)
+        self.buffer_pool_timed(buf_size, count)
+            .map(|(pool, _, _)| pool)
     }
 
     /// Like [`buffer_pool`](Self::buffer_pool), also saying how long its two steps took: allocating
