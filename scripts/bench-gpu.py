@@ -21,12 +21,12 @@ Sections, in priority order:
   model    a safetensors model of SIZE_GIB GiB (bf16 and f32, Llama-like layer shapes) on the local
            disk, its per-tensor CRC-32s, and a copy in /dev/shm
   h2d      pinned host-to-device copy bandwidth (the PCIe limit the loaders are held to)
-  shm      loads from /dev/shm: gpuio (default, --serial-setup, staging sweep, backends) against
+  shm      loads from /dev/shm: gpuio (default, --overlap-setup, staging sweep, backends) against
            safetensors, fastsafetensors, InstantTensor and KvikIO (CuFile.pread, 16 threads),
            alternating rounds, every loader's tensors checked
   shards   the model split into SHARDS (4) HuggingFace-style shards + model.safetensors.index.json in
            /dev/shm: gpuio loads the index through one loader (checked against the model's CRCs; with
-           and without --serial-setup), the peers loop over the shards (each checked against
+           and without --overlap-setup), the peers loop over the shards (each checked against
            safetensors'), and gpuio loads the single file for comparison
   cold     the same from the disk with the page cache dropped before each load; dd iflag=direct
            gives the disk's own sequential rate
@@ -457,7 +457,7 @@ def s_shm():
         check_gpuio(j, "shm")
     for r in range(2):
         load_gpuio(SHM_MODEL, "shm", reps=2)
-        load_gpuio(SHM_MODEL, "shm", ["--serial-setup"])
+        load_gpuio(SHM_MODEL, "shm", ["--overlap-setup"])
         run_peers(SHM_MODEL, "shm", rounds=1, check=(r == 0))
     staging_sweep(SHM_MODEL, "shm")
 
@@ -529,7 +529,7 @@ def s_shards():
             check_gpuio(j, "shards")
         for r in range(2):
             load_gpuio(SHARD_INDEX, "shards", reps=2)
-            load_gpuio(SHARD_INDEX, "shards", ["--serial-setup"])
+            load_gpuio(SHARD_INDEX, "shards", ["--overlap-setup"])
             run_peers(SHARD_INDEX, "shards", rounds=1, check=(r == 0), timeout=120)
         load_gpuio(SHM_MODEL, "shards-single-file", reps=2)
     finally:

@@ -129,15 +129,21 @@ fn an_index_and_several_files_load_every_tensor_with_per_shard_figures() {
     let v = ok_json(&["load", s(&index), "--json", "--staging-size", "64K"]);
     check_json(&v, &paths, &want);
     assert_eq!(v["index"], s(&index));
-    assert_eq!(v["phases"]["setup_overlapped"], true);
-    let args: Vec<&str> = ["load", "--json", "--serial-setup", "--staging-buffers", "2"]
-        .into_iter()
-        .chain(paths.iter().map(|p| s(p)))
-        .collect();
+    assert_eq!(v["phases"]["setup_overlapped"], false);
+    let args: Vec<&str> = [
+        "load",
+        "--json",
+        "--overlap-setup",
+        "--staging-buffers",
+        "2",
+    ]
+    .into_iter()
+    .chain(paths.iter().map(|p| s(p)))
+    .collect();
     let v = ok_json(&args);
     check_json(&v, &paths, &want);
     assert!(v["index"].is_null());
-    assert_eq!(v["phases"]["setup_overlapped"], false);
+    assert_eq!(v["phases"]["setup_overlapped"], true);
     assert_eq!(v["staging_buffers"], 2);
     // The text form says how many shards and where set-up went.
     let out = common::ok(&["load", s(&index)]);
@@ -194,7 +200,7 @@ fn an_index_loads_onto_the_mock_gpu() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (index, paths, want) = shards(dir.path());
-    for extra in [&[][..], &["--serial-setup"][..]] {
+    for extra in [&[][..], &["--overlap-setup"][..]] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuio"));
         cmd.args(["load", s(&index), "--device", "cuda:0", "--json"])
             .args(extra)
