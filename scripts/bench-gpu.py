@@ -21,9 +21,13 @@ Sections, in priority order:
   model    a safetensors model of SIZE_GIB GiB (bf16 and f32, Llama-like layer shapes) on the local
            disk, its per-tensor CRC-32s, and a copy in /dev/shm
   h2d      pinned host-to-device copy bandwidth (the PCIe limit the loaders are held to)
-  shm      loads from /dev/shm: gpuio (default, staging sweep, backends) against safetensors,
-           fastsafetensors, InstantTensor and KvikIO (CuFile.pread, 16 threads), alternating rounds,
-           every loader's tensors checked
+  shm      loads from /dev/shm: gpuio (default, --overlap-setup, staging sweep, backends) against
+           safetensors, fastsafetensors, InstantTensor and KvikIO (CuFile.pread, 16 threads),
+           alternating rounds, every loader's tensors checked
+  shards   the model split into SHARDS (4) HuggingFace-style shards + model.safetensors.index.json in
+           /dev/shm: gpuio loads the index through one loader (checked against the model's CRCs; with
+           and without --overlap-setup), the peers loop over the shards (each checked against
+           safetensors'), and gpuio loads the single file for comparison
   cold     the same from the disk with the page cache dropped before each load; dd iflag=direct
            gives the disk's own sequential rate
   warm     the same with the file in the page cache
@@ -60,10 +64,13 @@ SHM_DIR = os.environ.get("SHM_DIR", "/dev/shm")
 SHM_MODEL = os.path.join(SHM_DIR, "gpuio-model.safetensors")
 REFS = os.path.join(DIR, "crc32.json")
 PEERS = ["safetensors", "fastsafetensors", "instanttensor", "kvikio"]
+SHARDS = int(os.environ.get("SHARDS", "4"))
+SHARD_DIR = os.path.join(SHM_DIR, "gpuio-shards")
+SHARD_INDEX = os.path.join(SHARD_DIR, "model.safetensors.index.json")
 
 # (section, timeout in seconds)
 SECTIONS = [
-    ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("cold", 150),
+    ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("shards", 150), ("cold", 150),
     ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
     ("pack", 90),
 ]
@@ -220,6 +227,21 @@ def load_gpuio(path, tag, extra=(), checksums=False, reps=1):
             f"{gb(j['bytes'], j['end_to_end_s'])} GB/s (transfer {j['seconds']:.3f} s "
             f"{gb(j['bytes'], j['seconds'])} GB/s; read_wait {j['read_wait_s']:.3f} "
             f"copy_wait {j['copy_wait_s']:.3f}; {j['backend']}, {j['read_mode'][:80]}; process {wall:.2f} s)")
+        ph = j.get("phases") or {}
+        ls = ph.get("loader_setup") or {}
+        if ph:
+            log(f"{tag}   phases: header {ph.get('header_s', 0) * 1e3:.1f} ms, open {ph.get('open_s', 0) * 1e3:.1f}, "
+                f"device alloc {ph.get('device_alloc_s', 0) * 1e3:.1f}, loader set-up "
+                f"{ph.get('loader_setup_s', 0) * 1e3:.1f} (staging alloc {ls.get('staging_alloc_s', 0) * 1e3:.1f}, "
+                f"registration {ls.get('registration_s', 0) * 1e3:.1f}, pinning {ls.get('pinning_s', 0) * 1e3:.1f}, "
+                f"copy stream {ls.get('copy_stream_s', 0) * 1e3:.1f}; overlapped {ph.get('setup_overlapped')}, "
+                f"waited {ph.get('setup_wait_s', 0) * 1e3:.1f}), transfer {ph.get('transfer_s', 0) * 1e3:.1f}, "
+                f"other {ph.get('other_s', 0) * 1e3:.1f}; engine {ph.get('engine_s_not_in_end_to_end', 0) * 1e3:.1f} "
+                f"and device open {ph.get('device_open_s_not_in_end_to_end', 0) * 1e3:.1f} not in end to end")
+        for k, sh in enumerate(j.get("shards") or []):
+            if len(j["shards"]) > 1:
+                log(f"{tag}   shard {k + 1}: {sh['bytes']} bytes, {sh['started_s'] * 1e3:.1f}-"
+                    f"{sh['finished_s'] * 1e3:.1f} ms of the transfer, read_wait {sh['read_wait_s'] * 1e3:.1f} ms")
         last = j
     return last
 
@@ -257,37 +279,53 @@ def header(p):
         return 8 + n, json.loads(f.read(n))
 def as_bytes(t):
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
+def files(p):
+    """A checkpoint index's shards (sorted, as gpuio loads them), or the one file."""
+    if not p.endswith(".index.json"):
+        return [p]
+    wm = json.load(open(p))["weight_map"]
+    return [os.path.join(os.path.dirname(p), s) for s in sorted(set(wm.values()))]
 ref = None
 if check:
     from safetensors.torch import load_file
-    ref = load_file(path, device="cuda:0")
-def load(kind):
+    ref = {}
+    for p in files(path):
+        ref.update(load_file(p, device="cuda:0"))
+def load_one(kind, p):
     if kind == "safetensors":
         from safetensors.torch import load_file
-        return load_file(path, device="cuda:0"), None
+        return load_file(p, device="cuda:0"), None
     if kind == "fastsafetensors":
         from fastsafetensors import fastsafe_open
-        f = fastsafe_open(path, framework="pt", device="cuda:0", nogds=True)
+        f = fastsafe_open(p, framework="pt", device="cuda:0", nogds=True)
         d = {k: f.get_tensor(k) for k in f.keys()}
         return d, f
     if kind == "instanttensor":
         from instanttensor import safe_open
         d = {}
-        with safe_open(path, framework="pt", device=0) as f:
+        with safe_open(p, framework="pt", device=0) as f:
             for k, v in f.tensors():
                 d[k] = v
         return d, None
     if kind == "kvikio":
         import cupy, kvikio
-        body, hdr = header(path)
-        n = os.path.getsize(path) - body
+        body, hdr = header(p)
+        n = os.path.getsize(p) - body
         buf = cupy.empty(n, dtype=cupy.uint8)
-        with kvikio.CuFile(path, "r") as f:
+        with kvikio.CuFile(p, "r") as f:
             got = f.pread(buf, n, body).get()
         assert got == n, (got, n)
         whole = torch.as_tensor(buf, device="cuda:0")
         d = {k: whole[v["data_offsets"][0]:v["data_offsets"][1]] for k, v in hdr.items() if k != "__metadata__"}
         return d, buf
+def load(kind):
+    """Every shard one after another, as each peer's own loop over a checkpoint does."""
+    d, keep = {}, []
+    for p in files(path):
+        part, k = load_one(kind, p)
+        d.update(part)
+        keep.append(k)
+    return d, keep
 for r in range(rounds):
     for kind in peers:
         if cold:
@@ -310,8 +348,9 @@ for r in range(rounds):
             rec["mismatches"] = len(bad)
             rec["checked"] = len(ref)
         emit(**rec)
-        if hasattr(keep, "close"):
-            keep.close()
+        for k in keep:
+            if hasattr(k, "close"):
+                k.close()
         del d, keep
         torch.cuda.empty_cache()
 '''
@@ -418,8 +457,83 @@ def s_shm():
         check_gpuio(j, "shm")
     for r in range(2):
         load_gpuio(SHM_MODEL, "shm", reps=2)
+        load_gpuio(SHM_MODEL, "shm", ["--overlap-setup"])
         run_peers(SHM_MODEL, "shm", rounds=1, check=(r == 0))
     staging_sweep(SHM_MODEL, "shm")
+
+
+def make_shards():
+    """Splits the /dev/shm model into SHARDS files of about equal size, tensors in file order, named
+    and indexed as HuggingFace does; the tensors' names and bytes are unchanged, so the model's CRCs
+    check them."""
+    if not os.path.exists(SHM_MODEL):
+        shutil.copyfile(MODEL, SHM_MODEL)
+    body, hdr = 0, {}
+    with open(SHM_MODEL, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        hdr = json.loads(f.read(n))
+        body = 8 + n
+    names = sorted((k for k in hdr if k != "__metadata__"), key=lambda k: hdr[k]["data_offsets"][0])
+    total = sum(hdr[k]["data_offsets"][1] - hdr[k]["data_offsets"][0] for k in names)
+    groups, cur, size = [], [], 0
+    for k in names:
+        cur.append(k)
+        size += hdr[k]["data_offsets"][1] - hdr[k]["data_offsets"][0]
+        if size >= total * (len(groups) + 1) / SHARDS and len(groups) < SHARDS - 1:
+            groups.append(cur)
+            cur = []
+    groups.append(cur)
+    groups = [g for g in groups if g]
+    if os.path.isdir(SHARD_DIR):
+        shutil.rmtree(SHARD_DIR)
+    os.makedirs(SHARD_DIR)
+    wm = {}
+    t = time.perf_counter()
+    with open(SHM_MODEL, "rb") as src:
+        for i, g in enumerate(groups):
+            name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            h, off = {"__metadata__": {"format": "pt"}}, 0
+            for k in g:
+                n = hdr[k]["data_offsets"][1] - hdr[k]["data_offsets"][0]
+                h[k] = {"dtype": hdr[k]["dtype"], "shape": hdr[k]["shape"], "data_offsets": [off, off + n]}
+                off += n
+                wm[k] = name
+            hj = json.dumps(h, separators=(",", ":")).encode()
+            hj += b" " * (-len(hj) % 8)
+            with open(os.path.join(SHARD_DIR, name), "wb") as out:
+                out.write(len(hj).to_bytes(8, "little"))
+                out.write(hj)
+                for k in g:
+                    b, e = hdr[k]["data_offsets"]
+                    src.seek(body + b)
+                    left = e - b
+                    while left > 0:
+                        piece = src.read(min(left, 64 << 20))
+                        out.write(piece)
+                        left -= len(piece)
+    with open(SHARD_INDEX, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f)
+    log(f"shards: {len(groups)} shards of {[len(g) for g in groups]} tensors in {SHARD_DIR}, written in "
+        f"{time.perf_counter() - t:.1f} s")
+    record("shards", dir=SHARD_DIR, shards=len(groups), tensors=[len(g) for g in groups], bytes=total)
+
+
+def s_shards():
+    if not os.path.exists(REFS):
+        log("shards: no model (run the model section first): skipped")
+        return
+    make_shards()
+    try:
+        j = load_gpuio(SHARD_INDEX, "shards", checksums=True)
+        if j:
+            check_gpuio(j, "shards")
+        for r in range(2):
+            load_gpuio(SHARD_INDEX, "shards", reps=2)
+            load_gpuio(SHARD_INDEX, "shards", ["--overlap-setup"])
+            run_peers(SHARD_INDEX, "shards", rounds=1, check=(r == 0), timeout=120)
+        load_gpuio(SHM_MODEL, "shards-single-file", reps=2)
+    finally:
+        shutil.rmtree(SHARD_DIR, ignore_errors=True)
 
 
 def s_cold():
@@ -583,6 +697,7 @@ def main():
     for f in (SHM_MODEL,):
         if os.path.exists(f):
             os.remove(f)
+    shutil.rmtree(SHARD_DIR, ignore_errors=True)
     log(f"bench-gpu: done in {time.perf_counter() - start:.1f} s; results in {OUT}")
 
 

@@ -363,6 +363,7 @@ struct HostShared {
     state: Mutex<HostState>,
     copies_started: AtomicU64,
     alloc_calls: AtomicU64,
+    pin_calls: AtomicU64,
     log: Mutex<Vec<CopyRecord>>,
     /// Copies whose source changed between queueing and execution.
     reuse_violations: AtomicU64,
@@ -381,6 +382,7 @@ impl HostDevice {
             state: Mutex::new(HostState::default()),
             copies_started: AtomicU64::new(0),
             alloc_calls: AtomicU64::new(0),
+            pin_calls: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             reuse_violations: AtomicU64::new(0),
             direct_reads: AtomicU64::new(0),
@@ -393,6 +395,11 @@ impl HostDevice {
     /// Allocations asked for so far (successful or not).
     pub fn alloc_calls(&self) -> u64 {
         self.0.alloc_calls.load(Ordering::Relaxed)
+    }
+    /// How many times host memory was page-locked ([`Device::pin_host`]) on this device, ever: a
+    /// loader pins its staging buffers once, however many files it loads.
+    pub fn pin_calls(&self) -> u64 {
+        self.0.pin_calls.load(Ordering::Relaxed)
     }
     /// Live allocations.
     pub fn allocations(&self) -> usize {
@@ -514,6 +521,7 @@ impl Device for HostDevice {
         }
     }
     unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<Pinned>> {
+        self.0.pin_calls.fetch_add(1, Ordering::Relaxed);
         self.0.state.lock().pinned.insert(ptr as usize, len);
         Ok(Some(Pinned {
             // The stand-in's device reads host memory at its own address.

@@ -9,6 +9,10 @@
 //!   on a copy stream, `n ≥ 2` buffers overlapping reads and copies, small copies by programmed I/O
 //!   when asked), the choice between staged and direct ([`PathChoice`]), and the safetensors
 //!   [`Loader`].
+//! - [`checkpoint`] — sharded checkpoints (several safetensors files, or a HuggingFace
+//!   `*.safetensors.index.json`): validated across shards before any allocation, loaded through one
+//!   loader whose staging is set up once, with the loader's set-up overlapping header reads and device
+//!   allocation ([`open_and_load`]).
 //! - [`direct`] — the direct path (storage → device memory through a [`DirectRead`], cuFile on a
 //!   GPU): a file range in page-aligned chunks read by a bounded set of worker threads.
 //! - [`store`] — the reverse: device memory → pinned staging → storage, and saving a loaded model as
@@ -41,6 +45,7 @@
 //! # Ok::<(), gpuio::Error>(())
 //! ```
 
+pub mod checkpoint;
 pub mod cuda;
 pub mod cufile;
 pub mod device;
@@ -56,6 +61,7 @@ pub mod zerocopy;
 
 use std::sync::Arc;
 
+pub use checkpoint::{open_and_load, Checkpoint, LoadPhases, LoadedCheckpoint, Shard};
 pub use device::{
     CopyKind, CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, DirectRead, HostDevice,
     HostDeviceConfig, MemInfo, Pinned, Ticket,
@@ -63,6 +69,7 @@ pub use device::{
 pub use direct::{load_range_direct, DirectConfig, DirectStats};
 pub use loader::{
     ChunkTiming, DeviceTensor, LoadPath, LoadStats, LoadedModel, Loader, LoaderConfig, PathChoice,
+    SetupTimes,
 };
 pub use safetensors::{Dtype, Header, TensorSpec};
 pub use store::{encode_safetensors_header, StoreChunkTiming, StoreStats};

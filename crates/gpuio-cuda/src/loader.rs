@@ -182,11 +182,26 @@ pub struct LoadStats {
     pub read_mode: String,
     /// Per chunk, when [`LoaderConfig::timeline`] is on.
     pub timeline: Vec<ChunkTiming>,
+    /// Reading and validating the safetensors header (zero where the caller passed one in).
+    pub header: Duration,
+    /// Opening the file and checking its length against the header (zero for a bare range).
+    pub open: Duration,
+    /// Allocating the device memory the body goes to (zero for a bare range).
+    pub device_alloc: Duration,
 }
 
 impl LoadStats {
     pub fn bytes_per_sec(&self) -> f64 {
         self.bytes as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Puts `why` before the note there is.
+    pub(crate) fn add_note(&mut self, why: String) {
+        self.note = if self.note.is_empty() {
+            why
+        } else {
+            format!("{why}; {}", self.note)
+        };
     }
 
     /// Stats of a transfer of nothing.
@@ -205,8 +220,33 @@ impl LoadStats {
             note: String::new(),
             read_mode: String::new(),
             timeline: Vec::new(),
+            header: Duration::ZERO,
+            open: Duration::ZERO,
+            device_alloc: Duration::ZERO,
         }
     }
+}
+
+/// Where [`Loader::new`]'s time went, step by step (the steps run one after another, in this order).
+/// On a GPU the staging steps are the set-up a load waits for before its first byte moves: allocating
+/// and pre-faulting the buffers, registering them with io_uring (which pins every page), and
+/// page-locking them with the device (`cuMemHostRegister`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SetupTimes {
+    /// The loader's I/O queue.
+    pub queue: Duration,
+    /// Allocating (and pre-faulting) the staging buffers.
+    pub staging_alloc: Duration,
+    /// Registering them with the engine's backend (io_uring fixed buffers, where it allows).
+    pub registration: Duration,
+    /// Creating the device copy stream.
+    pub copy_stream: Duration,
+    /// Asking the device for its direct reader (unless the staged path was asked for).
+    pub direct_reader: Duration,
+    /// Page-locking every staging buffer with the device ([`Device::pin_host`]).
+    pub pinning: Duration,
+    /// All of [`Loader::new`].
+    pub total: Duration,
 }
 
 /// How a staged or direct transfer read `file`, for [`LoadStats::read_mode`].
@@ -282,7 +322,7 @@ pub fn read_entry_header(entry: &Entry, queue: &IoQueue) -> Result<Header> {
 
 impl LoadedModel {
     /// The tensor table of `header` over `buffer`, which holds the body.
-    fn new(buffer: DeviceBuffer, header: &Header, stats: LoadStats) -> LoadedModel {
+    pub(crate) fn new(buffer: DeviceBuffer, header: &Header, stats: LoadStats) -> LoadedModel {
         LoadedModel {
             tensors: device_tensors(header, buffer.ptr()),
             buffer,
@@ -358,6 +398,7 @@ pub struct Loader {
     /// The device's direct reader, or why there is none (asked once, unless the path is `Staged`).
     direct: std::result::Result<Arc<dyn DirectRead>, String>,
     pin_note: String,
+    setup: SetupTimes,
     pub(crate) cfg: LoaderConfig,
 }
 
@@ -377,9 +418,18 @@ impl Loader {
     /// engine, so make one loader per engine and reuse it).
     pub fn new(engine: &Engine, device: Arc<dyn Device>, cfg: LoaderConfig) -> Result<Loader> {
         cfg.validate()?;
+        let begun = Instant::now();
+        let mut setup = SetupTimes::default();
+        let t = Instant::now();
         let queue = engine.queue(QueueDesc::default())?;
-        let pool = engine.buffer_pool(cfg.staging_bytes, cfg.staging_buffers)?;
+        setup.queue = t.elapsed();
+        let (pool, alloc, registration) =
+            engine.buffer_pool_timed(cfg.staging_bytes, cfg.staging_buffers)?;
+        (setup.staging_alloc, setup.registration) = (alloc, registration);
+        let t = Instant::now();
         let stream = device.copy_stream()?;
+        setup.copy_stream = t.elapsed();
+        let t = Instant::now();
         let direct = match cfg.path {
             PathChoice::Staged => Err("the staged path was asked for".to_string()),
             PathChoice::Auto => match device.direct_reader_slower() {
@@ -388,6 +438,7 @@ impl Loader {
             },
             PathChoice::Direct => device.direct_reader(),
         };
+        setup.direct_reader = t.elapsed();
         let mut loader = Loader {
             device,
             queue,
@@ -396,9 +447,11 @@ impl Loader {
             pinned: Vec::new(),
             direct,
             pin_note: String::new(),
+            setup,
             cfg,
         };
         // Page-lock every staging buffer once: take them all out, pin, give them back.
+        let t = Instant::now();
         let mut bufs = Vec::with_capacity(cfg.staging_buffers);
         for _ in 0..cfg.staging_buffers {
             bufs.push(loader.pool.try_get()?);
@@ -426,7 +479,14 @@ impl Loader {
                 cfg.staging_buffers
             ),
         };
+        loader.setup.pinning = t.elapsed();
+        loader.setup.total = begun.elapsed();
         Ok(loader)
+    }
+
+    /// Where this loader's construction spent its time.
+    pub fn setup_times(&self) -> SetupTimes {
+        self.setup
     }
 
     pub fn device(&self) -> &Arc<dyn Device> {
@@ -447,31 +507,27 @@ impl Loader {
     /// Validates the safetensors file at `path`, allocates one device buffer for its body and loads
     /// it; returns the tensor table with device pointers.
     pub fn load_safetensors(&self, path: &Path) -> Result<LoadedModel> {
+        let t = Instant::now();
         let header = safetensors::read_header(path)?;
-        self.load_with_header(path, &header)
+        let header_time = t.elapsed();
+        let mut m = self.load_with_header(path, &header)?;
+        m.stats.header = header_time;
+        Ok(m)
     }
 
     /// Like [`load_safetensors`](Self::load_safetensors) with a header already read and validated.
     pub fn load_with_header(&self, path: &Path, header: &Header) -> Result<LoadedModel> {
-        let file = File::open(path)?;
-        let len = file.len()?;
-        if len != header.body_offset + header.body_len {
-            return Err(Error::new(
-                gpuio::ErrorKind::Corrupt,
-                format!(
-                    "safetensors: file changed since its header was read ({len} bytes, expected {})",
-                    header.body_offset + header.body_len
-                ),
-            )
-            .with_path(path));
-        }
-        let body_len = usize::try_from(header.body_len).map_err(|_| {
-            Error::invalid(format!("body of {} bytes is too large", header.body_len))
-        })?;
-        let buffer = DeviceBuffer::alloc(&self.device, body_len)
-            .map_err(|e| e.with_context(format!("loading {}", path.display())))?;
-        let stats = self.load_range(&file, header.body_offset, &buffer, 0, header.body_len)?;
-        Ok(LoadedModel::new(buffer, header, stats))
+        let shard = crate::checkpoint::prepare_shard(&self.device, path, header)?;
+        let mut stats = self.load_range(
+            &shard.file,
+            header.body_offset,
+            &shard.buffer,
+            0,
+            header.body_len,
+        )?;
+        stats.open = shard.open;
+        stats.device_alloc = shard.device_alloc;
+        Ok(LoadedModel::new(shard.buffer, header, stats))
     }
 
     /// Loads a safetensors file stored as an entry of a pack (compressed or not): the header is read
@@ -506,25 +562,9 @@ impl Loader {
         dst_offset: u64,
         len: u64,
     ) -> Result<LoadStats> {
-        let why_not = match (&self.direct, self.cfg.path) {
-            (_, PathChoice::Staged) => None,
-            (Err(why), PathChoice::Direct) => {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("no direct path to {}: {why}", self.device.label()),
-                )
-                .with_path(file.path()))
-            }
-            (Err(why), PathChoice::Auto) => Some(format!("direct path unavailable: {why}")),
-            (Ok(r), PathChoice::Auto) if !r.bypasses_host() => Some(format!(
-                "direct path not taken: {} is slower than staging",
-                r.describe()
-            )),
-            (Ok(_), PathChoice::Auto) if !file.is_direct() => Some(format!(
-                "direct path not taken: the file is not open O_DIRECT ({})",
-                file.direct_reason()
-            )),
-            (Ok(r), _) => match self.direct_range(r, file, offset, dst, dst_offset, len) {
+        let why_not = match self.route(file)? {
+            Route::Staged(why) => why,
+            Route::Direct(r) => match self.direct_range(r, file, offset, dst, dst_offset, len) {
                 Ok(st) => return Ok(st),
                 Err(e)
                     if self.cfg.path == PathChoice::Auto && e.kind() == ErrorKind::Unsupported =>
@@ -536,13 +576,37 @@ impl Loader {
         };
         let mut st = self.staged(Origin::File(file), offset, dst, dst_offset, len)?;
         if let Some(why) = why_not {
-            st.note = if st.note.is_empty() {
-                why
-            } else {
-                format!("{why}; {}", st.note)
-            };
+            st.add_note(why);
         }
         Ok(st)
+    }
+
+    /// Which path a load of `file` takes by [`LoaderConfig::path`]: direct (which may still refuse
+    /// the file, see [`load_range`](Self::load_range)), or staged with the reason a faster one was not
+    /// taken; an error where the direct path was demanded and there is none.
+    pub(crate) fn route(&self, file: &File) -> Result<Route<'_>> {
+        Ok(match (&self.direct, self.cfg.path) {
+            (_, PathChoice::Staged) => Route::Staged(None),
+            (Err(why), PathChoice::Direct) => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("no direct path to {}: {why}", self.device.label()),
+                )
+                .with_path(file.path()))
+            }
+            (Err(why), PathChoice::Auto) => {
+                Route::Staged(Some(format!("direct path unavailable: {why}")))
+            }
+            (Ok(r), PathChoice::Auto) if !r.bypasses_host() => Route::Staged(Some(format!(
+                "direct path not taken: {} is slower than staging",
+                r.describe()
+            ))),
+            (Ok(_), PathChoice::Auto) if !file.is_direct() => Route::Staged(Some(format!(
+                "direct path not taken: the file is not open O_DIRECT ({})",
+                file.direct_reason()
+            ))),
+            (Ok(r), _) => Route::Direct(r),
+        })
     }
 
     fn direct_range(
@@ -601,49 +665,72 @@ impl Loader {
         dst_offset: u64,
         len: u64,
     ) -> Result<LoadStats> {
-        let fits = dst_offset
-            .checked_add(len)
-            .is_some_and(|e| e <= dst.len() as u64);
-        if !fits || offset.checked_add(len).is_none() {
-            return Err(Error::invalid(format!(
-                "{len} bytes at device offset {dst_offset} do not fit a buffer of {} bytes",
-                dst.len()
-            )));
-        }
-        let path = match origin {
-            Origin::File(_) => LoadPath::Staged,
-            Origin::Entry(_) => LoadPath::StagedPack,
-        };
+        let seg = Segment::new(origin, offset, dst, dst_offset, len)?;
+        let mut run = self.staged_segments(vec![seg])?;
+        run.stats
+            .pop()
+            .ok_or_else(|| Error::invalid("a staged run of one range returned no stats"))
+    }
+
+    /// One staged transfer over several ranges (the shards of a checkpoint) in order, through the
+    /// same staging buffers and copy stream: as soon as the last chunk of range `k` is read, the
+    /// first chunks of range `k+1` are read into the buffers that free up, while range `k`'s last
+    /// copies still run; the stream is synchronized once, at the end. Each range's stats say when,
+    /// counted from the start, its first read was issued and its last copy queued. On error nothing
+    /// is left in flight and every staging buffer is back in the pool.
+    pub(crate) fn staged_segments(&self, segs: Vec<Segment<'_>>) -> Result<StagedRun> {
         let mut stream = self.stream.lock();
-        if len == 0 {
-            return Ok(LoadStats::empty(path, &self.cfg));
-        }
-        let mut run = Run::new(self, origin, offset, len, dst.ptr() + dst_offset);
-        let started = Instant::now();
+        let mut run = Run::new(self, segs);
         let result = run.drive(&mut **stream);
         // Whatever happened, nothing may still read a staging buffer or write the device.
         let synced = stream.synchronize();
+        let synced = run.name_copies(synced);
         run.drain_reads();
         result?;
         synced?;
-        Ok(LoadStats {
-            bytes: len,
-            seconds: started.elapsed().as_secs_f64(),
-            path,
-            chunks: run.chunks,
-            staging_buffers: self.cfg.staging_buffers,
-            staging_bytes: self.cfg.staging_bytes,
-            read_wait: run.read_wait,
-            copy_wait: run.copy_wait,
-            dma_copies: run.dma_copies,
-            pio_copies: run.pio_copies,
-            note: run.pio_note.unwrap_or_default(),
-            read_mode: match origin {
-                Origin::File(f) => read_mode(f),
-                Origin::Entry(_) => "pack entry (decoded on the CPU)".to_string(),
-            },
-            timeline: run.timeline,
-        })
+        let end = run.started.elapsed();
+        let n = run.segs.len();
+        let pio_note = run.pio_note.clone().unwrap_or_default();
+        let mut stats = Vec::with_capacity(n);
+        let mut windows = Vec::with_capacity(n);
+        for (i, seg) in run.segs.iter_mut().enumerate() {
+            let at = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(run.started));
+            let from = at(seg.first_issue).unwrap_or(Duration::ZERO);
+            // The last range ends when the stream is drained; an earlier one when its last copy was
+            // queued (its copies then run behind at most `staging_buffers` chunks).
+            let to = if i + 1 == n {
+                end
+            } else {
+                at(seg.last_queued).unwrap_or(from)
+            };
+            let (path, mode) = match seg.origin {
+                Origin::File(f) => (LoadPath::Staged, read_mode(f)),
+                Origin::Entry(_) => (
+                    LoadPath::StagedPack,
+                    "pack entry (decoded on the CPU)".to_string(),
+                ),
+            };
+            let mut st = LoadStats::empty(path, &self.cfg);
+            if seg.end > seg.start {
+                st.bytes = seg.end - seg.start;
+                st.seconds = if n == 1 {
+                    end.as_secs_f64()
+                } else {
+                    to.saturating_sub(from).as_secs_f64()
+                };
+                st.chunks = seg.chunks;
+                st.read_wait = seg.read_wait;
+                st.copy_wait = seg.copy_wait;
+                st.dma_copies = seg.dma_copies;
+                st.pio_copies = seg.pio_copies;
+                st.note = pio_note.clone();
+                st.read_mode = mode;
+                st.timeline = std::mem::take(&mut seg.timeline);
+            }
+            stats.push(st);
+            windows.push((from, to));
+        }
+        Ok(StagedRun { stats, windows })
     }
 
     /// The device address of a staging buffer's first byte, where the device maps it.
@@ -666,9 +753,16 @@ impl Drop for Loader {
     }
 }
 
+/// The path [`Loader::route`] chose for a file.
+pub(crate) enum Route<'r> {
+    Direct(&'r Arc<dyn DirectRead>),
+    /// Staged, and why a faster path was not taken (`None`: staged was asked for).
+    Staged(Option<String>),
+}
+
 /// Where a staged transfer's bytes come from.
 #[derive(Clone, Copy)]
-enum Origin<'a> {
+pub(crate) enum Origin<'a> {
     /// A file, read in chunks whose offsets are page-aligned (so direct).
     File(&'a File),
     /// A pack entry's logical bytes, decompressed by the pack into the staging buffer.
@@ -704,9 +798,90 @@ impl Pending {
     }
 }
 
+/// What [`Loader::staged_segments`] did: per range its stats and its window (first read issued,
+/// last copy queued, since the start; the last range's window ends when the stream is drained).
+pub(crate) struct StagedRun {
+    pub stats: Vec<LoadStats>,
+    pub windows: Vec<(Duration, Duration)>,
+}
+
+/// One range of a staged transfer: where its bytes come from and go, and what happened to it.
+pub(crate) struct Segment<'a> {
+    origin: Origin<'a>,
+    /// Range wanted.
+    start: u64,
+    end: u64,
+    /// Device address of `start`.
+    dst: DevicePtr,
+    /// Next offset to read from (aligned down at the first chunk of a file).
+    next: u64,
+    chunks: usize,
+    read_wait: Duration,
+    copy_wait: Duration,
+    dma_copies: usize,
+    pio_copies: usize,
+    first_issue: Option<Instant>,
+    last_queued: Option<Instant>,
+    timeline: Vec<ChunkTiming>,
+}
+
+impl<'a> Segment<'a> {
+    /// `len` bytes of `origin` from `offset`, to `dst` at `dst_offset` (checked to fit).
+    pub(crate) fn new(
+        origin: Origin<'a>,
+        offset: u64,
+        dst: &DeviceBuffer,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<Segment<'a>> {
+        let fits = dst_offset
+            .checked_add(len)
+            .is_some_and(|e| e <= dst.len() as u64);
+        if !fits || offset.checked_add(len).is_none() {
+            return Err(Error::invalid(format!(
+                "{len} bytes at device offset {dst_offset} do not fit a buffer of {} bytes",
+                dst.len()
+            )));
+        }
+        let end = offset + len;
+        // File chunks start page-aligned so the engine reads them direct; a pack entry's logical
+        // bytes have no such constraint. An empty range reads nothing.
+        let next = match origin {
+            _ if len == 0 => end,
+            Origin::File(_) => offset - offset % CHUNK_ALIGN,
+            Origin::Entry(_) => offset,
+        };
+        Ok(Segment {
+            origin,
+            start: offset,
+            end,
+            dst: dst.ptr() + dst_offset,
+            next,
+            chunks: 0,
+            read_wait: Duration::ZERO,
+            copy_wait: Duration::ZERO,
+            dma_copies: 0,
+            pio_copies: 0,
+            first_issue: None,
+            last_queued: None,
+            timeline: Vec::new(),
+        })
+    }
+
+    fn name(&self) -> String {
+        match self.origin {
+            Origin::File(f) => f.path().display().to_string(),
+            Origin::Entry(e) => format!("{}:{}", e.pack().path().display(), e.name()),
+        }
+    }
+}
+
 /// A chunk being read: its completion, and where its bytes go.
 struct Reading {
+    /// Its range, and its index there and in the whole run.
+    seg: usize,
     chunk: usize,
+    run_chunk: usize,
     pending: Pending,
     /// Bytes at the start of the staging buffer that precede the wanted range (alignment).
     skip: usize,
@@ -717,65 +892,74 @@ struct Reading {
     issued: Instant,
 }
 
-/// One staged transfer in progress.
+/// One staged transfer in progress, over one or more ranges in order.
 struct Run<'a> {
     loader: &'a Loader,
-    origin: Origin<'a>,
-    /// File range wanted.
-    start: u64,
-    end: u64,
-    /// Device address of `start`.
-    dst: DevicePtr,
-    /// Next file offset to read from (aligned down at the first chunk).
-    next: u64,
+    segs: Vec<Segment<'a>>,
+    /// The range being read (`segs.len()` once every range is read).
+    cur: usize,
     reads: VecDeque<Reading>,
-    /// Copies queued and the staging buffer each reads.
-    copies: VecDeque<(Ticket, IoBuffer)>,
+    /// Copies queued, the staging buffer each reads, and its range.
+    copies: VecDeque<(Ticket, IoBuffer, usize)>,
+    /// Chunks issued, all ranges together.
     chunks: usize,
-    read_wait: Duration,
-    copy_wait: Duration,
-    dma_copies: usize,
-    pio_copies: usize,
     /// Why programmed I/O was not used for a chunk small enough for it (first reason only).
     pio_note: Option<String>,
-    timeline: Vec<ChunkTiming>,
+    started: Instant,
 }
 
 impl<'a> Run<'a> {
-    fn new(
-        loader: &'a Loader,
-        origin: Origin<'a>,
-        offset: u64,
-        len: u64,
-        dst: DevicePtr,
-    ) -> Run<'a> {
-        // File chunks start page-aligned so the engine reads them direct; a pack entry's logical
-        // bytes have no such constraint.
-        let next = match origin {
-            Origin::File(_) => offset - offset % CHUNK_ALIGN,
-            Origin::Entry(_) => offset,
-        };
-        Run {
+    fn new(loader: &'a Loader, segs: Vec<Segment<'a>>) -> Run<'a> {
+        let mut run = Run {
             loader,
-            origin,
-            start: offset,
-            end: offset + len,
-            dst,
-            next,
+            segs,
+            cur: 0,
             reads: VecDeque::new(),
             copies: VecDeque::new(),
             chunks: 0,
-            read_wait: Duration::ZERO,
-            copy_wait: Duration::ZERO,
-            dma_copies: 0,
-            pio_copies: 0,
             pio_note: None,
-            timeline: Vec::new(),
+            started: Instant::now(),
+        };
+        run.skip_read_segments();
+        run
+    }
+
+    /// Moves `cur` past ranges with nothing left to read.
+    fn skip_read_segments(&mut self) {
+        while self.segs.get(self.cur).is_some_and(|s| s.next >= s.end) {
+            self.cur += 1;
         }
     }
 
     fn more_to_read(&self) -> bool {
-        self.next < self.end
+        self.cur < self.segs.len()
+    }
+
+    /// A stream's error names the files whose copies were outstanding when it came, where the run
+    /// covers several (a stream reports a failed copy at the next wait, not which copy failed).
+    fn name_copies<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            if self.segs.len() < 2 {
+                return e;
+            }
+            let mut segs: Vec<usize> = self.copies.iter().map(|c| c.2).collect();
+            segs.dedup();
+            let names: Vec<String> = segs
+                .iter()
+                .filter_map(|&i| self.segs.get(i).map(|s| s.name()))
+                .collect();
+            if names.is_empty() {
+                e
+            } else {
+                e.with_context(format!("copying to the device for {}", names.join(", ")))
+            }
+        })
+    }
+
+    /// The range copy waits are charged to: the one being read, or the last.
+    fn waiting_segment(&mut self) -> Option<&mut Segment<'a>> {
+        let i = self.cur.min(self.segs.len().saturating_sub(1));
+        self.segs.get_mut(i)
     }
 
     /// The state machine: keep every staging buffer busy, copies in chunk order.
@@ -786,7 +970,8 @@ impl<'a> Run<'a> {
                 self.copy_front(stream)?;
             }
             if self.more_to_read() {
-                if let Some(buf) = self.free_buffer(stream)? {
+                let free = self.free_buffer(stream);
+                if let Some(buf) = self.name_copies(free)? {
                     self.issue_read(buf)?;
                     continue;
                 }
@@ -797,10 +982,18 @@ impl<'a> Run<'a> {
             }
             if self.more_to_read() {
                 // Every buffer is under a copy: wait for the oldest.
-                let (ticket, buf) = self.copies.pop_front().expect("a buffer is somewhere");
+                let Some(&(ticket, ..)) = self.copies.front() else {
+                    return Err(Error::invalid(
+                        "staged load: no staging buffer is being read or copied",
+                    ));
+                };
                 let t = Instant::now();
-                stream.wait(ticket)?;
-                self.copy_wait += t.elapsed();
+                let waited = stream.wait(ticket);
+                self.name_copies(waited)?;
+                let buf = self.copies.pop_front();
+                if let Some(seg) = self.waiting_segment() {
+                    seg.copy_wait += t.elapsed();
+                }
                 drop(buf);
                 continue;
             }
@@ -813,9 +1006,9 @@ impl<'a> Run<'a> {
         if let Ok(b) = self.loader.pool.try_get() {
             return Ok(Some(b.into()));
         }
-        if let Some(&(ticket, _)) = self.copies.front() {
+        if let Some(&(ticket, ..)) = self.copies.front() {
             if stream.is_done(ticket)? {
-                return Ok(self.copies.pop_front().map(|(_, b)| b));
+                return Ok(self.copies.pop_front().map(|(_, b, _)| b));
             }
         }
         Ok(None)
@@ -823,79 +1016,110 @@ impl<'a> Run<'a> {
 
     fn issue_read(&mut self, mut buf: IoBuffer) -> Result<()> {
         let cap = self.loader.cfg.staging_bytes as u64;
-        let chunk_start = self.next;
-        let chunk_end = (chunk_start + cap).min(self.end);
-        let read_from = chunk_start.max(self.start);
+        let loader = self.loader;
+        let seg_index = self.cur;
+        let run_chunk = self.chunks;
+        let Some(seg) = self.segs.get_mut(seg_index) else {
+            return Err(Error::invalid("staged load: a read past the last range"));
+        };
+        let chunk_start = seg.next;
+        let chunk_end = (chunk_start + cap).min(seg.end);
+        let read_from = chunk_start.max(seg.start);
         let skip = (read_from - chunk_start) as usize;
         let read_len = (chunk_end - chunk_start) as usize;
         if let IoBuffer::Pooled(p) = &mut buf {
             p.set_len(read_len)?;
         }
-        let pending = match self.origin {
+        let pending = match seg.origin {
             Origin::File(file) => {
-                let mut cb = self.loader.queue.command_buffer();
+                let mut cb = loader.queue.command_buffer();
                 // Read the aligned chunk from its aligned start; the bytes before `start` are
                 // skipped.
                 let id = cb.load(file, chunk_start, buf)?;
                 Pending::File(cb.commit()?, id)
             }
-            Origin::Entry(entry) => {
-                Pending::Entry(entry.load(&self.loader.queue, chunk_start, buf)?)
-            }
+            Origin::Entry(entry) => Pending::Entry(entry.load(&loader.queue, chunk_start, buf)?),
         };
-        let dst_offset = read_from - self.start;
+        let dst_offset = read_from - seg.start;
+        let issued = Instant::now();
+        seg.first_issue.get_or_insert(issued);
         self.reads.push_back(Reading {
-            chunk: self.chunks,
+            seg: seg_index,
+            chunk: seg.chunks,
+            run_chunk,
             pending,
             skip,
             len: read_len - skip,
-            dst: self.dst + dst_offset,
+            dst: seg.dst + dst_offset,
             dst_offset,
-            issued: Instant::now(),
+            issued,
         });
+        seg.chunks += 1;
+        seg.next = chunk_end;
         self.chunks += 1;
-        self.next = chunk_end;
+        self.skip_read_segments();
         Ok(())
     }
 
     /// Waits for the oldest read and queues its copy.
     fn copy_front(&mut self, stream: &mut dyn CopyStream) -> Result<()> {
-        let r = self.reads.pop_front().expect("caller checked");
+        let Some(r) = self.reads.pop_front() else {
+            return Err(Error::invalid("staged load: no read to copy"));
+        };
         let t = Instant::now();
         let (status, buf) = r.pending.wait();
-        self.read_wait += t.elapsed();
         let read_done = Instant::now();
+        let several = self.segs.len() > 1;
+        let Some(seg) = self.segs.get_mut(r.seg) else {
+            return Err(Error::invalid("staged load: a read of no range"));
+        };
+        seg.read_wait += read_done - t;
+        // Which file, where the run covers several (one file's name is in the caller's context).
+        let of = if several {
+            format!(" of {}", seg.name())
+        } else {
+            String::new()
+        };
         if let Err(e) = status {
             return Err(e.with_context(format!(
-                "reading chunk {} for device offset {}",
+                "reading chunk {}{of} for device offset {}",
                 r.chunk, r.dst_offset
             )));
         }
         let buf = buf.ok_or_else(|| Error::invalid("the engine kept a staging buffer"))?;
         // SAFETY: `buf` is kept in `self.copies` until the ticket is done (or the stream is
-        // synchronized in load_range before the run is dropped); the destination is inside `dst`,
-        // checked in load_range.
+        // synchronized in staged_segments before the run is dropped); the destination is inside
+        // the range's buffer, checked in Segment::new.
         let src = unsafe { buf.as_ptr().add(r.skip) };
-        let ticket = self.copy_chunk(stream, src, r.len, r.dst);
-        let ticket = match ticket {
+        let (ticket, pio) = match self.copy_chunk(stream, src, r.len, r.dst) {
             Ok(t) => t,
             Err(e) => {
                 return Err(e.with_context(format!(
-                    "copying chunk {} to device offset {}",
+                    "copying chunk {}{of} to device offset {}",
                     r.chunk, r.dst_offset
                 )))
             }
         };
-        if self.loader.cfg.timeline {
-            self.timeline.push(ChunkTiming {
-                chunk: r.chunk,
+        let timeline = self.loader.cfg.timeline;
+        let Some(seg) = self.segs.get_mut(r.seg) else {
+            return Err(Error::invalid("staged load: a copy of no range"));
+        };
+        if pio {
+            seg.pio_copies += 1;
+        } else {
+            seg.dma_copies += 1;
+        }
+        seg.last_queued = Some(Instant::now());
+        if timeline {
+            seg.timeline.push(ChunkTiming {
+                chunk: r.run_chunk,
                 dst_offset: r.dst_offset,
                 read_issued: r.issued,
                 read_done,
                 ticket,
             });
         }
-        self.copies.push_back((ticket, buf));
+        self.copies.push_back((ticket, buf, r.seg));
         Ok(())
     }
 
@@ -907,16 +1131,13 @@ impl<'a> Run<'a> {
         src: *const u8,
         len: usize,
         dst: DevicePtr,
-    ) -> Result<Ticket> {
+    ) -> Result<(Ticket, bool)> {
         if len <= self.loader.cfg.pio_max_bytes {
             match self.loader.mapped_address(src) {
                 Some(mapped) => {
                     // SAFETY: as for the DMA below; `mapped` is the device address of `src`.
                     match unsafe { stream.copy_h2d_mapped_async(src, mapped, len, dst) } {
-                        Ok(t) => {
-                            self.pio_copies += 1;
-                            return Ok(t);
-                        }
+                        Ok(t) => return Ok((t, true)),
                         Err(e) if e.kind() == ErrorKind::Unsupported => {
                             self.pio_note.get_or_insert_with(|| {
                                 format!("programmed I/O unavailable, small copies are DMAs: {e}")
@@ -932,9 +1153,8 @@ impl<'a> Run<'a> {
                 }
             }
         }
-        self.dma_copies += 1;
         // SAFETY: the caller keeps src valid until the ticket completes; dst lies in the target.
-        unsafe { stream.copy_h2d_async(src, len, dst) }
+        unsafe { stream.copy_h2d_async(src, len, dst) }.map(|t| (t, false))
     }
 
     /// After an error: waits for reads still in flight so their staging buffers go back to the pool

@@ -292,6 +292,12 @@ impl<'de> serde::Deserialize<'de> for StrictValue {
     }
 }
 
+/// Parses JSON refusing a repeated key in any object, at any depth (for files that sit beside
+/// safetensors files, such as a checkpoint's index).
+pub fn parse_strict_json(text: &[u8]) -> std::result::Result<Value, serde_json::Error> {
+    serde_json::from_slice::<StrictValue>(text).map(|v| v.0)
+}
+
 /// Top-level entries in file order, duplicates kept (so they can be refused).
 struct Entries(Vec<(String, Value)>);
 

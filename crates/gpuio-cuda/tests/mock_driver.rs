@@ -34,7 +34,9 @@ use gpuio::backend::BackendKind;
 use gpuio::{DirectMode, Engine, ErrorKind, OpenOptions};
 use gpuio_cuda::cuda::{driver_status, CudaDevice};
 use gpuio_cuda::sweep::{pio_dma_sweep, sizes_up_to};
-use gpuio_cuda::{Device, DeviceBuffer, LoadPath, Loader, LoaderConfig, PathChoice};
+use gpuio_cuda::{
+    open_and_load, Checkpoint, Device, DeviceBuffer, LoadPath, Loader, LoaderConfig, PathChoice,
+};
 
 #[test]
 fn mock_open_and_status() {
@@ -69,6 +71,13 @@ fn mock_pio_dma_sweep() {
 #[test]
 fn mock_out_of_memory() {
     run_child("child_out_of_memory", &[("MOCK_CUDA_MEM_LIMIT", "200000")]);
+}
+
+/// A sharded checkpoint through one loader, its set-up on a helper thread (which must make the
+/// context current itself) or not; every shard's bytes checked; everything released after.
+#[test]
+fn mock_sharded_checkpoint() {
+    run_child("child_sharded_checkpoint", &[]);
 }
 
 /// The real-GPU cases of `tests/gpu.rs`, verbatim, under the mock driver.
@@ -354,6 +363,49 @@ fn child_out_of_memory() {
     check_model(&model, &want);
     drop(model);
     drop(loader);
+    assert_all_released();
+}
+
+#[test]
+fn child_sharded_checkpoint() {
+    if !is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine();
+    let device = open();
+    let (index, paths, want) = common::random_shards(dir.path(), 40, 4, 10, 9000);
+    let ckpt = Checkpoint::open(&[index]).unwrap();
+    assert_eq!(ckpt.shards.len(), 4);
+    for overlap in [true, false] {
+        let (loader, c) = open_and_load(&engine, &device, cfg(3, 0), &ckpt, overlap).unwrap();
+        assert_eq!(counter("mock_registered"), 3, "staging pinned once");
+        assert_eq!(c.paths, paths);
+        assert_eq!(c.tensor_count(), want.len());
+        for (name, bytes) in &want {
+            let (m, t) = c
+                .shards
+                .iter()
+                .find_map(|m| m.tensors.iter().find(|t| &t.name == name).map(|t| (m, t)))
+                .unwrap();
+            assert_eq!(m.crc32c(t).unwrap(), crc(bytes), "{name}");
+        }
+        eprintln!(
+            "mock libcuda, {} bytes in 4 shards, overlap {overlap}: {:?}",
+            c.bytes(),
+            c.phases
+        );
+        drop((loader, c));
+        assert_clean_calls();
+        assert_all_released();
+    }
+    // A corrupt shard is refused before anything is allocated or pinned.
+    let mut img = std::fs::read(&paths[2]).unwrap();
+    img.truncate(img.len() - 1);
+    std::fs::write(&paths[2], &img).unwrap();
+    let e = Checkpoint::from_files(&paths).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(counter("mock_allocated_bytes"), 0);
     assert_all_released();
 }
 

@@ -338,6 +338,19 @@ impl Engine {
     /// [`ErrorKind::WouldBlock`] if it is exhausted) and registered with the backend where it can
     /// (see [`BufferPool::registration`] for why not). A registered pool lives as long as the engine.
     pub fn buffer_pool(&self, buf_size: usize, count: usize) -> Result<BufferPool> {
+        self.buffer_pool_timed(buf_size, count)
+            .map(|(pool, _, _)| pool)
+    }
+
+    /// Like [`buffer_pool`](Self::buffer_pool), also saying how long its two steps took: allocating
+    /// the buffers (pre-faulted, so this is the kernel zeroing pages) and registering them with the
+    /// backend (io_uring pins every page). A loader reports them as separate set-up phases.
+    pub fn buffer_pool_timed(
+        &self,
+        buf_size: usize,
+        count: usize,
+    ) -> Result<(BufferPool, std::time::Duration, std::time::Duration)> {
+        let t = std::time::Instant::now();
         let pool = BufferPool::new(
             &self.0.config.memory_budget,
             buf_size,
@@ -346,6 +359,8 @@ impl Engine {
             Wait::No,
         )?;
         let (tx, rx) = bounded(1);
+        let alloc = t.elapsed();
+        let t = std::time::Instant::now();
         self.send(Msg::RegisterPool(pool.clone(), tx))?;
         let reg = rx.recv().map_err(|_| {
             Error::new(
@@ -354,7 +369,7 @@ impl Engine {
             )
         })?;
         pool.set_registration(reg);
-        Ok(pool)
+        Ok((pool, alloc, t.elapsed()))
     }
 
     pub(crate) fn inline_limits(&self) -> &InlineLimits {
