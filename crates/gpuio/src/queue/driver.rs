@@ -982,6 +982,7 @@ mod tests {
                 desc: QueueDesc::default(),
                 slots: Slots::new(1),
                 stats: Mutex::new(QueueStats::default()),
+                outstanding: Default::default(),
             });
             q.slots.acquire(true).unwrap();
             let cb = empty_cb(1000 + id);
