@@ -6,7 +6,7 @@ use std::time::Duration;
 use gpuio::backend::BackendKind;
 use gpuio::{ErrorKind, File, OpenOptions};
 use gpuio_cache::{Array, CacheConfig, CachedFile, LineState, PageCache};
-use gpuio_testkit::{FaultPlan, Rng};
+use gpuio_testkit::{within, FaultPlan, Rng};
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut r = Rng::new(seed);
@@ -24,16 +24,6 @@ fn config(lines: u64, line: usize) -> CacheConfig {
 
 fn rw(path: &std::path::Path) -> File {
     OpenOptions::read_write().open(path).unwrap()
-}
-
-/// Runs `f` on another thread and fails the test if it does not finish in `secs`.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(secs))
-        .expect("operation hung")
 }
 
 #[test]

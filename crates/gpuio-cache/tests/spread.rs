@@ -4,12 +4,11 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use gpuio::backend::BackendKind;
 use gpuio::{ErrorKind, File};
 use gpuio_cache::{CacheConfig, LineState, PageCache, ISSUE_CHUNK_LINES};
-use gpuio_testkit::{FaultPlan, Rng};
+use gpuio_testkit::{within, FaultPlan, Rng};
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut r = Rng::new(seed);
@@ -26,16 +25,6 @@ fn config(lines: u64, issue_threads: usize) -> CacheConfig {
     }
 }
 
-/// Runs `f` on another thread and fails the test if it does not finish in `secs`.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(secs))
-        .expect("operation hung")
-}
-
 /// `n` ranges of 1..=`max_len` bytes at random offsets of a `size`-byte file (some crossing lines).
 fn random_ranges(rng: &mut Rng, size: usize, n: usize, max_len: usize) -> Vec<(u64, usize)> {
     (0..n)
@@ -47,12 +36,8 @@ fn random_ranges(rng: &mut Rng, size: usize, n: usize, max_len: usize) -> Vec<(u
         .collect()
 }
 
-/// A directory on a memory-backed filesystem, if this machine has one we may write to.
 fn shm_dir() -> Option<tempfile::TempDir> {
-    let d = tempfile::tempdir_in("/dev/shm").ok()?;
-    let probe = d.path().join("probe");
-    std::fs::write(&probe, b"x").ok()?;
-    File::open(&probe).ok()?.is_memory_backed().then_some(d)
+    gpuio_testkit::memory_backed_dir()
 }
 
 fn check(label: &str, data: &[u8], ranges: &[(u64, usize)], r: &gpuio_cache::GatherResult) {

@@ -189,6 +189,46 @@ pub fn scratch_dir(place: Place) -> tempfile::TempDir {
     made.unwrap_or_else(|e| panic!("cannot make a scratch directory ({place:?}): {e}"))
 }
 
+/// A fresh scratch directory on a memory-backed filesystem (`/dev/shm` as tmpfs), or `None`, saying
+/// why on standard error, where there is none to write to: for tests of what gpu-io does with such
+/// files only (`File::is_memory_backed`).
+pub fn memory_backed_dir() -> Option<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("gpuio-test-")
+        .tempdir_in("/dev/shm")
+        .ok();
+    let backed = dir.as_ref().is_some_and(|d| {
+        let probe = d.path().join("probe");
+        std::fs::write(&probe, b"x").is_ok()
+            && gpuio::File::open(&probe).is_ok_and(|f| f.is_memory_backed())
+    });
+    if !backed {
+        eprintln!("skipped: no writable memory-backed /dev/shm here");
+        return None;
+    }
+    dir
+}
+
+/// Runs `f` on its own thread and returns what it returns. Fails the test if `f` has not finished
+/// after `secs` (a hang), and passes a panic of `f` on as it was.
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let v = f();
+        let _ = tx.send(());
+        v
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        // Sent, or dropped while `f` unwound: either way the thread has ended or is ending.
+        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("hung: not finished within {secs} s")
+        }
+    }
+}
+
 /// The temporary files of crash-safe replacements (`.NAME.PID-RAND.tmp`, see `gpuio::replace`) in
 /// `dir`: what a failed or killed write may leave behind.
 ///
@@ -209,6 +249,19 @@ pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_returns_passes_panics_on_and_catches_hangs() {
+        assert_eq!(within(10, || 7), 7);
+        let panicked = std::panic::catch_unwind(|| within(10, || panic!("inner")));
+        let msg = panicked.unwrap_err();
+        assert_eq!(msg.downcast_ref::<&str>(), Some(&"inner"));
+        let hung = std::panic::catch_unwind(|| {
+            within(1, || std::thread::sleep(std::time::Duration::from_secs(3)))
+        });
+        let msg = hung.unwrap_err();
+        assert!(msg.downcast_ref::<String>().unwrap().contains("hung"));
+    }
 
     #[test]
     fn threads_always_work_and_engines_are_labelled() {

@@ -16,15 +16,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A directory on tmpfs, or `None` (saying why) where `/dev/shm` is not memory-backed.
 fn shm_dir() -> Option<tempfile::TempDir> {
-    let dir = tempfile::tempdir_in("/dev/shm").ok()?;
-    let probe = dir.path().join("probe");
-    std::fs::write(&probe, b"x").unwrap();
-    if File::open(&probe).unwrap().is_memory_backed() {
-        Some(dir)
-    } else {
-        eprintln!("skipped: /dev/shm is not a memory-backed filesystem here");
-        None
-    }
+    gpuio_testkit::memory_backed_dir()
 }
 
 fn data(len: usize) -> Vec<u8> {
