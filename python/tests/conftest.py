@@ -1,6 +1,8 @@
-"""Shared fixtures: scratch files with known random contents."""
+"""Shared fixtures: scratch files with known random contents; waiting for an object to be freed."""
 
+import gc
 import os
+import time
 
 import numpy as np
 import pytest
@@ -28,3 +30,14 @@ def big_file(tmp_path):
 
 def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def wait_released(ref, tries=100):
+    """Collects garbage until the weak reference `ref` is dead (at most `tries` times, 10 ms apart);
+    returns whether it died."""
+    for _ in range(tries):
+        gc.collect()
+        if ref() is None:
+            return True
+        time.sleep(0.01)
+    return False

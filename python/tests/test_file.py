@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gpuio
+from conftest import wait_released
 
 
 def test_pread_matches_python_reads(data_file):
@@ -261,14 +262,8 @@ def test_buffer_kept_alive_while_in_flight(big_file, size):
         gc.collect()
         assert fut.result(timeout=60) == size
         fut = None
-        for _ in range(100):
-            gc.collect()
-            if ref() is None:
-                break
-            import time
-
-            time.sleep(0.01)
-    assert ref() is None, "the buffer was never released"
+        released = wait_released(ref)
+    assert released, "the buffer was never released"
     assert len(Probe.captured) == 1
     assert Probe.captured[0] == data[12345:12345 + size]
 

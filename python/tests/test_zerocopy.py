@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gpuio
+from conftest import wait_released
 
 PAGE = 4096
 
@@ -202,12 +203,6 @@ def test_lent_buffer_kept_alive_while_in_flight(big_file, size):
         assert fut.result(timeout=60) == size
         assert delta(f, s)["reads_zero_copy"] == 1
         fut = None
-        for _ in range(100):
-            gc.collect()
-            if ref() is None:
-                break
-            import time
-
-            time.sleep(0.01)
-    assert ref() is None, "the buffer was never released"
+        released = wait_released(ref)
+    assert released, "the buffer was never released"
     assert ProbeArray.captured == [data[2 * PAGE:2 * PAGE + size]]
