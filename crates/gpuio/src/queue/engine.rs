@@ -227,7 +227,7 @@ impl Engine {
             }
             0 => "every transfer goes through the backend (inline transfers turned off)".to_string(),
             n => format!(
-                "loads and stores of up to {n} bytes of memory-backed files (tmpfs, ramfs) are done on the committing thread, or by one of {} inline workers when one is idle: a page-cache copy costs less than a hand-off to the engine thread",
+                "loads and stores of up to {n} bytes of memory-backed files (tmpfs, ramfs) are done on the committing thread, or by one of {} inline workers when one is idle and the thread has other work outstanding: a page-cache copy costs less than a hand-off to the engine thread",
                 config.inline_threads
             ),
         });
