@@ -619,10 +619,7 @@ impl Worker {
                 add(&self.shared.counters.shut_down, reqs.len() as u64);
                 continue;
             }
-            if reqs
-                .iter()
-                .any(|d| matches!(d.opcode, OP_FLUSH | OP_FSYNC))
-            {
+            if reqs.iter().any(|d| matches!(d.opcode, OP_FLUSH | OP_FSYNC)) {
                 // FLUSH and FSYNC complete after every write taken before them (docs/rings.md,
                 // "Ordering guarantees"): the earlier rounds finish first.
                 while let Some(r) = self.inflight.pop_front() {
@@ -652,7 +649,11 @@ impl Worker {
     /// Waits at most `idle_sleep_max` (and never past its deadline) for the oldest round's I/O;
     /// finishes it if it ended.
     fn wait_oldest(&mut self) {
-        let slice = self.shared.config.idle_sleep_max.max(Duration::from_micros(1));
+        let slice = self
+            .shared
+            .config
+            .idle_sleep_max
+            .max(Duration::from_micros(1));
         let ended = match self.inflight.front() {
             None => return,
             Some(r) => match &r.io {
