@@ -1113,6 +1113,18 @@ impl Backend for GateBackend {
     }
 }
 
+/// Opens the gate when dropped, so a failed assertion does not leave a read held forever (the
+/// server's shutdown would wait for it).
+struct OpenOnDrop(Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 fn gated_engine(held_offset: u64) -> (Engine, Arc<Gate>) {
     let config = test_config(BackendKind::Threads);
     let (inner, explain) = gpuio::backend::probe(&config.backend).unwrap();
@@ -1169,6 +1181,8 @@ fn a_second_round_is_served_while_the_first_is_held() {
                 dev_addr: rig.slot_addr(k),
                 tag,
             };
+            // Declared after the rig, so dropped (gate opened) before it when an assertion fails.
+            let _open = OpenOnDrop(gate.clone());
             let p = rig.producer.clone();
             let mut retries = 0;
             p.submit_until(0, &read(HELD, 0, 1), Instant::now() + WAIT, &mut retries)
