@@ -3,12 +3,19 @@
 //! slab, adjacent lines of a file coalesced into one transfer), move read data to the device on a
 //! copy stream, and only then publish the completions (docs/rings.md, "Completion").
 //!
-//! Everything is bounded: requests per round (`batch_max`), staging bytes per round, one round in
-//! flight per thread, the engine's own retry limits, one split retry of a failed coalesced transfer,
-//! the I/O wait of a round (`io_timeout`, then cancel), and idle sleeps. A bad request gets an error
-//! result, never a panic; an engine failure becomes an error result for exactly the requests whose
-//! transfer it hit (a coalesced transfer that fails is retried request by request once, so one bad
-//! line does not fail its neighbours).
+//! Each polling thread keeps up to `rounds_in_flight` rounds in flight: it starts a round (takes,
+//! validates, places, commits) while earlier rounds' I/O runs, and finishes rounds (device copies,
+//! then completion words, then a stream synchronize) as their I/O ends, in any order. It must never
+//! publish a word before that request's copy is queued ahead of it, and never rewrite a staging slab
+//! before the stream that reads it was synchronized.
+//!
+//! Everything is bounded: requests per round (`batch_max`), staging bytes per round, rounds in
+//! flight per thread (`rounds_in_flight`, one staging slab each), the engine's own retry limits,
+//! one split retry of a failed coalesced transfer, the I/O wait of a round (`io_timeout`, then
+//! cancel), waits on rounds in flight (`idle_sleep_max` at a time), and idle sleeps. A bad request
+//! gets an error result, never a panic; an engine failure becomes an error result for exactly the
+//! requests whose transfer it hit (a coalesced transfer that fails is retried request by request
+//! once, so one bad line does not fail its neighbours).
 //!
 //! CAM (ICDE'25) and GPUfs serve GPU storage requests from CPU threads the same way; BaM (ASPLOS'23)
 //! and AGILE put the NVMe queues on the GPU instead.
@@ -105,8 +112,8 @@ pub struct ServerConfig {
     pub threads: usize,
     /// Most requests per polling round (1..=4096).
     pub batch_max: usize,
-    /// Staging slab per thread, bytes (each request takes its length rounded up to 4 KiB); at least
-    /// the region's largest request.
+    /// Staging slab per round in flight, bytes (a request takes its length rounded up to 4 KiB); at
+    /// least the region's largest request. A thread holds `rounds_in_flight` of them.
     pub staging_bytes: usize,
     /// Largest transfer that adjacent requests are coalesced into.
     pub coalesce_max_bytes: usize,
@@ -115,9 +122,9 @@ pub struct ServerConfig {
     /// Longest sleep of an idle polling thread, and the longest a thread with rounds in flight
     /// waits on the oldest before it looks at its rings and its other rounds again.
     pub idle_sleep_max: Duration,
-    /// Rounds a polling thread keeps in flight (1..=[`ROUNDS_IN_FLIGHT_MAX`]; 1 = take, run, deliver,
-    /// then poll again). Each round has its own staging slab of `staging_bytes`, so a thread holds
-    /// `rounds_in_flight × staging_bytes` of staging memory.
+    /// Rounds a polling thread keeps in flight (1..=[`ROUNDS_IN_FLIGHT_MAX`]; 1 = take, run,
+    /// deliver, then poll again). Each round has its own staging slab of `staging_bytes`, so a
+    /// thread holds `rounds_in_flight × staging_bytes` of staging memory.
     pub rounds_in_flight: usize,
 }
 
