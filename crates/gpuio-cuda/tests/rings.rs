@@ -6,18 +6,21 @@
 //! Every byte a read delivers is checked against the file's model; every write is checked on disk
 //! after shutdown; every wait is bounded, and every test body runs under a watchdog.
 
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpuio::backend::BackendKind;
-use gpuio::{DirectMode, Engine, File, OpenOptions};
+use gpuio::backend::{Backend, BackendKind, IoDone, IoOp, IoRequest, Waker};
+use gpuio::{DirectMode, Engine, File, OpenOptions, Result as IoResult};
 use gpuio_cuda::rings::layout::{
     self, code, OP_FLUSH, OP_FSYNC, OP_READ, OP_WRITE, SERVER_STOPPED,
 };
 use gpuio_cuda::rings::{
     HostStorePublish, Publish, Request, RingConfig, RingProducer, RingRegion, RingServer,
-    RingStats, ServerConfig,
+    RingStats, ServerConfig, ROUNDS_IN_FLIGHT_MAX,
 };
 use gpuio_cuda::{Device, DeviceBuffer, HostDevice, HostDeviceConfig};
 use gpuio_testkit::{
@@ -83,6 +86,21 @@ fn publisher() -> Box<dyn Publish> {
     Box::new(unsafe { HostStorePublish::new() })
 }
 
+thread_local! {
+    /// `rounds_in_flight` for every [`Rig`] this thread builds (set by [`with_rounds`]).
+    static ROUNDS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `f` once with one round in flight per polling thread and once with two.
+fn with_rounds(f: impl Fn()) {
+    for n in [1, 2] {
+        eprintln!("-- rounds_in_flight {n}");
+        ROUNDS.with(|r| r.set(Some(n)));
+        f();
+    }
+    ROUNDS.with(|r| r.set(None));
+}
+
 struct Rig {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
@@ -105,6 +123,10 @@ impl Rig {
         dev: HostDeviceConfig,
         direct: DirectMode,
     ) -> Rig {
+        let mut server = server;
+        if let Some(n) = ROUNDS.with(|r| r.get()) {
+            server.rounds_in_flight = n;
+        }
         let dir = scratch_dir(place);
         let path = make_file(dir.path(), file_lines);
         let host = HostDevice::new(dev);
@@ -310,11 +332,13 @@ fn random_traffic(place: Place, engine: &Engine, label: &str) {
 #[test]
 fn many_producers_random_lines_every_byte_checked() {
     watchdog(240, || {
-        for (label, engine) in engines() {
-            for place in [Place::Disk, Place::Shm] {
-                random_traffic(place, &engine, &label);
+        with_rounds(|| {
+            for (label, engine) in engines() {
+                for place in [Place::Disk, Place::Shm] {
+                    random_traffic(place, &engine, &label);
+                }
             }
-        }
+        });
     });
 }
 
@@ -391,83 +415,85 @@ fn host_region_bytes_are_the_spec() {
 #[test]
 fn full_rings_push_back_and_nothing_is_lost() {
     watchdog(120, || {
-        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
-        const THREADS: usize = 4;
-        const PER: usize = 8;
-        let mut rig = Rig::new(
-            Place::Shm,
-            &engine,
-            64,
-            THREADS * PER,
-            RingConfig {
-                ring_count: 1,
-                slots_per_ring: 2,
-                completion_count: (THREADS * PER) as u32,
-                line_bytes: LINE as u32,
-                max_request_bytes: LINE as u32,
-            },
-            ServerConfig {
-                batch_max: 2,
-                staging_bytes: 2 * LINE,
-                ..ServerConfig::default()
-            },
-            HostDeviceConfig {
-                copy_delay: Duration::from_micros(300),
-                ..HostDeviceConfig::default()
-            },
-            DirectMode::Auto,
-        );
-        let mut hs = Vec::new();
-        for t in 0..THREADS {
-            let p = rig.producer.clone();
-            let base = rig.slot_addr(t * PER);
-            hs.push(std::thread::spawn(move || {
-                let mut full = 0u64;
-                let mut tag = 0u32;
-                for round in 0..10u64 {
-                    let mut tags = Vec::new();
-                    for k in 0..PER {
-                        tag += 1;
-                        let line = (round * 7 + k as u64 * 3 + t as u64) % 64;
-                        let req = Request {
-                            opcode: OP_READ,
-                            file_id: 1,
-                            offset: line * LINE as u64,
-                            length: LINE as u32,
-                            completion: (t * PER + k) as u32,
-                            dev_addr: base + (k * LINE) as u64,
-                            tag,
-                        };
-                        let deadline = Instant::now() + WAIT;
-                        loop {
-                            match p.submit(0, &req) {
-                                Ok(()) => break,
-                                Err(code::EAGAIN) => {
-                                    full += 1;
-                                    assert!(Instant::now() < deadline, "ring stayed full");
-                                    std::thread::sleep(Duration::from_micros(50));
+        with_rounds(|| {
+            let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+            const THREADS: usize = 4;
+            const PER: usize = 8;
+            let mut rig = Rig::new(
+                Place::Shm,
+                &engine,
+                64,
+                THREADS * PER,
+                RingConfig {
+                    ring_count: 1,
+                    slots_per_ring: 2,
+                    completion_count: (THREADS * PER) as u32,
+                    line_bytes: LINE as u32,
+                    max_request_bytes: LINE as u32,
+                },
+                ServerConfig {
+                    batch_max: 2,
+                    staging_bytes: 2 * LINE,
+                    ..ServerConfig::default()
+                },
+                HostDeviceConfig {
+                    copy_delay: Duration::from_micros(300),
+                    ..HostDeviceConfig::default()
+                },
+                DirectMode::Auto,
+            );
+            let mut hs = Vec::new();
+            for t in 0..THREADS {
+                let p = rig.producer.clone();
+                let base = rig.slot_addr(t * PER);
+                hs.push(std::thread::spawn(move || {
+                    let mut full = 0u64;
+                    let mut tag = 0u32;
+                    for round in 0..10u64 {
+                        let mut tags = Vec::new();
+                        for k in 0..PER {
+                            tag += 1;
+                            let line = (round * 7 + k as u64 * 3 + t as u64) % 64;
+                            let req = Request {
+                                opcode: OP_READ,
+                                file_id: 1,
+                                offset: line * LINE as u64,
+                                length: LINE as u32,
+                                completion: (t * PER + k) as u32,
+                                dev_addr: base + (k * LINE) as u64,
+                                tag,
+                            };
+                            let deadline = Instant::now() + WAIT;
+                            loop {
+                                match p.submit(0, &req) {
+                                    Ok(()) => break,
+                                    Err(code::EAGAIN) => {
+                                        full += 1;
+                                        assert!(Instant::now() < deadline, "ring stayed full");
+                                        std::thread::sleep(Duration::from_micros(50));
+                                    }
+                                    Err(e) => panic!("{}", code::name(e)),
                                 }
-                                Err(e) => panic!("{}", code::name(e)),
                             }
+                            tags.push((tag, line));
                         }
-                        tags.push((tag, line));
+                        for (k, &(tag, line)) in tags.iter().enumerate() {
+                            assert_eq!(p.wait((t * PER + k) as u32, tag, WAIT), LINE as i32);
+                            assert!(dev_read(base + (k * LINE) as u64, LINE) == content(line, 0));
+                        }
                     }
-                    for (k, &(tag, line)) in tags.iter().enumerate() {
-                        assert_eq!(p.wait((t * PER + k) as u32, tag, WAIT), LINE as i32);
-                        assert!(dev_read(base + (k * LINE) as u64, LINE) == content(line, 0));
-                    }
-                }
-                full
-            }));
-        }
-        let full: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
-        let stats = rig.shutdown();
-        assert!(full > 0, "the 2-slot ring never filled");
-        assert_eq!(
-            (stats.requests, stats.errors),
-            (THREADS as u64 * PER as u64 * 10, 0)
-        );
-        eprintln!("full-ring retries: {full}; {stats:?}");
+                    full
+                }));
+            }
+            let full: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+            let stats = rig.shutdown();
+            assert!(full > 0, "the 2-slot ring never filled");
+            assert_eq!(
+                (stats.requests, stats.errors),
+                (THREADS as u64 * PER as u64 * 10, 0)
+            );
+            eprintln!("full-ring retries: {full}; {stats:?}");
+        });
     });
 }
 
@@ -475,144 +501,146 @@ fn full_rings_push_back_and_nothing_is_lost() {
 #[test]
 fn bad_requests_get_error_results_never_a_panic() {
     watchdog(60, || {
-        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
-        let mut rig = Rig::new(
-            Place::Shm,
-            &engine,
-            8,
-            4,
-            RingConfig {
-                completion_count: 32,
-                ..RingConfig::default()
-            },
-            ServerConfig::default(),
-            HostDeviceConfig::default(),
-            DirectMode::Auto,
-        );
-        let good = Request {
-            opcode: OP_READ,
-            file_id: 0,
-            offset: 0,
-            length: LINE as u32,
-            completion: 0,
-            dev_addr: rig.slot_addr(0),
-            tag: 1,
-        };
-        let outside = rig.slot_addr(4);
-        let cases: Vec<(Request, i32)> = vec![
-            (Request { file_id: 7, ..good }, code::EBADF),
-            (
-                Request {
-                    offset: 8 * LINE as u64 - 10,
-                    ..good
+        with_rounds(|| {
+            let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+            let mut rig = Rig::new(
+                Place::Shm,
+                &engine,
+                8,
+                4,
+                RingConfig {
+                    completion_count: 32,
+                    ..RingConfig::default()
                 },
-                code::ERANGE,
-            ),
-            (
-                Request {
-                    offset: u64::MAX - 5,
-                    ..good
-                },
-                code::ERANGE,
-            ),
-            (Request { length: 0, ..good }, code::EINVAL),
-            (
-                Request {
-                    length: (64 << 10) + 1,
-                    ..good
-                },
-                code::EINVAL,
-            ),
-            (Request { opcode: 99, ..good }, code::EINVAL),
-            (
-                Request {
-                    dev_addr: outside,
-                    ..good
-                },
-                code::EFAULT,
-            ),
-            (
-                Request {
-                    dev_addr: rig.slot_addr(3) + 1,
-                    ..good
-                },
-                code::EFAULT,
-            ),
-            (
-                Request {
-                    dev_addr: 0,
-                    ..good
-                },
-                code::EFAULT,
-            ),
-            (
-                Request {
-                    opcode: OP_WRITE,
-                    file_id: 1,
-                    ..good
-                },
-                code::EACCES,
-            ),
-            (
-                Request {
-                    opcode: OP_FSYNC,
-                    file_id: 9,
-                    ..good
-                },
-                code::EBADF,
-            ),
-            (good, LINE as i32),
-            (
-                Request {
-                    opcode: OP_FLUSH,
-                    ..good
-                },
-                0,
-            ),
-            (
-                Request {
-                    opcode: OP_FSYNC,
-                    ..good
-                },
-                0,
-            ),
-        ];
-        for (i, (req, want)) in cases.iter().enumerate() {
-            let req = Request {
-                completion: i as u32,
-                tag: 100 + i as u32,
-                ..*req
-            };
-            rig.producer.submit(i as u32 % 4, &req).unwrap();
-            assert_eq!(
-                rig.producer.wait(i as u32, req.tag, WAIT),
-                *want,
-                "case {i}: {req:?}"
+                ServerConfig::default(),
+                HostDeviceConfig::default(),
+                DirectMode::Auto,
             );
-        }
-        // A completion index out of range cannot be answered: counted, not crashed on.
-        let req = Request {
-            completion: 32,
-            tag: 5,
-            ..good
-        };
-        rig.producer.submit(0, &req).unwrap();
-        let req = Request {
-            completion: 31,
-            tag: 6,
-            ..good
-        };
-        rig.producer.submit(0, &req).unwrap();
-        assert_eq!(rig.producer.wait(31, 6, WAIT), LINE as i32);
-        assert_eq!(
-            rig.producer.submit(0, &Request { tag: 0, ..good }),
-            Err(code::EINVAL)
-        );
-        assert_eq!(rig.producer.submit(9, &good), Err(code::EINVAL));
-        let stats = rig.shutdown();
-        assert_eq!(stats.unanswerable, 1);
-        assert_eq!(stats.errors, 11);
-        assert_eq!(rig.producer.submit(0, &good), Err(code::ESHUTDOWN));
+            let good = Request {
+                opcode: OP_READ,
+                file_id: 0,
+                offset: 0,
+                length: LINE as u32,
+                completion: 0,
+                dev_addr: rig.slot_addr(0),
+                tag: 1,
+            };
+            let outside = rig.slot_addr(4);
+            let cases: Vec<(Request, i32)> = vec![
+                (Request { file_id: 7, ..good }, code::EBADF),
+                (
+                    Request {
+                        offset: 8 * LINE as u64 - 10,
+                        ..good
+                    },
+                    code::ERANGE,
+                ),
+                (
+                    Request {
+                        offset: u64::MAX - 5,
+                        ..good
+                    },
+                    code::ERANGE,
+                ),
+                (Request { length: 0, ..good }, code::EINVAL),
+                (
+                    Request {
+                        length: (64 << 10) + 1,
+                        ..good
+                    },
+                    code::EINVAL,
+                ),
+                (Request { opcode: 99, ..good }, code::EINVAL),
+                (
+                    Request {
+                        dev_addr: outside,
+                        ..good
+                    },
+                    code::EFAULT,
+                ),
+                (
+                    Request {
+                        dev_addr: rig.slot_addr(3) + 1,
+                        ..good
+                    },
+                    code::EFAULT,
+                ),
+                (
+                    Request {
+                        dev_addr: 0,
+                        ..good
+                    },
+                    code::EFAULT,
+                ),
+                (
+                    Request {
+                        opcode: OP_WRITE,
+                        file_id: 1,
+                        ..good
+                    },
+                    code::EACCES,
+                ),
+                (
+                    Request {
+                        opcode: OP_FSYNC,
+                        file_id: 9,
+                        ..good
+                    },
+                    code::EBADF,
+                ),
+                (good, LINE as i32),
+                (
+                    Request {
+                        opcode: OP_FLUSH,
+                        ..good
+                    },
+                    0,
+                ),
+                (
+                    Request {
+                        opcode: OP_FSYNC,
+                        ..good
+                    },
+                    0,
+                ),
+            ];
+            for (i, (req, want)) in cases.iter().enumerate() {
+                let req = Request {
+                    completion: i as u32,
+                    tag: 100 + i as u32,
+                    ..*req
+                };
+                rig.producer.submit(i as u32 % 4, &req).unwrap();
+                assert_eq!(
+                    rig.producer.wait(i as u32, req.tag, WAIT),
+                    *want,
+                    "case {i}: {req:?}"
+                );
+            }
+            // A completion index out of range cannot be answered: counted, not crashed on.
+            let req = Request {
+                completion: 32,
+                tag: 5,
+                ..good
+            };
+            rig.producer.submit(0, &req).unwrap();
+            let req = Request {
+                completion: 31,
+                tag: 6,
+                ..good
+            };
+            rig.producer.submit(0, &req).unwrap();
+            assert_eq!(rig.producer.wait(31, 6, WAIT), LINE as i32);
+            assert_eq!(
+                rig.producer.submit(0, &Request { tag: 0, ..good }),
+                Err(code::EINVAL)
+            );
+            assert_eq!(rig.producer.submit(9, &good), Err(code::EINVAL));
+            let stats = rig.shutdown();
+            assert_eq!(stats.unanswerable, 1);
+            assert_eq!(stats.errors, 11);
+            assert_eq!(rig.producer.submit(0, &good), Err(code::ESHUTDOWN));
+        });
     });
 }
 
@@ -621,126 +649,128 @@ fn bad_requests_get_error_results_never_a_panic() {
 #[test]
 fn engine_faults_become_error_results_for_the_requests_they_hit() {
     watchdog(180, || {
-        for seed in [1u64, 2, 3] {
-            let plan = FaultPlan::none()
-                .with_read_eio(0.15)
-                .with_write_eio(0.15)
-                .with_short_read(0.2)
-                .with_short_write(0.2)
-                .with_eintr(0.1);
-            let (engine, faults) =
-                faulty_engine_with(test_config(BackendKind::Threads), seed, plan).unwrap();
-            const PER: usize = 32;
-            let mut rig = Rig::new(
-                Place::Disk,
-                &engine,
-                128,
-                PER,
-                RingConfig {
-                    ring_count: 1,
-                    slots_per_ring: 64,
-                    completion_count: PER as u32,
-                    ..RingConfig::default()
-                },
-                ServerConfig::default(),
-                HostDeviceConfig::default(),
-                DirectMode::Auto,
-            );
-            let mut rng = Rng::new(seed);
-            let mut ver = vec![0u64; 128];
-            // The last write to a line failed: its new bytes may or may not have landed.
-            let mut maybe = [false; 128];
-            let (mut eio, mut ok) = (0, 0);
-            let mut tag = 0u32;
-            for _ in 0..30 {
-                // Adjacent reads of lines 0..64 (coalesced), writes to distinct lines of 64..128.
-                let start = rng.below(64 - PER as u64 / 2);
-                let wstart = 64 + rng.below(64 - PER as u64 / 2);
-                let reqs: Vec<(u16, u64)> = (0..PER as u64 / 2)
-                    .map(|k| (OP_READ, start + k))
-                    .chain((0..PER as u64 / 2).map(|k| (OP_WRITE, wstart + k)))
-                    .collect();
-                for (k, &(op, line)) in reqs.iter().enumerate() {
-                    if op == OP_WRITE {
-                        dev_write(rig.slot_addr(k), &content(line, ver[line as usize] + 1));
-                    }
-                    tag += 1;
-                    let req = Request {
-                        opcode: op,
-                        file_id: 0,
-                        offset: line * LINE as u64,
-                        length: LINE as u32,
-                        completion: k as u32,
-                        dev_addr: rig.slot_addr(k),
-                        tag,
-                    };
-                    rig.producer.submit(0, &req).unwrap();
-                }
-                let first = tag - reqs.len() as u32 + 1;
-                for (k, &(op, line)) in reqs.iter().enumerate() {
-                    let r = rig.producer.wait(k as u32, first + k as u32, WAIT);
-                    let l = line as usize;
-                    match r {
-                        r if r == LINE as i32 => {
-                            ok += 1;
-                            if op == OP_READ {
-                                assert!(dev_read(rig.slot_addr(k), LINE) == content(line, 0));
-                            } else {
-                                ver[l] += 1;
-                                maybe[l] = false;
-                            }
-                        }
-                        code::EIO => {
-                            eio += 1;
-                            if op == OP_WRITE {
-                                maybe[l] = true;
-                            }
-                        }
-                        r => panic!(
-                            "seed {seed}: unexpected result {} for {op} {line}",
-                            code::name(r)
-                        ),
-                    }
-                }
-            }
-            let stats = rig.shutdown();
-            let f = faults.counts();
-            assert!(
-                f.read_eio + f.write_eio > 0,
-                "seed {seed}: no hard fault fired: {f:?}"
-            );
-            assert!(eio > 0 && ok > 0, "seed {seed}: eio {eio} ok {ok}");
-            assert!(
-                eio <= (f.read_eio + f.write_eio) as usize * 64,
-                "more errors than faults could explain"
-            );
-            assert!(
-                stats.split_retries > 0 || f.read_eio + f.write_eio <= 2,
-                "{stats:?}"
-            );
-            let disk = std::fs::read(&rig.path).unwrap();
-            for l in 64..128usize {
-                let got = &disk[l * LINE..(l + 1) * LINE];
-                let old = content(l as u64, ver[l]);
-                let new = content(l as u64, ver[l] + 1);
-                // A failed write may have landed in part (a short write, then EIO on the rest):
-                // each 8-byte word is then the old or the new one.
-                let ok = if maybe[l] {
-                    (0..LINE / 8).all(|w| {
-                        let r = w * 8..w * 8 + 8;
-                        got[r.clone()] == old[r.clone()] || got[r.clone()] == new[r]
-                    })
-                } else {
-                    got == &old[..]
-                };
-                assert!(
-                    ok,
-                    "seed {seed}: line {l} (version {}, maybe {})",
-                    ver[l], maybe[l]
+        with_rounds(|| {
+            for seed in [1u64, 2, 3] {
+                let plan = FaultPlan::none()
+                    .with_read_eio(0.15)
+                    .with_write_eio(0.15)
+                    .with_short_read(0.2)
+                    .with_short_write(0.2)
+                    .with_eintr(0.1);
+                let (engine, faults) =
+                    faulty_engine_with(test_config(BackendKind::Threads), seed, plan).unwrap();
+                const PER: usize = 32;
+                let mut rig = Rig::new(
+                    Place::Disk,
+                    &engine,
+                    128,
+                    PER,
+                    RingConfig {
+                        ring_count: 1,
+                        slots_per_ring: 64,
+                        completion_count: PER as u32,
+                        ..RingConfig::default()
+                    },
+                    ServerConfig::default(),
+                    HostDeviceConfig::default(),
+                    DirectMode::Auto,
                 );
+                let mut rng = Rng::new(seed);
+                let mut ver = vec![0u64; 128];
+                // The last write to a line failed: its new bytes may or may not have landed.
+                let mut maybe = [false; 128];
+                let (mut eio, mut ok) = (0, 0);
+                let mut tag = 0u32;
+                for _ in 0..30 {
+                    // Adjacent reads of lines 0..64 (coalesced), writes to distinct lines of 64..128.
+                    let start = rng.below(64 - PER as u64 / 2);
+                    let wstart = 64 + rng.below(64 - PER as u64 / 2);
+                    let reqs: Vec<(u16, u64)> = (0..PER as u64 / 2)
+                        .map(|k| (OP_READ, start + k))
+                        .chain((0..PER as u64 / 2).map(|k| (OP_WRITE, wstart + k)))
+                        .collect();
+                    for (k, &(op, line)) in reqs.iter().enumerate() {
+                        if op == OP_WRITE {
+                            dev_write(rig.slot_addr(k), &content(line, ver[line as usize] + 1));
+                        }
+                        tag += 1;
+                        let req = Request {
+                            opcode: op,
+                            file_id: 0,
+                            offset: line * LINE as u64,
+                            length: LINE as u32,
+                            completion: k as u32,
+                            dev_addr: rig.slot_addr(k),
+                            tag,
+                        };
+                        rig.producer.submit(0, &req).unwrap();
+                    }
+                    let first = tag - reqs.len() as u32 + 1;
+                    for (k, &(op, line)) in reqs.iter().enumerate() {
+                        let r = rig.producer.wait(k as u32, first + k as u32, WAIT);
+                        let l = line as usize;
+                        match r {
+                            r if r == LINE as i32 => {
+                                ok += 1;
+                                if op == OP_READ {
+                                    assert!(dev_read(rig.slot_addr(k), LINE) == content(line, 0));
+                                } else {
+                                    ver[l] += 1;
+                                    maybe[l] = false;
+                                }
+                            }
+                            code::EIO => {
+                                eio += 1;
+                                if op == OP_WRITE {
+                                    maybe[l] = true;
+                                }
+                            }
+                            r => panic!(
+                                "seed {seed}: unexpected result {} for {op} {line}",
+                                code::name(r)
+                            ),
+                        }
+                    }
+                }
+                let stats = rig.shutdown();
+                let f = faults.counts();
+                assert!(
+                    f.read_eio + f.write_eio > 0,
+                    "seed {seed}: no hard fault fired: {f:?}"
+                );
+                assert!(eio > 0 && ok > 0, "seed {seed}: eio {eio} ok {ok}");
+                assert!(
+                    eio <= (f.read_eio + f.write_eio) as usize * 64,
+                    "more errors than faults could explain"
+                );
+                assert!(
+                    stats.split_retries > 0 || f.read_eio + f.write_eio <= 2,
+                    "{stats:?}"
+                );
+                let disk = std::fs::read(&rig.path).unwrap();
+                for l in 64..128usize {
+                    let got = &disk[l * LINE..(l + 1) * LINE];
+                    let old = content(l as u64, ver[l]);
+                    let new = content(l as u64, ver[l] + 1);
+                    // A failed write may have landed in part (a short write, then EIO on the rest):
+                    // each 8-byte word is then the old or the new one.
+                    let ok = if maybe[l] {
+                        (0..LINE / 8).all(|w| {
+                            let r = w * 8..w * 8 + 8;
+                            got[r.clone()] == old[r.clone()] || got[r.clone()] == new[r]
+                        })
+                    } else {
+                        got == &old[..]
+                    };
+                    assert!(
+                        ok,
+                        "seed {seed}: line {l} (version {}, maybe {})",
+                        ver[l], maybe[l]
+                    );
+                }
+                eprintln!("seed {seed}: {ok} ok, {eio} EIO; faults {f:?}; {stats:?}");
             }
-            eprintln!("seed {seed}: {ok} ok, {eio} EIO; faults {f:?}; {stats:?}");
-        }
+        });
     });
 }
 
@@ -748,45 +778,47 @@ fn engine_faults_become_error_results_for_the_requests_they_hit() {
 #[test]
 fn a_failed_device_copy_fails_its_reads_only() {
     watchdog(60, || {
-        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
-        let mut rig = Rig::new(
-            Place::Shm,
-            &engine,
-            16,
-            4,
-            RingConfig::default(),
-            ServerConfig::default(),
-            HostDeviceConfig {
-                fail_copy_nth: Some(3),
-                ..HostDeviceConfig::default()
-            },
-            DirectMode::Auto,
-        );
-        let mut results = Vec::new();
-        for i in 0..6u32 {
-            let req = Request {
-                opcode: OP_READ,
-                file_id: 0,
-                offset: (i as u64 % 16) * LINE as u64,
-                length: LINE as u32,
-                completion: 0,
-                dev_addr: rig.slot_addr(0),
-                tag: i + 1,
-            };
-            rig.producer.submit(0, &req).unwrap();
-            let r = rig.producer.wait(0, i + 1, WAIT);
-            if r == LINE as i32 {
-                assert!(dev_read(rig.slot_addr(0), LINE) == content(i as u64, 0));
+        with_rounds(|| {
+            let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+            let mut rig = Rig::new(
+                Place::Shm,
+                &engine,
+                16,
+                4,
+                RingConfig::default(),
+                ServerConfig::default(),
+                HostDeviceConfig {
+                    fail_copy_nth: Some(3),
+                    ..HostDeviceConfig::default()
+                },
+                DirectMode::Auto,
+            );
+            let mut results = Vec::new();
+            for i in 0..6u32 {
+                let req = Request {
+                    opcode: OP_READ,
+                    file_id: 0,
+                    offset: (i as u64 % 16) * LINE as u64,
+                    length: LINE as u32,
+                    completion: 0,
+                    dev_addr: rig.slot_addr(0),
+                    tag: i + 1,
+                };
+                rig.producer.submit(0, &req).unwrap();
+                let r = rig.producer.wait(0, i + 1, WAIT);
+                if r == LINE as i32 {
+                    assert!(dev_read(rig.slot_addr(0), LINE) == content(i as u64, 0));
+                }
+                results.push(r);
             }
-            results.push(r);
-        }
-        // Copy 1 is the region's initialisation; copy 3 is the second read's.
-        assert_eq!(results[1], code::EIO, "{results:?}");
-        assert!(
-            results.iter().filter(|&&r| r == LINE as i32).count() == 5,
-            "{results:?}"
-        );
-        rig.shutdown();
+            // Copy 1 is the region's initialisation; copy 3 is the second read's.
+            assert_eq!(results[1], code::EIO, "{results:?}");
+            assert!(
+                results.iter().filter(|&&r| r == LINE as i32).count() == 5,
+                "{results:?}"
+            );
+            rig.shutdown();
+        });
     });
 }
 
@@ -794,64 +826,66 @@ fn a_failed_device_copy_fails_its_reads_only() {
 #[test]
 fn writes_flush_and_fsync() {
     watchdog(60, || {
-        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
-        let mut rig = Rig::new(
-            Place::Disk,
-            &engine,
-            16,
-            8,
-            RingConfig::default(),
-            ServerConfig::default(),
-            HostDeviceConfig::default(),
-            DirectMode::Auto,
-        );
-        for k in 0..8u64 {
-            dev_write(rig.slot_addr(k as usize), &content(k + 4, 1));
-            let tag = k as u32 + 1;
-            let req = Request {
-                opcode: OP_WRITE,
-                file_id: 0,
-                offset: (k + 4) * LINE as u64,
-                length: LINE as u32,
-                completion: k as u32,
-                dev_addr: rig.slot_addr(k as usize),
-                tag,
-            };
-            rig.producer.submit(1, &req).unwrap();
-        }
-        let flush = Request {
-            opcode: OP_FLUSH,
-            file_id: 0,
-            offset: 0,
-            length: 0,
-            completion: 100,
-            dev_addr: 0,
-            tag: 1000,
-        };
-        rig.producer.submit(1, &flush).unwrap();
-        let fsync = Request {
-            opcode: OP_FSYNC,
-            completion: 101,
-            tag: 1001,
-            ..flush
-        };
-        rig.producer.submit(1, &fsync).unwrap();
-        assert_eq!(rig.producer.wait(100, 1000, WAIT), 0);
-        assert_eq!(rig.producer.wait(101, 1001, WAIT), 0);
-        for k in 0..8u32 {
-            assert_eq!(rig.producer.wait(k, k + 1, WAIT), LINE as i32);
-        }
-        let stats = rig.shutdown();
-        assert_eq!((stats.writes, stats.flushes, stats.fsyncs), (8, 1, 1));
-        assert!(stats.coalesced_writes >= 1, "{stats:?}");
-        let disk = std::fs::read(&rig.path).unwrap();
-        for l in 0..16u64 {
-            let v = if (4..12).contains(&l) { 1 } else { 0 };
-            assert!(
-                disk[l as usize * LINE..][..LINE] == content(l, v)[..],
-                "line {l}"
+        with_rounds(|| {
+            let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+            let mut rig = Rig::new(
+                Place::Disk,
+                &engine,
+                16,
+                8,
+                RingConfig::default(),
+                ServerConfig::default(),
+                HostDeviceConfig::default(),
+                DirectMode::Auto,
             );
-        }
+            for k in 0..8u64 {
+                dev_write(rig.slot_addr(k as usize), &content(k + 4, 1));
+                let tag = k as u32 + 1;
+                let req = Request {
+                    opcode: OP_WRITE,
+                    file_id: 0,
+                    offset: (k + 4) * LINE as u64,
+                    length: LINE as u32,
+                    completion: k as u32,
+                    dev_addr: rig.slot_addr(k as usize),
+                    tag,
+                };
+                rig.producer.submit(1, &req).unwrap();
+            }
+            let flush = Request {
+                opcode: OP_FLUSH,
+                file_id: 0,
+                offset: 0,
+                length: 0,
+                completion: 100,
+                dev_addr: 0,
+                tag: 1000,
+            };
+            rig.producer.submit(1, &flush).unwrap();
+            let fsync = Request {
+                opcode: OP_FSYNC,
+                completion: 101,
+                tag: 1001,
+                ..flush
+            };
+            rig.producer.submit(1, &fsync).unwrap();
+            assert_eq!(rig.producer.wait(100, 1000, WAIT), 0);
+            assert_eq!(rig.producer.wait(101, 1001, WAIT), 0);
+            for k in 0..8u32 {
+                assert_eq!(rig.producer.wait(k, k + 1, WAIT), LINE as i32);
+            }
+            let stats = rig.shutdown();
+            assert_eq!((stats.writes, stats.flushes, stats.fsyncs), (8, 1, 1));
+            assert!(stats.coalesced_writes >= 1, "{stats:?}");
+            let disk = std::fs::read(&rig.path).unwrap();
+            for l in 0..16u64 {
+                let v = if (4..12).contains(&l) { 1 } else { 0 };
+                assert!(
+                    disk[l as usize * LINE..][..LINE] == content(l, v)[..],
+                    "line {l}"
+                );
+            }
+        });
     });
 }
 
@@ -861,99 +895,364 @@ fn writes_flush_and_fsync() {
 #[test]
 fn shutdown_with_requests_in_flight_finishes_or_fails_them() {
     watchdog(90, || {
-        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
-        const THREADS: usize = 4;
-        const PER: usize = 8;
-        let mut rig = Rig::new(
-            Place::Shm,
+        with_rounds(|| {
+            let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+            const THREADS: usize = 4;
+            const PER: usize = 8;
+            let mut rig = Rig::new(
+                Place::Shm,
+                &engine,
+                64,
+                THREADS * PER,
+                RingConfig {
+                    ring_count: 2,
+                    slots_per_ring: 8,
+                    completion_count: (THREADS * PER) as u32,
+                    ..RingConfig::default()
+                },
+                ServerConfig {
+                    batch_max: 4,
+                    ..ServerConfig::default()
+                },
+                HostDeviceConfig {
+                    copy_delay: Duration::from_micros(500),
+                    ..HostDeviceConfig::default()
+                },
+                DirectMode::Auto,
+            );
+            let mut hs = Vec::new();
+            for t in 0..THREADS {
+                let p = rig.producer.clone();
+                let base = rig.slot_addr(t * PER);
+                hs.push(std::thread::spawn(move || {
+                    let (mut ok, mut refused, mut tag) = (0u64, 0u64, 0u32);
+                    loop {
+                        let mut sent = Vec::new();
+                        for k in 0..PER {
+                            tag += 1;
+                            let line = (tag as u64 * 13 + t as u64) % 64;
+                            let req = Request {
+                                opcode: OP_READ,
+                                file_id: 1,
+                                offset: line * LINE as u64,
+                                length: LINE as u32,
+                                completion: (t * PER + k) as u32,
+                                dev_addr: base + (k * LINE) as u64,
+                                tag,
+                            };
+                            let mut retries = 0;
+                            match p.submit_until(
+                                t as u32 % 2,
+                                &req,
+                                Instant::now() + WAIT,
+                                &mut retries,
+                            ) {
+                                Ok(()) => sent.push((k, tag, line)),
+                                Err(code::ESHUTDOWN) => {
+                                    refused += 1;
+                                    break;
+                                }
+                                Err(e) => panic!("{}", code::name(e)),
+                            }
+                        }
+                        for &(k, tag, line) in &sent {
+                            match p.wait((t * PER + k) as u32, tag, Duration::from_secs(2)) {
+                                r if r == LINE as i32 => {
+                                    ok += 1;
+                                    assert!(
+                                        dev_read(base + (k * LINE) as u64, LINE)
+                                            == content(line, 0)
+                                    );
+                                }
+                                code::ESHUTDOWN => refused += 1,
+                                r => panic!("unexpected {}", code::name(r)),
+                            }
+                        }
+                        if refused > 0 {
+                            return (ok, refused);
+                        }
+                    }
+                }));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let stats = rig.shutdown();
+            let mut total_ok = 0;
+            for h in hs {
+                let (ok, refused) = h.join().unwrap();
+                assert!(refused > 0);
+                total_ok += ok;
+            }
+            assert!(total_ok > 0);
+            assert_eq!(
+                rig.region
+                    .header()
+                    .server_state
+                    .load(std::sync::atomic::Ordering::Acquire),
+                SERVER_STOPPED
+            );
+            eprintln!("shutdown: {total_ok} completed; {stats:?}");
+        });
+    });
+}
+
+// -------------------------------------------------------------------------------------------------
+
+/// What a [`GateBackend`] saw, in order: a request handed to it, a completion it reported (by file
+/// offset).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Seen {
+    Pushed(u64),
+    Done(u64),
+}
+
+/// The state a [`GateBackend`] shares with its test: reads of `held_offset` are kept back until
+/// `open`.
+#[derive(Debug)]
+struct Gate {
+    held_offset: u64,
+    open: AtomicBool,
+    log: Mutex<Vec<Seen>>,
+}
+
+impl Gate {
+    fn seen(&self) -> Vec<Seen> {
+        self.log.lock().unwrap().clone()
+    }
+    /// Whether `what` was seen within `WAIT` (polled).
+    fn wait_for(&self, what: Seen) -> bool {
+        let until = Instant::now() + WAIT;
+        while Instant::now() < until {
+            if self.seen().contains(&what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        false
+    }
+}
+
+/// A backend that passes everything to a real one, except that it holds reads of one offset until
+/// the test opens the gate, and logs what was pushed and what completed.
+struct GateBackend {
+    inner: Box<dyn Backend>,
+    gate: Arc<Gate>,
+    held: VecDeque<IoRequest>,
+    offsets: HashMap<u64, u64>,
+}
+
+impl Backend for GateBackend {
+    fn kind(&self) -> BackendKind {
+        self.inner.kind()
+    }
+    fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.held.len()
+    }
+    fn attach_thread(&mut self) -> IoResult<()> {
+        self.inner.attach_thread()
+    }
+    unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
+        let (tag, off) = (req.tag, req.offset);
+        let open = self.gate.open.load(std::sync::atomic::Ordering::Acquire);
+        if req.op == IoOp::Read && off == self.gate.held_offset && !open {
+            self.held.push_back(req);
+        } else {
+            // SAFETY: the caller's contract for `req` is passed on unchanged.
+            unsafe { self.inner.push(req) }?;
+        }
+        self.offsets.insert(tag, off);
+        self.gate.log.lock().unwrap().push(Seen::Pushed(off));
+        Ok(())
+    }
+    fn submit_and_reap(
+        &mut self,
+        min_complete: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<IoDone>,
+    ) -> IoResult<()> {
+        if self.gate.open.load(std::sync::atomic::Ordering::Acquire) {
+            while let Some(req) = self.held.pop_front() {
+                // SAFETY: as in `push`: the memory stays valid until this request is reaped.
+                if let Err(req) = unsafe { self.inner.push(req) } {
+                    self.held.push_front(req);
+                    break;
+                }
+            }
+        }
+        let from = out.len();
+        if self.held.is_empty() {
+            self.inner.submit_and_reap(min_complete, timeout, out)?;
+        } else {
+            // Held requests complete only after the gate opens: wait in short slices to notice it.
+            let slice = Duration::from_millis(1);
+            let slice = timeout.map_or(slice, |t| t.min(slice));
+            if self.inner.in_flight() == 0 {
+                std::thread::sleep(slice);
+            } else {
+                let min = min_complete.min(self.inner.in_flight());
+                self.inner.submit_and_reap(min, Some(slice), out)?;
+            }
+        }
+        let mut log = self.gate.log.lock().unwrap();
+        for d in &out[from..] {
+            if let Some(off) = self.offsets.remove(&d.tag) {
+                log.push(Seen::Done(off));
+            }
+        }
+        Ok(())
+    }
+    fn waker(&self) -> Option<Waker> {
+        self.inner.waker()
+    }
+    fn notes(&self) -> Vec<String> {
+        let mut n = self.inner.notes();
+        n.push("gated by tests/rings.rs".into());
+        n
+    }
+}
+
+/// Opens the gate when dropped, so a failed assertion does not leave a read held forever (the
+/// server's shutdown would wait for it).
+struct OpenOnDrop(Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+fn gated_engine(held_offset: u64) -> (Engine, Arc<Gate>) {
+    let config = test_config(BackendKind::Threads);
+    let (inner, explain) = gpuio::backend::probe(&config.backend).unwrap();
+    let gate = Arc::new(Gate {
+        held_offset,
+        open: AtomicBool::new(false),
+        log: Mutex::new(Vec::new()),
+    });
+    let backend = GateBackend {
+        inner,
+        gate: gate.clone(),
+        held: VecDeque::new(),
+        offsets: HashMap::new(),
+    };
+    let engine = Engine::with_backend(config, Box::new(backend), explain).unwrap();
+    (engine, gate)
+}
+
+/// Pipelining, shown by order rather than by time: round 1's read is held in the backend. With two
+/// rounds in flight, round 2's read is submitted, completed and answered while round 1's is still
+/// held; with one (the control), round 2's read reaches the backend only after round 1's completed.
+#[test]
+fn a_second_round_is_served_while_the_first_is_held() {
+    watchdog(90, || {
+        const HELD: u64 = 5;
+        const OTHER: u64 = 9;
+        let (h, o) = (HELD * LINE as u64, OTHER * LINE as u64);
+        for rounds in [1, 2] {
+            let (engine, gate) = gated_engine(h);
+            let mut rig = Rig::new(
+                Place::Shm,
+                &engine,
+                16,
+                2,
+                RingConfig {
+                    ring_count: 1,
+                    slots_per_ring: 4,
+                    completion_count: 2,
+                    ..RingConfig::default()
+                },
+                ServerConfig {
+                    rounds_in_flight: rounds,
+                    ..ServerConfig::default()
+                },
+                HostDeviceConfig::default(),
+                DirectMode::Auto,
+            );
+            let read = |line: u64, k: usize, tag: u32| Request {
+                opcode: OP_READ,
+                file_id: 1,
+                offset: line * LINE as u64,
+                length: LINE as u32,
+                completion: k as u32,
+                dev_addr: rig.slot_addr(k),
+                tag,
+            };
+            // Declared after the rig, so dropped (gate opened) before it when an assertion fails.
+            let _open = OpenOnDrop(gate.clone());
+            let p = rig.producer.clone();
+            let mut retries = 0;
+            p.submit_until(0, &read(HELD, 0, 1), Instant::now() + WAIT, &mut retries)
+                .unwrap();
+            // Once the backend has it, round 1 is committed: the next request is a new round.
+            assert!(gate.wait_for(Seen::Pushed(h)), "{:?}", gate.seen());
+            p.submit_until(0, &read(OTHER, 1, 2), Instant::now() + WAIT, &mut retries)
+                .unwrap();
+            if rounds >= 2 {
+                let r = p.wait(1, 2, WAIT);
+                assert_eq!(r, LINE as i32, "round 2: {}", code::name(r));
+                assert!(dev_read(rig.slot_addr(1), LINE) == content(OTHER, 0));
+                // The gate is still closed, so round 1 cannot have completed.
+                assert_eq!(
+                    gate.seen(),
+                    vec![Seen::Pushed(h), Seen::Pushed(o), Seen::Done(o)]
+                );
+                gate.open.store(true, std::sync::atomic::Ordering::Release);
+                assert_eq!(p.wait(0, 1, WAIT), LINE as i32);
+            } else {
+                gate.open.store(true, std::sync::atomic::Ordering::Release);
+                assert_eq!(p.wait(0, 1, WAIT), LINE as i32);
+                assert_eq!(p.wait(1, 2, WAIT), LINE as i32);
+                let seen = gate.seen();
+                let at = |s: Seen| seen.iter().position(|x| *x == s).unwrap();
+                assert!(
+                    at(Seen::Done(h)) < at(Seen::Pushed(o)),
+                    "one round in flight, yet round 2's read was submitted first: {seen:?}"
+                );
+            }
+            assert!(dev_read(rig.slot_addr(0), LINE) == content(HELD, 0));
+            let stats = rig.shutdown();
+            assert_eq!((stats.batches, stats.errors), (2, 0), "{stats:?}");
+            assert_eq!(rig.host.reuse_violations(), 0);
+            eprintln!("rounds_in_flight {rounds}: {:?}", gate.seen());
+        }
+    });
+}
+
+#[test]
+fn rounds_in_flight_is_bounded() {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let host = HostDevice::new(HostDeviceConfig::default());
+    let device: Arc<dyn Device> = Arc::new(host);
+    let region = Arc::new(RingRegion::new(&device, RingConfig::default()).unwrap());
+    let lines = DeviceBuffer::alloc(&device, LINE).unwrap();
+    for (n, ok) in [(0, false), (1, true), (ROUNDS_IN_FLIGHT_MAX, true)] {
+        let r = RingServer::start(
             &engine,
-            64,
-            THREADS * PER,
-            RingConfig {
-                ring_count: 2,
-                slots_per_ring: 8,
-                completion_count: (THREADS * PER) as u32,
-                ..RingConfig::default()
-            },
+            region.clone(),
+            vec![],
+            (lines.ptr(), lines.len()),
+            &publisher,
             ServerConfig {
-                batch_max: 4,
+                rounds_in_flight: n,
                 ..ServerConfig::default()
             },
-            HostDeviceConfig {
-                copy_delay: Duration::from_micros(500),
-                ..HostDeviceConfig::default()
-            },
-            DirectMode::Auto,
         );
-        let mut hs = Vec::new();
-        for t in 0..THREADS {
-            let p = rig.producer.clone();
-            let base = rig.slot_addr(t * PER);
-            hs.push(std::thread::spawn(move || {
-                let (mut ok, mut refused, mut tag) = (0u64, 0u64, 0u32);
-                loop {
-                    let mut sent = Vec::new();
-                    for k in 0..PER {
-                        tag += 1;
-                        let line = (tag as u64 * 13 + t as u64) % 64;
-                        let req = Request {
-                            opcode: OP_READ,
-                            file_id: 1,
-                            offset: line * LINE as u64,
-                            length: LINE as u32,
-                            completion: (t * PER + k) as u32,
-                            dev_addr: base + (k * LINE) as u64,
-                            tag,
-                        };
-                        let mut retries = 0;
-                        match p.submit_until(
-                            t as u32 % 2,
-                            &req,
-                            Instant::now() + WAIT,
-                            &mut retries,
-                        ) {
-                            Ok(()) => sent.push((k, tag, line)),
-                            Err(code::ESHUTDOWN) => {
-                                refused += 1;
-                                break;
-                            }
-                            Err(e) => panic!("{}", code::name(e)),
-                        }
-                    }
-                    for &(k, tag, line) in &sent {
-                        match p.wait((t * PER + k) as u32, tag, Duration::from_secs(2)) {
-                            r if r == LINE as i32 => {
-                                ok += 1;
-                                assert!(
-                                    dev_read(base + (k * LINE) as u64, LINE) == content(line, 0)
-                                );
-                            }
-                            code::ESHUTDOWN => refused += 1,
-                            r => panic!("unexpected {}", code::name(r)),
-                        }
-                    }
-                    if refused > 0 {
-                        return (ok, refused);
-                    }
-                }
-            }));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let stats = rig.shutdown();
-        let mut total_ok = 0;
-        for h in hs {
-            let (ok, refused) = h.join().unwrap();
-            assert!(refused > 0);
-            total_ok += ok;
-        }
-        assert!(total_ok > 0);
-        assert_eq!(
-            rig.region
-                .header()
-                .server_state
-                .load(std::sync::atomic::Ordering::Acquire),
-            SERVER_STOPPED
-        );
-        eprintln!("shutdown: {total_ok} completed; {stats:?}");
-    });
+        assert_eq!(r.is_ok(), ok, "rounds_in_flight {n}: {r:?}");
+    }
+    let r = RingServer::start(
+        &engine,
+        region,
+        vec![],
+        (lines.ptr(), lines.len()),
+        &publisher,
+        ServerConfig {
+            rounds_in_flight: ROUNDS_IN_FLIGHT_MAX + 1,
+            ..ServerConfig::default()
+        },
+    );
+    assert!(r.is_err());
 }

@@ -56,4 +56,6 @@ pub use publish::{
     rings_info, CopyWordPublish, PublisherChoice, PublisherKind, RingsInfo, StreamWritePublish,
 };
 pub use region::RingRegion;
-pub use server::{HostStorePublish, Publish, RingServer, RingStats, ServerConfig};
+pub use server::{
+    HostStorePublish, Publish, RingServer, RingStats, ServerConfig, ROUNDS_IN_FLIGHT_MAX,
+};

@@ -3,17 +3,24 @@
 //! slab, adjacent lines of a file coalesced into one transfer), move read data to the device on a
 //! copy stream, and only then publish the completions (docs/rings.md, "Completion").
 //!
-//! Everything is bounded: requests per round (`batch_max`), staging bytes per round, one round in
-//! flight per thread, the engine's own retry limits, one split retry of a failed coalesced transfer,
-//! the I/O wait of a round (`io_timeout`, then cancel), and idle sleeps. A bad request gets an error
-//! result, never a panic; an engine failure becomes an error result for exactly the requests whose
-//! transfer it hit (a coalesced transfer that fails is retried request by request once, so one bad
-//! line does not fail its neighbours).
+//! Each polling thread keeps up to `rounds_in_flight` rounds in flight: it starts a round (takes,
+//! validates, places, commits) while earlier rounds' I/O runs, and finishes rounds (device copies,
+//! then completion words, then a stream synchronize) as their I/O ends, in any order. It must never
+//! publish a word before that request's copy is queued ahead of it, and never rewrite a staging slab
+//! before the stream that reads it was synchronized.
+//!
+//! Everything is bounded: requests per round (`batch_max`), staging bytes per round, rounds in
+//! flight per thread (`rounds_in_flight`, one staging slab each), the engine's own retry limits,
+//! one split retry of a failed coalesced transfer, the I/O wait of a round (`io_timeout`, then
+//! cancel), waits on rounds in flight (`idle_sleep_max` at a time), and idle sleeps. A bad request
+//! gets an error result, never a panic; an engine failure becomes an error result for exactly the
+//! requests whose transfer it hit (a coalesced transfer that fails is retried request by request
+//! once, so one bad line does not fail its neighbours).
 //!
 //! CAM (ICDE'25) and GPUfs serve GPU storage requests from CPU threads the same way; BaM (ASPLOS'23)
 //! and AGILE put the NVMe queues on the GPU instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,8 +28,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use gpuio::{
-    BufferPool, CommandId, Engine, Error, ErrorKind, File, IoBuffer, IoQueue, QueueDesc, Result,
-    Status,
+    BufferPool, CommandId, Completion, Engine, Error, ErrorKind, File, IoBuffer, IoQueue,
+    QueueDesc, Result, Status,
 };
 
 use super::layout::{
@@ -105,16 +112,24 @@ pub struct ServerConfig {
     pub threads: usize,
     /// Most requests per polling round (1..=4096).
     pub batch_max: usize,
-    /// Staging slab per thread, bytes (each request takes its length rounded up to 4 KiB); at least
-    /// the region's largest request.
+    /// Staging slab per round in flight, bytes (a request takes its length rounded up to 4 KiB); at
+    /// least the region's largest request. A thread holds `rounds_in_flight` of them.
     pub staging_bytes: usize,
     /// Largest transfer that adjacent requests are coalesced into.
     pub coalesce_max_bytes: usize,
     /// Longest a round's I/O may take before it is cancelled and its requests fail with ETIMEDOUT.
     pub io_timeout: Duration,
-    /// Longest sleep of an idle polling thread.
+    /// Longest sleep of an idle polling thread, and the longest a thread with rounds in flight
+    /// waits on the oldest before it looks at its rings and its other rounds again.
     pub idle_sleep_max: Duration,
+    /// Rounds a polling thread keeps in flight (1..=[`ROUNDS_IN_FLIGHT_MAX`]; 1 = take, run,
+    /// deliver, then poll again). Each round has its own staging slab of `staging_bytes`, so a
+    /// thread holds `rounds_in_flight × staging_bytes` of staging memory.
+    pub rounds_in_flight: usize,
 }
+
+/// The most rounds a polling thread may keep in flight ([`ServerConfig::rounds_in_flight`]).
+pub const ROUNDS_IN_FLIGHT_MAX: usize = 4;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -125,6 +140,7 @@ impl Default for ServerConfig {
             coalesce_max_bytes: 1 << 20,
             io_timeout: Duration::from_secs(30),
             idle_sleep_max: Duration::from_micros(200),
+            rounds_in_flight: 2,
         }
     }
 }
@@ -320,9 +336,10 @@ impl RingServer {
             || c.staging_bytes < max_req.next_multiple_of(4096)
             || c.staging_bytes > 1 << 30
             || c.coalesce_max_bytes == 0
+            || !(1..=ROUNDS_IN_FLIGHT_MAX).contains(&c.rounds_in_flight)
         {
             return Err(Error::invalid(format!(
-                "ring server: threads 1..=16, batch 1..=4096, staging ≥ the largest request ({max_req}) and ≤ 1 GiB, coalescing > 0: {c:?}"
+                "ring server: threads 1..=16, batch 1..=4096, staging ≥ the largest request ({max_req}) and ≤ 1 GiB, coalescing > 0, rounds in flight 1..={ROUNDS_IN_FLIGHT_MAX}: {c:?}"
             )));
         }
         if files.len() > u32::MAX as usize {
@@ -354,7 +371,11 @@ impl RingServer {
             let my: Vec<u32> = (0..rings)
                 .filter(|r| *r as usize % config.threads == t)
                 .collect();
-            let pool = engine.buffer_pool(config.staging_bytes, 1)?;
+            let pool = engine.buffer_pool(config.staging_bytes, config.rounds_in_flight)?;
+            let mut free = Vec::with_capacity(config.rounds_in_flight);
+            for _ in 0..config.rounds_in_flight {
+                free.push(pool.get_timeout(Duration::from_secs(10))?.into());
+            }
             workers.push(Worker {
                 shared: shared.clone(),
                 heads: my
@@ -363,7 +384,8 @@ impl RingServer {
                     .collect(),
                 rings: my,
                 queue: engine.queue(QueueDesc::default())?,
-                staging: Some(pool.get_timeout(Duration::from_secs(10))?.into()),
+                free,
+                inflight: VecDeque::new(),
                 pool,
                 stream: device.copy_stream()?,
                 device: device.clone(),
@@ -463,7 +485,11 @@ struct Worker {
     heads: Vec<u64>,
     queue: IoQueue,
     pool: BufferPool,
-    staging: Option<IoBuffer>,
+    /// Staging slabs not in use by a round (at most `rounds_in_flight` exist; a slab a failed
+    /// command buffer dropped went back to `pool`).
+    free: Vec<IoBuffer>,
+    /// Rounds whose command buffer is committed and not yet delivered, oldest first.
+    inflight: VecDeque<Round>,
     stream: Box<dyn CopyStream>,
     device: Arc<dyn Device>,
     publish: Box<dyn Publish>,
@@ -479,6 +505,70 @@ struct Group {
     stage: usize,
     members: Vec<usize>,
     cmd: Option<CommandId>,
+}
+
+/// A round between [`Worker::start_round`] and [`Worker::finish_round`].
+struct Round {
+    reqs: Vec<Desc>,
+    res: Vec<Option<i32>>,
+    groups: Vec<Group>,
+    /// FLUSH and FSYNC requests still to be answered by the command buffer.
+    syncs: Vec<usize>,
+    sync_cmds: BTreeMap<u32, CommandId>,
+    /// Whether the round had a command buffer to run.
+    ran: bool,
+    /// The committed command buffer and when its I/O times out.
+    io: Option<(Completion, Instant)>,
+    /// Why the command buffer could not be recorded or committed (its slab went back to the pool).
+    early: Option<(Error, Option<IoBuffer>)>,
+    /// The round's staging slab when it is not inside the command buffer.
+    staging: Option<IoBuffer>,
+}
+
+impl Round {
+    /// Whether [`Worker::finish_round`] would not block: nothing committed, the I/O ended, or its
+    /// deadline passed (then it is cancelled).
+    fn io_ended(&self) -> bool {
+        match &self.io {
+            None => true,
+            Some((c, deadline)) => !c.status().is_pending() || Instant::now() >= *deadline,
+        }
+    }
+}
+
+/// Waits for a committed command buffer until `deadline`, then cancels it: the errors by command,
+/// and the staging slab back.
+#[allow(clippy::type_complexity)]
+fn wait_completion(
+    completion: Completion,
+    deadline: Instant,
+) -> std::result::Result<(BTreeMap<CommandId, Error>, Option<IoBuffer>), (Error, Option<IoBuffer>)>
+{
+    let timed_out = completion
+        .wait_timeout(deadline.saturating_duration_since(Instant::now()))
+        .is_none();
+    if timed_out {
+        completion.try_cancel();
+    }
+    // After a cancel this waits for the transfers already handed to the backend to drain (the
+    // engine's own bounds apply to them).
+    let (status, mut fin) = completion.wait_parts();
+    let buf = fin.take_shared_buffer();
+    match status {
+        Status::Complete => Ok((BTreeMap::new(), buf)),
+        Status::Error(list) => Ok((
+            list.into_iter().map(|e| (e.command, e.error)).collect(),
+            buf,
+        )),
+        Status::Cancelled | Status::Pending => {
+            let e = if timed_out {
+                Error::new(ErrorKind::RetriesExhausted, "ring round timed out")
+            } else {
+                Error::new(ErrorKind::Cancelled, "ring round cancelled")
+            };
+            Err((e, buf))
+        }
+    }
 }
 
 /// What an engine error means to the producer.
@@ -498,10 +588,21 @@ impl Worker {
     fn run(mut self) {
         let mut idle = 0u32;
         let mut idle_sleep = Duration::from_micros(1);
+        let most = self.shared.config.rounds_in_flight;
         loop {
             let stopping = self.shared.stop.load(Ordering::Acquire);
-            let reqs = self.collect();
+            self.retire();
+            let reqs = if self.inflight.len() < most {
+                self.collect()
+            } else {
+                Vec::new()
+            };
             if reqs.is_empty() {
+                if !self.inflight.is_empty() {
+                    // Rounds in flight: block on the oldest for a bounded slice, then look again.
+                    self.wait_oldest();
+                    continue;
+                }
                 if stopping {
                     break;
                 }
@@ -525,7 +626,55 @@ impl Worker {
                 add(&self.shared.counters.shut_down, reqs.len() as u64);
                 continue;
             }
-            self.round(reqs);
+            if reqs.iter().any(|d| matches!(d.opcode, OP_FLUSH | OP_FSYNC)) {
+                // FLUSH and FSYNC complete after every write taken before them (docs/rings.md,
+                // "Ordering guarantees"): the earlier rounds finish first.
+                while let Some(r) = self.inflight.pop_front() {
+                    self.finish_round(r);
+                }
+            }
+            let r = self.start_round(reqs);
+            self.inflight.push_back(r);
+        }
+    }
+
+    /// Finishes every round in flight whose I/O has ended (or whose `io_timeout` ran out), in any
+    /// order: completion words are per request, so a later round may be answered first.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.inflight.len() {
+            if self.inflight[i].io_ended() {
+                if let Some(r) = self.inflight.remove(i) {
+                    self.finish_round(r);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Waits at most `idle_sleep_max` (and never past its deadline) for the oldest round's I/O;
+    /// finishes it if it ended.
+    fn wait_oldest(&mut self) {
+        let slice = self
+            .shared
+            .config
+            .idle_sleep_max
+            .max(Duration::from_micros(1));
+        let ended = match self.inflight.front() {
+            None => return,
+            Some(r) => match &r.io {
+                Some((c, deadline)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    c.wait_timeout(left.min(slice)).is_some() || Instant::now() >= *deadline
+                }
+                None => true,
+            },
+        };
+        if ended {
+            if let Some(r) = self.inflight.pop_front() {
+                self.finish_round(r);
+            }
         }
     }
 
@@ -644,19 +793,21 @@ impl Worker {
         self.deliver(reqs, &res, &[], None);
     }
 
+    /// A free staging slab: one no round holds, or one a failed command buffer dropped back into the
+    /// pool (bounded wait). At most `rounds_in_flight` exist, and each round holds at most one.
     fn staging(&mut self) -> Option<IoBuffer> {
-        if self.staging.is_none() {
-            // A command buffer that failed before it ran dropped the slab back into the pool.
-            self.staging = self
-                .pool
+        self.free.pop().or_else(|| {
+            self.pool
                 .get_timeout(Duration::from_secs(5))
                 .ok()
-                .map(Into::into);
-        }
-        self.staging.take()
+                .map(Into::into)
+        })
     }
 
-    fn round(&mut self, reqs: Vec<Desc>) {
+    /// Starts a round: validates, places and coalesces its requests, brings its writes' bytes from
+    /// the device, and commits one command buffer; [`finish_round`](Self::finish_round) waits for
+    /// it and delivers.
+    fn start_round(&mut self, reqs: Vec<Desc>) -> Round {
         let shared = self.shared.clone();
         let c = &shared.counters;
         add(&c.batches, 1);
@@ -773,7 +924,10 @@ impl Worker {
             .filter(|&i| res[i].is_none() && matches!(reqs[i].opcode, OP_FLUSH | OP_FSYNC))
             .collect();
         let mut sync_cmds: BTreeMap<u32, CommandId> = BTreeMap::new();
-        if !groups.is_empty() || !syncs.is_empty() {
+        let mut io = None;
+        let mut early = None;
+        let ran = !groups.is_empty() || !syncs.is_empty();
+        if ran {
             let mut cb = self.queue.command_buffer();
             let mut record_err: Option<Error> = None;
             if let Some(buf) = staging.take() {
@@ -824,9 +978,55 @@ impl Worker {
                     add(&c.coalesced_writes, 1);
                 }
             }
-            let outcome = match record_err {
-                Some(e) => Err((e, None)),
-                None => self.run_cb(cb),
+            match record_err {
+                Some(e) => early = Some((e, None)),
+                None => match cb.commit() {
+                    Ok(c) => io = Some((c, Instant::now() + self.shared.config.io_timeout)),
+                    Err(e) => early = Some((e, None)),
+                },
+            }
+        }
+        Round {
+            reqs,
+            res,
+            groups,
+            syncs,
+            sync_cmds,
+            ran,
+            io,
+            early,
+            staging,
+        }
+    }
+
+    /// Waits (bounded by the round's deadline) for a round's I/O, retries failed coalesced
+    /// transfers alone, delivers the read data and then the completion words, and gives the staging
+    /// slab back once the stream that read it is synchronized.
+    fn finish_round(&mut self, round: Round) {
+        let shared = self.shared.clone();
+        let c = &shared.counters;
+        let Round {
+            reqs,
+            mut res,
+            mut groups,
+            syncs,
+            sync_cmds,
+            ran,
+            io,
+            early,
+            mut staging,
+        } = round;
+        let stage_of = |groups: &[Group], gi: usize, i: usize| {
+            groups[gi].stage + (reqs[i].offset - groups[gi].offset) as usize
+        };
+        if ran {
+            let outcome = match (early, io) {
+                (Some((e, buf)), _) => Err((e, buf)),
+                (None, Some((completion, deadline))) => wait_completion(completion, deadline),
+                (None, None) => Err((
+                    Error::new(ErrorKind::Cancelled, "ring round was never committed"),
+                    None,
+                )),
             };
             match outcome {
                 Err((e, buf)) => {
@@ -902,7 +1102,10 @@ impl Worker {
             copies.clear();
         }
         self.deliver(&reqs, &res, &copies, Some(base));
-        self.staging = staging;
+        // `deliver` synchronized the stream: no copy reads the slab any more.
+        if let Some(b) = staging {
+            self.free.push(b);
+        }
     }
 
     /// Commits and waits (bounded): the errors by command, and the staging slab back.
@@ -915,29 +1118,7 @@ impl Worker {
         (Error, Option<IoBuffer>),
     > {
         let completion = cb.commit().map_err(|e| (e, None))?;
-        let timed_out = completion
-            .wait_timeout(self.shared.config.io_timeout)
-            .is_none();
-        if timed_out {
-            completion.try_cancel();
-        }
-        let (status, mut fin) = completion.wait_parts();
-        let buf = fin.take_shared_buffer();
-        match status {
-            Status::Complete => Ok((BTreeMap::new(), buf)),
-            Status::Error(list) => Ok((
-                list.into_iter().map(|e| (e.command, e.error)).collect(),
-                buf,
-            )),
-            Status::Cancelled | Status::Pending => {
-                let e = if timed_out {
-                    Error::new(ErrorKind::RetriesExhausted, "ring round timed out")
-                } else {
-                    Error::new(ErrorKind::Cancelled, "ring round cancelled")
-                };
-                Err((e, buf))
-            }
-        }
+        wait_completion(completion, Instant::now() + self.shared.config.io_timeout)
     }
 
     /// Retries each request of failed coalesced transfers alone, once.
