@@ -9,7 +9,6 @@
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,22 +29,9 @@ use gpuio_testkit::{
 const LINE: usize = 4096;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Runs `f` on a thread and fails the test if it takes longer than `secs` (a hang).
+/// Runs `f` on its own thread and fails the test if it hangs (see `gpuio_testkit::within`).
 fn watchdog<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => h.join().unwrap(),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(e) = h.join() {
-                std::panic::resume_unwind(e);
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test body hung for {secs} s"),
-    }
+    gpuio_testkit::within(secs, f)
 }
 
 /// The bytes of `line` at `version` (0: as the file was created).

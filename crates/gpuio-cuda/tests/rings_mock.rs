@@ -16,7 +16,6 @@
 //! and the child itself runs under a watchdog and is killed by the parent after a bound.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,22 +88,9 @@ fn mock_rings_early_publisher_is_caught() {
 
 // ---- child side ----
 
-/// Runs `f` on a thread and fails if it takes longer than `secs` (a hang).
+/// Runs `f` on its own thread and fails the test if it hangs (see `gpuio_testkit::within`).
 fn watchdog<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => h.join().unwrap(),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(e) = h.join() {
-                std::panic::resume_unwind(e);
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test body hung for {secs} s"),
-    }
+    gpuio_testkit::within(secs, f)
 }
 
 /// The bytes of `line` at `version` (0: as the file was created).
