@@ -22,6 +22,10 @@ use crate::spread::Helping;
 use crate::stats::shard_index;
 use crate::{PageCache, SourceId};
 
+/// The pieces one line serves for one gather: almost always one (a row within a line), so they are
+/// kept inline, without an allocation per miss.
+pub(crate) type Pieces = smallvec::SmallVec<[Piece; 1]>;
+
 /// One piece of a request that a line serves: bytes `[line_off, line_off + len)` of the line go to
 /// `out_off` of the requester's buffer.
 #[derive(Clone, Copy)]
@@ -77,7 +81,7 @@ impl PageCache {
         lines: &[u64],
     ) -> Result<Gather> {
         let shared = GatherShared::new(Vec::new(), vec![0]);
-        let misses = lines.iter().map(|&line| (line, Vec::new())).collect();
+        let misses = lines.iter().map(|&line| (line, Pieces::new())).collect();
         let r = self.issue_misses(src, s, &shared, misses);
         if let Err(e) = &r {
             shared.fail(e.clone());
@@ -140,7 +144,7 @@ impl PageCache {
         } else {
             buf.resize(total, 0);
         }
-        let mut missing: Vec<(u64, Vec<Piece>)> = Vec::new();
+        let mut missing: Vec<(u64, Pieces)> = Vec::new();
         let mut i = 0;
         while i < pieces.len() {
             let line = pieces[i].0;

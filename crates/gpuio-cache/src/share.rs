@@ -12,7 +12,7 @@ use std::sync::Arc;
 use gpuio::{Error, ErrorKind, IoBuffer, Result};
 
 use crate::cache::{make_tag, tag_parts, Backoff, Inner};
-use crate::gather::{GatherShared, Piece};
+use crate::gather::{GatherShared, Piece, Pieces};
 use crate::issue::IssueCtx;
 use crate::stats::Shard;
 use crate::{line, LineState, PageCache};
@@ -20,13 +20,14 @@ use crate::{line, LineState, PageCache};
 /// Who waits for a line being loaded, and where its bytes go.
 struct Consumer {
     gather: Arc<GatherShared>,
-    pieces: Vec<Piece>,
+    pieces: Pieces,
 }
 
 /// A load in flight on a slot: joiners add themselves here (the share table).
 pub(crate) struct Loading {
     tag: u64,
-    consumers: Vec<Consumer>,
+    /// Usually the one gather that issued the load: inline, no allocation per miss.
+    consumers: smallvec::SmallVec<[Consumer; 1]>,
 }
 
 impl PageCache {
@@ -64,7 +65,7 @@ impl PageCache {
                         shared.add_pending();
                         ld.consumers.push(Consumer {
                             gather: shared.clone(),
-                            pieces: pieces.to_vec(),
+                            pieces: Pieces::from_slice(pieces),
                         });
                         drop(l);
                         line::unpin(&slot.word);
@@ -85,9 +86,9 @@ impl PageCache {
             shared.add_pending();
             *slot.loading.lock() = Some(Loading {
                 tag: want,
-                consumers: vec![Consumer {
+                consumers: smallvec::smallvec![Consumer {
                     gather: shared.clone(),
-                    pieces: pieces.to_vec(),
+                    pieces: Pieces::from_slice(pieces),
                 }],
             });
             if pte

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use gpuio::Result;
 
 use crate::cache::Inner;
-use crate::gather::{GatherShared, Piece};
+use crate::gather::{GatherShared, Pieces};
 use crate::issue::IssueCtx;
 use crate::source::{Backing, Source};
 use crate::stats::shard_index;
@@ -35,7 +35,7 @@ use crate::{PageCache, SourceId, ISSUE_CHUNK_LINES, ISSUE_THREADS_MAX};
 /// A gather's missing lines (each with the pieces it serves, ascending by line), cut into chunks,
 /// and the cursor over the chunks.
 pub(crate) struct Misses {
-    lines: Vec<(u64, Vec<Piece>)>,
+    lines: Vec<(u64, Pieces)>,
     /// Where each chunk starts in `lines`, and `lines.len()` last. A chunk ends at a gap between
     /// lines, so adjacent missing lines are issued by one thread and coalesced as they would be
     /// without helpers (up to [`CHUNK_LINES_MAX`] lines, where a long scan is cut anyway).
@@ -47,7 +47,7 @@ pub(crate) struct Misses {
 }
 
 impl Misses {
-    pub(crate) fn new(lines: Vec<(u64, Vec<Piece>)>) -> Misses {
+    pub(crate) fn new(lines: Vec<(u64, Pieces)>) -> Misses {
         let mut starts = vec![0];
         for i in 1..lines.len() {
             let len = i - starts[starts.len() - 1];
@@ -118,7 +118,7 @@ impl PageCache {
         src: SourceId,
         s: &Arc<Source>,
         shared: &Arc<GatherShared>,
-        lines: Vec<(u64, Vec<Piece>)>,
+        lines: Vec<(u64, Pieces)>,
     ) -> Result<Option<Helping>> {
         let misses = Misses::new(lines);
         let threads = self.issue_threads(s).min(misses.chunks());
