@@ -15,9 +15,10 @@
 //! - [`HostDevice`]: the stand-in. Device memory is host memory (its "device pointers" are host
 //!   addresses, checked against live allocations on every copy); a capacity limit makes it run out of
 //!   memory; copies run on a worker thread, in order, with an optional injected delay and an optional
-//!   injected failure; it counts allocated and pinned bytes and logs every copy, and it checks that the
-//!   source of each copy was not changed between queueing and execution (a staging buffer reused too
-//!   early).
+//!   injected failure; page-locking can be made to fail at the N-th call or to do nothing (a device
+//!   that cannot pin); it counts allocated and pinned bytes, pin and unpin calls, and logs every copy,
+//!   and it checks that the source of each copy was not changed between queueing and execution (a
+//!   staging buffer reused too early).
 //!
 //! Nothing here does file I/O.
 
@@ -333,6 +334,13 @@ pub struct HostDeviceConfig {
     /// addressing would): [`Device::pin_host`] then returns no mapped address, and
     /// [`Device::map_host_read_only`] fails.
     pub no_host_mapping: bool,
+    /// Fail the N-th [`Device::pin_host`] call (counted from 1, every caller together) with
+    /// [`ErrorKind::OutOfMemory`], as `cuMemHostRegister` does when it cannot lock the pages; nothing
+    /// is pinned by that call.
+    pub fail_pin_nth: Option<u64>,
+    /// Page-lock nothing: [`Device::pin_host`] returns `Ok(None)`, as a device with no notion of
+    /// page-locked host memory does (the calls are still counted).
+    pub no_pinning: bool,
 }
 
 /// One executed copy, for ordering tests.
@@ -364,6 +372,7 @@ struct HostShared {
     copies_started: AtomicU64,
     alloc_calls: AtomicU64,
     pin_calls: AtomicU64,
+    unpin_calls: AtomicU64,
     log: Mutex<Vec<CopyRecord>>,
     /// Copies whose source changed between queueing and execution.
     reuse_violations: AtomicU64,
@@ -383,6 +392,7 @@ impl HostDevice {
             copies_started: AtomicU64::new(0),
             alloc_calls: AtomicU64::new(0),
             pin_calls: AtomicU64::new(0),
+            unpin_calls: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             reuse_violations: AtomicU64::new(0),
             direct_reads: AtomicU64::new(0),
@@ -400,6 +410,11 @@ impl HostDevice {
     /// loader pins its staging buffers once, however many files it loads.
     pub fn pin_calls(&self) -> u64 {
         self.0.pin_calls.load(Ordering::Relaxed)
+    }
+    /// How many times [`Device::unpin_host`] was called on this device, ever: every pin is undone
+    /// exactly once, so after its owners are gone this equals the successful pins.
+    pub fn unpin_calls(&self) -> u64 {
+        self.0.unpin_calls.load(Ordering::Relaxed)
     }
     /// Live allocations.
     pub fn allocations(&self) -> usize {
@@ -521,7 +536,16 @@ impl Device for HostDevice {
         }
     }
     unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<Pinned>> {
-        self.0.pin_calls.fetch_add(1, Ordering::Relaxed);
+        let n = self.0.pin_calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.0.cfg.fail_pin_nth == Some(n) {
+            return Err(Error::new(
+                ErrorKind::OutOfMemory,
+                format!("cpu device: injected failure of pin {n} ({len} bytes at {ptr:p})"),
+            ));
+        }
+        if self.0.cfg.no_pinning {
+            return Ok(None);
+        }
         self.0.state.lock().pinned.insert(ptr as usize, len);
         Ok(Some(Pinned {
             // The stand-in's device reads host memory at its own address.
@@ -529,6 +553,7 @@ impl Device for HostDevice {
         }))
     }
     unsafe fn unpin_host(&self, ptr: *mut u8, _len: usize) {
+        self.0.unpin_calls.fetch_add(1, Ordering::Relaxed);
         self.0.state.lock().pinned.remove(&(ptr as usize));
     }
     fn copy_stream(&self) -> Result<Box<dyn CopyStream>> {

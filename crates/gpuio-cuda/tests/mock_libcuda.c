@@ -22,6 +22,11 @@
  * (CUDA_ERROR_NOT_SUPPORTED) where its device attribute says 0 (122 for v2; 92 and 93 for v1).
  * MOCK_CUDA_COPY_DELAY_US=<n> makes every queued copy sleep n microseconds before it moves its
  * bytes, so a completion published before its data is seen by a polling thread.
+ *
+ * Page-locking: every cuMemHostRegister call and every successful cuMemHostUnregister is counted
+ * (mock_register_calls, mock_unregister_calls; mock_registered is the ranges registered now), and
+ * MOCK_CUDA_FAIL_REGISTER_NTH=<n> makes the n-th cuMemHostRegister call (from 1) fail with
+ * CUDA_ERROR_OUT_OF_MEMORY, registering nothing, as the driver does when it cannot lock the pages.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -68,6 +73,7 @@ static int sticky_error;
 /* Counters, read by the test through the exported mock_* functions. */
 static long n_launches, n_dma, n_faults, n_bad_calls, n_live_events, n_live_streams, n_live_modules;
 static long n_stream_writes;
+static long n_register_calls, n_unregister_calls;
 static char last_bad[512];
 
 struct range { uintptr_t host; size_t len; unsigned flags; int live; };
@@ -366,7 +372,10 @@ CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned flags) {
     pthread_mutex_lock(&lock);
     CTX();
     CUresult r = SUCCESS;
-    if (!p || n == 0) r = BAD(INVALID_VALUE, "null or empty range");
+    const char *fail = getenv("MOCK_CUDA_FAIL_REGISTER_NTH");
+    n_register_calls++;
+    if (fail && atol(fail) == n_register_calls) r = OUT_OF_MEMORY; /* injected: nothing registered */
+    else if (!p || n == 0) r = BAD(INVALID_VALUE, "null or empty range");
     else if (flags & ~(1u | 2u | 4u | 8u)) r = BAD(INVALID_VALUE, "unknown flags");
     else if (overlapping(regs, (uintptr_t)p, n))
         r = BAD(ALREADY_REGISTERED, "overlaps a registered range");
@@ -400,7 +409,7 @@ CUresult cuMemHostUnregister(void *p) {
     while (i < MAX_RANGES && !(regs[i].live && regs[i].host == (uintptr_t)p)) i++;
     CUresult r = SUCCESS;
     if (i == MAX_RANGES) r = BAD(NOT_REGISTERED, "not the start of a registered range");
-    else regs[i].live = 0;
+    else { regs[i].live = 0; n_unregister_calls++; }
     pthread_mutex_unlock(&lock);
     return r;
 }
@@ -637,6 +646,8 @@ long mock_registered(void) {
     return k;
 }
 long mock_allocated_bytes(void) { return (long)alloc_bytes; }
+long mock_register_calls(void) { return n_register_calls; }
+long mock_unregister_calls(void) { return n_unregister_calls; }
 const char *mock_last_bad(void) { return last_bad; }
 
 /* For the mock cuFile (mock_libcufile.c): the host address behind device memory [d, d+n) written by

@@ -1242,3 +1242,217 @@ fn rounds_in_flight_is_bounded() {
     );
     assert!(r.is_err());
 }
+
+// ---- page-locked staging (docs/rings.md, "Staging memory is page-locked") ----
+
+/// A stand-in with a region of 4 rings, a line buffer and a file of 16 lines.
+struct PinRig {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    host: HostDevice,
+    region: Arc<RingRegion>,
+    lines: DeviceBuffer,
+}
+
+fn pin_rig(dev: HostDeviceConfig) -> PinRig {
+    let dir = scratch_dir(Place::Shm);
+    let path = make_file(dir.path(), 16);
+    let host = HostDevice::new(dev);
+    let device: Arc<dyn Device> = Arc::new(host.clone());
+    let region = Arc::new(
+        RingRegion::new(
+            &device,
+            RingConfig {
+                ring_count: 4,
+                slots_per_ring: 4,
+                completion_count: 4,
+                line_bytes: LINE as u32,
+                max_request_bytes: LINE as u32,
+            },
+        )
+        .unwrap(),
+    );
+    let lines = DeviceBuffer::alloc(&device, 4 * LINE).unwrap();
+    PinRig {
+        _dir: dir,
+        path,
+        host,
+        region,
+        lines,
+    }
+}
+
+fn pin_config(threads: usize, rounds: usize) -> ServerConfig {
+    ServerConfig {
+        threads,
+        batch_max: 4,
+        staging_bytes: 4 * LINE,
+        rounds_in_flight: rounds,
+        io_timeout: WAIT,
+        ..ServerConfig::default()
+    }
+}
+
+fn pin_start(engine: &Engine, rig: &PinRig, cfg: ServerConfig) -> IoResult<RingServer> {
+    RingServer::start(
+        engine,
+        rig.region.clone(),
+        vec![File::open(&rig.path).unwrap()],
+        (rig.lines.ptr(), rig.lines.len()),
+        &publisher,
+        cfg,
+    )
+}
+
+/// One read on every ring, each checked: the server serves with its staging as it is.
+fn pin_serve(rig: &PinRig) {
+    // SAFETY: the stand-in's device memory is host memory.
+    let p = unsafe { RingProducer::new(rig.region.clone()) };
+    for r in 0..4u32 {
+        let line = 3 + r as u64;
+        let dev = rig.lines.ptr() + (r as usize * LINE) as u64;
+        let tag = 100 + r;
+        let req = Request {
+            opcode: OP_READ,
+            file_id: 0,
+            offset: line * LINE as u64,
+            length: LINE as u32,
+            completion: r,
+            dev_addr: dev,
+            tag,
+        };
+        let mut retries = 0;
+        p.submit_until(r, &req, Instant::now() + WAIT, &mut retries)
+            .unwrap_or_else(|e| panic!("submit: {}", code::name(e)));
+        assert_eq!(p.wait(r, tag, WAIT), LINE as i32, "read on ring {r}");
+        assert!(dev_read(dev, LINE) == content(line, 0), "bytes of ring {r}");
+    }
+}
+
+/// Every staging slab is page-locked once at start (one pin per slab: threads × rounds in flight),
+/// and unpinned exactly once after shutdown, and after a drop without shutdown.
+#[test]
+fn staging_slabs_are_pinned_at_start_and_unpinned_once_at_shutdown_and_drop() {
+    watchdog(120, || {
+        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+        for (threads, rounds) in [(1, 1), (2, 2), (3, ROUNDS_IN_FLIGHT_MAX)] {
+            let rig = pin_rig(HostDeviceConfig::default());
+            let slabs = (threads * rounds) as u64;
+            let slab_bytes = 4 * LINE as u64;
+            for explicit in [true, false] {
+                let (pins, unpins, bytes) = (
+                    rig.host.pin_calls(),
+                    rig.host.unpin_calls(),
+                    rig.host.pinned_bytes(),
+                );
+                let server = pin_start(&engine, &rig, pin_config(threads, rounds)).unwrap();
+                assert_eq!(rig.host.pin_calls() - pins, slabs, "pin calls at start");
+                assert_eq!(rig.host.unpin_calls(), unpins, "unpinned while serving");
+                assert_eq!(rig.host.pinned_bytes() - bytes, slabs * slab_bytes);
+                assert_eq!(server.stats().staging_pinned, slabs);
+                assert!(
+                    server.staging_pinning().contains(&format!(
+                        "{slabs} staging slabs of {slab_bytes} bytes page-locked"
+                    )),
+                    "{}",
+                    server.staging_pinning()
+                );
+                pin_serve(&rig);
+                assert_eq!(
+                    rig.host.pin_calls() - pins,
+                    slabs,
+                    "pinned again while serving"
+                );
+                if explicit {
+                    server.shutdown();
+                } else {
+                    drop(server);
+                }
+                assert_eq!(
+                    rig.host.unpin_calls() - unpins,
+                    slabs,
+                    "unpins after {}",
+                    if explicit { "shutdown" } else { "drop" }
+                );
+                assert_eq!(rig.host.pinned_bytes(), bytes, "left pinned");
+                assert_eq!(rig.host.reuse_violations(), 0);
+            }
+        }
+    });
+}
+
+/// A pin that fails (the first, a middle and the last slab's) fails the start with an error naming
+/// the slab, and leaves nothing of the server pinned: each earlier pin was undone once.
+#[test]
+fn a_failed_pin_fails_start_and_unpins_what_was_pinned() {
+    watchdog(120, || {
+        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+        let (threads, rounds) = (2, 2);
+        for k in 1..=(threads * rounds) as u64 {
+            // Pin call 1 is the region's host memory; the slabs' pins follow.
+            let rig = pin_rig(HostDeviceConfig {
+                fail_pin_nth: Some(1 + k),
+                ..HostDeviceConfig::default()
+            });
+            assert_eq!(rig.host.pin_calls(), 1, "the region pins once");
+            let bytes = rig.host.pinned_bytes();
+            let e = pin_start(&engine, &rig, pin_config(threads, rounds)).unwrap_err();
+            let msg = e.to_string();
+            let slab = (k - 1) % rounds as u64 + 1;
+            let thread = (k - 1) / rounds as u64 + 1;
+            assert!(
+                msg.contains(&format!(
+                    "page-locking staging slab {slab} of {rounds} ({} bytes) of polling thread {thread} of {threads}",
+                    4 * LINE
+                )) && msg.contains("injected failure of pin"),
+                "{msg}"
+            );
+            assert_eq!(e.kind(), gpuio::ErrorKind::OutOfMemory, "{msg}");
+            assert_eq!(rig.host.pin_calls(), 1 + k, "pinned on after the failure");
+            assert_eq!(
+                rig.host.unpin_calls(),
+                k - 1,
+                "pins before the failure undone once"
+            );
+            assert_eq!(rig.host.pinned_bytes(), bytes, "a slab left pinned");
+            assert_ne!(
+                rig.region
+                    .header()
+                    .server_state
+                    .load(std::sync::atomic::Ordering::Acquire),
+                layout::SERVER_SERVING,
+                "a failed start said it was serving"
+            );
+        }
+    });
+}
+
+/// A device that cannot page-lock host memory: the server runs unpinned, as the loader does, and
+/// says why; nothing is unpinned that was not pinned.
+#[test]
+fn a_device_that_cannot_pin_serves_unpinned_and_says_why() {
+    watchdog(120, || {
+        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+        let rig = pin_rig(HostDeviceConfig {
+            no_pinning: true,
+            ..HostDeviceConfig::default()
+        });
+        let pins = rig.host.pin_calls();
+        let server = pin_start(&engine, &rig, pin_config(2, 2)).unwrap();
+        assert_eq!(
+            rig.host.pin_calls() - pins,
+            1,
+            "asked once, then stopped asking"
+        );
+        assert_eq!(server.stats().staging_pinned, 0);
+        let note = server.staging_pinning().to_string();
+        assert!(
+            note.contains("not page-locked") && note.contains("cpu does not page-lock host memory"),
+            "{note}"
+        );
+        pin_serve(&rig);
+        server.shutdown();
+        assert_eq!(rig.host.unpin_calls(), 0, "unpinned what was never pinned");
+        assert_eq!(rig.host.pinned_bytes(), 0);
+    });
+}

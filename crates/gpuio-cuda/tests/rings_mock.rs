@@ -86,6 +86,23 @@ fn mock_rings_early_publisher_is_caught() {
     );
 }
 
+/// The staging slabs are registered with `cuMemHostRegister` once each at start and unregistered
+/// once each at shutdown and on drop; a registration the driver refuses half way fails the start
+/// with every earlier one unregistered.
+#[test]
+fn mock_rings_staging_is_registered_once_and_released() {
+    run_child("child_rings_staging_registration", &[]);
+}
+
+#[test]
+fn mock_rings_failed_registration_fails_start_cleanly() {
+    // Call 1 registers the host region; 2 and 3 are thread 1's slabs, 4 thread 2's first.
+    run_child(
+        "child_rings_failed_registration",
+        &[("MOCK_CUDA_FAIL_REGISTER_NTH", "4")],
+    );
+}
+
 // ---- child side ----
 
 /// Runs `f` on its own thread and fails the test if it hangs (see `gpuio_testkit::within`).
@@ -501,5 +518,104 @@ fn child_rings_early_publisher_is_caught() {
             "no completion was seen before its data with a publisher that writes words first: the check cannot fail ({seen:?})"
         );
         eprintln!("early publisher caught: {seen:?}");
+    });
+}
+
+#[test]
+fn child_rings_staging_registration() {
+    if !is_child() {
+        return;
+    }
+    watchdog(240, || {
+        let s = setup();
+        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+        let cfg = server_config();
+        let slabs = (cfg.threads * cfg.rounds_in_flight) as i64;
+        for explicit in [true, false] {
+            let (calls, unreg, live) = (
+                counter("mock_register_calls"),
+                counter("mock_unregister_calls"),
+                counter("mock_registered"),
+            );
+            let server = RingServer::start_auto(
+                &engine,
+                s.region.clone(),
+                vec![open_rw(&s.path)],
+                (s.lines.ptr(), s.lines.len()),
+                cfg.clone(),
+            )
+            .unwrap();
+            // The stream-write publisher registers nothing of its own: every new registration is
+            // a staging slab.
+            assert_eq!(server.publisher().unwrap().kind, PublisherKind::StreamWrite);
+            assert_eq!(counter("mock_register_calls") - calls, slabs);
+            assert_eq!(counter("mock_registered") - live, slabs);
+            assert_eq!(server.stats().staging_pinned, slabs as u64);
+            let bias = counter("mock_device_bias") as u64;
+            // SAFETY: as in serve_and_check.
+            let producer = unsafe { RingProducer::with_device_bias(s.region.clone(), bias) };
+            // Reads only: each iteration checks against the file as created.
+            let (seen, _) = produce(&s, &producer, 4, false);
+            assert_eq!((seen.early, seen.failed), (0, 0), "{seen:?}");
+            if explicit {
+                server.shutdown();
+            } else {
+                drop(server);
+            }
+            assert_eq!(counter("mock_unregister_calls") - unreg, slabs);
+            assert_eq!(counter("mock_registered"), live, "a slab left registered");
+            assert_eq!(counter("mock_register_calls") - calls, slabs);
+        }
+        assert_clean_calls();
+        drop(s);
+        drop(engine);
+        assert_all_released();
+    });
+}
+
+#[test]
+fn child_rings_failed_registration() {
+    if !is_child() {
+        return;
+    }
+    watchdog(240, || {
+        let s = setup();
+        assert_eq!(
+            counter("mock_register_calls"),
+            1,
+            "the region registers once"
+        );
+        let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+        let e = RingServer::start_auto(
+            &engine,
+            s.region.clone(),
+            vec![open_rw(&s.path)],
+            (s.lines.ptr(), s.lines.len()),
+            server_config(),
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("page-locking staging slab 1 of 2")
+                && msg.contains("polling thread 2 of 2"),
+            "{msg}"
+        );
+        assert!(msg.contains("cuMemHostRegister"), "{msg}");
+        assert_eq!(counter("mock_register_calls"), 4);
+        assert_eq!(
+            counter("mock_unregister_calls"),
+            2,
+            "thread 1's slabs unregistered once"
+        );
+        assert_eq!(
+            counter("mock_registered"),
+            1,
+            "only the region is registered"
+        );
+        assert!(!s.region.serving(), "a failed start said it was serving");
+        assert_clean_calls();
+        drop(s);
+        drop(engine);
+        assert_all_released();
     });
 }

@@ -17,6 +17,15 @@
 //! requests whose transfer it hit (a coalesced transfer that fails is retried request by request
 //! once, so one bad line does not fail its neighbours).
 //!
+//! Each thread's staging slabs are page-locked with the device once, at start
+//! ([`Device::pin_host`], as `loader.rs` pins its staging), so its host → device copies are DMA
+//! from pinned memory; they are unpinned exactly once, when the thread's worker is dropped (at
+//! shutdown, on drop, or on a failed start), and never while a copy queued on its stream may still
+//! read them. A device that cannot page-lock host memory (`Ok(None)` or
+//! [`ErrorKind::Unsupported`]) leaves them unpinned and the server says why
+//! ([`RingServer::staging_pinning`]); any other pin failure fails the start, with what was pinned
+//! already unpinned.
+//!
 //! CAM (ICDE'25) and GPUfs serve GPU storage requests from CPU threads the same way; BaM (ASPLOS'23)
 //! and AGILE put the NVMe queues on the GPU instead.
 
@@ -181,6 +190,9 @@ pub struct RingStats {
     pub unanswerable: u64,
     /// Requests failed with ESHUTDOWN by the final drain.
     pub shut_down: u64,
+    /// Staging slabs page-locked with the device (`threads × rounds_in_flight` when pinned, 0 where
+    /// the device cannot pin: [`RingServer::staging_pinning`] says why).
+    pub staging_pinned: u64,
     /// Time since the server started.
     pub elapsed: Duration,
 }
@@ -233,6 +245,9 @@ struct Shared {
     started: Instant,
     /// The publisher [`RingServer::start_auto`] chose (None: the caller gave one).
     publisher: Option<PublisherChoice>,
+    /// Staging slabs page-locked, and what [`RingServer::staging_pinning`] says.
+    staging_pinned: u64,
+    staging_note: String,
 }
 
 /// The running server; [`shutdown`](Self::shutdown) (or drop) stops it.
@@ -320,6 +335,12 @@ impl RingServer {
         self.shared.publisher.as_ref()
     }
 
+    /// Whether the polling threads' staging slabs are page-locked with the device, and if not, why
+    /// (then the driver stages each host → device copy from them itself, synchronously).
+    pub fn staging_pinning(&self) -> &str {
+        &self.shared.staging_note
+    }
+
     fn start_with(
         engine: &Engine,
         region: Arc<RingRegion>,
@@ -354,6 +375,48 @@ impl RingServer {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let device = region.device().clone();
+        let rings = region.layout().config.ring_count;
+        let nthreads = config.threads.min(rings as usize);
+        // Every thread's staging slabs, page-locked once, as `(pins, pool, slabs)`: a tuple drops
+        // its fields in order, so on an error return each thread's pins are released before its
+        // pool and slabs can free the memory.
+        let mut staging = Vec::with_capacity(nthreads);
+        let mut unpinned: Option<String> = None;
+        for t in 0..nthreads {
+            let pool = engine.buffer_pool(config.staging_bytes, config.rounds_in_flight)?;
+            let mut free: Vec<IoBuffer> = Vec::with_capacity(config.rounds_in_flight);
+            for _ in 0..config.rounds_in_flight {
+                free.push(pool.get_timeout(Duration::from_secs(10))?.into());
+            }
+            let pins = if unpinned.is_some() {
+                StagingPins::none(&device)
+            } else {
+                match StagingPins::pin(&device, t, nthreads, &mut free)? {
+                    Ok(p) => p,
+                    Err(why) => {
+                        // The device cannot pin: no thread's slabs are (the earlier ones' pins
+                        // are released so that all threads run alike).
+                        for (p, _, _) in staging.iter_mut() {
+                            *p = StagingPins::none(&device);
+                        }
+                        unpinned = Some(why);
+                        StagingPins::none(&device)
+                    }
+                }
+            };
+            staging.push((pins, pool, free));
+        }
+        let staging_pinned = staging.iter().map(|(p, _, _)| p.len() as u64).sum::<u64>();
+        let staging_note = match &unpinned {
+            None => format!(
+                "{staging_pinned} staging slabs of {} bytes page-locked ({nthreads} polling threads × {} rounds in flight)",
+                config.staging_bytes, config.rounds_in_flight
+            ),
+            Some(why) => format!(
+                "staging slabs not page-locked: {why}; the driver stages each copy from them itself"
+            ),
+        };
         let shared = Arc::new(Shared {
             region: region.clone(),
             files,
@@ -363,19 +426,26 @@ impl RingServer {
             counters: Counters::default(),
             started: Instant::now(),
             publisher: choice,
+            staging_pinned,
+            staging_note,
         });
-        let device = region.device().clone();
-        let rings = region.layout().config.ring_count;
         let mut workers = Vec::new();
-        for t in 0..config.threads.min(rings as usize) {
+        for (t, (pins, pool, free)) in staging.into_iter().enumerate() {
             let my: Vec<u32> = (0..rings)
                 .filter(|r| *r as usize % config.threads == t)
                 .collect();
-            let pool = engine.buffer_pool(config.staging_bytes, config.rounds_in_flight)?;
-            let mut free = Vec::with_capacity(config.rounds_in_flight);
-            for _ in 0..config.rounds_in_flight {
-                free.push(pool.get_timeout(Duration::from_secs(10))?.into());
-            }
+            // On a failure here `pins` is released first, while the pool and slabs still hold the
+            // memory; once the worker exists, its Drop does that.
+            let made = device
+                .copy_stream()
+                .and_then(|stream| Ok((stream, engine.queue(QueueDesc::default())?, publisher()?)));
+            let (stream, queue, publish) = match made {
+                Ok(m) => m,
+                Err(e) => {
+                    drop(pins);
+                    return Err(e);
+                }
+            };
             workers.push(Worker {
                 shared: shared.clone(),
                 heads: my
@@ -383,13 +453,14 @@ impl RingServer {
                     .map(|&r| region.ring_control(r).head.load(Ordering::Acquire))
                     .collect(),
                 rings: my,
-                queue: engine.queue(QueueDesc::default())?,
+                queue,
                 free,
                 inflight: VecDeque::new(),
                 pool,
-                stream: device.copy_stream()?,
+                stream,
                 device: device.clone(),
-                publish: publisher()?,
+                publish,
+                pins,
                 start: 0,
             });
         }
@@ -441,6 +512,7 @@ impl RingServer {
             bytes_written: g(&c.bytes_written),
             unanswerable: g(&c.unanswerable),
             shut_down: g(&c.shut_down),
+            staging_pinned: self.shared.staging_pinned,
             elapsed: self.shared.started.elapsed(),
         }
     }
@@ -493,7 +565,145 @@ struct Worker {
     stream: Box<dyn CopyStream>,
     device: Arc<dyn Device>,
     publish: Box<dyn Publish>,
+    /// The staging slabs' page-locking, released in `Drop` after the stream has drained.
+    pins: StagingPins,
     start: usize,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // No copy may read a slab once it is unpinned: wait for the stream, then drop it (dropping
+        // a stream waits for what it still had queued, even after a failure), then unpin. The slabs'
+        // memory (`pool`, `free`) is only released after this body, with the fields.
+        let _ = self.stream.synchronize();
+        self.stream = Box::new(ClosedStream);
+        self.publish.stream_replaced();
+        self.pins.release();
+    }
+}
+
+/// Stands in for a worker's dropped copy stream in `Worker::drop`: every call fails.
+#[derive(Debug)]
+struct ClosedStream;
+
+impl ClosedStream {
+    fn closed<T>() -> Result<T> {
+        Err(Error::new(
+            ErrorKind::EngineStopped,
+            "ring server: this polling thread's copy stream was closed",
+        ))
+    }
+}
+
+impl CopyStream for ClosedStream {
+    unsafe fn copy_h2d_async(&mut self, _: *const u8, _: usize, _: DevicePtr) -> Result<Ticket> {
+        Self::closed()
+    }
+    unsafe fn copy_d2h_async(&mut self, _: DevicePtr, _: *mut u8, _: usize) -> Result<Ticket> {
+        Self::closed()
+    }
+    fn is_done(&mut self, _: Ticket) -> Result<bool> {
+        Self::closed()
+    }
+    fn wait(&mut self, _: Ticket) -> Result<()> {
+        Self::closed()
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        Self::closed()
+    }
+}
+
+/// One polling thread's staging slabs, page-locked with the device ([`Device::pin_host`]; on a GPU
+/// `cuMemHostRegister` with PORTABLE | DEVICEMAP, not write-combined: the CPU writes into them and
+/// reads WRITE data out of them). Each range is unpinned exactly once: by
+/// [`release`](Self::release), or when this is dropped.
+struct StagingPins {
+    device: Arc<dyn Device>,
+    /// `(address, length)` of every slab pinned and not yet unpinned.
+    ranges: Vec<(usize, usize)>,
+}
+
+impl StagingPins {
+    /// Nothing pinned.
+    fn none(device: &Arc<dyn Device>) -> StagingPins {
+        StagingPins {
+            device: device.clone(),
+            ranges: Vec::new(),
+        }
+    }
+
+    /// Pins each of `slabs` (thread `thread` of `threads`). `Ok(Err(why))`, with nothing left
+    /// pinned, where the device cannot page-lock host memory (`Ok(None)` from `pin_host`, or
+    /// [`ErrorKind::Unsupported`]): the server then runs unpinned, as the loader does. Any other
+    /// failure unpins what this call pinned and is returned, naming the slab and the thread.
+    ///
+    /// The slabs must stay allocated, at the same addresses, until the result is released or
+    /// dropped (pool buffers never move; the worker holds their pool).
+    fn pin(
+        device: &Arc<dyn Device>,
+        thread: usize,
+        threads: usize,
+        slabs: &mut [IoBuffer],
+    ) -> Result<std::result::Result<StagingPins, String>> {
+        let mut pins = StagingPins::none(device);
+        let n = slabs.len();
+        for (i, slab) in slabs.iter_mut().enumerate() {
+            let b = slab.as_aligned_mut();
+            let (ptr, len) = (b.as_mut_ptr(), b.capacity());
+            // SAFETY: a pool buffer's memory stays allocated at this address while its pool lives;
+            // the caller keeps the pool (and the slabs) until these pins are released.
+            match unsafe { device.pin_host(ptr, len) } {
+                Ok(Some(_)) => pins.ranges.push((ptr as usize, len)),
+                Ok(None) => {
+                    pins.release();
+                    return Ok(Err(format!(
+                        "{} does not page-lock host memory",
+                        device.label()
+                    )));
+                }
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    pins.release();
+                    return Ok(Err(format!(
+                        "{} cannot page-lock host memory: {e}",
+                        device.label()
+                    )));
+                }
+                Err(e) => {
+                    // Dropping `pins` unpins the slabs pinned before this one.
+                    return Err(Error::new(
+                        e.kind(),
+                        format!(
+                            "ring server: page-locking staging slab {} of {n} ({len} bytes) of polling thread {} of {threads} on {} failed: {e}",
+                            i + 1,
+                            thread + 1,
+                            device.label()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Ok(pins))
+    }
+
+    fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Unpins every range still pinned (each once).
+    fn release(&mut self) {
+        for (ptr, len) in self.ranges.drain(..) {
+            // SAFETY: pinned by `pin` on this device; the memory is still allocated (the owner
+            // releases before freeing it) and no queued copy reads it (the worker drained its
+            // stream first; on a failed start no copy was ever queued from it).
+            unsafe { self.device.unpin_host(ptr as *mut u8, len) };
+        }
+    }
+}
+
+impl Drop for StagingPins {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// A transfer of adjacent requests.
