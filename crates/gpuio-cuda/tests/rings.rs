@@ -6,6 +6,8 @@
 //! Every byte a read delivers is checked against the file's model; every write is checked on disk
 //! after shutdown; every wait is bounded, and every test body runs under a watchdog.
 
+mod common;
+
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
@@ -23,25 +25,15 @@ use gpuio_cuda::rings::{
 };
 use gpuio_cuda::{Device, DeviceBuffer, HostDevice, HostDeviceConfig};
 use gpuio_testkit::{
-    faulty_engine_with, kind_works, scratch_dir, test_config, FaultPlan, Place, Rng,
+    faulty_engine_with, kind_works, scratch_dir, test_config, within, FaultPlan, Place, Rng,
 };
 
 const LINE: usize = 4096;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Runs `f` on its own thread and fails the test if it hangs (see `gpuio_testkit::within`).
-fn watchdog<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
-    gpuio_testkit::within(secs, f)
-}
-
 /// The bytes of `line` at `version` (0: as the file was created).
 fn content(line: u64, version: u64) -> Vec<u8> {
-    (0..LINE / 8)
-        .flat_map(|i| {
-            let w = (line << 40) ^ (version << 20) ^ i as u64 ^ 0x5a5a_0000_0000_a5a5;
-            w.to_le_bytes()
-        })
-        .collect()
+    common::rings::line_content(LINE, line, version)
 }
 
 fn make_file(dir: &std::path::Path, lines: u64) -> std::path::PathBuf {
@@ -317,7 +309,7 @@ fn random_traffic(place: Place, engine: &Engine, label: &str) {
 
 #[test]
 fn many_producers_random_lines_every_byte_checked() {
-    watchdog(240, || {
+    within(240, || {
         with_rounds(|| {
             for (label, engine) in engines() {
                 for place in [Place::Disk, Place::Shm] {
@@ -400,7 +392,7 @@ fn host_region_bytes_are_the_spec() {
 /// Tiny rings and a slow copy engine: producers see EAGAIN, back off, and everything completes.
 #[test]
 fn full_rings_push_back_and_nothing_is_lost() {
-    watchdog(120, || {
+    within(120, || {
         with_rounds(|| {
             let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
             const THREADS: usize = 4;
@@ -486,7 +478,7 @@ fn full_rings_push_back_and_nothing_is_lost() {
 /// Malformed requests get error results; the server keeps serving.
 #[test]
 fn bad_requests_get_error_results_never_a_panic() {
-    watchdog(60, || {
+    within(60, || {
         with_rounds(|| {
             let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
             let mut rig = Rig::new(
@@ -634,7 +626,7 @@ fn bad_requests_get_error_results_never_a_panic() {
 /// write lands or reports an error, and the errors are the injected ones.
 #[test]
 fn engine_faults_become_error_results_for_the_requests_they_hit() {
-    watchdog(180, || {
+    within(180, || {
         with_rounds(|| {
             for seed in [1u64, 2, 3] {
                 let plan = FaultPlan::none()
@@ -763,7 +755,7 @@ fn engine_faults_become_error_results_for_the_requests_they_hit() {
 /// A failed device copy fails the reads of its round with EIO; later rounds work again.
 #[test]
 fn a_failed_device_copy_fails_its_reads_only() {
-    watchdog(60, || {
+    within(60, || {
         with_rounds(|| {
             let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
             let mut rig = Rig::new(
@@ -811,7 +803,7 @@ fn a_failed_device_copy_fails_its_reads_only() {
 /// Writes, then FLUSH and FSYNC; the bytes are on disk.
 #[test]
 fn writes_flush_and_fsync() {
-    watchdog(60, || {
+    within(60, || {
         with_rounds(|| {
             let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
             let mut rig = Rig::new(
@@ -880,7 +872,7 @@ fn writes_flush_and_fsync() {
 /// ESHUTDOWN); nobody hangs; afterwards submission is refused.
 #[test]
 fn shutdown_with_requests_in_flight_finishes_or_fails_them() {
-    watchdog(90, || {
+    within(90, || {
         with_rounds(|| {
             let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
             const THREADS: usize = 4;
@@ -1134,7 +1126,7 @@ fn gated_engine(held_offset: u64) -> (Engine, Arc<Gate>) {
 /// held; with one (the control), round 2's read reaches the backend only after round 1's completed.
 #[test]
 fn a_second_round_is_served_while_the_first_is_held() {
-    watchdog(90, || {
+    within(90, || {
         const HELD: u64 = 5;
         const OTHER: u64 = 9;
         let (h, o) = (HELD * LINE as u64, OTHER * LINE as u64);
@@ -1333,7 +1325,7 @@ fn pin_serve(rig: &PinRig) {
 /// and unpinned exactly once after shutdown, and after a drop without shutdown.
 #[test]
 fn staging_slabs_are_pinned_at_start_and_unpinned_once_at_shutdown_and_drop() {
-    watchdog(120, || {
+    within(120, || {
         let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
         for (threads, rounds) in [(1, 1), (2, 2), (3, ROUNDS_IN_FLIGHT_MAX)] {
             let rig = pin_rig(HostDeviceConfig::default());
@@ -1385,7 +1377,7 @@ fn staging_slabs_are_pinned_at_start_and_unpinned_once_at_shutdown_and_drop() {
 /// the slab, and leaves nothing of the server pinned: each earlier pin was undone once.
 #[test]
 fn a_failed_pin_fails_start_and_unpins_what_was_pinned() {
-    watchdog(120, || {
+    within(120, || {
         let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
         let (threads, rounds) = (2, 2);
         for k in 1..=(threads * rounds) as u64 {
@@ -1431,7 +1423,7 @@ fn a_failed_pin_fails_start_and_unpins_what_was_pinned() {
 /// says why; nothing is unpinned that was not pinned.
 #[test]
 fn a_device_that_cannot_pin_serves_unpinned_and_says_why() {
-    watchdog(120, || {
+    within(120, || {
         let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
         let rig = pin_rig(HostDeviceConfig {
             no_pinning: true,

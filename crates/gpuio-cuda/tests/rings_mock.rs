@@ -32,7 +32,7 @@ use gpuio_cuda::rings::{
     RingServer, ServerConfig,
 };
 use gpuio_cuda::{Device, DeviceBuffer};
-use gpuio_testkit::{faulty_engine_with, scratch_dir, test_config, FaultPlan, Place, Rng};
+use gpuio_testkit::{faulty_engine_with, scratch_dir, test_config, within, FaultPlan, Place, Rng};
 
 const LINE: usize = 4096;
 const LINES: u64 = 64;
@@ -105,19 +105,9 @@ fn mock_rings_failed_registration_fails_start_cleanly() {
 
 // ---- child side ----
 
-/// Runs `f` on its own thread and fails the test if it hangs (see `gpuio_testkit::within`).
-fn watchdog<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
-    gpuio_testkit::within(secs, f)
-}
-
 /// The bytes of `line` at `version` (0: as the file was created).
 fn content(line: u64, version: u64) -> Vec<u8> {
-    (0..LINE / 8)
-        .flat_map(|i| {
-            let w = (line << 40) ^ (version << 20) ^ i as u64 ^ 0x5a5a_0000_0000_a5a5;
-            w.to_le_bytes()
-        })
-        .collect()
+    common::rings::line_content(LINE, line, version)
 }
 
 /// Reads `len` bytes of "device" memory at host address `host` word by word with atomic loads
@@ -428,7 +418,7 @@ fn child_rings_stream_write() {
     if !is_child() {
         return;
     }
-    watchdog(240, || {
+    within(240, || {
         serve_and_check(
             PublisherKind::StreamWrite,
             "cuStreamWriteValue64_v2",
@@ -443,7 +433,7 @@ fn child_rings_copy_word() {
     if !is_child() {
         return;
     }
-    watchdog(240, || {
+    within(240, || {
         serve_and_check(
             PublisherKind::CopyWord,
             "CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS (122) is 0",
@@ -458,7 +448,7 @@ fn child_rings_v1_stream_write() {
     if !is_child() {
         return;
     }
-    watchdog(240, || {
+    within(240, || {
         serve_and_check(
             PublisherKind::StreamWrite,
             "cuStreamWriteValue64 on",
@@ -496,7 +486,7 @@ fn child_rings_early_publisher_is_caught() {
     if !is_child() {
         return;
     }
-    watchdog(240, || {
+    within(240, || {
         let s = setup();
         let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
         let bias = counter("mock_device_bias") as u64;
@@ -526,7 +516,7 @@ fn child_rings_staging_registration() {
     if !is_child() {
         return;
     }
-    watchdog(240, || {
+    within(240, || {
         let s = setup();
         let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
         let cfg = server_config();
@@ -578,7 +568,7 @@ fn child_rings_failed_registration() {
     if !is_child() {
         return;
     }
-    watchdog(240, || {
+    within(240, || {
         let s = setup();
         assert_eq!(
             counter("mock_register_calls"),

@@ -3,6 +3,7 @@
 
 pub mod gpu_cases;
 pub mod mock;
+pub mod rings;
 
 use std::path::{Path, PathBuf};
 
