@@ -728,18 +728,8 @@ fn engine_faults_become_error_results_for_the_requests_they_hit() {
                 let disk = std::fs::read(&rig.path).unwrap();
                 for l in 64..128usize {
                     let got = &disk[l * LINE..(l + 1) * LINE];
-                    let old = content(l as u64, ver[l]);
-                    let new = content(l as u64, ver[l] + 1);
-                    // A failed write may have landed in part (a short write, then EIO on the rest):
-                    // each 8-byte word is then the old or the new one.
-                    let ok = if maybe[l] {
-                        (0..LINE / 8).all(|w| {
-                            let r = w * 8..w * 8 + 8;
-                            got[r.clone()] == old[r.clone()] || got[r.clone()] == new[r]
-                        })
-                    } else {
-                        got == &old[..]
-                    };
+                    // A failed write may have landed in part: word by word old or new.
+                    let ok = common::rings::line_on_disk_ok(LINE, got, l as u64, ver[l], maybe[l]);
                     assert!(
                         ok,
                         "seed {seed}: line {l} (version {}, maybe {})",

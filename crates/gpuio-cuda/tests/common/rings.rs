@@ -10,3 +10,18 @@ pub fn line_content(line_bytes: usize, line: u64, version: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Whether `got`, line `line` as read from the file, is version `ver` — or, where the write of
+/// version `ver + 1` failed and may have landed in part (`maybe`: a short write, then EIO on the
+/// rest), each 8-byte word of it is the old version's or the new one's.
+pub fn line_on_disk_ok(line_bytes: usize, got: &[u8], line: u64, ver: u64, maybe: bool) -> bool {
+    let old = line_content(line_bytes, line, ver);
+    if !maybe {
+        return got == &old[..];
+    }
+    let new = line_content(line_bytes, line, ver + 1);
+    (0..line_bytes / 8).all(|w| {
+        let r = w * 8..w * 8 + 8;
+        got[r.clone()] == old[r.clone()] || got[r.clone()] == new[r]
+    })
+}
