@@ -19,7 +19,7 @@ use crate::config::{BOUNCE_BYTES_MAX, LOADS_PER_CB_DIVISOR};
 use crate::issue::PackJob;
 use crate::share::Loading;
 use crate::source::Source;
-use crate::spread::Helpers;
+use crate::spread::{available_cores, Helpers};
 use crate::stats::{Counters, Shard, SHARDS};
 use crate::{CacheConfig, BUSY_WAIT_MAX, SOURCES_MAX};
 
@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     pub(crate) pack_tx: OnceLock<crossbeam_channel::Sender<PackJob>>,
     /// [`CacheConfig::issue_threads`] as configured (0: chosen per source).
     pub(crate) issue_threads: usize,
+    /// The most threads a gather issues from: `issue_threads`, or for 0 the available cores.
+    pub(crate) issue_threads_max: usize,
     /// The issue helpers, started by the first gather that spreads (see `spread`).
     pub(crate) helpers: OnceLock<Helpers>,
 }
@@ -178,6 +180,10 @@ impl PageCache {
                 wb_errors: Mutex::new((None, 0)),
                 pack_tx: OnceLock::new(),
                 issue_threads: config.issue_threads,
+                issue_threads_max: match config.issue_threads {
+                    0 => available_cores(),
+                    n => n,
+                },
                 helpers: OnceLock::new(),
             }),
         })

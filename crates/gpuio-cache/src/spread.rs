@@ -162,9 +162,8 @@ impl PageCache {
     /// How many threads a gather of `s` may issue from.
     fn issue_threads(&self, s: &Source) -> usize {
         match self.inner.issue_threads {
-            0 if loads_copy_on_issuer(&self.inner, s) => available_cores(),
-            0 => 1,
-            n => n,
+            0 if !loads_copy_on_issuer(&self.inner, s) => 1,
+            _ => self.inner.issue_threads_max,
         }
     }
 
@@ -172,12 +171,7 @@ impl PageCache {
     /// this cache issues from, and room for two offers each.
     fn helpers(&self) -> &Helpers {
         self.inner.helpers.get_or_init(|| {
-            let count = match self.inner.issue_threads {
-                0 => available_cores(),
-                n => n,
-            }
-            .saturating_sub(1)
-            .max(1);
+            let count = self.inner.issue_threads_max.saturating_sub(1).max(1);
             let (tx, rx) = crossbeam_channel::bounded::<IssueJob>(count * 2);
             for k in 0..count {
                 let rx = rx.clone();
@@ -255,8 +249,9 @@ fn loads_copy_on_issuer(inner: &Inner, s: &Source) -> bool {
     }
 }
 
-/// Cores this process may run on, at most [`ISSUE_THREADS_MAX`].
-fn available_cores() -> usize {
+/// Cores this process may run on, at most [`ISSUE_THREADS_MAX`] (asked once per cache: the answer
+/// comes from `sched_getaffinity` and the cgroup's files).
+pub(crate) fn available_cores() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(ISSUE_THREADS_MAX)

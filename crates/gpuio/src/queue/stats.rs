@@ -168,6 +168,12 @@ impl Tally {
             s.latency_ns.saturating_record(ns);
         }
         drop(s);
-        *self = Tally::new();
+        // The latencies' array is only read up to `latencies`: no need to zero it again.
+        self.ops = 0;
+        self.bytes_read = 0;
+        self.bytes_written = 0;
+        self.retries = 0;
+        self.short_transfers = 0;
+        self.latencies = 0;
     }
 }
