@@ -63,6 +63,29 @@ fn main() -> gpuio::Result<()> {
         let n = (16u64 << 20) / 8;
         let arr = Array::<u64>::from_offset(&cache, src, 0, n)?;
         cache.prefetch(src, 0, 16 << 20)?.wait()?;
+        // The machine's ceiling for the same access pattern: the same random indices into a plain
+        // 16 MiB array in memory (no pin, no table, no counters).
+        {
+            let plain: Vec<u64> = (0..n).collect();
+            let dur = Duration::from_secs_f64(secs.min(2.0));
+            let mut x = 0x1234_5678_9abc_def0u64 ^ 1;
+            let (mut count, mut sink) = (0u64, 0u64);
+            let t0 = Instant::now();
+            while t0.elapsed() < dur {
+                for _ in 0..4096 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    sink = sink.wrapping_add(plain[(x % n) as usize]);
+                }
+                count += 4096;
+            }
+            std::hint::black_box(sink);
+            println!(
+                "plain array, 1 thread: {:.1} M loads/s (the ceiling for the hit path below)",
+                count as f64 / t0.elapsed().as_secs_f64() / 1e6
+            );
+        }
         for threads in [1usize, 2] {
             cache.reset_stats();
             let dur = Duration::from_secs_f64(secs.min(2.0));

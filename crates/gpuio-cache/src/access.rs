@@ -49,6 +49,44 @@ impl PageCache {
         Ok(())
     }
 
+    /// The fast path of [`Array::get`](crate::Array::get): one value of `T` at `offset`, if it lies
+    /// within one resident line (counted as a hit); `None` otherwise, counting nothing, so that the
+    /// caller's [`read`](Self::read) counts the access once. A fixed-size load, not a `memcpy` call:
+    /// on a hit the cost is the line's pin and the load of the value (docs/BENCHMARKS.md, issue 11).
+    #[inline]
+    pub(crate) fn read_resident_value<T: bytemuck::Pod>(
+        &self,
+        src: SourceId,
+        offset: u64,
+    ) -> Option<T> {
+        let size = std::mem::size_of::<T>();
+        let s = self.source(src).ok()?;
+        if offset.checked_add(size as u64)? > s.len {
+            return None;
+        }
+        let line = offset >> self.inner.line_shift;
+        let off = (offset & (self.inner.line_bytes as u64 - 1)) as usize;
+        if off + size > self.inner.line_bytes {
+            return None;
+        }
+        let mut v = None;
+        let hit = self.with_resident(s, src.0, line, |p| {
+            // SAFETY: as in `try_hit_copy`: the line is pinned and readable, and off + size <=
+            // line_bytes was checked above; `read_unaligned` because a source offset need not be
+            // aligned to `T`.
+            v = Some(unsafe { std::ptr::read_unaligned(p.add(off).cast::<T>()) });
+        });
+        if !hit {
+            return None;
+        }
+        let shard = &self.inner.shards[shard_index()];
+        shard
+            .bytes_requested
+            .fetch_add(size as u64, Ordering::Relaxed);
+        shard.hits.fetch_add(1, Ordering::Relaxed);
+        v
+    }
+
     /// The hit path: if `line` of `src` is resident and readable right now, pins it, runs `read` on
     /// the address of its bytes, marks it recently used, unpins it and returns `true`.
     #[inline]

@@ -117,9 +117,13 @@ impl<T: Pod> Array<T> {
 
     #[inline]
     pub fn get(&self, i: u64) -> Result<T> {
+        let offset = self.offset(i)?;
+        if let Some(v) = self.cache.read_resident_value::<T>(self.src, offset) {
+            return Ok(v);
+        }
         let mut v = T::zeroed();
         self.cache
-            .read(self.src, self.offset(i)?, bytemuck::bytes_of_mut(&mut v))?;
+            .read(self.src, offset, bytemuck::bytes_of_mut(&mut v))?;
         Ok(v)
     }
 

@@ -617,3 +617,45 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         std::thread::park_timeout(Duration::from_millis(100));
     }
 }
+
+/// `Array::get` has a fast path for a value inside one resident line; values that straddle two lines
+/// and values not yet resident go the general way. Either way the value is the file's and the access
+/// is counted once (a straddling value touches two lines: two accesses, as a `read` of it would).
+#[test]
+fn array_get_reads_values_within_and_across_lines_and_counts_them_once() {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let n = 300u64; // 4 + 2400 bytes: three 1 KiB lines, all resident after the first pass
+    let model: Vec<u64> = (0..n)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let mut bytes = vec![0u8; 4]; // elements at 4 + 8k: k = 127 and 255 straddle a line boundary
+    bytes.extend(model.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(&path, &bytes).unwrap();
+    let cache = PageCache::new(&engine, config(8, 1024)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    let a = Array::<u64>::from_offset(&cache, src, 4, n).unwrap();
+    for pass in 0..2 {
+        cache.reset_stats();
+        for k in 0..n {
+            assert_eq!(
+                a.get(k).unwrap(),
+                model[k as usize],
+                "pass {pass}, element {k}"
+            );
+        }
+        let s = cache.stats();
+        assert_eq!(s.accesses, n + 2, "pass {pass}: {s:?}");
+        assert_eq!(s.hits + s.misses, s.accesses, "pass {pass}: {s:?}");
+        assert_eq!(s.bytes_requested, 8 * n, "pass {pass}: {s:?}");
+        if pass == 1 {
+            assert_eq!(s.hits, n + 2, "every line is resident: {s:?}");
+        }
+    }
+    assert_eq!(
+        a.get(n).unwrap_err().kind(),
+        ErrorKind::InvalidInput,
+        "past the end"
+    );
+}
