@@ -2,6 +2,7 @@
 # Packs against the raw files they came from, per codec, in one run (issue 3).
 #
 #   scripts/bench-packs.sh [SIZE] [SECONDS]
+#   CODECS="none lz4 zstd" scripts/bench-packs.sh ...   # a subset (default: every codec)
 #
 # For data that compresses about 2:1 (scripts/gen-bench-data.py mixed) and incompressible data (random),
 # and each codec: the pack ratio and packing speed; the effective load bandwidth of the pack entry
@@ -34,7 +35,7 @@ for data in mixed random; do
   echo
   echo "== $data data =="
   printf '%-6s %7s %10s %12s %12s %9s %14s %9s\n' codec ratio "pack MB/s" "raw GB/s" "pack GB/s" "pack/raw" "4K reads/s" "2c/1c"
-  for codec in none lz4 zstd zlib xz lzfse; do
+  for codec in ${CODECS:-none lz4 zstd zlib xz lzfse}; do
     pack="$work/$data-$codec.gpk"
     p=$("$g" pack "$raw" -o "$pack" --codec "$codec" --json)
     ratio=$(echo "$p" | json 'round(v["ratio"], 2)')
