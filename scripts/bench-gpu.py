@@ -72,7 +72,7 @@ SHARD_INDEX = os.path.join(SHARD_DIR, "model.safetensors.index.json")
 SECTIONS = [
     ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("shards", 150), ("cold", 150),
     ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
-    ("pack", 90),
+    ("pack", 90), ("rings", 120),
 ]
 
 
@@ -669,6 +669,46 @@ def s_pack():
         check_gpuio(j, "pack")
     if os.path.exists(pack):
         os.remove(pack)
+
+
+RINGS_FILE = os.path.join(SHM_DIR, "gpuio-rings.bin")
+
+
+def s_rings():
+    """Issue 15: GPU threads read through the request rings (random 4 KiB reads; a gather through
+    the device cache, synchronous and with prefetch), every byte checked by gpuio itself, against the
+    host engine's 4 KiB random reads of the same file in the same run."""
+    if not os.path.exists(RINGS_FILE) or os.path.getsize(RINGS_FILE) < (1 << 30):
+        with open(RINGS_FILE, "wb") as f:
+            block = os.urandom(1 << 20)
+            for i in range(1024):
+                f.write(block[i % 7:] + block[:i % 7])
+    try:
+        for threads in (4096, 16384):
+            args = ["rings", RINGS_FILE, "--device", DEVICE, "--threads", str(threads), "--json"]
+            j, wall, err = gpuio(args, timeout=100)
+            if j is None:
+                log(f"rings --threads {threads}: FAILED {err}")
+                if not ON_GPU:
+                    break  # the same failure at every size; rehearse the host half
+                continue
+            record("rings", threads=threads, raw=j)
+            rr = j["random_reads"]
+            log(f"rings --threads {threads}: kernel 4K random reads {rr['requests_per_sec']:.0f}/s "
+                f"({rr['verified_bytes']} bytes checked); gather sync "
+                f"{j['gather_sync']['requests_per_sec']:.0f} rows/s, prefetch "
+                f"{j['gather_prefetch']['requests_per_sec']:.0f} rows/s, speedup {j['prefetch_speedup']:.2f}x; "
+                f"{j['publisher']}")
+        for extra in ([], ["--threads", "4"]):
+            h, _, err = gpuio(["bench", "--file", RINGS_FILE, "--pattern", "randread", "--block-size", "4K",
+                               "--queue-depth", "64", "--duration", "3", "--json"] + extra, timeout=30)
+            if h is None:
+                log(f"host engine randread {' '.join(extra)}: FAILED {err}")
+                continue
+            record("rings-host", extra=extra, raw=h)
+            log(f"host engine 4K randread QD64 {' '.join(extra) or '(one thread)'}: {h['iops']:.0f} IOPS")
+    finally:
+        os.remove(RINGS_FILE)
 
 
 def main():

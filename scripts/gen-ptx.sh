@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Regenerates crates/gpuio-cuda/kernels/copy_kernel.ptx from kernels/copy.cu with NVRTC (no GPU
-# needed), for compute_75, and lowers the PTX ISA version to 7.0 so drivers from CUDA 11 on can JIT it
-# (the kernel uses nothing newer). Checks the result with ptxas for sm_75/80/90 when one is given.
+# Regenerates the embedded PTX with NVRTC (no GPU needed), and lowers the PTX ISA version so that
+# drivers older than this NVRTC can JIT it (the kernels use nothing newer than the version set):
+#   crates/gpuio-cuda/kernels/copy_kernel.ptx   from kernels/copy.cu       compute_75, ISA 7.0
+#   crates/gpuio-cuda/device/workloads.ptx      from device/workloads.cu   compute_80, ISA 7.0
+#                                               (with device/gpuio.cuh: sm_70 features, PTX 6.3)
+# Checks each result with ptxas for the architectures it targets when one is given.
 #
 #   NVRTC=/path/to/libnvrtc.so.13 [PTXAS=/path/to/ptxas] scripts/gen-ptx.sh
 #
@@ -9,7 +12,7 @@
 # pip into a temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-K=crates/gpuio-cuda/kernels
+C=crates/gpuio-cuda
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 if [ -z "${NVRTC:-}" ]; then
@@ -18,29 +21,54 @@ if [ -z "${NVRTC:-}" ]; then
     NVRTC=$(find "$tmp" -name 'libnvrtc.so.13' | head -1)
     PTXAS=${PTXAS:-$(find "$tmp" -name ptxas -type f | head -1)}
 fi
-LD_LIBRARY_PATH="$(dirname "$NVRTC"):${LD_LIBRARY_PATH:-}" python3 - "$NVRTC" "$K/copy.cu" >"$tmp/copy.ptx" <<'PY'
-import ctypes, sys
+
+# compile SRC ARCH OUT [HEADER]: NVRTC SRC (HEADER made includable by its file name) to OUT.
+compile() {
+    LD_LIBRARY_PATH="$(dirname "$NVRTC"):${LD_LIBRARY_PATH:-}" python3 - "$NVRTC" "$1" "$2" "${4:-}" >"$3" <<'PY'
+import ctypes, os, sys
 lib = ctypes.CDLL(sys.argv[1])
 src = open(sys.argv[2], "rb").read()
+arch = sys.argv[3]
+hdr = sys.argv[4]
+heads, names = [], []
+if hdr:
+    heads.append(open(hdr, "rb").read())
+    names.append(os.path.basename(hdr).encode())
+n = len(heads)
 prog = ctypes.c_void_p()
-assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"copy.cu", 0, None, None) == 0
-opts = [b"--gpu-architecture=compute_75", b"-default-device", b"--std=c++17"]
+assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(sys.argv[2]).encode(), n,
+                              (ctypes.c_char_p * max(n, 1))(*heads), (ctypes.c_char_p * max(n, 1))(*names)) == 0
+opts = [b"--gpu-architecture=" + arch.encode(), b"-default-device", b"--std=c++17"]
 r = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-n = ctypes.c_size_t()
-lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-log = ctypes.create_string_buffer(n.value)
+size = ctypes.c_size_t()
+lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+log = ctypes.create_string_buffer(size.value)
 lib.nvrtcGetProgramLog(prog, log)
 if r != 0:
     sys.exit(log.value.decode())
-lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
-ptx = ctypes.create_string_buffer(n.value)
+lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+ptx = ctypes.create_string_buffer(size.value)
 lib.nvrtcGetPTX(prog, ptx)
 sys.stdout.write(ptx.value.decode())
 PY
-sed -i 's/^\.version [0-9.]*$/.version 7.0/' "$tmp/copy.ptx"
-if [ -n "${PTXAS:-}" ]; then
-    for arch in sm_75 sm_80 sm_90; do "$PTXAS" -arch=$arch "$tmp/copy.ptx" -o "$tmp/$arch.cubin"; done
-    echo "ptxas: sm_75, sm_80, sm_90 ok"
-fi
-cp "$tmp/copy.ptx" "$K/copy_kernel.ptx"
-echo "$K/copy_kernel.ptx"
+    sed -i 's/^\.version [0-9.]*$/.version 7.0/' "$3"
+}
+
+# check PTX ARCH...: assembles PTX for each ARCH when a ptxas is at hand.
+check() {
+    local ptx=$1
+    shift
+    [ -n "${PTXAS:-}" ] || return 0
+    for arch in "$@"; do "$PTXAS" -arch="$arch" "$ptx" -o "$tmp/$arch.cubin"; done
+    echo "ptxas: $(basename "$ptx"): $* ok"
+}
+
+compile "$C/kernels/copy.cu" compute_75 "$tmp/copy.ptx"
+check "$tmp/copy.ptx" sm_75 sm_80 sm_90
+cp "$tmp/copy.ptx" "$C/kernels/copy_kernel.ptx"
+echo "$C/kernels/copy_kernel.ptx"
+
+compile "$C/device/workloads.cu" compute_80 "$tmp/workloads.ptx" "$C/device/gpuio.cuh"
+check "$tmp/workloads.ptx" sm_80 sm_90
+cp "$tmp/workloads.ptx" "$C/device/workloads.ptx"
+echo "$C/device/workloads.ptx"

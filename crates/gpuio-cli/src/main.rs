@@ -15,6 +15,7 @@ mod info;
 mod load;
 mod pack_cmd;
 mod report;
+mod rings;
 mod stream;
 mod workload;
 
@@ -61,6 +62,8 @@ enum Command {
     Checksum(checksum::ChecksumArgs),
     /// Load a .safetensors file into device memory (cpu stand-in or cuda:N); report GB/s, tensors, CRCs.
     Load(load::LoadArgs),
+    /// GPU kernels read FILE themselves through the request rings: random reads, and a gather through the device cache.
+    Rings(rings::RingsArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Stream(a) => stream::run(a),
         Command::Checksum(a) => checksum::run(a),
         Command::Load(a) => load::run(a),
+        Command::Rings(a) => rings::run(a),
     };
     // Every command's output is written by now; a line still buffered fails here if it fails at all.
     let result = result.and_then(|()| out::flush());

@@ -22,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys;
 use gpuio::{Error, ErrorKind, Result};
 
-use crate::device::{CopyStream, Device, DevicePtr, MemInfo, Pinned, Ticket};
+use crate::device::{CopyStream, Device, DevicePtr, KernelModule, MemInfo, Pinned, Ticket};
 
 /// Most copies a stream keeps events for before it waits on the oldest (bounds the event pool).
 const EVENTS_MAX: usize = 256;
@@ -57,7 +57,7 @@ pub fn driver_library_names() -> Vec<String> {
     names
 }
 
-fn check(r: sys::CUresult, what: &str) -> Result<()> {
+pub(crate) fn check(r: sys::CUresult, what: &str) -> Result<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
     }
@@ -439,6 +439,14 @@ impl Device for CudaDevice {
             next: 1,
             done: 0,
         }))
+    }
+    fn load_module(&self, ptx: &str, entries: &[&str]) -> Result<Box<dyn KernelModule>> {
+        Ok(Box::new(crate::module::CudaModule::load(
+            self.dev,
+            self.ordinal,
+            ptx,
+            entries,
+        )?))
     }
     unsafe fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
         self.bind()?;

@@ -170,6 +170,16 @@ pub trait Device: Send + Sync + fmt::Debug {
             self.label()
         ))
     }
+    /// Loads a PTX module (JIT-compiled by the driver) and looks up `entries`, for launching kernels
+    /// on a stream of its own. [`ErrorKind::Unsupported`], saying why, where the device runs no
+    /// kernels (the host stand-in) or the driver refuses the image.
+    fn load_module(&self, ptx: &str, entries: &[&str]) -> Result<Box<dyn KernelModule>> {
+        let _ = (ptx, entries);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{} runs no kernels (a GPU is needed)", self.label()),
+        ))
+    }
     /// Whether the device can address page-locked host memory mapped into its address space
     /// (`CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY` on a GPU): what request rings in host memory need.
     /// `Err` with the reason where it cannot be told.
@@ -179,6 +189,28 @@ pub trait Device: Send + Sync + fmt::Debug {
             self.label()
         ))
     }
+}
+
+/// A loaded module's kernels, launched in order on one stream ([`Device::load_module`]).
+pub trait KernelModule: Send + fmt::Debug {
+    /// Queues `entry` (one of the names given to `load_module`) with `grid` blocks of `block`
+    /// threads and returns at once.
+    ///
+    /// # Safety
+    /// `params` holds one pointer per kernel parameter, each to a value of exactly the parameter's
+    /// type and layout; every device address the values name stays allocated, and every host
+    /// address mapped, until [`synchronize`](Self::synchronize) has returned `Ok`.
+    unsafe fn launch(
+        &mut self,
+        entry: &str,
+        grid: u32,
+        block: u32,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()>;
+    /// Waits for every kernel queued so far, at most `timeout`: an [`ErrorKind::Io`] error saying
+    /// so if they are still running then (the module is then never unloaded: unloading under a running kernel
+    /// is undefined), or the error a kernel ended with.
+    fn synchronize(&mut self, timeout: std::time::Duration) -> Result<()>;
 }
 
 /// Copies executed in the order they were queued.

@@ -53,6 +53,7 @@ pub mod direct;
 pub mod kernel;
 mod limits;
 pub mod loader;
+mod module;
 pub mod rings;
 pub mod safetensors;
 pub mod store;
@@ -64,7 +65,7 @@ use std::sync::Arc;
 pub use checkpoint::{open_and_load, Checkpoint, LoadPhases, LoadedCheckpoint, Shard};
 pub use device::{
     CopyKind, CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, DirectRead, HostDevice,
-    HostDeviceConfig, MemInfo, Pinned, Ticket,
+    HostDeviceConfig, KernelModule, MemInfo, Pinned, Ticket,
 };
 pub use direct::{load_range_direct, DirectConfig, DirectStats};
 pub use loader::{

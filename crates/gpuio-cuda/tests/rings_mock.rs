@@ -103,7 +103,37 @@ fn mock_rings_failed_registration_fails_start_cleanly() {
     );
 }
 
+/// The workload kernels on a driver that refuses their image (the mock JIT-compiles nothing but the
+/// copy kernel): a clear `Unsupported` naming the step, and nothing left loaded or retained.
+#[test]
+fn mock_rings_workloads_refused_cleanly() {
+    run_child("child_rings_workloads_refused", &[]);
+}
+
 // ---- child side ----
+
+#[test]
+fn child_rings_workloads_refused() {
+    if !is_child() {
+        return;
+    }
+    within(60, || {
+        let device: Arc<dyn Device> = CudaDevice::open(0).unwrap();
+        let e = gpuio_cuda::rings::kernels::Workloads::load(&device).unwrap_err();
+        assert_eq!(e.kind(), gpuio::ErrorKind::Unsupported, "{e}");
+        assert!(
+            e.to_string()
+                .contains("cuda:0 cannot load the kernels: the driver refused the PTX"),
+            "{e}"
+        );
+        // The module's own stream was never made, nothing is loaded, and its hold on the primary
+        // context is released (the device's own hold remains until it is dropped).
+        assert_eq!(counter("mock_live_modules"), 0);
+        assert_eq!(counter("mock_live_streams"), 0);
+        drop(device);
+        assert_all_released();
+    });
+}
 
 /// The bytes of `line` at `version` (0: as the file was created).
 fn content(line: u64, version: u64) -> Vec<u8> {

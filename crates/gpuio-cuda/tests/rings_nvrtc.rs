@@ -8,10 +8,12 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 
+use gpuio_cuda::rings::kernels::{CacheArg, QueueArg, WORKLOADS_PTX};
 use gpuio_cuda::rings::{code, layout, line};
 
 const HEADER: &str = include_str!("../device/gpuio.cuh");
 const KERNELS: &str = include_str!("../device/rings_test.cu");
+const WORKLOADS: &str = include_str!("../device/workloads.cu");
 
 fn site_dirs() -> Vec<PathBuf> {
     let out = std::process::Command::new("python3")
@@ -149,8 +151,12 @@ fn load_nvrtc(path: &Path) -> Result<Nvrtc, String> {
 }
 
 fn compile(n: &Nvrtc, arch: &str) -> Result<String, String> {
-    let src = CString::new(KERNELS).unwrap();
-    let name = CString::new("rings_test.cu").unwrap();
+    compile_source(n, arch, "rings_test.cu", KERNELS)
+}
+
+fn compile_source(n: &Nvrtc, arch: &str, file: &str, source: &str) -> Result<String, String> {
+    let src = CString::new(source).unwrap();
+    let name = CString::new(file).unwrap();
     let hdr = CString::new(HEADER).unwrap();
     let hdr_name = CString::new("gpuio.cuh").unwrap();
     let headers = [hdr.as_ptr()];
@@ -307,6 +313,140 @@ fn gpuio_cuh_compiles_with_nvrtc_and_passes_ptxas() {
                 String::from_utf8_lossy(&out.stderr)
             );
             eprintln!("ptxas {}: {sm} ok", ptxas.display());
+        }
+    }
+}
+
+/// `static_assert`s that the device structs a kernel takes by value have the Rust structs' sizes and
+/// field offsets (`src/rings/kernels.rs` builds them byte for byte).
+fn layout_asserts() -> String {
+    use std::mem::{offset_of, size_of};
+    let mut out = String::from("#include \"gpuio.cuh\"\n");
+    let mut a = |ty: &str, field: &str, off: usize| {
+        out.push_str(&format!(
+            "static_assert(__builtin_offsetof({ty}, {field}) == {off}, \"{ty}::{field} at {off}\");\n"
+        ));
+    };
+    a("gpuio::Queue", "header", offset_of!(QueueArg, header));
+    a("gpuio::Queue", "slots", offset_of!(QueueArg, slots));
+    a("gpuio::Queue", "tails", offset_of!(QueueArg, tails));
+    a(
+        "gpuio::Queue",
+        "completions",
+        offset_of!(QueueArg, completions),
+    );
+    a(
+        "gpuio::Queue",
+        "ring_count",
+        offset_of!(QueueArg, ring_count),
+    );
+    a(
+        "gpuio::Queue",
+        "slots_per_ring",
+        offset_of!(QueueArg, slots_per_ring),
+    );
+    a(
+        "gpuio::Queue",
+        "completion_count",
+        offset_of!(QueueArg, completion_count),
+    );
+    a("gpuio::CacheDesc", "q", offset_of!(CacheArg, q));
+    a("gpuio::CacheDesc", "page", offset_of!(CacheArg, page));
+    a("gpuio::CacheDesc", "slot_of", offset_of!(CacheArg, slot_of));
+    a("gpuio::CacheDesc", "owner", offset_of!(CacheArg, owner));
+    a("gpuio::CacheDesc", "hand", offset_of!(CacheArg, hand));
+    a("gpuio::CacheDesc", "tags", offset_of!(CacheArg, tags));
+    a("gpuio::CacheDesc", "lines", offset_of!(CacheArg, lines));
+    a(
+        "gpuio::CacheDesc",
+        "file_bytes",
+        offset_of!(CacheArg, file_bytes),
+    );
+    a("gpuio::CacheDesc", "pages", offset_of!(CacheArg, pages));
+    a("gpuio::CacheDesc", "slots", offset_of!(CacheArg, slots));
+    a(
+        "gpuio::CacheDesc",
+        "line_bytes",
+        offset_of!(CacheArg, line_bytes),
+    );
+    a("gpuio::CacheDesc", "file_id", offset_of!(CacheArg, file_id));
+    a(
+        "gpuio::CacheDesc",
+        "completion_base",
+        offset_of!(CacheArg, completion_base),
+    );
+    for (ty, size) in [
+        ("gpuio::Queue", size_of::<QueueArg>()),
+        ("gpuio::CacheDesc", size_of::<CacheArg>()),
+        ("gpuio::array<unsigned int>", size_of::<CacheArg>()),
+    ] {
+        out.push_str(&format!(
+            "static_assert(sizeof({ty}) == {size}, \"sizeof({ty}) == {size}\");\n"
+        ));
+    }
+    out.push_str("extern \"C\" __global__ void layout_check() {}\n");
+    out
+}
+
+/// The workload kernels compile from source and pass ptxas, their argument structs have the Rust
+/// layout, and the embedded PTX (`device/workloads.ptx`) has every entry the host launches at an
+/// ISA version older drivers accept.
+#[test]
+fn workloads_compile_and_their_arguments_match_the_rust_layout() {
+    for e in gpuio_cuda::rings::kernels::ENTRIES {
+        assert!(
+            WORKLOADS_PTX.contains(&format!(".entry {e}(")),
+            "the embedded PTX lacks {e}: regenerate it with scripts/gen-ptx.sh"
+        );
+        assert!(
+            WORKLOADS.contains(&format!("void {e}(")),
+            "workloads.cu lacks {e}"
+        );
+    }
+    assert!(WORKLOADS_PTX.contains(".version 7.0"));
+    let Some(lib) = find_nvrtc() else {
+        eprintln!(
+            "skipped the compile: no NVRTC (pip install nvidia-cuda-nvrtc, or set NVRTC=/path/to/libnvrtc.so)"
+        );
+        return;
+    };
+    let n = match load_nvrtc(&lib) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!(
+                "skipped the compile: NVRTC at {} does not load: {e}",
+                lib.display()
+            );
+            return;
+        }
+    };
+    let asserts = layout_asserts();
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {
+        compile_source(&n, arch, "layout_check.cu", &asserts).unwrap_or_else(|e| panic!("{e}"));
+        let ptx =
+            compile_source(&n, arch, "workloads.cu", WORKLOADS).unwrap_or_else(|e| panic!("{e}"));
+        for e in gpuio_cuda::rings::kernels::ENTRIES {
+            assert!(
+                ptx.contains(&format!(".entry {e}(")),
+                "{arch}: no entry {e}"
+            );
+        }
+        if let Some(ptxas) = find_ptxas() {
+            let p = dir.path().join(format!("workloads-{arch}.ptx"));
+            std::fs::write(&p, &ptx).unwrap();
+            let out = std::process::Command::new(&ptxas)
+                .arg(format!("-arch={sm}"))
+                .arg(&p)
+                .arg("-o")
+                .arg(dir.path().join(format!("workloads-{sm}.cubin")))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ptxas {sm}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

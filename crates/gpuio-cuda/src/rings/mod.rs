@@ -10,6 +10,9 @@
 //! - [`server`] — the polling threads: batches, coalescing, copies, completions, statistics.
 //! - [`publish`] — how completion words reach device memory after their data (a stream write, or a
 //!   copy from pinned memory on the same stream), and which one a device gets, with the reason.
+//! - [`kernels`] — the workload kernels on a GPU (`device/workloads.cu`): their arguments, the device
+//!   cache's memory, random reads and an embedding gather issued by GPU threads, checked and timed.
+//! - [`bench`] — `gpuio rings`: those workloads end to end, each on a fresh server.
 //! - [`line`] — the Rust twin of the device cache's line state machine (model-checked with loom).
 //!
 //! ```
@@ -42,6 +45,8 @@
 //! # Ok::<(), gpuio::Error>(())
 //! ```
 
+pub mod bench;
+pub mod kernels;
 pub mod layout;
 pub mod line;
 pub mod producer;

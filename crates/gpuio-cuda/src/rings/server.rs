@@ -198,6 +198,34 @@ pub struct RingStats {
 }
 
 impl RingStats {
+    /// The counts since the snapshot `before` (of the same server): what one run added.
+    pub fn since(&self, before: &RingStats) -> RingStats {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        RingStats {
+            requests: d(self.requests, before.requests),
+            reads: d(self.reads, before.reads),
+            writes: d(self.writes, before.writes),
+            flushes: d(self.flushes, before.flushes),
+            fsyncs: d(self.fsyncs, before.fsyncs),
+            errors: d(self.errors, before.errors),
+            batches: d(self.batches, before.batches),
+            transfers: d(self.transfers, before.transfers),
+            coalesced_reads: d(self.coalesced_reads, before.coalesced_reads),
+            coalesced_read_requests: d(
+                self.coalesced_read_requests,
+                before.coalesced_read_requests,
+            ),
+            coalesced_writes: d(self.coalesced_writes, before.coalesced_writes),
+            split_retries: d(self.split_retries, before.split_retries),
+            bytes_read: d(self.bytes_read, before.bytes_read),
+            bytes_written: d(self.bytes_written, before.bytes_written),
+            unanswerable: d(self.unanswerable, before.unanswerable),
+            shut_down: d(self.shut_down, before.shut_down),
+            staging_pinned: self.staging_pinned,
+            elapsed: self.elapsed.saturating_sub(before.elapsed),
+        }
+    }
+
     pub fn requests_per_sec(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();
         if s > 0.0 {

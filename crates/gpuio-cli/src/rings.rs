@@ -1,0 +1,151 @@
+//! `gpuio rings FILE --device cuda:N [--json]`: GPU kernels issue their own reads of FILE through
+//! the request rings — random reads straight through the rings, then an embedding gather through
+//! the device cache without and with prefetch — every byte checked against the file. Needs a GPU: on
+//! any other device it fails at once, saying why. The library runs it
+//! (`gpuio_cuda::rings::bench`); this module turns flags into its config and prints.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use gpuio::{Engine, EngineConfig, Error, Result};
+use gpuio_cuda::rings::bench::{run as run_bench, RingsBenchConfig};
+use gpuio_cuda::rings::kernels::KernelRun;
+use serde_json::json;
+
+#[derive(Args, Debug)]
+pub struct RingsArgs {
+    /// The file the kernels read (random reads of it, and rows of it through the device cache).
+    file: PathBuf,
+    /// The GPU (cuda:N).
+    #[arg(long, default_value = "cuda:0")]
+    device: String,
+    /// Bytes per random read.
+    #[arg(long, value_parser = crate::parse_size, default_value = "4K")]
+    block_size: u64,
+    /// Random reads to issue.
+    #[arg(long, default_value_t = 1 << 18)]
+    reads: u64,
+    /// GPU threads issuing them (one read in flight each).
+    #[arg(long, default_value_t = 4096)]
+    threads: u32,
+    /// Rows to gather through the device cache (0: no gather).
+    #[arg(long, default_value_t = 1 << 16)]
+    rows: u64,
+    /// Bytes per row (a multiple of 4 that divides the line size).
+    #[arg(long, value_parser = crate::parse_size, default_value = "4K")]
+    row_bytes: u64,
+    /// The device cache's line size.
+    #[arg(long, value_parser = crate::parse_size, default_value = "4K")]
+    line_size: u64,
+    /// The device cache's capacity.
+    #[arg(long, value_parser = crate::parse_size, default_value = "64M")]
+    cache_size: u64,
+    /// Warps gathering at once.
+    #[arg(long, default_value_t = 1024)]
+    warps: u32,
+    /// Host polling threads serving the rings.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+    /// Request rings.
+    #[arg(long, default_value_t = 8)]
+    rings: u32,
+    /// Seed of the offsets and rows.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Longest a kernel may run, seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn u32_arg(v: u64, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::invalid(format!("--{what} {v} is too large")))
+}
+
+fn run_json(r: &KernelRun) -> serde_json::Value {
+    json!({
+        "requests": r.requests,
+        "bytes": r.bytes,
+        "seconds": r.elapsed.as_secs_f64(),
+        "requests_per_sec": r.requests_per_sec(),
+        "bytes_per_sec": r.bytes_per_sec(),
+        "threads": r.threads,
+        "verified_bytes": r.verified_bytes,
+        "server": {
+            "requests": r.server.requests,
+            "reads": r.server.reads,
+            "transfers": r.server.transfers,
+            "coalesced_reads": r.server.coalesced_reads,
+            "batches": r.server.batches,
+            "errors": r.server.errors,
+            "bytes_read": r.server.bytes_read,
+        },
+    })
+}
+
+pub fn run(a: RingsArgs) -> Result<()> {
+    let config = RingsBenchConfig {
+        file: a.file.clone(),
+        read_bytes: u32_arg(a.block_size, "block-size")?,
+        reads: a.reads,
+        threads: a.threads,
+        rows: a.rows,
+        row_bytes: u32_arg(a.row_bytes, "row-bytes")?,
+        line_bytes: u32_arg(a.line_size, "line-size")?,
+        cache_bytes: a.cache_size,
+        warps: a.warps,
+        server_threads: a.server_threads,
+        rings: a.rings,
+        seed: a.seed,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    let device = gpuio_cuda::open_device(&a.device)?;
+    let engine = Engine::new(EngineConfig::default())?;
+    let r = run_bench(&engine, &device, &config)?;
+    if a.json {
+        let mut v = json!({
+            "file": a.file,
+            "file_bytes": r.file_bytes,
+            "device": r.device,
+            "publisher": r.publisher,
+            "random_reads": run_json(&r.random_reads),
+        });
+        if let (Some(s), Some(p)) = (&r.gather_sync, &r.gather_prefetch) {
+            v["gather_sync"] = run_json(s);
+            v["gather_prefetch"] = run_json(p);
+            v["prefetch_speedup"] = json!(s.elapsed.as_secs_f64() / p.elapsed.as_secs_f64());
+        }
+        return crate::report::print_json(&v);
+    }
+    outln!(
+        "{} on {} ({} bytes); completions: {}",
+        a.file.display(),
+        r.device,
+        r.file_bytes,
+        r.publisher
+    )?;
+    let line = |name: &str, k: &KernelRun| {
+        outln!(
+            "{name:<22} {:>10} requests in {:.3} s: {:>12.0} requests/s, {:>7.2} GB/s ({} threads; {} bytes checked)",
+            k.requests,
+            k.elapsed.as_secs_f64(),
+            k.requests_per_sec(),
+            k.bytes_per_sec() / 1e9,
+            k.threads,
+            k.verified_bytes
+        )
+    };
+    line("random reads", &r.random_reads)?;
+    if let (Some(s), Some(p)) = (&r.gather_sync, &r.gather_prefetch) {
+        line("gather, synchronous", s)?;
+        line("gather, prefetch", p)?;
+        outln!(
+            "prefetch speedup {:.2} x",
+            s.elapsed.as_secs_f64() / p.elapsed.as_secs_f64()
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+// workloads.cu — the kernels gpu-io launches to measure and use GPU-issued I/O (issue 15), on top of
+// gpuio.cuh. Compiled once to PTX by scripts/gen-ptx.sh (device/workloads.ptx, embedded by
+// src/rings/kernels.rs; the driver JIT-compiles it for the GPU at hand). Every wait in here is
+// bounded by gpuio.cuh's bounds; a kernel never spins forever on a server that went away.
+//
+// Host side: crates/gpuio-cuda/src/rings/kernels.rs builds the arguments (the Queue and CacheDesc
+// structs byte for byte; tests/rings_nvrtc.rs checks their offsets against the Rust structs).
+#include "gpuio.cuh"
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Random reads straight through the rings (no device cache): thread t issues reads i = t, t + stride,
+// ... of `n`, each `len` bytes at offsets[i] into dst + t * len, waiting for each (so `threads`
+// requests are in flight). Completion word t belongs to thread t; its tags count the thread's reads
+// (from 1). errors[0] counts failed reads, errors[1] short ones; the first failure's code is kept in
+// errors[2].
+extern "C" __global__ void gpuio_rand_reads(gpuio::Queue q, u32 file_id, const u64* offsets, u64 n,
+                                            u32 len, u64 dst, int* errors) {
+  const u64 t = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+  const u64 stride = gridDim.x * (u64)blockDim.x;
+  if (t >= q.completion_count) return;
+  u32 tag = 0;
+  for (u64 i = t; i < n; i += stride) {
+    gpuio::Request r;
+    r.opcode = gpuio::OP_READ;
+    r.file_id = file_id;
+    r.offset = offsets[i];
+    r.length = len;
+    r.completion = (u32)t;
+    r.dev_addr = dst + t * len;
+    tag = tag + 1 == 0 ? 1 : tag + 1;
+    r.tag = tag;
+    int e = q.submit_until(blockIdx.x % q.ring_count, r);
+    int res = e ? e : q.wait((u32)t, tag);
+    if (res < 0) {
+      atomicAdd(&errors[0], 1);
+      atomicCAS(&errors[2], 0, res);
+      if (res == gpuio::E_SHUTDOWN || res == gpuio::E_TIMEDOUT) return;  // the server is gone
+    } else if ((u32)res != len) {
+      atomicAdd(&errors[1], 1);
+    }
+  }
+}
+
+// An embedding gather through the device cache: warp w copies rows w, w + warps, ... (each
+// `row_words` 4-byte words, lying inside one cache line) from the file into out + k * row_words.
+// Lane 0 pins the row's line (a fill if it is missing) and the warp copies it; with `prefetch` the
+// next row's line is requested before the current one is waited for (AGILE's submit-and-continue).
+// errors[0] counts rows that failed, errors[2] keeps the first code.
+extern "C" __global__ void gpuio_gather_rows(gpuio::array<u32> a, const u64* rows, u64 n_rows,
+                                             u32 row_words, u32* out, int prefetch, int* errors) {
+  const int lane = threadIdx.x & 31;
+  const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+  const u64 warps = (gridDim.x * (u64)blockDim.x) >> 5;
+  gpuio::ticket<u32> cur, next;
+  if (lane == 0 && warp < n_rows) cur = a.prefetch(rows[warp] * row_words);
+  for (u64 k = warp; k < n_rows; k += warps) {
+    const bool more = k + warps < n_rows;
+    u64 p = 0;
+    int err = 0;
+    if (lane == 0) {
+      if (prefetch && more) next = a.prefetch(rows[k + warps] * row_words);
+      u32* v = a.wait(cur, &err);
+      p = (u64)v;
+    }
+    p = __shfl_sync(0xffffffffu, p, 0);
+    err = __shfl_sync(0xffffffffu, err, 0);
+    if (p) {
+      const u32* src = (const u32*)p;
+      for (u32 w = lane; w < row_words; w += 32) out[k * row_words + w] = src[w];
+    } else if (lane == 0) {
+      atomicAdd(&errors[0], 1);
+      atomicCAS(&errors[2], 0, err);
+    }
+    __syncwarp();
+    if (lane == 0) {
+      if (p) a.release(cur);
+      if (more) cur = prefetch ? next : a.prefetch(rows[k + warps] * row_words);
+    }
+  }
+}
+
+// Layout probe for the host: the sizes and offsets of the argument structs, written to out[] so a
+// test on a GPU can compare them with the Rust structs too (tests/rings_nvrtc.rs checks them at
+// compile time with static_assert).
+extern "C" __global__ void gpuio_layout_probe(u64* out) {
+  out[0] = sizeof(gpuio::Queue);
+  out[1] = sizeof(gpuio::CacheDesc);
+  out[2] = sizeof(gpuio::array<u32>);
+}
