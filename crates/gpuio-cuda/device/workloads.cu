@@ -10,16 +10,18 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// Random reads straight through the rings (no device cache): thread t issues reads i = t, t + stride,
-// ... of `n`, each `len` bytes at offsets[i] into dst + t * len, waiting for each (so `threads`
+// Random reads straight through the rings (no device cache): thread t < stride (the threads launched,
+// at most the completion words) issues reads i = t, t + stride, ... of `n`, each `len` bytes at offsets[i] into dst + t * len, waiting for each (so `threads`
 // requests are in flight). Completion word t belongs to thread t; its tags count the thread's reads
 // (from 1). errors[0] counts failed reads, errors[1] short ones; the first failure's code is kept in
 // errors[2].
 extern "C" __global__ void gpuio_rand_reads(gpuio::Queue q, u32 file_id, const u64* offsets, u64 n,
                                             u32 len, u64 dst, int* errors) {
   const u64 t = blockIdx.x * (u64)blockDim.x + threadIdx.x;
-  const u64 stride = gridDim.x * (u64)blockDim.x;
-  if (t >= q.completion_count) return;
+  const u64 launched = gridDim.x * (u64)blockDim.x;
+  // Threads past the completion words issue nothing, and the ones that do cover every read.
+  const u64 stride = launched < q.completion_count ? launched : q.completion_count;
+  if (t >= stride) return;
   u32 tag = 0;
   for (u64 i = t; i < n; i += stride) {
     gpuio::Request r;

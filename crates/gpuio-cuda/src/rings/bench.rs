@@ -111,17 +111,22 @@ pub fn run(
         )));
     }
     let slots = (c.cache_bytes / c.line_bytes.max(1) as u64).clamp(1, 1 << 22) as u32;
-    let threads = c.threads.max(1);
-    let region = Arc::new(RingRegion::new(
-        device,
-        RingConfig {
-            ring_count: c.rings,
-            slots_per_ring: 1024,
-            completion_count: threads.max(slots),
-            line_bytes: c.line_bytes,
-            max_request_bytes: c.read_bytes.max(c.line_bytes),
-        },
-    )?);
+    // Whole blocks of threads, one completion word each.
+    let threads = c.threads.max(1).div_ceil(kernels::BLOCK) * kernels::BLOCK;
+    // A fresh region per run: tags restart at 1 in each, so words left by an earlier run must not
+    // be there to be mistaken for a new completion.
+    let region = || -> Result<Arc<RingRegion>> {
+        Ok(Arc::new(RingRegion::new(
+            device,
+            RingConfig {
+                ring_count: c.rings,
+                slots_per_ring: 1024,
+                completion_count: threads.max(slots),
+                line_bytes: c.line_bytes,
+                max_request_bytes: c.read_bytes.max(c.line_bytes),
+            },
+        )?))
+    };
     let server_config = ServerConfig {
         threads: c.server_threads,
         ..ServerConfig::default()
@@ -132,9 +137,10 @@ pub fn run(
         .collect();
 
     let dst = DeviceBuffer::alloc(device, threads as usize * c.read_bytes as usize)?;
+    let region_reads = region()?;
     let server = RingServer::start_auto(
         engine,
-        region.clone(),
+        region_reads.clone(),
         vec![file.clone()],
         (dst.ptr(), dst.len()),
         server_config.clone(),
@@ -146,7 +152,7 @@ pub fn run(
     let random_reads = kernels::random_reads(
         &mut w,
         &server,
-        &region,
+        &region_reads,
         0,
         &c.file,
         &offsets,
@@ -173,7 +179,8 @@ pub fn run(
             .map(|_| xorshift(&mut state) % rows_in_file)
             .collect();
         for prefetch in [false, true] {
-            // A fresh cache and server per run: both start cold.
+            // A fresh region, cache and server per run: all start cold and unused.
+            let region = region()?;
             let cache = DeviceCache::new(&region, 0, size, slots, 0)?;
             let server = RingServer::start_auto(
                 engine,

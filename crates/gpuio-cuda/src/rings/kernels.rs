@@ -306,9 +306,10 @@ fn host_read(file: &std::fs::File, offset: u64, out: &mut [u8]) -> Result<()> {
 }
 
 /// `n` reads of `len` bytes at `offsets` (each `offset + len` within the file), issued by `threads`
-/// GPU threads (at most the region's completion words), one in flight per thread, into a device
-/// buffer of `threads × len` bytes that the server's window must cover (`dst`). Each thread's last
-/// read is checked against `path`.
+/// GPU threads rounded up to whole blocks of [`BLOCK`] and capped at the region's completion words
+/// (the region must be fresh: its completion words unused, as tags restart at 1), one in flight per
+/// thread, into a device buffer of that many × `len` bytes that the server's window must cover
+/// (`dst`). Each thread's last read is checked against `path` (64 threads' worth, spread).
 #[allow(clippy::too_many_arguments)]
 pub fn random_reads(
     w: &mut Workloads,
@@ -323,10 +324,12 @@ pub fn random_reads(
     timeout: Duration,
 ) -> Result<KernelRun> {
     let q = QueueArg::new(region)?;
-    let threads = threads.min(q.completion_count).max(1);
-    if (dst.len() as u64) < threads as u64 * len as u64 {
+    let blocks = threads.max(1).div_ceil(BLOCK);
+    // The kernel's stride: threads launched, at most one per completion word.
+    let active = (blocks as u64 * BLOCK as u64).min(q.completion_count as u64);
+    if (dst.len() as u64) < active * len as u64 {
         return Err(Error::invalid(format!(
-            "a destination of {} bytes for {threads} threads × {len} bytes",
+            "a destination of {} bytes for {active} threads × {len} bytes",
             dst.len()
         )));
     }
@@ -337,8 +340,6 @@ pub fn random_reads(
     let errors = DeviceBuffer::alloc(&device, 12)?;
     upload(device.as_ref(), &[0u8; 12], errors.ptr())?;
 
-    let blocks = threads.div_ceil(BLOCK);
-    let launched = blocks as u64 * BLOCK as u64;
     let (mut qa, mut fid, mut op, mut n, mut l, mut d, mut e) = (
         q,
         file_id,
@@ -377,8 +378,7 @@ pub fn random_reads(
     // Each thread's buffer holds its last read: i = t + k·stride, the largest below n.
     let file =
         std::fs::File::open(path).map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
-    let stride = launched;
-    let active = (threads as u64).min(launched);
+    let stride = active;
     let mut verified = 0u64;
     let (mut got, mut want) = (vec![0u8; len as usize], vec![0u8; len as usize]);
     for t in (0..active.min(offsets.len() as u64)).step_by(((active / 64).max(1)) as usize) {
@@ -408,7 +408,8 @@ pub fn random_reads(
 }
 
 /// Gathers `rows` (row indices of `row_bytes` each, a divisor of the cache's line size) of the
-/// cached file into device memory through `cache`, a warp per row, `warps` warps at a time (each
+/// cached file into device memory through `cache` (fresh, on a fresh region: the cache's tags
+/// restart at 1, so a completion word left by an earlier run would pass for its own), a warp per row, `warps` warps at a time (each
 /// pins at most two lines: keep `2 × warps` well under the cache's slots), with or without
 /// prefetch; every row is checked against `path`.
 #[allow(clippy::too_many_arguments)]
