@@ -13,6 +13,8 @@
 //! - [`PageCache::gather`] groups a batch of ranges by line, serves resident lines at once, issues
 //!   every miss as a load (several per command buffer) and returns: the caller works while they are
 //!   in flight, and [`Gather::wait`] or `.await` collects the bytes.
+//! - [`PageCache::gather_held`] does the same for a read-only source without copying: each row is a
+//!   slice of the line that holds it, kept resident until the [`HeldRows`] are dropped.
 //! - Replacement is the clock (second chance), skipping pinned and busy lines. Modified lines are
 //!   written back (a `store`) when evicted and by [`PageCache::flush`]; a failed write-back keeps the
 //!   line Modified, and `flush` reports the error. A failed read never leaves a line Ready.
@@ -49,6 +51,7 @@ mod clock;
 mod config;
 mod file;
 mod gather;
+mod held;
 mod issue;
 pub mod line;
 mod share;
@@ -66,6 +69,7 @@ pub use config::{
 };
 pub use file::CachedFile;
 pub use gather::{Gather, GatherResult};
+pub use held::{HeldGather, HeldRows};
 pub use line::LineState;
 pub use source::SourceId;
 pub use stats::CacheStats;

@@ -659,3 +659,145 @@ fn array_get_reads_values_within_and_across_lines_and_counts_them_once() {
         "past the end"
     );
 }
+
+/// Random rows inside lines, on every backend: in-place rows equal the file, counted once, and
+/// once dropped their lines are replaceable again (a later gather over more lines than the cache
+/// holds succeeds).
+#[test]
+fn held_gathers_hand_out_the_files_bytes_in_place() {
+    for (label, engine) in gpuio_testkit::engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = pattern(200_000, 11); // a short last line
+        std::fs::write(&path, &data).unwrap();
+        let cache = PageCache::new(&engine, config(16, 4096)).unwrap();
+        let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+        let mut rng = Rng::new(3);
+        for round in 0..30 {
+            // At most 6 distinct lines per batch: well within 16.
+            let ranges: Vec<(u64, usize)> = (0..12)
+                .map(|_| {
+                    let line = (rng.below(6) * 8 + round % 8).min(48);
+                    let line_len = (data.len() as u64 - line * 4096).min(4096);
+                    let len = rng.below(300 + 1); // 0 included
+                    (line * 4096 + rng.below(line_len - len + 1), len as usize)
+                })
+                .collect();
+            cache.reset_stats();
+            let rows = cache.gather_held(src, &ranges).unwrap().wait().unwrap();
+            assert_eq!(rows.len(), ranges.len());
+            for (i, &(o, l)) in ranges.iter().enumerate() {
+                assert_eq!(
+                    rows.get(i),
+                    &data[o as usize..o as usize + l],
+                    "{label} round {round} row {i}"
+                );
+            }
+            let st = cache.stats();
+            let want: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+            assert_eq!(st.bytes_requested, want, "{label}: {st:?}");
+            assert_eq!(st.hits + st.misses, st.accesses, "{label}: {st:?}");
+        }
+        // Every line replaceable again: a copy gather over all 49 lines of the file (3 × the cache).
+        let all: Vec<(u64, usize)> = (0..49).map(|l| (l * 4096, 8)).collect();
+        let r = cache.gather(src, &all).unwrap().wait().unwrap();
+        for (i, &(o, l)) in all.iter().enumerate() {
+            assert_eq!(r.get(i), &data[o as usize..o as usize + l], "{label}");
+        }
+    }
+}
+
+/// Held lines are never replaced: while rows are held, gathers over many other lines evict only
+/// the others, and the held rows still read as the file.
+#[test]
+fn held_rows_survive_eviction_pressure() {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = pattern(64 * 4096, 12);
+    std::fs::write(&path, &data).unwrap();
+    let cache = PageCache::new(&engine, config(8, 4096)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    let held = [
+        (3 * 4096u64 + 100, 500usize),
+        (9 * 4096, 4096),
+        (40 * 4096 + 7, 1),
+    ];
+    let rows = cache.gather_held(src, &held).unwrap().wait().unwrap();
+    assert_eq!(rows.lines(), 3);
+    let before = cache.stats().evictions;
+    for l in (10..64).filter(|l| *l != 40) {
+        cache.read(src, l * 4096, &mut [0u8; 16]).unwrap();
+    }
+    assert!(cache.stats().evictions - before > 40, "{:?}", cache.stats());
+    for (i, &(o, l)) in held.iter().enumerate() {
+        assert_eq!(rows.get(i), &data[o as usize..o as usize + l], "row {i}");
+        assert_eq!(cache.resident_state(src, o), Some(LineState::Ready));
+    }
+    drop(rows);
+    // Released: the clock may take them now.
+    for l in 10..64 {
+        cache.read(src, l * 4096, &mut [0u8; 16]).unwrap();
+    }
+    assert_ne!(cache.resident_state(src, 3 * 4096), Some(LineState::Ready));
+}
+
+#[test]
+fn held_gathers_refuse_what_they_cannot_hand_out_in_place() {
+    let engine = gpuio_testkit::engine(BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, pattern(64 * 4096, 13)).unwrap();
+    let cache = PageCache::new(&engine, config(8, 4096)).unwrap();
+    let ro = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    let rw_src = cache.attach_file(&rw(&path)).unwrap();
+    let e = cache.gather_held(rw_src, &[(0, 8)]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    let e = cache.gather_held(ro, &[(4090, 8)]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "crosses a line: {e}");
+    assert!(
+        cache.gather_held(ro, &[(64 * 4096 - 4, 8)]).is_err(),
+        "past the end"
+    );
+    // More distinct lines than the cache has: WouldBlock, bounded, and nothing stays held.
+    let many: Vec<(u64, usize)> = (0..12).map(|l| (l * 4096, 8)).collect();
+    let c2 = cache.clone();
+    let e = within(30, move || c2.gather_held(ro, &many).and_then(|g| g.wait())).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WouldBlock, "{e}");
+    let all: Vec<(u64, usize)> = (0..8).map(|l| (l * 4096, 8)).collect();
+    cache.gather_held(ro, &all).unwrap().wait().unwrap();
+}
+
+/// An injected EIO fails the wait, releases what was held, and a retry succeeds.
+#[test]
+fn a_failed_held_gather_releases_its_lines() {
+    let (engine, h) =
+        gpuio_testkit::faulty_engine(7, FaultPlan::none(), BackendKind::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = pattern(32 * 4096, 14);
+    std::fs::write(&path, &data).unwrap();
+    let cache = PageCache::new(&engine, config(8, 4096)).unwrap();
+    let src = cache.attach_file(&File::open(&path).unwrap()).unwrap();
+    // Lines 0-3 resident and held by the failing gather; lines 20-23 fail to load.
+    cache
+        .gather(src, &[(0, 1), (4096, 1), (8192, 1), (12288, 1)])
+        .unwrap()
+        .wait()
+        .unwrap();
+    h.set_plan(FaultPlan::none().with_read_eio(1.0));
+    let ranges: Vec<(u64, usize)> = [0u64, 1, 2, 3, 20, 21, 22, 23]
+        .iter()
+        .map(|l| (l * 4096, 64))
+        .collect();
+    let c2 = cache.clone();
+    let r2 = ranges.clone();
+    let e = within(20, move || c2.gather_held(src, &r2).and_then(|g| g.wait())).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    h.set_plan(FaultPlan::none());
+    // All 8 lines of the cache are needed at once: only possible if the failed gather let go.
+    let rows = cache.gather_held(src, &ranges).unwrap().wait().unwrap();
+    for (i, &(o, l)) in ranges.iter().enumerate() {
+        assert_eq!(rows.get(i), &data[o as usize..o as usize + l]);
+    }
+}

@@ -60,6 +60,10 @@ pub struct GatherArgs {
     /// Seed of the row indices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Copy every row out of the cache into a batch buffer, even where the rows could be read in
+    /// place (a read-only table, rows inside one line, two batches' lines fitting in the cache).
+    #[arg(long)]
+    copy_rows: bool,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -111,6 +115,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
         prefetch,
         compute_us: a.compute_us,
         seed: a.seed,
+        copy_rows: a.copy_rows,
     };
     let spinner = crate::stream::spinner(a.json);
     let r = wl::gather(&cfg, &mut |p| {
@@ -141,6 +146,8 @@ pub fn run(a: GatherArgs) -> Result<()> {
             "compute_us": a.compute_us,
             "prefetch": prefetch,
             "direct": r.direct,
+            "rows_in_place": r.rows_in_place.is_ok(),
+            "rows_copied_because": r.rows_in_place.as_ref().err(),
             "checksum": format!("{:016x}", r.main.checksum),
         });
         if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
@@ -174,6 +181,10 @@ pub fn run(a: GatherArgs) -> Result<()> {
             },
             a.compute_us
         )?;
+        match &r.rows_in_place {
+            Ok(()) => outln!("rows read in place in the cache's lines (no copy)")?,
+            Err(why) => outln!("rows copied out of the cache ({why})")?,
+        }
         outln!(
             "{}",
             run_line(

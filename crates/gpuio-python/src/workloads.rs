@@ -282,7 +282,8 @@ fn run_dict<'py>(py: Python<'py>, r: &gather::GatherRun) -> PyResult<Bound<'py, 
 }
 
 /// `batches` batches of `batch` rows of `row_bytes` from `table` through the page cache; returns the
-/// run's figures (and, with `prefetch`, the synchronous reference run and the speedup).
+/// run's figures (and, with `prefetch`, the synchronous reference run and the speedup), and whether
+/// the rows were read in place in the cache's lines (`rows_in_place`; `rows_copied_because` if not).
 #[pyfunction]
 #[pyo3(signature = (table, row_bytes, batch, batches, dist = "uniform", cache_size = None,
     line_size = 4096, queue_depth = 64, prefetch = false, compute_us = 0, seed = 1, progress = None,
@@ -327,5 +328,7 @@ fn _gather<'py>(
         d.set_item("sync", run_dict(py, s)?)?;
     }
     d.set_item("speedup", r.speedup)?;
+    d.set_item("rows_in_place", r.rows_in_place.is_ok())?;
+    d.set_item("rows_copied_because", r.rows_in_place.err())?;
     Ok(d)
 }

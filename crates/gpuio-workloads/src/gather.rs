@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use gpuio::size::format_bytes;
 use gpuio::{DirectMode, Engine, Error, ErrorKind, OpenOptions, Result};
-use gpuio_cache::{CacheConfig, PageCache};
+use gpuio_cache::{CacheConfig, HeldGather, HeldRows, PageCache, SourceId};
 
 use crate::cache::{cache_bytes, cache_engine, CacheSize};
 use crate::rng::{mix, Rng};
@@ -101,6 +101,10 @@ pub struct GatherConfig {
     pub compute_us: u64,
     /// Seed of the row indices (`--seed`, default 1).
     pub seed: u64,
+    /// Copy every row out of the cache into a batch buffer (`--copy-rows`), even where the rows could
+    /// be handed out in place (`PageCache::gather_held`: a read-only table, rows inside one line,
+    /// two batches' lines fitting in the cache at once).
+    pub copy_rows: bool,
 }
 
 impl GatherConfig {
@@ -120,6 +124,7 @@ impl GatherConfig {
             prefetch: false,
             compute_us: 0,
             seed: 1,
+            copy_rows: false,
         }
     }
 
@@ -305,12 +310,60 @@ pub fn fold_row(sum: u64, row: &[u8]) -> u64 {
     sum.rotate_left(7) ^ u64::from_le_bytes(a) ^ u64::from_le_bytes(b).rotate_left(29)
 }
 
-/// Folds every row of a gather into `sum` ([`fold_row`]).
-fn consume(got: &gpuio_cache::GatherResult, n: usize, mut sum: u64) -> u64 {
-    for i in 0..n {
-        sum = fold_row(sum, got.get(i));
+/// A batch's gather in flight: rows to be copied out, or handed out in place.
+enum Pending {
+    Copy(gpuio_cache::Gather),
+    Held(HeldGather),
+}
+
+/// A batch's rows.
+enum Rows {
+    Copied(gpuio_cache::GatherResult),
+    Held(HeldRows),
+}
+
+impl Pending {
+    fn start(
+        cache: &PageCache,
+        src: SourceId,
+        ranges: &[(u64, usize)],
+        in_place: bool,
+        spare: &mut Vec<u8>,
+    ) -> Result<Pending> {
+        Ok(if in_place {
+            Pending::Held(cache.gather_held(src, ranges)?)
+        } else {
+            Pending::Copy(cache.gather_into(src, ranges, std::mem::take(spare))?)
+        })
     }
-    sum
+    fn wait(self) -> Result<Rows> {
+        Ok(match self {
+            Pending::Copy(g) => Rows::Copied(g.wait()?),
+            Pending::Held(g) => Rows::Held(g.wait()?),
+        })
+    }
+}
+
+impl Rows {
+    /// Folds every row into `sum` ([`fold_row`]).
+    fn consume(&self, n: usize, mut sum: u64) -> u64 {
+        for i in 0..n {
+            sum = fold_row(
+                sum,
+                match self {
+                    Rows::Copied(r) => r.get(i),
+                    Rows::Held(r) => r.get(i),
+                },
+            );
+        }
+        sum
+    }
+    /// Gives a copied batch's memory to the next gather; releases held lines.
+    fn recycle(self, spare: &mut Vec<u8>) {
+        if let Rows::Copied(r) = self {
+            *spare = r.into_bytes();
+        }
+    }
 }
 
 struct Plan<'a> {
@@ -319,6 +372,30 @@ struct Plan<'a> {
     file: &'a gpuio::File,
     rows: u64,
     capacity: u64,
+    /// Rows handed out in place ([`rows_in_place`]).
+    in_place: bool,
+}
+
+/// Whether rows can be handed out in place (`PageCache::gather_held`), and if not, why: each row
+/// must lie inside one line, and the lines of the batches held at once (two with prefetch: the one
+/// being consumed and the next) must leave the cache at least half its lines to replace.
+fn rows_in_place(a: &GatherConfig, cap_lines: u64, need: u64) -> std::result::Result<(), String> {
+    if a.copy_rows {
+        return Err("--copy-rows".into());
+    }
+    if a.row_bytes > a.line_size || a.line_size % a.row_bytes != 0 {
+        return Err(format!(
+            "rows of {} bytes do not each lie inside one {}-byte line",
+            a.row_bytes, a.line_size
+        ));
+    }
+    let held = need.saturating_mul(if a.prefetch { 2 } else { 1 });
+    if held.saturating_mul(2) > cap_lines {
+        return Err(format!(
+            "holding {held} lines at once would leave the cache of {cap_lines} lines less than half to replace"
+        ));
+    }
+    Ok(())
 }
 
 /// Batches finished before this run (of all runs), and the batches of all runs.
@@ -357,14 +434,15 @@ fn run_once(
     let mut sum = 0u64;
     let mut wait = Duration::ZERO;
     let mut issue = Duration::ZERO;
-    // Each result's memory is handed to a later gather: a fresh buffer per batch would be zeroed and
-    // faulted in again every time (a fifth of the CPU time of a miss-bound gather on tmpfs).
+    // Each copied result's memory is handed to a later gather: a fresh buffer per batch would be
+    // zeroed and faulted in again every time (a fifth of the CPU time of a miss-bound gather on tmpfs).
     let mut spare: Vec<u8> = Vec::new();
+    let in_place = p.in_place;
     let start = Instant::now();
     if prefetch {
         idx.fill(a.batch, a.row_bytes, &mut cur);
         let t = Instant::now();
-        let mut pending = Some(cache.gather(src, &cur)?);
+        let mut pending = Some(Pending::start(&cache, src, &cur, in_place, &mut spare)?);
         issue += t.elapsed();
         for k in 0..a.batches {
             let g = pending.take().expect("a gather is pending for every batch");
@@ -374,11 +452,11 @@ fn run_once(
             if k + 1 < a.batches {
                 idx.fill(a.batch, a.row_bytes, &mut nxt);
                 let t = Instant::now();
-                pending = Some(cache.gather_into(src, &nxt, std::mem::take(&mut spare))?);
+                pending = Some(Pending::start(&cache, src, &nxt, in_place, &mut spare)?);
                 issue += t.elapsed();
             }
-            sum = consume(&got, cur.len(), sum);
-            spare = got.into_bytes();
+            sum = got.consume(cur.len(), sum);
+            got.recycle(&mut spare);
             busy_wait(a.compute_us);
             std::mem::swap(&mut cur, &mut nxt);
             // Stopping drops the next batch's pending gather: the cache lets its reads finish.
@@ -388,13 +466,13 @@ fn run_once(
         for k in 0..a.batches {
             idx.fill(a.batch, a.row_bytes, &mut cur);
             let t = Instant::now();
-            let g = cache.gather_into(src, &cur, std::mem::take(&mut spare))?;
+            let g = Pending::start(&cache, src, &cur, in_place, &mut spare)?;
             let t1 = Instant::now();
             issue += t1 - t;
             let got = g.wait()?;
             wait += t1.elapsed();
-            sum = consume(&got, cur.len(), sum);
-            spare = got.into_bytes();
+            sum = got.consume(cur.len(), sum);
+            got.recycle(&mut spare);
             busy_wait(a.compute_us);
             report(progress, step(k + 1))?;
         }
@@ -502,6 +580,9 @@ pub struct GatherResult {
     pub sync: Option<GatherRun>,
     /// With `prefetch`: the synchronous run's time ÷ the prefetching run's.
     pub speedup: Option<f64>,
+    /// Whether rows were handed out in place (read where they lie in the cache's lines) rather than
+    /// copied into a batch buffer, and if copied, why.
+    pub rows_in_place: std::result::Result<(), String>,
 }
 
 impl GatherRun {
@@ -548,12 +629,14 @@ pub fn gather_with(cfg: &GatherConfig, progress: Report<'_>) -> Result<GatherRes
         .direct(DirectMode::Auto)
         .cold(true)
         .open(&a.table)?;
+    let in_place = rows_in_place(a, cap_lines, need);
     let plan = Plan {
         a,
         engine: &engine,
         file: &file,
         rows,
         capacity,
+        in_place: in_place.is_ok(),
     };
     let runs = if prefetch { 2 } else { 1 };
     let total = a.batches as u64 * runs;
@@ -600,6 +683,7 @@ pub fn gather_with(cfg: &GatherConfig, progress: Report<'_>) -> Result<GatherRes
         main,
         sync,
         speedup,
+        rows_in_place: in_place,
     })
 }
 

@@ -211,6 +211,50 @@ fn gather_reads_the_tables_bytes() {
     }
 }
 
+/// Rows read in place (`PageCache::gather_held`) and rows copied out give the same checksum over
+/// the same rows; the choice is reported, with the reason when rows are copied.
+#[test]
+fn gather_reads_rows_in_place_where_it_can_and_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table");
+    let mut rng = gpuio_workloads::rng::Rng::new(12);
+    let bytes: Vec<u8> = (0..(1 << 20)).map(|_| rng.next_u64() as u8).collect();
+    std::fs::write(&table, &bytes).unwrap();
+    let mut sums = Vec::new();
+    for (row_bytes, batch, copy_rows, in_place) in [
+        (256u64, 8usize, false, true),
+        (256, 8, true, false),   // asked to copy
+        (1000, 8, false, false), // rows cross lines
+        (256, 32, false, false), // two batches' lines would take more than half the cache
+    ] {
+        let mut cfg = GatherConfig::new(&table, row_bytes, batch, 12);
+        cfg.seed = 5;
+        cfg.prefetch = true;
+        cfg.copy_rows = copy_rows;
+        let r = gather::gather(&cfg, &mut |_| {}).unwrap();
+        assert_eq!(
+            r.rows_in_place.is_ok(),
+            in_place,
+            "{row_bytes} {batch} {copy_rows}: {:?}",
+            r.rows_in_place
+        );
+        let rows = bytes.len() as u64 / row_bytes;
+        let mut idx = Indices::new(Dist::Uniform, rows, cfg.seed);
+        let mut sum = 0u64;
+        for _ in 0..r.rows_gathered {
+            let at = (idx.next_row() * row_bytes) as usize;
+            sum = gather::fold_row(sum, &bytes[at..at + row_bytes as usize]);
+        }
+        assert_eq!(r.main.checksum, sum, "{row_bytes} {batch} {copy_rows}");
+        assert_eq!(r.sync.as_ref().unwrap().checksum, sum);
+        sums.push(sum);
+    }
+    assert_eq!(
+        sums[0], sums[1],
+        "in place and copied: the same rows, the same bytes"
+    );
+}
+
 #[test]
 fn a_callback_can_stop_each_workload_and_steps_count_to_the_total() {
     use gpuio_workloads::Flow;
