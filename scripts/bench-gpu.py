@@ -72,7 +72,7 @@ SHARD_INDEX = os.path.join(SHARD_DIR, "model.safetensors.index.json")
 SECTIONS = [
     ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("shards", 150), ("cold", 150),
     ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
-    ("pack", 90), ("rings", 120),
+    ("pack", 90), ("rings", 180),
 ]
 
 
@@ -709,6 +709,40 @@ def s_rings():
             log(f"host engine 4K randread QD64 {' '.join(extra) or '(one thread)'}: {h['iops']:.0f} IOPS")
     finally:
         os.remove(RINGS_FILE)
+    # BaM's BFS with the edge array on storage: the kernel's depths against the host's, and TEPS.
+    g = os.path.join(SHM_DIR, "gpuio-graph")
+    scale = os.environ.get("BFS_SCALE", "22" if ON_GPU else "16")
+    try:
+        j, wall, err = gpuio(["graph", "gen", "--scale", scale, "--degree", "16", "-o", g, "--json", "--force"],
+                             timeout=90)
+        if j is None:
+            log(f"graph gen --scale {scale}: FAILED {err}")
+            return
+        with open(g + ".bel.col", "rb") as f:
+            f.seek(16)
+            offs = f.read()
+        deg = [int.from_bytes(offs[i + 8:i + 16], "little") - int.from_bytes(offs[i:i + 8], "little")
+               for i in range(0, len(offs) - 8, 8)]
+        source = max(range(len(deg)), key=lambda v: deg[v])
+        depths = {}
+        for mode, extra in (("memory", []), ("cache", []), ("gpu-cache", ["--device", DEVICE])):
+            out = os.path.join(SHM_DIR, f"gpuio-depths-{mode}")
+            j, wall, err = gpuio(["bfs", g, "--source", str(source), "--mode", mode, "--cache-size", "20%",
+                                  "--depths-out", out, "--json"] + extra, timeout=60)
+            if j is None:
+                log(f"bfs --mode {mode}: FAILED {err}")
+                continue
+            record("bfs", mode=mode, scale=scale, raw=j)
+            with open(out, "rb") as f:
+                depths[mode] = f.read()
+            os.remove(out)
+            log(f"bfs scale {scale} --mode {mode}: {j['seconds']:.3f} s, {j['teps'] / 1e6:.1f} M TEPS, "
+                f"{j['levels']} levels, {j['vertices_reached']} reached; depths equal memory mode's: "
+                f"{depths.get(mode) == depths.get('memory')}")
+    finally:
+        for suffix in (".bel.col", ".bel.dst"):
+            if os.path.exists(g + suffix):
+                os.remove(g + suffix)
 
 
 def main():

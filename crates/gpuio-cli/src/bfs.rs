@@ -18,6 +18,8 @@ pub enum Mode {
     Memory,
     /// The edge file through an mmap, the OS page cache dropped first.
     Mmap,
+    /// On a GPU (--device): the kernel reads the edges itself through a device cache of --cache-size.
+    GpuCache,
 }
 
 impl From<Mode> for wl::Mode {
@@ -26,6 +28,7 @@ impl From<Mode> for wl::Mode {
             Mode::Cache => wl::Mode::Cache,
             Mode::Memory => wl::Mode::Memory,
             Mode::Mmap => wl::Mode::Mmap,
+            Mode::GpuCache => wl::Mode::GpuCache,
         }
     }
 }
@@ -62,6 +65,9 @@ pub struct BfsArgs {
     /// Write every vertex's depth here as little-endian i32, -1 for unreachable.
     #[arg(long, value_name = "FILE")]
     depths_out: Option<PathBuf>,
+    /// The GPU of --mode gpu-cache.
+    #[arg(long, default_value = "cuda:0")]
+    device: String,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -78,6 +84,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
         coalesce: a.coalesce,
         issue_threads: a.issue_threads,
         depths_out: a.depths_out.clone(),
+        device: a.device.clone(),
     };
     let pb = crate::stream::spinner(a.json);
     let r = wl::bfs(&cfg, &mut |p| crate::stream::show_progress(pb.as_ref(), p));

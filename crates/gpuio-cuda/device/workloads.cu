@@ -83,6 +83,42 @@ extern "C" __global__ void gpuio_gather_rows(gpuio::array<u32> a, const u64* row
   }
 }
 
+// One level of a breadth-first search with the edge array on storage (BaM's BFS): warp w takes
+// frontier vertices w, w + warps, ...; its lanes read the vertex's edges through the device cache
+// (edge e is element e + edge_base of `edges`: the .bel file's 16-byte header is two elements),
+// coalesced per line, and claim each unvisited destination for the next level with a CAS on its
+// depth. next_len counts the next frontier; errors[0] counts failed reads (errors[2] keeps the first
+// code), errors[1] destinations out of range (errors[3] keeps the first such edge's low 32 bits);
+// scanned[0] adds the edges scanned.
+extern "C" __global__ void gpuio_bfs_level(gpuio::array<u64> edges, u64 edge_base, const u64* offsets,
+                                           u64 n, const u32* frontier, u32 frontier_len, u32* next,
+                                           u32* next_len, u32* depth, u32 level, int* errors,
+                                           u64* scanned) {
+  const int lane = threadIdx.x & 31;
+  const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+  const u64 warps = (gridDim.x * (u64)blockDim.x) >> 5;
+  for (u64 k = warp; k < frontier_len; k += warps) {
+    const u32 v = frontier[k];
+    const u64 start = offsets[v], end = offsets[v + 1];
+    if (lane == 0) atomicAdd(scanned, end - start);
+    for (u64 base = start; base < end; base += 32) {
+      const u64 e = base + lane;
+      if (e < end) {
+        int err = 0;
+        const u64 u = edges.read(e + edge_base, &err);
+        if (err) {
+          atomicAdd(&errors[0], 1);
+          atomicCAS(&errors[2], 0, err);
+        } else if (u >= n) {
+          if (atomicAdd(&errors[1], 1) == 0) errors[3] = (int)(e & 0x7fffffff);
+        } else if (atomicCAS(&depth[u], 0xffffffffu, level + 1) == 0xffffffffu) {
+          next[atomicAdd(next_len, 1u)] = (u32)u;
+        }
+      }
+    }
+  }
+}
+
 // Layout probe for the host: the sizes and offsets of the argument structs, written to out[] so a
 // test on a GPU can compare them with the Rust structs too (tests/rings_nvrtc.rs checks them at
 // compile time with static_assert).

@@ -84,3 +84,21 @@ fn device_cache_arguments_are_checked() {
     assert_eq!((a.pages, a.slots, a.line_bytes), (256, 64, 4096));
     assert_eq!(c.window().1, 64 * 4096);
 }
+
+#[test]
+fn gpu_bfs_checks_its_graph_before_the_device() {
+    use gpuio_cuda::rings::bfs::{bfs, GpuBfsConfig};
+    let engine = gpuio::Engine::new(gpuio::EngineConfig::default()).unwrap();
+    let c = GpuBfsConfig::default();
+    let edges = std::path::Path::new("/nonexistent.bel.dst");
+    let e = bfs(&engine, &cpu(), edges, &[0, 1, 2], 5, &c).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::InvalidInput,
+        "source out of range: {e}"
+    );
+    let e = bfs(&engine, &cpu(), edges, &[0], 0, &c).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "no vertices: {e}");
+    let e = bfs(&engine, &cpu(), edges, &[0, 1, 2], 1, &c).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+}

@@ -242,6 +242,7 @@ fn _graph_bfs<'py>(
         coalesce,
         issue_threads: 0,
         depths_out,
+        device: "cuda:0".into(),
     };
     let r = py.allow_threads(|| bfs::bfs_with(&cfg, &mut |p| prog.on(p)));
     let r = prog.finish(py, r)?;

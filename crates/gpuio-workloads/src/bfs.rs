@@ -42,6 +42,9 @@ pub enum Mode {
     Memory,
     /// The edge file through an mmap, the OS page cache dropped first.
     Mmap,
+    /// On a GPU ([`BfsConfig::device`]): the offsets and depths in device memory, the edges read by
+    /// the kernel itself through the device cache and the request rings (`gpuio_cuda::rings::bfs`).
+    GpuCache,
 }
 
 impl Mode {
@@ -51,6 +54,7 @@ impl Mode {
             Mode::Cache => "cache",
             Mode::Memory => "memory",
             Mode::Mmap => "mmap",
+            Mode::GpuCache => "gpu-cache",
         }
     }
 }
@@ -79,6 +83,8 @@ pub struct BfsConfig {
     pub issue_threads: usize,
     /// Write every vertex's depth here as little-endian i32, -1 for unreachable (`--depths-out`).
     pub depths_out: Option<PathBuf>,
+    /// The GPU of [`Mode::GpuCache`] (`--device`, default `cuda:0`).
+    pub device: String,
 }
 
 impl BfsConfig {
@@ -94,6 +100,7 @@ impl BfsConfig {
             coalesce: 128 << 10,
             issue_threads: 0,
             depths_out: None,
+            device: "cuda:0".into(),
         }
     }
 
@@ -463,6 +470,49 @@ fn traverse<E: Edges>(
     })
 }
 
+/// [`Mode::GpuCache`]: the search on the GPU; the cache is `--cache-size` of device memory in lines
+/// of `--line-size`. Levels are not reported one by one (the host sees only the last); the phase is.
+fn traverse_gpu(
+    cfg: &BfsConfig,
+    bel: &Bel,
+    source: u32,
+    progress: Report<'_>,
+) -> Result<Traversal> {
+    let device = gpuio_cuda::open_device(&cfg.device)?;
+    let capacity = cache_bytes(cfg.cache, bel.dst_bytes, cfg.line_size)?;
+    let line_bytes = u32::try_from(cfg.line_size)
+        .map_err(|_| Error::invalid(format!("--line-size {} is too large", cfg.line_size)))?;
+    let engine = cache_engine(cfg.queue_depth, capacity)?;
+    report(
+        progress,
+        Progress::Phase(format!(
+            "searching on {} (edges through a {} device cache)",
+            device.label(),
+            gpuio::size::format_bytes(capacity as f64)
+        )),
+    )?;
+    let run = gpuio_cuda::rings::bfs::bfs(
+        &engine,
+        &device,
+        &bel.dst_path,
+        &bel.offsets,
+        source as u64,
+        &gpuio_cuda::rings::bfs::GpuBfsConfig {
+            cache_bytes: capacity,
+            line_bytes,
+            ..Default::default()
+        },
+    )?;
+    let reached = run.depths.iter().filter(|&&d| d >= 0).count() as u64;
+    Ok(Traversal {
+        depths: run.depths,
+        levels: run.levels,
+        reached,
+        scanned: run.edges_scanned,
+        seconds: run.seconds,
+    })
+}
+
 fn drop_os_cache(f: &std::fs::File, path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on an open descriptor.
@@ -631,6 +681,7 @@ pub fn bfs_with(cfg: &BfsConfig, progress: Report<'_>) -> Result<BfsResult> {
             };
             (traverse(&bel, source, &mut e, progress)?, None)
         }
+        Mode::GpuCache => (traverse_gpu(cfg, &bel, source, progress)?, None),
         Mode::Cache => {
             let capacity = cache_bytes(cfg.cache, bel.dst_bytes, cfg.line_size)?;
             let engine = cache_engine(cfg.queue_depth, capacity)?;

@@ -110,6 +110,27 @@ fn generated_graph_bfs_modes_agree() {
             .collect();
         assert_eq!(file, want);
     }
+
+    // The kernel's search (`--mode gpu-cache`) on GPUIO_TEST_DEVICE=cuda:N finds the same depths;
+    // on the host stand-in (the default here) it is refused, saying why.
+    let mut c = BfsConfig::new(&prefix, source as u64);
+    c.mode = Mode::GpuCache;
+    c.line_size = 4096;
+    c.device = std::env::var("GPUIO_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    match bfs::bfs(&c, &mut no_progress) {
+        Ok(r) => {
+            assert_eq!(r.depths, want, "gpu-cache on {}", c.device);
+            assert_eq!(
+                r.vertices_reached,
+                want.iter().filter(|&&d| d >= 0).count() as u64
+            );
+        }
+        Err(e) if c.device == "cpu" => {
+            assert_eq!(e.kind(), gpuio::ErrorKind::Unsupported, "{e}");
+            assert!(e.to_string().contains("cpu runs no kernels"), "{e}");
+        }
+        Err(e) => panic!("gpu-cache on {}: {e}", c.device),
+    }
 }
 
 #[test]

@@ -190,7 +190,7 @@ impl DeviceCache {
 }
 
 /// Copies `bytes` to device address `dst`, synchronously.
-fn upload(device: &dyn Device, bytes: &[u8], dst: DevicePtr) -> Result<()> {
+pub(crate) fn upload(device: &dyn Device, bytes: &[u8], dst: DevicePtr) -> Result<()> {
     let mut s = device.copy_stream()?;
     // SAFETY: `bytes` outlives the synchronize below; the caller's `dst` range is a live allocation.
     unsafe { s.copy_h2d_async(bytes.as_ptr(), bytes.len(), dst)? };
@@ -215,6 +215,15 @@ impl Workloads {
         };
         w.check_layout()?;
         Ok(w)
+    }
+
+    /// The module, to launch its kernels (`rings::bfs`).
+    pub(crate) fn module(&mut self) -> &mut dyn KernelModule {
+        self.module.as_mut()
+    }
+
+    pub fn device(&self) -> &std::sync::Arc<dyn Device> {
+        &self.device
     }
 
     fn check_layout(&mut self) -> Result<()> {
@@ -277,7 +286,7 @@ impl KernelRun {
     }
 }
 
-fn errors_of(device: &dyn Device, buf: &DeviceBuffer, what: &str) -> Result<()> {
+pub(crate) fn errors_of(device: &dyn Device, buf: &DeviceBuffer, what: &str) -> Result<()> {
     let mut b = [0u8; 12];
     buf.read(0, &mut b)?;
     let w = |i: usize| i32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"));

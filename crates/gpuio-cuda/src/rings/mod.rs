@@ -12,6 +12,7 @@
 //!   copy from pinned memory on the same stream), and which one a device gets, with the reason.
 //! - [`kernels`] — the workload kernels on a GPU (`device/workloads.cu`): their arguments, the device
 //!   cache's memory, random reads and an embedding gather issued by GPU threads, checked and timed.
+//! - [`bfs`] — breadth-first search with the edge array on storage, a kernel launch per level.
 //! - [`bench`] — `gpuio rings`: those workloads end to end, each on a fresh server.
 //! - [`line`] — the Rust twin of the device cache's line state machine (model-checked with loom).
 //!
@@ -46,6 +47,7 @@
 //! ```
 
 pub mod bench;
+pub mod bfs;
 pub mod kernels;
 pub mod layout;
 pub mod line;

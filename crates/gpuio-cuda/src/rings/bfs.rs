@@ -1,0 +1,300 @@
+//! Breadth-first search on a GPU with the edge array on storage (BaM's BFS; `gpuio bfs --mode
+//! gpu-cache`): the vertex offsets and the depths live in device memory, the edges are read by the
+//! kernel through the device cache (`gpuio_bfs_level` in `device/workloads.cu`), one launch per level,
+//! served by a [`RingServer`] on this host.
+//!
+//! The result is every vertex's depth, as the host modes of `gpuio_workloads::bfs` report it (-1 for
+//! unreachable), so the callers compare them. A read error, or a destination out of range (a corrupt
+//! edge file), fails the search naming the cause; every wait is bounded.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpuio::{Engine, Error, ErrorKind, File, Result};
+
+use super::kernels::{upload, CacheArg, DeviceCache, Workloads, BLOCK};
+use super::layout::RingConfig;
+use super::region::RingRegion;
+use super::server::{RingServer, RingStats, ServerConfig};
+use crate::device::{Device, DeviceBuffer};
+
+/// Bytes of a `.bel` file's header (u64 count, u64 reserved): two u64 elements before edge 0.
+pub const BEL_HEADER_ELEMENTS: u64 = 2;
+
+/// How the search runs.
+#[derive(Debug, Clone)]
+pub struct GpuBfsConfig {
+    /// The device cache's capacity and line size.
+    pub cache_bytes: u64,
+    pub line_bytes: u32,
+    /// Warps per level at most (each pins at most two lines at a time; capped at a quarter of the
+    /// cache's lines).
+    pub warps: u32,
+    pub server_threads: usize,
+    pub rings: u32,
+    /// The longest one level may take.
+    pub level_timeout: Duration,
+}
+
+impl Default for GpuBfsConfig {
+    fn default() -> Self {
+        GpuBfsConfig {
+            cache_bytes: 256 << 20,
+            line_bytes: 16 << 10,
+            warps: 8192,
+            server_threads: 2,
+            rings: 8,
+            level_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the search found and cost.
+#[derive(Debug, Clone)]
+pub struct GpuBfsRun {
+    /// Every vertex's depth, -1 for unreachable.
+    pub depths: Vec<i32>,
+    pub levels: u32,
+    /// Edges scanned (every edge of every reached vertex with edges).
+    pub edges_scanned: u64,
+    /// From the first level's launch to the last level's end.
+    pub seconds: f64,
+    /// The server's counters over the search.
+    pub server: RingStats,
+    /// How completions reach device memory, and why.
+    pub publisher: String,
+}
+
+/// Searches from `source` the graph whose `n + 1` vertex `offsets` are given and whose edges are
+/// `edge_file` (a `.bel.dst`: 16-byte header, then u64 destinations).
+pub fn bfs(
+    engine: &Engine,
+    device: &Arc<dyn Device>,
+    edge_file: &Path,
+    offsets: &[u64],
+    source: u64,
+    c: &GpuBfsConfig,
+) -> Result<GpuBfsRun> {
+    let n = offsets.len().saturating_sub(1) as u64;
+    if n == 0 || n >= u32::MAX as u64 {
+        return Err(Error::invalid(format!(
+            "a graph of {n} vertices: 1..2^32-1 are supported"
+        )));
+    }
+    if source >= n {
+        return Err(Error::invalid(format!(
+            "source vertex {source} is not in a graph of {n} vertices"
+        )));
+    }
+    let mut w = Workloads::load(device)?;
+    let file = File::open(edge_file)?;
+    let size = file.len()?;
+    let slots = (c.cache_bytes / c.line_bytes.max(1) as u64).clamp(4, 1 << 22) as u32;
+    let region = Arc::new(RingRegion::new(
+        device,
+        RingConfig {
+            ring_count: c.rings,
+            slots_per_ring: 1024,
+            completion_count: slots,
+            line_bytes: c.line_bytes,
+            max_request_bytes: c.line_bytes,
+        },
+    )?);
+    let cache = DeviceCache::new(&region, 0, size, slots, 0)?;
+    let server = RingServer::start_auto(
+        engine,
+        region.clone(),
+        vec![file],
+        cache.window(),
+        ServerConfig {
+            threads: c.server_threads,
+            ..ServerConfig::default()
+        },
+    )?;
+    let publisher = server
+        .publisher()
+        .map_or_else(String::new, |p| format!("{}: {}", p.kind.name(), p.reason));
+    let r = search(&mut w, &cache, offsets, n, source, c);
+    let stats = server.shutdown();
+    let (depths, levels, edges_scanned, seconds) = r?;
+    Ok(GpuBfsRun {
+        depths,
+        levels,
+        edges_scanned,
+        seconds,
+        server: stats,
+        publisher,
+    })
+}
+
+fn words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn read_u32(buf: &DeviceBuffer) -> Result<u32> {
+    let mut b = [0u8; 4];
+    buf.read(0, &mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+type Found = (Vec<i32>, u32, u64, f64);
+
+fn search(
+    w: &mut Workloads,
+    cache: &DeviceCache,
+    offsets: &[u64],
+    n: u64,
+    source: u64,
+    c: &GpuBfsConfig,
+) -> Result<Found> {
+    let device = w.device().clone();
+    let d = device.as_ref();
+    let off = DeviceBuffer::alloc(&device, offsets.len() * 8)?;
+    let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    upload(d, &bytes, off.ptr())?;
+    drop(bytes);
+    let mut depth_init = vec![u32::MAX; n as usize];
+    depth_init[source as usize] = 0;
+    let depth = DeviceBuffer::alloc(&device, n as usize * 4)?;
+    upload(d, &words(&depth_init), depth.ptr())?;
+    drop(depth_init);
+    let mut cur = DeviceBuffer::alloc(&device, n as usize * 4)?;
+    let mut nxt = DeviceBuffer::alloc(&device, n as usize * 4)?;
+    upload(d, &words(&[source as u32]), cur.ptr())?;
+    let next_len = DeviceBuffer::alloc(&device, 4)?;
+    let errors = DeviceBuffer::alloc(&device, 16)?;
+    upload(d, &[0u8; 16], errors.ptr())?;
+    let scanned = DeviceBuffer::alloc(&device, 8)?;
+    upload(d, &[0u8; 8], scanned.ptr())?;
+
+    let max_warps = c.warps.clamp(1, (cache.arg().slots / 4).max(1));
+    let mut frontier_len = 1u32;
+    let mut level = 0u32;
+    let t0 = Instant::now();
+    loop {
+        upload(d, &[0u8; 4], next_len.ptr())?;
+        let warps = frontier_len.min(max_warps);
+        let blocks = (warps * 32).div_ceil(BLOCK);
+        let (
+            mut a,
+            mut base,
+            mut op,
+            mut nn,
+            mut fp,
+            mut fl,
+            mut np,
+            mut nl,
+            mut dp,
+            mut lv,
+            mut ep,
+            mut sp,
+        ): (
+            CacheArg,
+            u64,
+            u64,
+            u64,
+            u64,
+            u32,
+            u64,
+            u64,
+            u64,
+            u32,
+            u64,
+            u64,
+        ) = (
+            cache.arg(),
+            BEL_HEADER_ELEMENTS,
+            off.ptr(),
+            n,
+            cur.ptr(),
+            frontier_len,
+            nxt.ptr(),
+            next_len.ptr(),
+            depth.ptr(),
+            level,
+            errors.ptr(),
+            scanned.ptr(),
+        );
+        let mut params = [
+            &mut a as *mut CacheArg as *mut std::ffi::c_void,
+            &mut base as *mut u64 as *mut _,
+            &mut op as *mut u64 as *mut _,
+            &mut nn as *mut u64 as *mut _,
+            &mut fp as *mut u64 as *mut _,
+            &mut fl as *mut u32 as *mut _,
+            &mut np as *mut u64 as *mut _,
+            &mut nl as *mut u64 as *mut _,
+            &mut dp as *mut u64 as *mut _,
+            &mut lv as *mut u32 as *mut _,
+            &mut ep as *mut u64 as *mut _,
+            &mut sp as *mut u64 as *mut _,
+        ];
+        // SAFETY: the parameters match gpuio_bfs_level(array<u64>, u64, const u64*, u64, const
+        // u32*, u32, u32*, u32*, u32*, u32, int*, u64*); every buffer lives past the wait below.
+        unsafe {
+            w.module()
+                .launch("gpuio_bfs_level", blocks, BLOCK, &mut params)?
+        };
+        w.module().synchronize(c.level_timeout)?;
+        check_errors(d, &errors, level)?;
+        let found = read_u32(&next_len)?;
+        if found == 0 {
+            break;
+        }
+        if found as u64 > n {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("level {level} claims {found} new vertices of {n}: the kernel misbehaved"),
+            ));
+        }
+        std::mem::swap(&mut cur, &mut nxt);
+        frontier_len = found;
+        level += 1;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut back = vec![0u8; n as usize * 4];
+    depth.read(0, &mut back)?;
+    let depths = back
+        .chunks_exact(4)
+        .map(|b| {
+            let v = u32::from_le_bytes(b.try_into().expect("4 bytes"));
+            if v == u32::MAX {
+                -1
+            } else {
+                v as i32
+            }
+        })
+        .collect();
+    let mut s = [0u8; 8];
+    scanned.read(0, &mut s)?;
+    Ok((depths, level + 1, u64::from_le_bytes(s), seconds))
+}
+
+/// Failed reads fail the search with their code (`Io`); destinations out of range mean a corrupt
+/// edge file (`Corrupt`, naming the first such edge's position, modulo 2^31).
+fn check_errors(device: &dyn Device, errors: &DeviceBuffer, level: u32) -> Result<()> {
+    let mut b = [0u8; 16];
+    errors.read(0, &mut b)?;
+    let w = |i: usize| i32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    let (failed, bad, code, edge) = (w(0), w(1), w(2), w(3));
+    if failed > 0 {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "level {level}: {failed} edge reads by the kernel on {} failed ({})",
+                device.label(),
+                super::layout::code::name(code)
+            ),
+        ));
+    }
+    if bad > 0 {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "level {level}: {bad} edge destinations are not vertices of the graph (the first seen at edge {edge} modulo 2^31): the edge file is corrupt"
+            ),
+        ));
+    }
+    Ok(())
+}
