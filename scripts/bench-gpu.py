@@ -707,6 +707,21 @@ def s_rings():
                 continue
             record("rings-host", extra=extra, raw=h)
             log(f"host engine 4K randread QD64 {' '.join(extra) or '(one thread)'}: {h['iops']:.0f} IOPS")
+        # The DLRM-style gather workload, host page cache against the kernel's device cache: same rows,
+        # same checksum; prefetch (host: next batch; kernel: next row) against synchronous.
+        sums = {}
+        for mode, extra in (("cache", []), ("gpu-cache", ["--device", DEVICE])):
+            j, _, err = gpuio(["gather", "--table", RINGS_FILE, "--row-bytes", "4096", "--batch", "4096",
+                               "--batches", "20", "--cache-size", "10%", "--prefetch", "on", "--mode", mode,
+                               "--json"] + extra, timeout=60)
+            if j is None:
+                log(f"gather --mode {mode}: FAILED {err}")
+                continue
+            record("gather", mode=mode, raw=j)
+            sums[mode] = j["checksum"]
+            log(f"gather --mode {mode}: {j['rows_per_sec']:.0f} rows/s with prefetch, sync "
+                f"{j['sync']['rows_per_sec']:.0f}, speedup {j['speedup']:.2f}x, hit rate {j['hit_rate']:.3f}; "
+                f"checksum {j['checksum']} equals the host's: {j['checksum'] == sums.get('cache')}")
     finally:
         os.remove(RINGS_FILE)
     # BaM's BFS with the edge array on storage: the kernel's depths against the host's, and TEPS.

@@ -60,6 +60,13 @@ pub struct GatherArgs {
     /// Seed of the row indices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Where the gather runs: cache (the host page cache) or gpu-cache (a GPU kernel reads the rows
+    /// itself through a device cache of --cache-size, served by the request rings).
+    #[arg(long, default_value = "cache", value_parser = ["cache", "gpu-cache"])]
+    mode: String,
+    /// The GPU of --mode gpu-cache.
+    #[arg(long, default_value = "cuda:0")]
+    device: String,
     /// Copy every row out of the cache into a batch buffer, even where the rows could be read in
     /// place (a read-only table, rows inside one line, two batches' lines fitting in the cache).
     #[arg(long)]
@@ -116,6 +123,8 @@ pub fn run(a: GatherArgs) -> Result<()> {
         compute_us: a.compute_us,
         seed: a.seed,
         copy_rows: a.copy_rows,
+        gpu: a.mode == "gpu-cache",
+        device: a.device.clone(),
     };
     let spinner = crate::stream::spinner(a.json);
     let r = wl::gather(&cfg, &mut |p| {
@@ -146,6 +155,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
             "compute_us": a.compute_us,
             "prefetch": prefetch,
             "direct": r.direct,
+            "mode": a.mode,
             "rows_in_place": r.rows_in_place.is_ok(),
             "rows_copied_because": r.rows_in_place.as_ref().err(),
             "checksum": format!("{:016x}", r.main.checksum),

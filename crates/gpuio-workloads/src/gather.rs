@@ -105,6 +105,11 @@ pub struct GatherConfig {
     /// be handed out in place (`PageCache::gather_held`: a read-only table, rows inside one line,
     /// two batches' lines fitting in the cache at once).
     pub copy_rows: bool,
+    /// Gather on a GPU (`--mode gpu-cache`): a kernel reads the rows itself through a device cache
+    /// of the same capacity and line size, served by the request rings ([`crate::gather_gpu`]).
+    pub gpu: bool,
+    /// The GPU of `gpu` (`--device`, default `cuda:0`).
+    pub device: String,
 }
 
 impl GatherConfig {
@@ -125,6 +130,8 @@ impl GatherConfig {
             compute_us: 0,
             seed: 1,
             copy_rows: false,
+            gpu: false,
+            device: "cuda:0".into(),
         }
     }
 
@@ -366,12 +373,12 @@ impl Rows {
     }
 }
 
-struct Plan<'a> {
-    a: &'a GatherConfig,
-    engine: &'a Engine,
-    file: &'a gpuio::File,
-    rows: u64,
-    capacity: u64,
+pub(crate) struct Plan<'a> {
+    pub(crate) a: &'a GatherConfig,
+    pub(crate) engine: &'a Engine,
+    pub(crate) file: &'a gpuio::File,
+    pub(crate) rows: u64,
+    pub(crate) capacity: u64,
     /// Rows handed out in place ([`rows_in_place`]).
     in_place: bool,
 }
@@ -399,9 +406,9 @@ fn rows_in_place(a: &GatherConfig, cap_lines: u64, need: u64) -> std::result::Re
 }
 
 /// Batches finished before this run (of all runs), and the batches of all runs.
-struct Steps {
-    base: u64,
-    total: u64,
+pub(crate) struct Steps {
+    pub(crate) base: u64,
+    pub(crate) total: u64,
 }
 
 fn run_once(
@@ -629,7 +636,11 @@ pub fn gather_with(cfg: &GatherConfig, progress: Report<'_>) -> Result<GatherRes
         .direct(DirectMode::Auto)
         .cold(true)
         .open(&a.table)?;
-    let in_place = rows_in_place(a, cap_lines, need);
+    let in_place = if a.gpu {
+        Err("--mode gpu-cache: the kernel copies the rows into device memory".to_string())
+    } else {
+        rows_in_place(a, cap_lines, need)
+    };
     let plan = Plan {
         a,
         engine: &engine,
@@ -651,7 +662,14 @@ pub fn gather_with(cfg: &GatherConfig, progress: Report<'_>) -> Result<GatherRes
             .into(),
         ),
     )?;
-    let main = run_once(&plan, prefetch, progress, &Steps { base: 0, total })?;
+    let run = |prefetch: bool, progress: Report<'_>, steps: &Steps| {
+        if a.gpu {
+            crate::gather_gpu::run_once(&plan, prefetch, progress, steps)
+        } else {
+            run_once(&plan, prefetch, progress, steps)
+        }
+    };
+    let main = run(prefetch, progress, &Steps { base: 0, total })?;
     let sync = if prefetch {
         report(
             progress,
@@ -661,7 +679,7 @@ pub fn gather_with(cfg: &GatherConfig, progress: Report<'_>) -> Result<GatherRes
             base: a.batches as u64,
             total,
         };
-        let s = run_once(&plan, false, progress, &steps)?;
+        let s = run(false, progress, &steps)?;
         if s.checksum != main.checksum {
             return Err(Error::new(
                 ErrorKind::Corrupt,

@@ -1,6 +1,7 @@
 //! `gpuio-workloads`: gpu-io's workloads as a library — the Graph500/Kronecker generator and the `.bel`
 //! graph format ([`graph`]), breadth-first search over the page cache, memory or mmap ([`bfs`]) and
-//! DLRM-style embedding gathers with optional prefetch ([`gather`]).
+//! DLRM-style embedding gathers with optional prefetch ([`gather`]; on a GPU, through the device cache:
+//! [`gather_gpu`]; BFS on a GPU: [`bfs::Mode::GpuCache`]).
 //!
 //! Each workload takes a plain config struct, checks it (the errors name the CLI flag each field comes
 //! from, with its bounds, so that `gpuio` and every other front end report the same one-line messages),
@@ -22,6 +23,7 @@ use std::path::PathBuf;
 pub mod bfs;
 pub mod cache;
 pub mod gather;
+pub mod gather_gpu;
 pub mod graph;
 pub mod rng;
 

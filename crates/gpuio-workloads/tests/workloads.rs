@@ -274,6 +274,25 @@ fn gather_reads_rows_in_place_where_it_can_and_says_why_not() {
         sums[0], sums[1],
         "in place and copied: the same rows, the same bytes"
     );
+
+    // On a GPU (GPUIO_TEST_DEVICE=cuda:N) the kernel's gather folds to the same checksum; on the host
+    // stand-in (the default here) it is refused, saying why.
+    let mut cfg = GatherConfig::new(&table, 256, 8, 12);
+    cfg.seed = 5;
+    cfg.prefetch = true;
+    cfg.gpu = true;
+    cfg.device = std::env::var("GPUIO_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    match gather::gather(&cfg, &mut |_| {}) {
+        Ok(r) => {
+            assert_eq!(r.main.checksum, sums[0], "gpu-cache on {}", cfg.device);
+            assert_eq!(r.sync.as_ref().unwrap().checksum, sums[0]);
+        }
+        Err(e) if cfg.device == "cpu" => {
+            assert_eq!(e.kind(), gpuio::ErrorKind::Unsupported, "{e}");
+            assert!(e.to_string().contains("cpu runs no kernels"), "{e}");
+        }
+        Err(e) => panic!("gpu-cache on {}: {e}", cfg.device),
+    }
 }
 
 #[test]

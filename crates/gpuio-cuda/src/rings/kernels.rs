@@ -420,19 +420,18 @@ pub fn random_reads(
 /// cached file into device memory through `cache` (fresh, on a fresh region: the cache's tags
 /// restart at 1, so a completion word left by an earlier run would pass for its own), a warp per row, `warps` warps at a time (each
 /// pins at most two lines: keep `2 × warps` well under the cache's slots), with or without
-/// prefetch; every row is checked against `path`.
+/// prefetch. Returns the run and the rows' bytes as the kernel gathered them, back to back.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_rows(
+pub fn gather_rows_out(
     w: &mut Workloads,
     server: &RingServer,
     cache: &DeviceCache,
-    path: &std::path::Path,
     rows: &[u64],
     row_bytes: u32,
     warps: u32,
     prefetch: bool,
     timeout: Duration,
-) -> Result<KernelRun> {
+) -> Result<(KernelRun, Vec<u8>)> {
     let c = cache.arg();
     if row_bytes == 0 || row_bytes % 4 != 0 || c.line_bytes % row_bytes != 0 {
         return Err(Error::invalid(format!(
@@ -490,11 +489,40 @@ pub fn gather_rows(
     let elapsed = t0.elapsed();
     let stats = server.stats().since(&before);
     errors_of(device.as_ref(), &errors, "rows gathered by the kernel")?;
+    let mut got = vec![0u8; out_bytes];
+    out.read(0, &mut got)?;
+    got.truncate(rows.len() * row_bytes as usize);
+    Ok((
+        KernelRun {
+            requests: rows.len() as u64,
+            bytes: rows.len() as u64 * row_bytes as u64,
+            elapsed,
+            server: stats,
+            threads: blocks as u64 * BLOCK as u64,
+            verified_bytes: 0,
+        },
+        got,
+    ))
+}
+
+/// [`gather_rows_out`], with every row checked against `path`.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_rows(
+    w: &mut Workloads,
+    server: &RingServer,
+    cache: &DeviceCache,
+    path: &std::path::Path,
+    rows: &[u64],
+    row_bytes: u32,
+    warps: u32,
+    prefetch: bool,
+    timeout: Duration,
+) -> Result<KernelRun> {
+    let (mut run, got) =
+        gather_rows_out(w, server, cache, rows, row_bytes, warps, prefetch, timeout)?;
 
     let file =
         std::fs::File::open(path).map_err(|e| Error::from_io(Op::Open, &e).with_path(path))?;
-    let mut got = vec![0u8; out_bytes];
-    out.read(0, &mut got)?;
     let mut want = vec![0u8; row_bytes as usize];
     for (k, &r) in rows.iter().enumerate() {
         host_read(&file, r * row_bytes as u64, &mut want)?;
@@ -509,12 +537,6 @@ pub fn gather_rows(
             ));
         }
     }
-    Ok(KernelRun {
-        requests: rows.len() as u64,
-        bytes: rows.len() as u64 * row_bytes as u64,
-        elapsed,
-        server: stats,
-        threads: blocks as u64 * BLOCK as u64,
-        verified_bytes: rows.len() as u64 * row_bytes as u64,
-    })
+    run.verified_bytes = rows.len() as u64 * row_bytes as u64;
+    Ok(run)
 }
