@@ -599,3 +599,51 @@ fn sigterm_or_sigint_mid_bench_removes_the_scratch_file() {
         assert!(left.is_empty(), "signal {sig} left {left:?}");
     }
 }
+
+/// The GPU-kernel commands on a machine without a GPU's kernels (the host stand-in): one clear line,
+/// exit 1, nothing on standard output, before any file is touched.
+#[test]
+fn gpu_kernel_commands_say_they_need_a_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("t.bin");
+    std::fs::write(&table, vec![1u8; 1 << 20]).unwrap();
+    let t = table.to_str().unwrap();
+    for args in [
+        vec!["rings", t, "--device", "cpu"],
+        vec![
+            "gather",
+            "--table",
+            t,
+            "--row-bytes",
+            "4096",
+            "--batch",
+            "8",
+            "--batches",
+            "1",
+            "--mode",
+            "gpu-cache",
+            "--device",
+            "cpu",
+        ],
+    ] {
+        let out = gpuio(&args);
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        assert_clean_failure(&args, &["cpu runs no kernels (a GPU is needed)"]);
+    }
+    let g = dir.path().join("g");
+    let gs = g.to_str().unwrap();
+    assert!(gpuio(&["graph", "gen", "--scale", "6", "-o", gs])
+        .status
+        .success());
+    let args = [
+        "bfs",
+        gs,
+        "--source",
+        "1",
+        "--mode",
+        "gpu-cache",
+        "--device",
+        "cpu",
+    ];
+    assert_clean_failure(&args, &["cpu runs no kernels (a GPU is needed)"]);
+}
