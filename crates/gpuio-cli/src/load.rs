@@ -313,7 +313,14 @@ pub fn run(a: LoadArgs) -> Result<()> {
             let inputs: Vec<PathBuf> = a.files.iter().map(PathBuf::from).collect();
             let ckpt = Checkpoint::open(&inputs)?;
             let t = Instant::now();
-            let device = gpuio_cuda::open_target(target)?;
+            // Into host memory, files already in memory are read straight into the destination.
+            let (device, cfg, why) = match target {
+                Target::Cpu => {
+                    let paths: Vec<&Path> = ckpt.shards.iter().map(|s| s.path.as_path()).collect();
+                    gpuio_cuda::host::host_load_plan(&paths, cfg)?
+                }
+                t => (gpuio_cuda::open_target(t)?, cfg, None),
+            };
             outside.device_open = t.elapsed();
             let (loader, loaded) =
                 gpuio_cuda::open_and_load(&engine, &device, cfg, &ckpt, a.overlap_setup)?;
@@ -321,11 +328,11 @@ pub fn run(a: LoadArgs) -> Result<()> {
                 (Some(out), Some(m)) => Some(loader.save_safetensors(m, out)?),
                 _ => None,
             };
-            (
-                device,
-                Placed::Copied(loaded, saved),
-                loader.pin_note().to_string(),
-            )
+            let note = match why {
+                Some(w) => format!("{w}; {}", loader.pin_note()),
+                None => loader.pin_note().to_string(),
+            };
+            (device, Placed::Copied(loaded, saved), note)
         }
     };
     report(&a, &engine, &device, &placed, &pin_note, &outside)

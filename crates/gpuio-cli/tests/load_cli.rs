@@ -56,6 +56,8 @@ fn load_json_reports_every_tensor_with_the_crc_of_its_device_bytes() {
             "load",
             path_str(&p),
             "--json",
+            "--path",
+            "staged",
             "--staging-buffers",
             buffers,
             "--staging-size",
@@ -83,10 +85,11 @@ fn load_json_reports_every_tensor_with_the_crc_of_its_device_bytes() {
         }
         assert_eq!(ts[2]["shape"], serde_json::json!([2, 1024]));
     }
+    // The summary; the file is warm, so it was read straight into host memory.
     let out = ok(&["load", path_str(&p)]);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
-        s.contains("loaded 3 tensors") && s.contains("via staged"),
+        s.contains("loaded 3 tensors") && s.contains("via direct"),
         "{s}"
     );
 }
@@ -253,6 +256,8 @@ fn zero_copy_pack_entries_and_programmed_io_deliver_the_same_tensors() {
         "load",
         path_str(&p),
         "--json",
+        "--path",
+        "staged",
         "--staging-size",
         "64K",
         "--pio-max",
@@ -302,7 +307,7 @@ fn pio_sweep_on_the_stand_in_reports_both_columns() {
 }
 
 #[test]
-fn save_to_writes_the_model_back_from_device_memory_and_direct_says_why_not() {
+fn save_to_writes_the_model_back_from_device_memory_and_host_loads_read_straight_in() {
     let dir = tempfile::tempdir().unwrap();
     let a: Vec<u8> = (0..123_457u32).map(|i| (i * 31 + 5) as u8).collect();
     let p = dir.path().join("m.safetensors");
@@ -328,18 +333,19 @@ fn save_to_writes_the_model_back_from_device_memory_and_direct_says_why_not() {
         std::fs::read(&out).unwrap() == img,
         "saved file differs from the input"
     );
-    // The stand-in has no direct reader: auto stages and says why; direct refuses, saying why.
+    // Into host memory a file already in memory (just written: warm) is read straight into the
+    // destination, saying why; --path staged and --path direct give the same tensors.
+    assert_eq!(v["path"], "direct", "{v}");
     assert!(
-        v["note"]
-            .as_str()
-            .unwrap()
-            .contains("direct path unavailable"),
+        v["note"].as_str().unwrap().contains("already in memory"),
         "{v}"
     );
-    fails_with_error_line(
-        &["load", path_str(&p), "--path", "direct"],
-        &["no direct path to cpu", "m.safetensors"],
-    );
+    let crcs = |v: &serde_json::Value| v["tensors"].to_string();
+    for path in ["staged", "direct"] {
+        let w = ok_json(&["load", path_str(&p), "--json", "--path", path]);
+        assert_eq!(w["path"], path, "{w}");
+        assert_eq!(crcs(&w), crcs(&v), "--path {path}");
+    }
     fails_with_error_line(
         &[
             "load",

@@ -134,6 +134,8 @@ fn an_index_and_several_files_load_every_tensor_with_per_shard_figures() {
         "load",
         "--json",
         "--overlap-setup",
+        "--path",
+        "staged",
         "--staging-buffers",
         "2",
     ]

@@ -13,6 +13,8 @@
 //!   `*.safetensors.index.json`): validated across shards before any allocation, loaded through one
 //!   loader whose staging is set up once, with the loader's set-up overlapping header reads and device
 //!   allocation ([`open_and_load`]).
+//! - [`host`] — loads into host memory: straight into the destination when the file is already in
+//!   memory, staged when it is cold on a disk.
 //! - [`direct`] — the direct path (storage → device memory through a [`DirectRead`], cuFile on a
 //!   GPU): a file range in page-aligned chunks read by a bounded set of worker threads.
 //! - [`store`] — the reverse: device memory → pinned staging → storage, and saving a loaded model as
@@ -50,6 +52,7 @@ pub mod cuda;
 pub mod cufile;
 pub mod device;
 pub mod direct;
+pub mod host;
 pub mod kernel;
 mod limits;
 pub mod loader;

@@ -51,17 +51,10 @@ fn loader(device: &str, host_read: HostRead) -> gpuio::Result<Arc<Loader>> {
         return Ok(l.clone());
     }
     let (dev, cfg) = match target {
-        // Host memory is its own destination: data already in memory is read straight into it.
+        // Host memory is its own destination: data already in memory is read straight into it
+        // (`gpuio_cuda::host`, the same choice as `gpuio load --device cpu`).
         gpuio_cuda::Target::Cpu if host_read == HostRead::Direct => {
-            let dev: Arc<dyn gpuio_cuda::Device> =
-                Arc::new(gpuio_cuda::HostDevice::new(gpuio_cuda::HostDeviceConfig {
-                    direct_reads: true,
-                    ..gpuio_cuda::HostDeviceConfig::default()
-                }));
-            let cfg = LoaderConfig {
-                path: gpuio_cuda::PathChoice::Direct,
-                ..LoaderConfig::default()
-            };
+            let (dev, cfg, _why) = gpuio_cuda::host::host_direct_plan(LoaderConfig::default());
             (dev, cfg)
         }
         t => (gpuio_cuda::open_target(t)?, LoaderConfig::default()),
@@ -72,11 +65,10 @@ fn loader(device: &str, host_read: HostRead) -> gpuio::Result<Arc<Loader>> {
 
 /// How a load of `path` into host memory should read it (see [`HostRead`]).
 fn host_read_for(path: &Path) -> gpuio::Result<HostRead> {
-    let f = gpuio::File::open(path)?;
-    Ok(if f.is_direct() && !f.is_memory_backed() {
-        HostRead::Staged
-    } else {
+    Ok(if gpuio_cuda::host::reads_straight_into_host(&[path])? {
         HostRead::Direct
+    } else {
+        HostRead::Staged
     })
 }
 
