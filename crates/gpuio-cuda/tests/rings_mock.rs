@@ -15,7 +15,7 @@
 //! Each scenario runs in a child process under the mock (see `common::mock`); every wait is bounded,
 //! and the child itself runs under a watchdog and is killed by the parent after a bound.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,6 +269,9 @@ fn produce(s: &Setup, producer: &RingProducer, rounds: usize, writes: bool) -> (
 }
 
 #[allow(clippy::type_complexity)]
+/// Every request's tag, unique across the process (never 0).
+static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
+
 fn producer_thread(
     t: usize,
     p: &RingProducer,
@@ -283,7 +286,10 @@ fn producer_thread(
     let mine: Vec<u64> = (0..LINES)
         .filter(|l| *l as usize % PRODUCERS == t)
         .collect();
-    let mut tag = (t as u32) << 24;
+    // Tags from one counter for the whole process: `produce` runs more than once on a region, and a
+    // tag its completion word already holds would read as complete before the data (docs/rings.md,
+    // 1.6).
+    let next_tag = || NEXT_TAG.fetch_add(1, Ordering::Relaxed);
     for _ in 0..rounds {
         // A batch of distinct lines of this thread, each read or written.
         let k = 1 + rng.below(SLOTS as u64) as usize;
@@ -304,7 +310,7 @@ fn producer_thread(
                 // Poison the slot, so bytes not delivered yet cannot pass for the file's.
                 fill(p.host_address(dev), &[0xEE; LINE]);
             }
-            tag += 1;
+            let tag = next_tag();
             let req = Request {
                 opcode: op,
                 file_id: 0,
