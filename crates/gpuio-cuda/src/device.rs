@@ -211,6 +211,9 @@ pub trait KernelModule: Send + fmt::Debug {
     /// so if they are still running then (the module is then never unloaded: unloading under a running kernel
     /// is undefined), or the error a kernel ended with.
     fn synchronize(&mut self, timeout: std::time::Duration) -> Result<()>;
+    /// Whether kernels queued earlier may still be running (a [`synchronize`](Self::synchronize)
+    /// timed out): memory they use must then not be freed.
+    fn running(&self) -> bool;
 }
 
 /// Copies executed in the order they were queued.

@@ -175,6 +175,16 @@ impl KernelModule for CudaModule {
             nap = (nap * 2).min(Duration::from_millis(2));
         }
     }
+
+    fn running(&self) -> bool {
+        self.still_running()
+    }
+}
+
+impl CudaModule {
+    fn still_running(&self) -> bool {
+        self.running
+    }
 }
 
 impl Drop for CudaModule {

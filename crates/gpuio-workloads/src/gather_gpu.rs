@@ -71,7 +71,7 @@ pub(crate) fn run_once(
     let cache = DeviceCache::new(&region, 0, table_bytes, slots, 0)?;
     let server = RingServer::start_auto(
         p.engine,
-        region,
+        region.clone(),
         vec![p.file.clone()],
         cache.window(),
         ServerConfig {
@@ -82,6 +82,11 @@ pub(crate) fn run_once(
     let r = batches(
         p, &mut w, &server, &cache, row_bytes, prefetch, progress, &step,
     );
+    if r.is_err() && w.hung() {
+        // A kernel still running uses the cache and the rings: keep them.
+        std::mem::forget(cache);
+        std::mem::forget(region);
+    }
     let stats = server.shutdown();
     let (seconds, checksum) = r?;
     let rows = (a.batch * a.batches) as u64;

@@ -161,6 +161,13 @@ pub fn run(
         &dst,
         c.timeout,
     );
+    if random_reads.is_err() && w.hung() {
+        // A kernel still running writes `dst` and uses the rings: keep them.
+        std::mem::forget(dst);
+        std::mem::forget(region_reads);
+        server.shutdown();
+        return Err(random_reads.expect_err("checked above"));
+    }
     server.shutdown();
     let random_reads = random_reads?;
     drop(dst);
@@ -200,6 +207,11 @@ pub fn run(
                 prefetch,
                 c.timeout,
             );
+            if r.is_err() && w.hung() {
+                // A kernel still running uses the cache and the rings: keep them.
+                std::mem::forget(cache);
+                std::mem::forget(region);
+            }
             server.shutdown();
             let r = r?;
             if prefetch {

@@ -116,6 +116,11 @@ pub fn bfs(
         .publisher()
         .map_or_else(String::new, |p| format!("{}: {}", p.kind.name(), p.reason));
     let r = search(&mut w, &cache, offsets, n, source, c);
+    if r.is_err() && w.hung() {
+        // A kernel still running reads the cache and the rings: keep them.
+        std::mem::forget(cache);
+        std::mem::forget(region);
+    }
     let stats = server.shutdown();
     let (depths, levels, edges_scanned, seconds) = r?;
     Ok(GpuBfsRun {
@@ -236,7 +241,13 @@ fn search(
             w.module()
                 .launch("gpuio_bfs_level", blocks, BLOCK, &mut params)?
         };
-        w.module().synchronize(c.level_timeout)?;
+        if let Err(e) = w.module().synchronize(c.level_timeout) {
+            if w.hung() {
+                // The kernel may still use every one of them.
+                std::mem::forget((off, depth, cur, nxt, next_len, errors, scanned));
+            }
+            return Err(e);
+        }
         check_errors(d, &errors, level)?;
         let found = read_u32(&next_len)?;
         if found == 0 {

@@ -226,6 +226,13 @@ impl Workloads {
         &self.device
     }
 
+    /// Whether a kernel outlived its wait and may still be running: memory it uses (buffers, the
+    /// device cache, the ring region) must then be kept, never freed under it. The functions here
+    /// leak their own buffers in that case; callers leak what they lent.
+    pub fn hung(&self) -> bool {
+        self.module.running()
+    }
+
     fn check_layout(&mut self) -> Result<()> {
         let out = DeviceBuffer::alloc(&self.device, 3 * 8)?;
         let mut p = out.ptr();
@@ -375,7 +382,13 @@ pub fn random_reads(
         w.module
             .launch("gpuio_rand_reads", blocks, BLOCK, &mut params)?
     };
-    w.module.synchronize(timeout)?;
+    if let Err(e) = w.module.synchronize(timeout) {
+        if w.hung() {
+            // The kernel may still write them.
+            std::mem::forget((offs, errors));
+        }
+        return Err(e);
+    }
     let elapsed = t0.elapsed();
     let stats = server.stats().since(&before);
     errors_of(
@@ -485,7 +498,13 @@ pub fn gather_rows_out(
         w.module
             .launch("gpuio_gather_rows", blocks, BLOCK, &mut params)?
     };
-    w.module.synchronize(timeout)?;
+    if let Err(e) = w.module.synchronize(timeout) {
+        if w.hung() {
+            // The kernel may still use them.
+            std::mem::forget((out, idx, errors));
+        }
+        return Err(e);
+    }
     let elapsed = t0.elapsed();
     let stats = server.stats().since(&before);
     errors_of(device.as_ref(), &errors, "rows gathered by the kernel")?;
