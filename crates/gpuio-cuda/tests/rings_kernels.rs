@@ -102,3 +102,185 @@ fn gpu_bfs_checks_its_graph_before_the_device() {
     let e = bfs(&engine, &cpu(), edges, &[0, 1, 2], 1, &c).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
 }
+
+/// The host stand-in with a scripted kernel module: the layout probe answers with the host's sizes,
+/// every other launch runs nothing, and a wait either "finishes" or times out with the kernel still
+/// running. What this checks is the host side around a launch: a kernel that outlives its wait keeps
+/// its buffers (nothing freed under it), and a kernel that delivered nothing is caught by the check
+/// against the file.
+mod scripted {
+    use std::ffi::c_void;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use gpuio::{Error, ErrorKind, Result};
+    use gpuio_cuda::device::{CopyStream, DirectRead, MemInfo, Pinned};
+    use gpuio_cuda::rings::kernels::{CacheArg, QueueArg};
+    use gpuio_cuda::{Device, DevicePtr, HostDevice, HostDeviceConfig, KernelModule};
+
+    #[derive(Debug, Clone)]
+    pub struct Scripted {
+        pub host: HostDevice,
+        pub hang: Arc<AtomicBool>,
+    }
+
+    impl Scripted {
+        pub fn new(hang: bool) -> Scripted {
+            Scripted {
+                host: HostDevice::new(HostDeviceConfig::default()),
+                hang: Arc::new(AtomicBool::new(hang)),
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Module {
+        hang: Arc<AtomicBool>,
+        running: bool,
+    }
+
+    impl KernelModule for Module {
+        unsafe fn launch(
+            &mut self,
+            entry: &str,
+            _grid: u32,
+            _block: u32,
+            params: &mut [*mut c_void],
+        ) -> Result<()> {
+            if entry == "gpuio_layout_probe" {
+                // SAFETY: the probe's one parameter is a u64 device address; on the stand-in it is
+                // the host address of a live 24-byte allocation.
+                unsafe {
+                    let out = *(params[0] as *const u64) as *mut u64;
+                    *out = std::mem::size_of::<QueueArg>() as u64;
+                    *out.add(1) = std::mem::size_of::<CacheArg>() as u64;
+                    *out.add(2) = std::mem::size_of::<CacheArg>() as u64;
+                }
+                return Ok(());
+            }
+            self.running = true;
+            Ok(())
+        }
+        fn synchronize(&mut self, timeout: Duration) -> Result<()> {
+            if self.running && self.hang.load(Ordering::Relaxed) {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("scripted: still running after {timeout:?}"),
+                ));
+            }
+            self.running = false;
+            Ok(())
+        }
+        fn running(&self) -> bool {
+            self.running
+        }
+    }
+
+    impl Device for Scripted {
+        fn label(&self) -> String {
+            "scripted".into()
+        }
+        fn description(&self) -> String {
+            "the cpu stand-in with a scripted kernel module".into()
+        }
+        fn alloc_raw(&self, bytes: usize) -> Result<DevicePtr> {
+            self.host.alloc_raw(bytes)
+        }
+        unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize) {
+            // SAFETY: per the caller.
+            unsafe { self.host.free_raw(ptr, bytes) }
+        }
+        unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<Pinned>> {
+            // SAFETY: per the caller.
+            unsafe { self.host.pin_host(ptr, len) }
+        }
+        unsafe fn unpin_host(&self, ptr: *mut u8, len: usize) {
+            // SAFETY: per the caller.
+            unsafe { self.host.unpin_host(ptr, len) }
+        }
+        fn copy_stream(&self) -> Result<Box<dyn CopyStream>> {
+            self.host.copy_stream()
+        }
+        unsafe fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+            // SAFETY: per the caller.
+            unsafe { self.host.copy_d2h(src, dst) }
+        }
+        fn mem_info(&self) -> Result<MemInfo> {
+            self.host.mem_info()
+        }
+        fn direct_reader(&self) -> std::result::Result<Arc<dyn DirectRead>, String> {
+            Err("scripted".into())
+        }
+        fn load_module(&self, _ptx: &str, _entries: &[&str]) -> Result<Box<dyn KernelModule>> {
+            Ok(Box::new(Module {
+                hang: self.hang.clone(),
+                running: false,
+            }))
+        }
+    }
+}
+
+#[test]
+fn a_hung_kernel_keeps_its_buffers_and_an_idle_one_is_caught_by_the_check() {
+    use gpuio_cuda::rings::kernels::random_reads;
+    use gpuio_cuda::rings::{HostStorePublish, Publish, RingServer, ServerConfig};
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(
+        &path,
+        (0..1u32 << 18)
+            .flat_map(|i| i.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let engine = gpuio::Engine::new(gpuio::EngineConfig::default()).unwrap();
+    for hang in [true, false] {
+        let s = scripted::Scripted::new(hang);
+        let device: Arc<dyn Device> = Arc::new(s.clone());
+        let mut w = Workloads::load(&device).unwrap();
+        let region = Arc::new(RingRegion::new(&device, RingConfig::default()).unwrap());
+        let dst = gpuio_cuda::DeviceBuffer::alloc(&device, 256 * 4096).unwrap();
+        // SAFETY: the stand-in's device addresses are host addresses.
+        let publish = || Box::new(unsafe { HostStorePublish::new() }) as Box<dyn Publish>;
+        let server = RingServer::start(
+            &engine,
+            region.clone(),
+            vec![gpuio::File::open(&path).unwrap()],
+            (dst.ptr(), dst.len()),
+            &publish,
+            ServerConfig::default(),
+        )
+        .unwrap();
+        let offsets: Vec<u64> = (0..512).map(|i| (i * 7 % 256) * 4096).collect();
+        let before = s.host.allocated_bytes();
+        let e = random_reads(
+            &mut w,
+            &server,
+            &region,
+            0,
+            &path,
+            &offsets,
+            4096,
+            256,
+            &dst,
+            Duration::from_millis(10),
+        )
+        .unwrap_err();
+        server.shutdown();
+        if hang {
+            assert!(w.hung());
+            assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+            // The offsets (512 × 8 bytes) and the error words (12) stay allocated: leaked.
+            assert_eq!(s.host.allocated_bytes(), before + 512 * 8 + 12, "{e}");
+        } else {
+            assert!(!w.hung());
+            // The kernel "ran" and delivered nothing: the check against the file says so.
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            assert!(e.to_string().contains("differs from the file"), "{e}");
+            assert_eq!(s.host.allocated_bytes(), before, "buffers freed");
+        }
+    }
+}
