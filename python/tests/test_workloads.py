@@ -50,6 +50,30 @@ def test_generate_and_bfs_in_every_mode_match_a_reference(tmp_path):
     assert first["source_degree"] == int(offs[source + 1] - offs[source])
 
 
+def test_gpu_cache_modes_match_the_host_or_say_they_need_a_gpu(tmp_path):
+    """On a GPU (GPUIO_TEST_DEVICE=cuda:N) the kernels' search and gather match the host modes; on the
+    host stand-in (the default here) both are refused with the reason."""
+    device = os.environ.get("GPUIO_TEST_DEVICE", "cpu")
+    prefix = tmp_path / "g"
+    gpuio.graph.generate(8, prefix, degree=8, seed=3)
+    table = tmp_path / "t.bin"
+    np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8).tofile(table)
+    if device == "cpu":
+        with pytest.raises(gpuio.Error, match="cpu runs no kernels"):
+            gpuio.graph.bfs(prefix, 1, mode="gpu-cache", device=device)
+        with pytest.raises(gpuio.Error, match="cpu runs no kernels"):
+            gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device)
+        with pytest.raises(ValueError):
+            gpuio.gather(table, 256, 8, 4, mode="nope")
+        return
+    host = gpuio.graph.bfs(prefix, 1, mode="memory")
+    gpu = gpuio.graph.bfs(prefix, 1, mode="gpu-cache", device=device)
+    assert np.array_equal(host["depths"], gpu["depths"])
+    a = gpuio.gather(table, 256, 8, 4)
+    b = gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device)
+    assert a["run"]["checksum"] == b["run"]["checksum"]
+
+
 def test_the_same_seed_gives_the_same_graph(tmp_path):
     a = gpuio.graph.generate(8, tmp_path / "a", seed=7)
     b = gpuio.graph.generate(8, tmp_path / "b", seed=7)

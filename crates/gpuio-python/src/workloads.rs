@@ -206,7 +206,8 @@ fn _graph_generate<'py>(
 /// "depths", every vertex's depth as little-endian int32 bytes (-1: unreachable).
 #[pyfunction]
 #[pyo3(signature = (prefix, source, mode = "cache", cache_size = None, line_size = 16384,
-    queue_depth = 64, coalesce = 131072, depths_out = None, progress = None, progress_interval = 0.1))]
+    queue_depth = 64, coalesce = 131072, depths_out = None, progress = None, progress_interval = 0.1,
+    device = "cuda:0"))]
 #[allow(clippy::too_many_arguments)]
 fn _graph_bfs<'py>(
     py: Python<'py>,
@@ -220,15 +221,17 @@ fn _graph_bfs<'py>(
     depths_out: Option<PathBuf>,
     progress: Option<Py<PyAny>>,
     progress_interval: f64,
+    device: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut prog = PyProgress::new(progress.as_ref(), progress_interval, py)?;
     let mode = match mode {
         "cache" => bfs::Mode::Cache,
         "memory" => bfs::Mode::Memory,
         "mmap" => bfs::Mode::Mmap,
+        "gpu-cache" => bfs::Mode::GpuCache,
         m => {
             return Err(PyValueError::new_err(format!(
-                "mode {m:?}: cache, memory or mmap"
+                "mode {m:?}: cache, memory, mmap or gpu-cache"
             )))
         }
     };
@@ -242,7 +245,7 @@ fn _graph_bfs<'py>(
         coalesce,
         issue_threads: 0,
         depths_out,
-        device: "cuda:0".into(),
+        device: device.into(),
     };
     let r = py.allow_threads(|| bfs::bfs_with(&cfg, &mut |p| prog.on(p)));
     let r = prog.finish(py, r)?;
@@ -288,7 +291,7 @@ fn run_dict<'py>(py: Python<'py>, r: &gather::GatherRun) -> PyResult<Bound<'py, 
 #[pyfunction]
 #[pyo3(signature = (table, row_bytes, batch, batches, dist = "uniform", cache_size = None,
     line_size = 4096, queue_depth = 64, prefetch = false, compute_us = 0, seed = 1, progress = None,
-    progress_interval = 0.1))]
+    progress_interval = 0.1, mode = "cache", device = "cuda:0"))]
 #[allow(clippy::too_many_arguments)]
 fn _gather<'py>(
     py: Python<'py>,
@@ -305,9 +308,21 @@ fn _gather<'py>(
     seed: u64,
     progress: Option<Py<PyAny>>,
     progress_interval: f64,
+    mode: &str,
+    device: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut prog = PyProgress::new(progress.as_ref(), progress_interval, py)?;
     let mut cfg = gather::GatherConfig::new(table, row_bytes, batch, batches);
+    cfg.gpu = match mode {
+        "cache" => false,
+        "gpu-cache" => true,
+        m => {
+            return Err(PyValueError::new_err(format!(
+                "mode {m:?}: cache or gpu-cache"
+            )))
+        }
+    };
+    cfg.device = device.into();
     cfg.dist = gather::parse_dist(dist).map_err(PyValueError::new_err)?;
     cfg.cache = self::cache_size(cache_size)?;
     cfg.line_size = line_size;
