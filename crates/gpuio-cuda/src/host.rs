@@ -37,9 +37,15 @@ pub fn host_load_plan(
     paths: &[&Path],
     cfg: LoaderConfig,
 ) -> Result<(Arc<dyn Device>, LoaderConfig, Option<&'static str>)> {
-    if cfg.path == PathChoice::Direct
-        || (cfg.path == PathChoice::Auto && reads_straight_into_host(paths)?)
-    {
+    if cfg.path == PathChoice::Direct {
+        let (device, cfg, _) = host_direct_plan(cfg);
+        return Ok((
+            device,
+            cfg,
+            Some("the direct path was asked for: read straight into host memory"),
+        ));
+    }
+    if cfg.path == PathChoice::Auto && reads_straight_into_host(paths)? {
         let (device, cfg, why) = host_direct_plan(cfg);
         return Ok((device, cfg, Some(why)));
     }

@@ -177,12 +177,6 @@ impl KernelModule for CudaModule {
     }
 
     fn running(&self) -> bool {
-        self.still_running()
-    }
-}
-
-impl CudaModule {
-    fn still_running(&self) -> bool {
         self.running
     }
 }
