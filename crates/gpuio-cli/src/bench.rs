@@ -88,6 +88,11 @@ pub struct BenchArgs {
     /// off (buffered).
     #[arg(long, default_value = "auto")]
     direct: DirectMode,
+    /// Read patterns: keep the file's pages in the page cache instead of dropping them first, so a
+    /// warm file is measured as applications find it (`--direct auto` then reads it from memory,
+    /// saying so). By default reads are measured cold: the device, not the page cache.
+    #[arg(long)]
+    warm: bool,
     /// Size of the tasks large commands are split into.
     #[arg(long, value_parser = crate::parse_size, default_value = "1M")]
     task_size: u64,
@@ -158,6 +163,7 @@ impl BenchArgs {
         let opts = EngineOpts {
             backend: self.backend,
             direct: self.direct,
+            warm: self.warm,
             task_size: self.task_size as usize,
             submit_batch: self.submit_batch,
             copy_threads: self.copy_threads,

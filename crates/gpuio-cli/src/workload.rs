@@ -195,6 +195,8 @@ const COMMITTED_PER_SLOT: usize = 2;
 pub struct EngineOpts {
     pub backend: BackendChoice,
     pub direct: DirectMode,
+    /// Reads: keep the page cache (`gpuio bench --warm`) instead of dropping it before opening.
+    pub warm: bool,
     pub task_size: usize,
     /// io_uring submission batch (`None`: the engine's default).
     pub submit_batch: Option<usize>,
@@ -273,11 +275,12 @@ pub fn run_engine(
     } else {
         OpenOptions::read()
     };
-    // Reads are measured cold: the page cache is dropped before the file is opened, so that the
-    // device is measured (and a file just made is not taken for a warm one and read buffered).
+    // Reads are measured cold unless asked otherwise (`--warm`): the page cache is dropped before
+    // the file is opened, so that the device is measured (and a file just made is not taken for a
+    // warm one and read buffered).
     let file = open
         .direct(opts.direct)
-        .cold(!spec.pattern.is_write())
+        .cold(!spec.pattern.is_write() && !opts.warm)
         .open(path)?;
     let quota = spec.ops_max();
     let cpu0 = cpu_now();

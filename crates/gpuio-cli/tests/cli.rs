@@ -647,3 +647,53 @@ fn gpu_kernel_commands_say_they_need_a_gpu() {
     ];
     assert_clean_failure(&args, &["cpu runs no kernels (a GPU is needed)"]);
 }
+
+/// `bench --warm` keeps the file's pages: a file just written is warm, so the automatic choice reads
+/// it buffered and says so; without `--warm` reads are measured cold (on a filesystem that takes
+/// O_DIRECT, direct).
+#[test]
+fn bench_warm_keeps_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("w.bin");
+    std::fs::write(&f, vec![5u8; 8 << 20]).unwrap();
+    let fs = f.to_str().unwrap();
+    let run = |warm: bool| {
+        let mut args = vec![
+            "bench",
+            "--file",
+            fs,
+            "--pattern",
+            "read",
+            "--block-size",
+            "1M",
+            "--duration",
+            "1",
+            "--json",
+        ];
+        if warm {
+            args.push("--warm");
+        }
+        let out = gpuio(&args);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let warm = run(true);
+    assert_eq!(
+        warm["direct"], false,
+        "a warm file is read from memory: {warm}"
+    );
+    let cold = run(false);
+    let takes_direct = gpuio::File::open(&f)
+        .map(|g| !g.is_memory_backed())
+        .unwrap_or(false)
+        && gpuio::OpenOptions::read()
+            .direct(gpuio::DirectMode::On)
+            .open(&f)
+            .is_ok();
+    if takes_direct {
+        assert_eq!(
+            cold["direct"], true,
+            "cold reads measure the device: {cold}"
+        );
+    }
+}
