@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use gpuio::{Error, ErrorKind, Result};
 
-use crate::cache::{make_tag, tag_parts, Backoff};
+use crate::cache::{tag_parts, Backoff};
 use crate::issue::IssueCtx;
 use crate::{line, LineState, PageCache, SourceId};
 
@@ -98,20 +98,11 @@ impl PageCache {
         let first = offset >> self.inner.line_shift;
         let last = (offset + len - 1) >> self.inner.line_shift;
         for line in first..=last {
-            let want = make_tag(src.0, line);
             let mut tries = 0;
             loop {
-                let e = s.table[line as usize].load(Ordering::Acquire);
-                if e != 0 {
-                    let slot = &self.inner.slots[e as usize - 1];
-                    let seen = line::pin(&slot.word);
-                    if line::readable(seen) && slot.tag.load(Ordering::Acquire) == want {
-                        line::hold(&slot.word);
-                        line::unpin(&slot.word);
-                        guard.slots.push(e - 1);
-                        break;
-                    }
-                    line::unpin(&slot.word);
+                if let Some(slot) = self.try_hold(&s, src.0, line) {
+                    guard.slots.push(slot);
+                    break;
                 }
                 tries += 1;
                 if tries > 1000 {

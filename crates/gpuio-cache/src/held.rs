@@ -125,8 +125,9 @@ impl PageCache {
         Ok(g)
     }
 
-    /// Holds `line` of source `src` if it is resident and readable now: its slot.
-    fn try_hold(&self, s: &Source, src: u32, line: u64) -> Option<u32> {
+    /// Holds `line` of source `src` if it is resident and readable now (marking it recently used):
+    /// its slot. What [`PageCache::pin`] and [`PageCache::gather_held`] take.
+    pub(crate) fn try_hold(&self, s: &Source, src: u32, line: u64) -> Option<u32> {
         let e = s.table.get(line as usize)?.load(Ordering::Acquire);
         if e == 0 {
             return None;

@@ -206,6 +206,25 @@ fn compile_source(n: &Nvrtc, arch: &str, file: &str, source: &str) -> Result<Str
     }
 }
 
+/// Assembles `ptx` with `ptxas` for `sm` (files `NAME-SM.ptx` / `.cubin` in `dir`); fails the test
+/// with ptxas's message if it refuses.
+fn assemble(ptxas: &Path, dir: &Path, name: &str, ptx: &str, sm: &str) {
+    let p = dir.join(format!("{name}-{sm}.ptx"));
+    std::fs::write(&p, ptx).unwrap();
+    let out = std::process::Command::new(ptxas)
+        .arg(format!("-arch={sm}"))
+        .arg(&p)
+        .arg("-o")
+        .arg(dir.join(format!("{name}-{sm}.cubin")))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ptxas {name} {sm}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn header_constants_match_the_rust_layout() {
     let has = |s: &str| assert!(HEADER.contains(s), "gpuio.cuh lacks `{s}`");
@@ -298,20 +317,7 @@ fn gpuio_cuh_compiles_with_nvrtc_and_passes_ptxas() {
             ptx.len()
         );
         if let Some(ptxas) = &ptxas {
-            let p = dir.path().join(format!("{arch}.ptx"));
-            std::fs::write(&p, &ptx).unwrap();
-            let out = std::process::Command::new(ptxas)
-                .arg(format!("-arch={sm}"))
-                .arg(&p)
-                .arg("-o")
-                .arg(dir.path().join(format!("{sm}.cubin")))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ptxas {sm}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assemble(ptxas, dir.path(), "rings_test", &ptx, sm);
             eprintln!("ptxas {}: {sm} ok", ptxas.display());
         }
     }
@@ -433,20 +439,7 @@ fn workloads_compile_and_their_arguments_match_the_rust_layout() {
             );
         }
         if let Some(ptxas) = find_ptxas() {
-            let p = dir.path().join(format!("workloads-{arch}.ptx"));
-            std::fs::write(&p, &ptx).unwrap();
-            let out = std::process::Command::new(&ptxas)
-                .arg(format!("-arch={sm}"))
-                .arg(&p)
-                .arg("-o")
-                .arg(dir.path().join(format!("workloads-{sm}.cubin")))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ptxas {sm}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assemble(&ptxas, dir.path(), "workloads", &ptx, sm);
         }
     }
 }

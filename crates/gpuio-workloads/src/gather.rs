@@ -411,6 +411,16 @@ pub(crate) struct Steps {
     pub(crate) total: u64,
 }
 
+impl Steps {
+    /// The progress report after `k` batches of this run.
+    pub(crate) fn step(&self, k: usize) -> Progress {
+        Progress::Step {
+            done: self.base + k as u64,
+            total: self.total,
+        }
+    }
+}
+
 fn run_once(
     p: &Plan<'_>,
     prefetch: bool,
@@ -418,11 +428,7 @@ fn run_once(
     steps: &Steps,
 ) -> Result<GatherRun> {
     let a = p.a;
-    let step = |k: usize| Progress::Step {
-        done: steps.base + k as u64,
-        total: steps.total,
-    };
-    report(progress, step(0))?;
+    report(progress, steps.step(0))?;
     let cache = PageCache::new(
         p.engine,
         CacheConfig {
@@ -467,7 +473,7 @@ fn run_once(
             busy_wait(a.compute_us);
             std::mem::swap(&mut cur, &mut nxt);
             // Stopping drops the next batch's pending gather: the cache lets its reads finish.
-            report(progress, step(k + 1))?;
+            report(progress, steps.step(k + 1))?;
         }
     } else {
         for k in 0..a.batches {
@@ -481,7 +487,7 @@ fn run_once(
             sum = got.consume(cur.len(), sum);
             got.recycle(&mut spare);
             busy_wait(a.compute_us);
-            report(progress, step(k + 1))?;
+            report(progress, steps.step(k + 1))?;
         }
     }
     let seconds = start.elapsed().as_secs_f64();

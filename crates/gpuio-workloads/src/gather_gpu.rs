@@ -17,7 +17,7 @@ use gpuio_cuda::rings::kernels::{gather_rows_out, DeviceCache, Workloads};
 use gpuio_cuda::rings::{RingConfig, RingRegion, RingServer, ServerConfig};
 
 use crate::gather::{fold_row, GatherRun, Indices, Plan, Steps};
-use crate::{report, Progress, Report};
+use crate::{report, Report};
 
 /// Warps gathering at once (capped by the kernel at a quarter of the cache's lines).
 const WARPS: u32 = 2048;
@@ -31,11 +31,7 @@ pub(crate) fn run_once(
     steps: &Steps,
 ) -> Result<GatherRun> {
     let a = p.a;
-    let step = |k: usize| Progress::Step {
-        done: steps.base + k as u64,
-        total: steps.total,
-    };
-    report(progress, step(0))?;
+    report(progress, steps.step(0))?;
     let line_bytes = u32::try_from(a.line_size)
         .map_err(|_| Error::invalid(format!("--line-size {} is too large", a.line_size)))?;
     let row_bytes = u32::try_from(a.row_bytes)
@@ -80,7 +76,7 @@ pub(crate) fn run_once(
         },
     )?;
     let r = batches(
-        p, &mut w, &server, &cache, row_bytes, prefetch, progress, &step,
+        p, &mut w, &server, &cache, row_bytes, prefetch, progress, steps,
     );
     if r.is_err() && w.hung() {
         // A kernel still running uses the cache and the rings: keep them.
@@ -114,7 +110,7 @@ fn batches(
     row_bytes: u32,
     prefetch: bool,
     progress: Report<'_>,
-    step: &dyn Fn(usize) -> Progress,
+    steps: &Steps,
 ) -> Result<(f64, u64)> {
     let a = p.a;
     let mut idx = Indices::new(a.dist, p.rows, a.seed);
@@ -139,7 +135,7 @@ fn batches(
         for row in got.chunks_exact(row_bytes as usize) {
             sum = fold_row(sum, row);
         }
-        report(progress, step(k + 1))?;
+        report(progress, steps.step(k + 1))?;
     }
     Ok((seconds, sum))
 }

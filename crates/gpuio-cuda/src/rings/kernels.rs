@@ -293,7 +293,7 @@ impl KernelRun {
     }
 }
 
-pub(crate) fn errors_of(device: &dyn Device, buf: &DeviceBuffer, what: &str) -> Result<()> {
+fn errors_of(device: &dyn Device, buf: &DeviceBuffer, what: &str) -> Result<()> {
     let mut b = [0u8; 12];
     buf.read(0, &mut b)?;
     let w = |i: usize| i32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"));
