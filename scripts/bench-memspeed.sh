@@ -15,6 +15,8 @@
 # (iou-wrk, which copy tmpfs data) included — gpu-io from its own getrusage, fio from the rusage of the
 # finished child. fio's own report (usr_cpu/sys_cpu) counts only its job thread; it is printed too.
 # Env: GPUIO_BENCH_ARGS adds flags to every gpu-io run (e.g. "--backend threads").
+#      GPUIO_BENCH_ALT runs a second gpu-io variant in every round, with these flags added (e.g.
+#      "--local": each thread on its own ring), so both are measured against the same fio runs.
 # The raw JSON of every run, with its command, is kept under docs/bench-runs/DATE-COMMIT/.
 set -euo pipefail
 
@@ -33,6 +35,7 @@ import json, os, resource, shlex, statistics, subprocess, sys, tempfile
 
 gpuio, rounds, secs, targets, workloads = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 extra = shlex.split(os.environ.get("GPUIO_BENCH_ARGS", ""))
+alt = shlex.split(os.environ.get("GPUIO_BENCH_ALT", ""))
 SIZE = 1 << 30
 
 RUNS = [0]
@@ -55,9 +58,9 @@ def run(cmd):
     keep(cmd, out)
     return out, cpu
 
-def gpuio_run(path, pattern, bs, qd, threads):
+def gpuio_run(path, pattern, bs, qd, threads, flags=()):
     cmd = [gpuio, "bench", "--file", path, "--overwrite", "--pattern", pattern, "--block-size", bs,
-           "--queue-depth", str(qd), "--duration", secs, "--json", *extra]
+           "--queue-depth", str(qd), "--duration", secs, "--json", *extra, *flags]
     if threads > 1:
         cmd += ["--threads", str(threads)]
     out, _ = run(cmd)
@@ -103,7 +106,11 @@ shm, loop, paths = prepare()
 print(f"{rounds} rounds of {secs} s, {os.cpu_count()} CPUs, kernel {os.uname().release}, "
       f"{subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}, "
       f"{subprocess.run([gpuio, '--version'], capture_output=True, text=True).stdout.strip()}"
-      + (f", gpu-io flags: {' '.join(extra)}" if extra else ""))
+      + (f", gpu-io flags: {' '.join(extra)}" if extra else "")
+      + (f", alternate gpu-io run with: {' '.join(alt)}" if alt else ""))
+
+def alt_run(path, pattern, bs, qd, threads):
+    return gpuio_run(path, pattern, bs, qd, threads, alt)
 try:
     for name, path in paths.items():
         for w in workloads.split(","):
@@ -111,21 +118,31 @@ try:
             pattern, bs, qd = parts[0], parts[1], int(parts[2])
             threads = int(parts[3]) if len(parts) > 3 else 1
             print(f"\n== {name} ({path}): {pattern} bs={bs} QD={qd} threads={threads} ==")
-            rows = []
+            rows, alt_ratios = [], []
             for r in range(rounds):
-                order = [gpuio_run, fio_run] if r % 2 == 0 else [fio_run, gpuio_run]
+                fns = [gpuio_run, fio_run] + ([alt_run] if alt else [])
+                # Each runner goes first in turn, so no one always meets a cold or a warm machine.
+                order = fns[r % len(fns):] + fns[:r % len(fns)]
                 res = {fn: fn(path, pattern, bs, qd, threads) for fn in order}
                 g, f = res[gpuio_run], res[fio_run]
                 rows.append((g, f))
-                print(f"round {r + 1}: gpu-io {g[0]:9.0f} IOPS {g[1] / 2**30:6.2f} GiB/s {g[2]:5.2f} us/IO | "
-                      f"fio {f[0]:9.0f} IOPS {f[1] / 2**30:6.2f} GiB/s {f[2]:5.2f} us/IO (own thread {f[3]:4.2f}) "
-                      f"| ratio {g[0] / f[0]:.3f}")
+                line = (f"round {r + 1}: gpu-io {g[0]:9.0f} IOPS {g[1] / 2**30:6.2f} GiB/s {g[2]:5.2f} us/IO | "
+                        f"fio {f[0]:9.0f} IOPS {f[1] / 2**30:6.2f} GiB/s {f[2]:5.2f} us/IO (own thread {f[3]:4.2f}) "
+                        f"| ratio {g[0] / f[0]:.3f}")
+                if alt:
+                    a = res[alt_run]
+                    alt_ratios.append(a[0] / f[0])
+                    line += f" | alternate {a[0]:9.0f} IOPS {a[2]:5.2f} us/IO, ratio {a[0] / f[0]:.3f}"
+                print(line)
             ratios = [g[0] / f[0] for g, f in rows]
             med = statistics.median
             print(f"median gpu-io/fio IOPS ratio {med(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
                   f"median CPU us/IO gpu-io {med(g[2] for g, _ in rows):.2f}, fio {med(f[2] for _, f in rows):.2f} "
                   f"(fio's own thread {med(f[3] for _, f in rows):.2f}); median IOPS gpu-io "
                   f"{med(g[0] for g, _ in rows):.0f}, fio {med(f[0] for _, f in rows):.0f}")
+            if alt:
+                print(f"alternate ({' '.join(alt)}): median ratio to fio {med(alt_ratios):.3f} "
+                      f"(min {min(alt_ratios):.3f}, max {max(alt_ratios):.3f})")
 finally:
     if loop:
         subprocess.run(["losetup", "-d", loop])

@@ -32,6 +32,7 @@ bench_runs_start() { # SCRIPT ARGS...
     printf '\nstarted: %s\nmachine: %s, %s CPUs, kernel %s\n' "$(date -u +%FT%TZ)" \
       "$(uname -m)" "$(nproc)" "$(uname -r)"
     [ -n "${GPUIO_BENCH_ARGS:-}" ] && printf 'GPUIO_BENCH_ARGS=%q\n' "$GPUIO_BENCH_ARGS"
+    [ -n "${GPUIO_BENCH_ALT:-}" ] && printf 'GPUIO_BENCH_ALT=%q\n' "$GPUIO_BENCH_ALT"
     true
   } >"$runs_dir/command.txt"
   exec > >(tee -a "$runs_dir/output.txt") 2>&1

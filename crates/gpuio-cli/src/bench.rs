@@ -113,6 +113,11 @@ pub struct BenchArgs {
     /// (default: one fewer than the cores; 0: the committing thread always).
     #[arg(long)]
     inline_threads: Option<usize>,
+    /// Each application thread submits and reaps its own I/Os on its own ring (gpuio::LocalQueue)
+    /// instead of handing them to the engine's thread: fio's model, with no priorities between
+    /// queues, callbacks or inline serving. With --compare the engine runs too.
+    #[arg(long)]
+    local: bool,
     /// Also run, on the same file: a single-thread pread loop, the thread-pool and mmap backends, and fio
     /// (when installed); print each one's ratio to gpu-io.
     #[arg(long)]
@@ -445,13 +450,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         let ms = (a.duration * 1000.0) as u64;
         let pb = make_pb(ms, format!("gpu-io {title}"));
-        let engine = workload::run_engine(&spec, &path, opts, "gpu-io", pb.as_ref())?;
+        let engine = if a.local {
+            workload::run_local(&spec, &path, opts, "gpu-io", pb.as_ref())?
+        } else {
+            workload::run_engine(&spec, &path, opts, "gpu-io", pb.as_ref())?
+        };
         if let Some(pb) = &pb {
             pb.finish_and_clear();
         }
         let mut baselines = Vec::new();
         let mut notes = Vec::new();
         if a.compare {
+            // The other way of driving the same backend: the engine's thread, or a local queue.
+            let pb = make_pb(ms, format!("gpu-io other queue {title}"));
+            baselines.push(if a.local {
+                workload::run_engine(&spec, &path, opts, "gpu-io engine", pb.as_ref())?
+            } else {
+                workload::run_local(&spec, &path, opts, "gpu-io local", pb.as_ref())?
+            });
+            if let Some(pb) = &pb {
+                pb.finish_and_clear();
+            }
             let direct = engine.direct;
             let pb = make_pb(ms, format!("pread loop {title}"));
             baselines.push(workload::run_pread_loop(&spec, &path, direct, pb.as_ref())?);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use gpuio::queue::{LatencySummary, QueueStats};
 use gpuio::{
     AlignedBuf, BackendChoice, Completion, DirectMode, Engine, EngineConfig, Error, ErrorKind,
-    IoBuffer, OpenOptions, QueueDesc, Result,
+    IoBuffer, LocalConfig, LocalQueue, OpenOptions, QueueDesc, Result,
 };
 use indicatif::ProgressBar;
 
@@ -433,6 +433,162 @@ fn drive(
     match first_error {
         Some(e) => Err(e),
         None => Ok((ops, queue.stats())),
+    }
+}
+
+/// Longest a [`run_local`] thread waits for one of its I/Os before it reports the run stalled.
+const LOCAL_STALL: Duration = Duration::from_secs(30);
+
+/// Runs `spec` with a [`LocalQueue`] per application thread: each thread submits and reaps its own
+/// `queue_depth` I/Os on its own ring, with no engine thread between it and the kernel (fio's model).
+/// A finished I/O's buffer is re-issued at once; every re-issue found in one reap goes to the kernel
+/// with the next wait, in one system call. Reads make one pass over the region in all, as in
+/// [`run_engine`].
+pub fn run_local(
+    spec: &Spec,
+    path: &Path,
+    opts: EngineOpts,
+    label: &str,
+    pb: Option<&ProgressBar>,
+) -> Result<Measurement> {
+    let threads = spec.threads.max(1);
+    let mut cfg = LocalConfig {
+        backend: opts.engine_config().backend,
+        ..LocalConfig::default()
+    };
+    cfg.backend.queue_depth = spec.queue_depth;
+    cfg.backend.mmap_advice = if spec.pattern.is_random() {
+        gpuio::MmapAdvice::Random
+    } else {
+        gpuio::MmapAdvice::Sequential
+    };
+    let open = if spec.pattern.is_write() {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read()
+    };
+    let file = open
+        .direct(opts.direct)
+        .cold(!spec.pattern.is_write() && !opts.warm)
+        .open(path)?;
+    let quota = spec.ops_max();
+    let cpu0 = cpu_now();
+    let start = Instant::now();
+    type ThreadResult = Result<(u64, QueueStats, gpuio::BackendKind)>;
+    let results: Vec<ThreadResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (cfg, file) = (cfg.clone(), &file);
+                let ops = if quota == u64::MAX {
+                    quota
+                } else {
+                    quota / threads as u64 + u64::from((t as u64) < quota % threads as u64)
+                };
+                let pb = if t == 0 { pb } else { None };
+                scope.spawn(move || drive_local(spec, cfg, file, t, ops, start, pb))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("benchmark thread panicked"))
+            .collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = cpu_now();
+    let (mut ops, mut stats, mut kind) = (0, QueueStats::default(), None);
+    for r in results {
+        let (n, s, k) = r?;
+        ops += n;
+        stats.merge(&s);
+        kind = Some(k);
+    }
+    let kind = kind.unwrap_or(gpuio::BackendKind::Uring);
+    Ok(Measurement {
+        name: label.to_string(),
+        backend: format!("{kind} (local queue)"),
+        direct: file.is_direct() && kind != gpuio::BackendKind::Mmap,
+        ops,
+        bytes: ops * spec.block_size as u64,
+        elapsed_s: elapsed,
+        latency: stats.latency(),
+        cpu_user_s: cpu1.user_s - cpu0.user_s,
+        cpu_sys_s: cpu1.sys_s - cpu0.sys_s,
+    })
+}
+
+/// One application thread of [`run_local`]: its own queue and buffers, `ops_max` I/Os at most, until
+/// the deadline.
+fn drive_local(
+    spec: &Spec,
+    cfg: LocalConfig,
+    file: &gpuio::File,
+    thread: usize,
+    ops_max: u64,
+    start: Instant,
+    pb: Option<&ProgressBar>,
+) -> Result<(u64, QueueStats, gpuio::BackendKind)> {
+    let mut queue = LocalQueue::new(cfg)?;
+    let pool = queue.buffer_pool(spec.block_size, spec.queue_depth)?;
+    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15)
+        .skip(thread)
+        .step_by(spec.threads.max(1));
+    let deadline = start + spec.duration;
+    let mut issued = 0u64;
+    let mut issue = |queue: &mut LocalQueue, buf: IoBuffer| -> Result<()> {
+        let off = offsets.next().unwrap_or(0);
+        if spec.pattern.is_write() {
+            queue.write(file, off, buf, off)?;
+        } else {
+            queue.read(file, off, buf, off)?;
+        }
+        Ok(())
+    };
+    for i in 0..spec
+        .queue_depth
+        .min(ops_max.min(usize::MAX as u64) as usize)
+    {
+        let mut buf = pool.get();
+        if spec.pattern.is_write() {
+            fill_pattern(&mut buf, (thread * spec.queue_depth + i) as u64);
+        }
+        issue(&mut queue, buf.into())?;
+        issued += 1;
+    }
+    let mut ops = 0u64;
+    let mut last_tick = start;
+    let mut first_error: Option<Error> = None;
+    while queue.in_flight() > 0 {
+        if queue.wait(1, LOCAL_STALL)? == 0 {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "no I/O of {} finished in {} s ({} in flight)",
+                    file.path().display(),
+                    LOCAL_STALL.as_secs(),
+                    queue.in_flight()
+                ),
+            ));
+        }
+        let more = Instant::now() < deadline;
+        while let Some(done) = queue.pop() {
+            match done.result {
+                Ok(_) => ops += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            if more && first_error.is_none() && issued < ops_max {
+                if let Some(buf) = done.buf {
+                    issue(&mut queue, buf)?;
+                    issued += 1;
+                }
+            }
+        }
+        progress_tick(pb, start, &mut last_tick);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok((ops, queue.stats().clone(), queue.backend_kind())),
     }
 }
 

@@ -270,7 +270,7 @@ fn bench_compare_reports_ratios_for_every_reference() {
         .iter()
         .map(|b| b["name"].as_str().unwrap())
         .collect();
-    for n in ["pread loop", "threads", "mmap"] {
+    for n in ["pread loop", "threads", "mmap", "gpu-io local"] {
         assert!(names.contains(&n), "missing reference {n}: {names:?}");
     }
     for b in v["baselines"].as_array().unwrap() {
@@ -388,6 +388,43 @@ fn bench_threads_split_one_pass_and_info_says_where_bytes_live() {
     let v = json_of(&out);
     assert_eq!(v["threads"], 3);
     assert_eq!(v["ops"], 2048, "{v}");
+    // The same with each thread on its own ring: one pass in all too; random writes as well.
+    for pattern in ["randread", "randwrite"] {
+        let out = gpuio(&[
+            "bench",
+            "--file",
+            &f,
+            "--overwrite",
+            "--pattern",
+            pattern,
+            "--queue-depth",
+            "8",
+            "--threads",
+            "3",
+            "--duration",
+            if pattern == "randread" { "30" } else { "0.3" },
+            "--local",
+            "--compare",
+            "--json",
+        ]);
+        let v = json_of(&out);
+        assert!(
+            v["backend"].as_str().unwrap().contains("local queue"),
+            "{v}"
+        );
+        if pattern == "randread" {
+            assert_eq!(v["ops"], 2048, "{v}");
+        } else {
+            assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+        }
+        let names: Vec<&str> = v["baselines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        assert!(names.contains(&"gpu-io engine"), "{names:?}");
+    }
     assert_clean_failure(
         &["bench", "--threads", "0", "--duration", "0.1"],
         &["threads"],

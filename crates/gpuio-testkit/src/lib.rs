@@ -164,6 +164,21 @@ pub fn faulty_engine_with(
     Ok((engine, handle))
 }
 
+/// A [`LocalQueue`](gpuio::LocalQueue) on a fault-injecting wrapper of the backend `config` asks for.
+pub fn faulty_local_queue(
+    config: gpuio::LocalConfig,
+    seed: u64,
+    plan: FaultPlan,
+) -> gpuio::Result<(gpuio::LocalQueue, FaultHandle)> {
+    let (inner, mut explain) = backend::probe(&config.backend)?;
+    let (wrapped, handle) = FaultBackend::new(inner, seed, plan);
+    explain
+        .reasons
+        .push(format!("wrapped in a fault-injecting backend, seed {seed}"));
+    let queue = gpuio::LocalQueue::with_backend(config, Box::new(wrapped), explain)?;
+    Ok((queue, handle))
+}
+
 /// Where a scratch directory lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {

@@ -7,7 +7,8 @@
 //! 3. [`backend`] — how I/O is issued: io_uring, a pread thread pool, or mmap; [`backend::probe`]
 //!    picks one and explains why.
 //! 4. [`file`] — where bytes live: a [`File`] with its direct-I/O capability.
-//! 5. [`queue`] — the asynchronous API: [`Engine`], [`IoQueue`], [`CommandBuffer`], [`Completion`].
+//! 5. [`queue`] — the asynchronous API: [`Engine`], [`IoQueue`], [`CommandBuffer`], [`Completion`];
+//!    and [`LocalQueue`], a ring one application thread submits and reaps itself.
 //! 6. [`pipeline`] — N-buffered read → compute → write streams over the queue: [`Pipeline`].
 //!
 //! Beside [`file`]: [`replace`], crash-safe replacement of a file ([`ReplaceFile`]: temporary file,
@@ -38,6 +39,7 @@ pub use mem::{AlignedBuf, BufferPool, IoBuffer, MemoryBudget, PageSize, PooledBu
 pub use pipeline::{Pipeline, PipelineError, PipelineStats};
 pub use queue::{
     CommandBuffer, CommandError, CommandId, Completion, Engine, EngineConfig, Finished, IoQueue,
-    Priority, QueueDesc, QueueKind, QueueStats, Status, INLINE_MAX_BYTES_DEFAULT,
+    LocalConfig, LocalDone, LocalQueue, Priority, QueueDesc, QueueKind, QueueStats, Refused,
+    Status, INLINE_MAX_BYTES_DEFAULT,
 };
 pub use replace::ReplaceFile;

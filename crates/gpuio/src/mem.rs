@@ -645,6 +645,12 @@ impl PooledBuf {
         self.buf_mut().set_len(len)
     }
 
+    /// Whether this buffer came from `pool` (its fixed index means something only on the ring that
+    /// registered that pool).
+    pub fn is_from(&self, pool: &BufferPool) -> bool {
+        Arc::ptr_eq(&self.pool.0, &pool.0)
+    }
+
     fn buf_mut(&mut self) -> &mut AlignedBuf {
         self.buf.as_mut().expect("pooled buffer present until drop")
     }

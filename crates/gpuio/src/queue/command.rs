@@ -208,7 +208,7 @@ impl CommandBuffer {
         Ok(CommandId(self.commands.len() as u32 - 1))
     }
 
-    fn check_range(
+    pub(super) fn check_range(
         file: &File,
         op: Op,
         offset: u64,
@@ -237,7 +237,7 @@ impl CommandBuffer {
         Ok(())
     }
 
-    fn check_writable(file: &File, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn check_writable(file: &File, offset: u64, len: u64) -> Result<()> {
         if file.is_writable() {
             return Ok(());
         }

@@ -29,7 +29,7 @@ use rustc_hash::FxHashMap;
 
 use super::command::{CbShared, CmdKind, CommandError, CommandId, Output, Recorded, Status};
 use super::engine::{EngineConfig, Msg, BACKEND_FAILURES_MAX, REAP_WAIT};
-use super::outcome::{self, AfterShort, Attempt, Failure, Verdict};
+use super::outcome::{self, AfterShort, Attempt, Verdict};
 use super::plan::{self, PlanInput, SegKind, Segments, TaskPlan};
 use super::{QueueKind, QueueShared};
 use crate::backend::{Backend, BackendKind, IoDone, IoOp, IoRequest};
@@ -513,13 +513,9 @@ impl Driver {
         if let (CmdKind::Load { exact: true }, None) = (c.rec.kind, &c.error) {
             if c.bytes < c.rec.len && !cb.cancelled {
                 c.error = Some(
-                    Error::new(
-                        ErrorKind::UnexpectedEof,
-                        format!("end of file after {} of {} bytes", c.bytes, c.rec.len),
-                    )
-                    .with_op(Op::Read)
-                    .with_path(c.rec.file.path())
-                    .with_range(c.rec.offset, c.rec.len),
+                    outcome::eof_error(c.bytes, c.rec.len)
+                        .with_path(c.rec.file.path())
+                        .with_range(c.rec.offset, c.rec.len),
                 );
             }
         }
@@ -839,23 +835,10 @@ impl Driver {
                 }
                 None
             }
-            Verdict::Fail(Failure::Errno { errno, exhausted }) => {
-                let mut e = Error::from_errno(op, errno)
+            Verdict::Fail(f) => Some(TaskEnd::Failed(
+                outcome::failure_error(op, f)
                     .with_path(task.file.path())
-                    .with_range(task.file_off, task.len as u64);
-                if exhausted {
-                    e = e.with_kind(ErrorKind::RetriesExhausted);
-                }
-                Some(TaskEnd::Failed(e))
-            }
-            Verdict::Fail(Failure::ZeroWrites) => Some(TaskEnd::Failed(
-                Error::new(
-                    ErrorKind::RetriesExhausted,
-                    "write kept transferring zero bytes",
-                )
-                .with_op(op)
-                .with_path(task.file.path())
-                .with_range(task.file_off, task.len as u64),
+                    .with_range(task.file_off, task.len as u64),
             )),
             Verdict::Short { n, direct, then } => {
                 // Continue where it stopped.
@@ -873,13 +856,9 @@ impl Driver {
                     AfterShort::Continue => None,
                     AfterShort::Stop => Some(TaskEnd::Done),
                     AfterShort::GiveUp => Some(TaskEnd::Failed(
-                        Error::new(
-                            ErrorKind::RetriesExhausted,
-                            format!("{} short transfers in a row", task.shorts),
-                        )
-                        .with_op(op)
-                        .with_path(task.file.path())
-                        .with_range(task.file_off, task.len as u64),
+                        outcome::shorts_error(op, task.shorts)
+                            .with_path(task.file.path())
+                            .with_range(task.file_off, task.len as u64),
                     )),
                 }
             }

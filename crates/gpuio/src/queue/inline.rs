@@ -25,7 +25,7 @@
 use std::time::Instant;
 
 use super::command::{CmdKind, CommandError, CommandId, Output, Recorded, Status};
-use super::outcome::{self, AfterShort, Attempt, Failure, Verdict};
+use super::outcome::{self, AfterShort, Attempt, Verdict};
 use super::stats::{QueueStats, Tally};
 use crate::backend::IoOp;
 use crate::error::{Error, ErrorKind, Op};
@@ -218,44 +218,21 @@ fn transfer(
             Verdict::RedoBuffered => {
                 return (done as u64, Some(fail(Error::from_errno(op, libc::EINVAL))))
             }
-            Verdict::Fail(Failure::Errno { errno, exhausted }) => {
-                let mut e = Error::from_errno(op, errno);
-                if exhausted {
-                    e = e.with_kind(ErrorKind::RetriesExhausted);
-                }
-                return (done as u64, Some(fail(e)));
-            }
-            Verdict::Fail(Failure::ZeroWrites) => {
-                let e = Error::new(
-                    ErrorKind::RetriesExhausted,
-                    "write kept transferring zero bytes",
-                )
-                .with_op(op);
-                return (done as u64, Some(fail(e)));
-            }
+            Verdict::Fail(f) => return (done as u64, Some(fail(outcome::failure_error(op, f)))),
             Verdict::Short { n, then, .. } => {
                 done += n;
                 shorts += 1;
                 tally.short_transfer();
                 if then == AfterShort::GiveUp {
-                    let e = Error::new(
-                        ErrorKind::RetriesExhausted,
-                        format!("{shorts} short transfers in a row"),
-                    )
-                    .with_op(op);
-                    return (done as u64, Some(fail(e)));
+                    return (done as u64, Some(fail(outcome::shorts_error(op, shorts))));
                 }
             }
         }
     }
     if rec.kind == (CmdKind::Load { exact: true }) && done < len {
-        let e = Error::new(
-            ErrorKind::UnexpectedEof,
-            format!("end of file after {done} of {len} bytes"),
-        )
-        .with_op(Op::Read)
-        .with_path(rec.file.path())
-        .with_range(rec.offset, rec.len);
+        let e = outcome::eof_error(done as u64, len as u64)
+            .with_path(rec.file.path())
+            .with_range(rec.offset, rec.len);
         return (done as u64, Some(e));
     }
     (done as u64, None)

@@ -33,6 +33,7 @@ mod command;
 mod driver;
 mod engine;
 mod inline;
+mod local;
 mod outcome;
 pub(crate) mod plan;
 mod stats;
@@ -40,6 +41,7 @@ mod workers;
 
 pub use command::{CommandBuffer, CommandError, CommandId, Completion, Finished, Status};
 pub use engine::{Engine, EngineConfig, INLINE_MAX_BYTES_DEFAULT, TASK_SIZE_DEFAULT};
+pub use local::{LocalConfig, LocalDone, LocalQueue, Refused, DROP_WAIT};
 pub use stats::{LatencySummary, QueueStats};
 pub use workers::INLINE_THREADS_MAX;
 

@@ -6,7 +6,7 @@
 //! the verdict.
 
 use crate::backend::IoOp;
-use crate::error::ErrorKind;
+use crate::error::{Error, ErrorKind, Op};
 
 /// Everything about a task that the decision depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +111,44 @@ pub(crate) fn classify(a: &Attempt, result: i64) -> Verdict {
         direct: a.direct && (n as u64) % a.block == 0,
         then,
     }
+}
+
+/// The error a [`Verdict::Fail`] reports; the caller adds the file and range.
+pub(crate) fn failure_error(op: Op, failure: Failure) -> Error {
+    match failure {
+        Failure::Errno { errno, exhausted } => {
+            let e = Error::from_errno(op, errno);
+            if exhausted {
+                e.with_kind(ErrorKind::RetriesExhausted)
+            } else {
+                e
+            }
+        }
+        Failure::ZeroWrites => Error::new(
+            ErrorKind::RetriesExhausted,
+            "write kept transferring zero bytes",
+        )
+        .with_op(op),
+    }
+}
+
+/// The error of a short transfer with [`AfterShort::GiveUp`], after `shorts` in a row; the caller adds
+/// the file and range.
+pub(crate) fn shorts_error(op: Op, shorts: u32) -> Error {
+    Error::new(
+        ErrorKind::RetriesExhausted,
+        format!("{shorts} short transfers in a row"),
+    )
+    .with_op(op)
+}
+
+/// The error of an exact read that met the end of the file after `done` of `len` bytes.
+pub(crate) fn eof_error(done: u64, len: u64) -> Error {
+    Error::new(
+        ErrorKind::UnexpectedEof,
+        format!("end of file after {done} of {len} bytes"),
+    )
+    .with_op(Op::Read)
 }
 
 #[cfg(test)]
