@@ -317,20 +317,11 @@ pub fn run_engine(
         }
     }
     let latency = stats.as_ref().map(|s| s.latency()).unwrap_or_default();
-    // Transfers served on the committing thread (small ones of memory-backed files) went through
-    // the buffered descriptor with pread/pwrite, not through the backend.
-    let (inline_ops, backend_ops) = stats.map_or((0, 0), |s| (s.inline_ops, s.ops));
-    let backend = match inline_ops {
-        0 => engine.backend_kind().to_string(),
-        n if n == backend_ops => "inline".to_string(),
-        _ => format!("{}+inline", engine.backend_kind()),
-    };
+    let (backend, direct) = served_by(engine.backend_kind(), stats.as_ref(), &file);
     Ok(Measurement {
         name: label.to_string(),
         backend,
-        direct: file.is_direct()
-            && engine.backend_kind() != gpuio::BackendKind::Mmap
-            && inline_ops < backend_ops,
+        direct,
         ops,
         bytes: ops * spec.block_size as u64,
         elapsed_s: elapsed,
@@ -436,6 +427,24 @@ fn drive(
     }
 }
 
+/// Who served a run's transfers, and whether any went direct. Transfers served on the committing
+/// thread (small ones of memory-backed files) went through the buffered descriptor with
+/// pread/pwrite, not through the backend.
+fn served_by(
+    kind: gpuio::BackendKind,
+    stats: Option<&QueueStats>,
+    file: &gpuio::File,
+) -> (String, bool) {
+    let (inline_ops, ops) = stats.map_or((0, 0), |s| (s.inline_ops, s.ops));
+    let backend = match inline_ops {
+        0 => kind.to_string(),
+        n if n == ops => "inline".to_string(),
+        _ => format!("{kind}+inline"),
+    };
+    let direct = file.is_direct() && kind != gpuio::BackendKind::Mmap && inline_ops < ops;
+    (backend, direct)
+}
+
 /// Longest a [`run_local`] thread waits for one of its I/Os before it reports the run stalled.
 const LOCAL_STALL: Duration = Duration::from_secs(30);
 
@@ -452,8 +461,10 @@ pub fn run_local(
     pb: Option<&ProgressBar>,
 ) -> Result<Measurement> {
     let threads = spec.threads.max(1);
+    let engine_cfg = opts.engine_config();
     let mut cfg = LocalConfig {
-        backend: opts.engine_config().backend,
+        backend: engine_cfg.backend,
+        inline_max_bytes: engine_cfg.inline_max_bytes,
         ..LocalConfig::default()
     };
     cfg.backend.queue_depth = spec.queue_depth;
@@ -502,11 +513,15 @@ pub fn run_local(
         stats.merge(&s);
         kind = Some(k);
     }
-    let kind = kind.unwrap_or(gpuio::BackendKind::Uring);
+    let (backend, direct) = served_by(
+        kind.unwrap_or(gpuio::BackendKind::Uring),
+        Some(&stats),
+        &file,
+    );
     Ok(Measurement {
         name: label.to_string(),
-        backend: format!("{kind} (local queue)"),
-        direct: file.is_direct() && kind != gpuio::BackendKind::Mmap,
+        backend: format!("{backend} (local queue)"),
+        direct,
         ops,
         bytes: ops * spec.block_size as u64,
         elapsed_s: elapsed,
@@ -588,7 +603,7 @@ fn drive_local(
     }
     match first_error {
         Some(e) => Err(e),
-        None => Ok((ops, queue.stats().clone(), queue.backend_kind())),
+        None => Ok((ops, queue.stats(), queue.backend_kind())),
     }
 }
 

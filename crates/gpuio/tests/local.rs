@@ -10,7 +10,8 @@ use gpuio::{
     OpenOptions,
 };
 use gpuio_testkit::{
-    choice_for, faulty_local_queue, scratch_dir, within, working_kinds, FaultPlan, Place, Rng,
+    choice_for, faulty_local_queue, memory_backed_dir, scratch_dir, within, working_kinds,
+    FaultPlan, Place, Rng,
 };
 
 /// Far longer than anything here needs; reaching it means a hang.
@@ -447,4 +448,55 @@ fn threads_each_with_their_own_queue_read_one_file() {
     for h in handles {
         assert_eq!(h.join().unwrap(), 1000);
     }
+}
+
+#[test]
+fn small_transfers_of_memory_backed_files_are_served_when_taken() {
+    let Some(dir) = memory_backed_dir() else {
+        return;
+    };
+    let (file, model) = random_file(dir.path(), DirectMode::Auto, 11);
+    for inline_max in [64 << 10, 0] {
+        let cfg = LocalConfig {
+            inline_max_bytes: inline_max,
+            ..config(BackendKind::Uring, 8)
+        };
+        let mut q = match LocalQueue::new(cfg) {
+            Ok(q) => q,
+            Err(e) => {
+                gpuio_testkit::backend_unavailable(BackendKind::Uring, &e);
+                return;
+            }
+        };
+        q.read(&file, 4096, AlignedBuf::new(8192, 4096).unwrap(), 1)
+            .unwrap();
+        if inline_max > 0 {
+            // Served by `read` itself: finished before any wait.
+            assert_eq!(q.in_flight(), 0);
+            let d = q.pop().expect("finished when taken");
+            assert_eq!(d.result.unwrap(), 8192);
+            assert!(d.buf.unwrap().as_aligned()[..] == model[4096..4096 + 8192]);
+            let s = q.stats();
+            assert_eq!((s.inline_ops, s.ops), (1, 1));
+            assert!(q.explain().to_string().contains("memory-backed"));
+            // Larger ones go to the backend.
+            q.read(&file, 0, AlignedBuf::new(128 << 10, 4096).unwrap(), 2)
+                .unwrap();
+            let d = drain(&mut q).pop().unwrap();
+            assert_eq!(d.result.unwrap(), 128 << 10);
+            assert_eq!(q.stats().inline_ops, 1);
+        } else {
+            let d = drain(&mut q).pop().unwrap();
+            assert_eq!(d.result.unwrap(), 8192);
+            assert_eq!(q.stats().inline_ops, 0, "inline serving off");
+        }
+    }
+    // An end of file met on the calling thread is reported as the backend's would be.
+    let mut q = LocalQueue::new(LocalConfig::default()).unwrap();
+    let tail = FILE_BYTES as u64 - 100;
+    q.read(&file, tail, AlignedBuf::new(4096, 4096).unwrap(), 3)
+        .unwrap();
+    let e = q.pop().unwrap().result.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
+    assert!(e.to_string().contains(&tail.to_string()), "{e}");
 }

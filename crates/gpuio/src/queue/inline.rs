@@ -109,7 +109,13 @@ pub(crate) fn serve(
             (None, true) => unsafe { shared_base.add(rec.buf_offset) },
             (None, false) => std::ptr::null_mut(),
         };
-        let (bytes, error) = transfer(limits, &rec, ptr, &mut tally, stats, &mut clock);
+        let t = Transfer {
+            kind: rec.kind,
+            file: &rec.file,
+            offset: rec.offset,
+            len: rec.len,
+        };
+        let (bytes, error) = transfer(limits, &t, ptr, &mut tally, stats, &mut clock);
         if let Some(e) = error {
             errors.push(CommandError {
                 command: CommandId(i as u32),
@@ -150,11 +156,20 @@ pub(crate) fn skip(mut commands: Vec<Recorded>, shared_buf: Option<IoBuffer>) ->
     }
 }
 
-/// One command: `pread`/`pwrite` on the buffered descriptor until done, the end of the file, or a
-/// verdict of failure. Returns the bytes moved and the error, if any.
-fn transfer(
+/// One load or store served here.
+pub(crate) struct Transfer<'a> {
+    pub kind: CmdKind,
+    pub file: &'a crate::file::File,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One transfer: `pread`/`pwrite` on the buffered descriptor until done, the end of the file, or a
+/// verdict of failure. Returns the bytes moved and the error, if any. `ptr..ptr+len` must be memory
+/// the caller owns for the call.
+pub(crate) fn transfer(
     limits: &InlineLimits,
-    rec: &Recorded,
+    rec: &Transfer<'_>,
     ptr: *mut u8,
     tally: &mut Tally,
     stats: &Mutex<QueueStats>,

@@ -21,7 +21,10 @@
 //!
 //! A request goes through the file's direct descriptor when its offset, length and buffer address are
 //! aligned for direct I/O (stores: to the page, see `driver.rs`), and through the buffered descriptor
-//! otherwise — there is no bounce buffer here, so nothing is copied twice.
+//! otherwise — there is no bounce buffer here, so nothing is copied twice. A small load or store of a
+//! memory-backed file (tmpfs) is a copy that never waits for a device; it is served when it is taken,
+//! with `pread`/`pwrite` on the calling thread, as the engine's `commit` serves it (`queue::inline`,
+//! [`LocalConfig::inline_max_bytes`]): io_uring would hand it to a kernel worker thread instead.
 //!
 //! This module must never wait except in [`LocalQueue::wait`] (bounded by its timeout) and on drop
 //! (bounded by [`DROP_WAIT`]), and never hand back a buffer the kernel may still write.
@@ -30,14 +33,17 @@ use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
+use super::command::CmdKind;
 use super::command::CommandBuffer;
 use super::engine::EngineConfig;
+use super::inline::{self, InlineLimits, Transfer};
 use super::outcome::{self, AfterShort, Attempt, Verdict};
-use super::stats::QueueStats;
+use super::stats::{QueueStats, Tally};
 use crate::backend::{self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoOp, IoRequest};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::{BufferPool, IoBuffer, MemoryBudget, Registration, Wait};
+use parking_lot::Mutex;
 
 /// How long dropping a queue waits for its requests in flight before it leaks their buffers rather
 /// than free memory the kernel may still write.
@@ -52,6 +58,9 @@ pub struct LocalConfig {
     pub retries_max: u32,
     /// Continuations of short transfers per request (as [`EngineConfig::short_transfers_max`]).
     pub short_transfers_max: u32,
+    /// Loads and stores of memory-backed files up to this size are served when taken, on the calling
+    /// thread (as [`EngineConfig::inline_max_bytes`]); 0 sends everything to the backend.
+    pub inline_max_bytes: usize,
 }
 
 impl Default for LocalConfig {
@@ -61,6 +70,7 @@ impl Default for LocalConfig {
             backend: engine.backend,
             retries_max: engine.retries_max,
             short_transfers_max: engine.short_transfers_max,
+            inline_max_bytes: engine.inline_max_bytes,
         }
     }
 }
@@ -188,7 +198,10 @@ pub struct LocalQueue {
     pools: Vec<BufferPool>,
     retries_max: u32,
     shorts_max: u32,
-    stats: QueueStats,
+    /// Transfers served on the calling thread (`max_bytes` 0: none).
+    inline: InlineLimits,
+    /// Behind a lock only because the inline path counts through a [`Tally`]; never contended.
+    stats: Mutex<QueueStats>,
     /// `!Send`: the ring belongs to the thread that made it.
     _owner_thread: PhantomData<*mut ()>,
 }
@@ -209,17 +222,49 @@ impl LocalQueue {
     /// it to the calling thread.
     pub fn new(config: LocalConfig) -> Result<LocalQueue> {
         let (backend, explain) = backend::probe(&config.backend)?;
-        LocalQueue::with_backend(config, backend, explain)
+        LocalQueue::start(config, backend, explain, true)
     }
 
     /// A queue on a backend built elsewhere (a fault-injecting wrapper in tests, say); `config.backend`
-    /// is not used. Binds it to the calling thread.
+    /// is not used. Binds it to the calling thread. Every transfer goes through that backend: none is
+    /// served on the calling thread.
     pub fn with_backend(
+        config: LocalConfig,
+        backend: Box<dyn Backend>,
+        explain: Explain,
+    ) -> Result<LocalQueue> {
+        LocalQueue::start(config, backend, explain, false)
+    }
+
+    fn start(
         config: LocalConfig,
         mut backend: Box<dyn Backend>,
         mut explain: Explain,
+        inline_allowed: bool,
     ) -> Result<LocalQueue> {
+        if config.inline_max_bytes > super::engine::INLINE_MAX_BYTES_MAX {
+            return Err(Error::invalid(format!(
+                "inline transfers of up to {} bytes: at most {} allowed",
+                config.inline_max_bytes,
+                super::engine::INLINE_MAX_BYTES_MAX
+            )));
+        }
         backend.attach_thread()?;
+        let inline = InlineLimits {
+            max_bytes: if inline_allowed {
+                config.inline_max_bytes
+            } else {
+                0
+            },
+            retries_max: config.retries_max,
+            shorts_max: config.short_transfers_max,
+        };
+        if inline.max_bytes > 0 {
+            explain.reasons.push(format!(
+                "loads and stores of memory-backed files up to {} served when taken, on the calling thread",
+                crate::size::format_bytes(inline.max_bytes as f64)
+            ));
+        }
         explain
             .reasons
             .push("requests submitted and reaped on the application's thread (LocalQueue)".into());
@@ -236,7 +281,8 @@ impl LocalQueue {
             pools: Vec::new(),
             retries_max: config.retries_max,
             shorts_max: config.short_transfers_max,
-            stats: QueueStats::default(),
+            inline,
+            stats: Mutex::new(QueueStats::default()),
             _owner_thread: PhantomData,
         })
     }
@@ -266,8 +312,9 @@ impl LocalQueue {
         self.free.len()
     }
 
-    pub fn stats(&self) -> &QueueStats {
-        &self.stats
+    /// What this queue has done (`inline_ops`: transfers served on the calling thread).
+    pub fn stats(&self) -> QueueStats {
+        self.stats.lock().clone()
     }
 
     /// `count` recycled buffers of `buf_size` bytes (page-aligned), registered with this queue's ring
@@ -412,10 +459,41 @@ impl LocalQueue {
         });
         if len == 0 && kind != Kind::Sync {
             self.finish(index, Ok(0));
+        } else if self.serves_inline(kind, file, len) {
+            self.serve_inline(index);
         } else {
             self.ready.push_back(index);
         }
         Ok(())
+    }
+
+    fn serves_inline(&self, kind: Kind, file: &File, len: usize) -> bool {
+        kind != Kind::Sync && len <= self.inline.max_bytes && file.is_memory_backed()
+    }
+
+    /// Serves a taken request on this thread, now (see the module docs).
+    fn serve_inline(&mut self, index: u32) {
+        let slot = self.slots[index as usize].as_mut().expect("a taken slot");
+        let ptr = slot.base();
+        let t = Transfer {
+            kind: match slot.kind {
+                Kind::Read { exact } => CmdKind::Load { exact },
+                _ => CmdKind::Store,
+            },
+            file: &slot.file,
+            offset: slot.offset,
+            len: slot.len as u64,
+        };
+        let mut tally = Tally::new();
+        let mut clock = Instant::now();
+        let (bytes, error) =
+            inline::transfer(&self.inline, &t, ptr, &mut tally, &self.stats, &mut clock);
+        tally.flush(&self.stats);
+        let result = match error {
+            Some(e) => Err(e),
+            None => Ok(bytes as usize),
+        };
+        self.finish(index, result);
     }
 
     /// Hands every request taken so far to the kernel without waiting, and collects what has finished.
@@ -505,7 +583,8 @@ impl LocalQueue {
         let slot = self.slots[index as usize]
             .as_mut()
             .expect("a reaped tag's slot is taken");
-        let s = &mut self.stats;
+        let mut stats = self.stats.lock();
+        let s = &mut *stats;
         s.ops += 1;
         s.record_latency(now.saturating_duration_since(slot.started));
         if d.result > 0 {
@@ -568,6 +647,7 @@ impl LocalQueue {
                 }
             }
         };
+        drop(stats);
         match end {
             None => self.ready.push_back(index),
             Some(result) => self.finish(index, result),
