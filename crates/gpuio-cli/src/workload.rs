@@ -572,7 +572,8 @@ fn drive_local(
     let mut ops = 0u64;
     let mut last_tick = start;
     let mut first_error: Option<Error> = None;
-    while queue.in_flight() > 0 {
+    // Requests served when taken (small ones of memory-backed files) are finished at once.
+    while queue.in_flight() + queue.finished() > 0 {
         if queue.wait(1, LOCAL_STALL)? == 0 {
             return Err(Error::new(
                 ErrorKind::Io,
@@ -584,8 +585,9 @@ fn drive_local(
                 ),
             ));
         }
-        let more = Instant::now() < deadline;
         while let Some(done) = queue.pop() {
+            // Checked per I/O: served when taken, a whole run can pass inside this loop.
+            let more = Instant::now() < deadline;
             match done.result {
                 Ok(_) => ops += 1,
                 Err(e) => {
@@ -598,8 +600,8 @@ fn drive_local(
                     issued += 1;
                 }
             }
+            progress_tick(pb, start, &mut last_tick);
         }
-        progress_tick(pb, start, &mut last_tick);
     }
     match first_error {
         Some(e) => Err(e),

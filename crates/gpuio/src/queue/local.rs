@@ -306,6 +306,11 @@ impl LocalQueue {
         self.slots.len() - self.free.len() - self.finished.len()
     }
 
+    /// Requests finished and waiting in [`pop`](Self::pop).
+    pub fn finished(&self) -> usize {
+        self.finished.len()
+    }
+
     /// Requests that can be taken now: the depth less those in flight and those finished and not
     /// yet popped.
     pub fn room(&self) -> usize {
