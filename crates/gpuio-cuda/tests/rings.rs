@@ -1024,7 +1024,7 @@ impl Backend for GateBackend {
     unsafe fn push(&mut self, req: IoRequest) -> std::result::Result<(), IoRequest> {
         let (tag, off) = (req.tag, req.offset);
         let open = self.gate.open.load(std::sync::atomic::Ordering::Acquire);
-        if req.op == IoOp::Read && off == self.gate.held_offset && !open {
+        if req.op() == IoOp::Read && off == self.gate.held_offset && !open {
             self.held.push_back(req);
         } else {
             // SAFETY: the caller's contract for `req` is passed on unchanged.

@@ -414,7 +414,7 @@ impl FaultBackend {
             }
         }
         let errno = |errno| Some(Fault::Errno { errno, nth: false });
-        match req.op {
+        match req.op() {
             IoOp::Read if rng.chance(plan.read_eio) => return errno(libc::EIO),
             IoOp::Write if rng.chance(plan.write_enospc) => return errno(libc::ENOSPC),
             IoOp::Write if rng.chance(plan.write_eio) => return errno(libc::EIO),
@@ -427,10 +427,10 @@ impl FaultBackend {
         if rng.chance(plan.eagain) {
             return errno(libc::EAGAIN);
         }
-        if req.direct && req.op != IoOp::Sync && rng.chance(plan.direct_einval) {
+        if req.direct && req.op() != IoOp::Sync && rng.chance(plan.direct_einval) {
             return errno(libc::EINVAL);
         }
-        match req.op {
+        match req.op() {
             IoOp::Write if rng.chance(plan.lost_write) => return Some(Fault::LostWrite),
             IoOp::Write if rng.chance(plan.misdirect_write) => {
                 return Some(Fault::Misdirected {
@@ -440,13 +440,13 @@ impl FaultBackend {
             IoOp::Read if rng.chance(plan.corrupt_read) => return Some(Fault::CorruptRead),
             _ => {}
         }
-        let short_p = match req.op {
+        let short_p = match req.op() {
             IoOp::Read => plan.short_read,
             IoOp::Write => plan.short_write,
             IoOp::Sync => 0.0,
         };
-        if req.len >= 2 && rng.chance(short_p) {
-            let prefix = 1 + rng.below_usize(req.len - 1);
+        if req.len() >= 2 && rng.chance(short_p) {
+            let prefix = 1 + rng.below_usize(req.len() - 1);
             return Some(Fault::Short { prefix });
         }
         if rng.chance(plan.delay) {
@@ -461,7 +461,7 @@ impl FaultBackend {
         s.plan_ops += 1;
         let c = &mut s.counts;
         c.ops += 1;
-        match req.op {
+        match req.op() {
             IoOp::Read => c.reads += 1,
             IoOp::Write => c.writes += 1,
             IoOp::Sync => c.syncs += 1,
@@ -471,7 +471,7 @@ impl FaultBackend {
         };
         match fault {
             Fault::Errno { nth: true, .. } => c.nth_failures += 1,
-            Fault::Errno { errno, .. } => match (errno, req.op) {
+            Fault::Errno { errno, .. } => match (errno, req.op()) {
                 (libc::EINTR, _) => c.eintr += 1,
                 (libc::EAGAIN, _) => c.eagain += 1,
                 (libc::EINVAL, _) => c.direct_einval += 1,
@@ -480,7 +480,7 @@ impl FaultBackend {
                 (_, IoOp::Write) => c.write_eio += 1,
                 (_, IoOp::Sync) => c.sync_eio += 1,
             },
-            Fault::Short { .. } if req.op == IoOp::Read => c.short_reads += 1,
+            Fault::Short { .. } if req.op() == IoOp::Read => c.short_reads += 1,
             Fault::Short { .. } => c.short_writes += 1,
             Fault::Delay(_) => c.delays += 1,
             Fault::LostWrite => c.lost_writes += 1,
@@ -492,10 +492,10 @@ impl FaultBackend {
         }
         s.log.push_back(Injection {
             seq,
-            op: req.op,
+            op: req.op(),
             path: req.file.path().to_path_buf(),
             offset: req.offset,
-            len: req.len,
+            len: req.len(),
             direct: req.direct,
             fault,
         });
@@ -578,7 +578,7 @@ impl Backend for FaultBackend {
         let fault = self.decide(&plan, &req, nth);
         let answer = match fault {
             Some(Fault::Errno { errno, .. }) => Some(-(errno as i64)),
-            Some(Fault::LostWrite) => Some(req.len as i64),
+            Some(Fault::LostWrite) => Some(req.len() as i64),
             _ => None,
         };
         match answer {
@@ -592,7 +592,8 @@ impl Backend for FaultBackend {
                 Ok(())
             }
             _ => {
-                let original_len = req.len;
+                let original_kind = req.kind;
+                let original_len = req.len();
                 let original_offset = req.offset;
                 let mut fix = Fixup {
                     short: None,
@@ -609,18 +610,22 @@ impl Backend for FaultBackend {
                         } else {
                             prefix
                         };
-                        req.len = inner_len;
+                        if let Some(span) = req.span_mut() {
+                            span.len = inner_len;
+                        }
                         fix.short = Some(prefix);
                     }
                     Some(Fault::Delay(d)) => fix.delay = Some(d),
                     Some(Fault::Misdirected { shift }) => req.offset += shift,
-                    Some(Fault::CorruptRead) => fix.corrupt = Some(req.ptr as usize),
+                    Some(Fault::CorruptRead) => {
+                        fix.corrupt = req.span().map(|s| s.ptr as usize);
+                    }
                     _ => {}
                 }
                 let tag = req.tag;
                 // What the log shows is the request as the engine made it.
                 let logged = IoRequest {
-                    len: original_len,
+                    kind: original_kind,
                     offset: original_offset,
                     ..req.clone()
                 };
@@ -636,7 +641,7 @@ impl Backend for FaultBackend {
                         Ok(())
                     }
                     Err(mut back) => {
-                        back.len = original_len;
+                        back.kind = original_kind;
                         back.offset = original_offset;
                         Err(back)
                     }
@@ -717,6 +722,7 @@ impl Backend for FaultBackend {
 mod tests {
     use super::*;
     use crate::{scratch_dir, test_config, Place};
+    use gpuio::backend::{IoKind, Span};
     use gpuio::{AlignedBuf, DirectMode, File, OpenOptions};
 
     fn inner(kind: BackendKind) -> Option<Box<dyn Backend>> {
@@ -741,14 +747,16 @@ mod tests {
         buf: &mut [u8],
         tag: u64,
     ) -> IoRequest {
-        IoRequest {
-            op,
-            file: file.clone(),
-            direct,
-            offset,
+        let span = Span {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
             fixed: None,
+        };
+        IoRequest {
+            kind: IoKind::new(op, span),
+            file: file.clone(),
+            direct,
+            offset,
             tag,
         }
     }

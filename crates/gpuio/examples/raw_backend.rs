@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use gpuio::backend::{self, BackendConfig, IoDone, IoOp, IoRequest};
+use gpuio::backend::{self, BackendConfig, IoDone, IoKind, IoRequest, Span};
 use gpuio::{AlignedBuf, BackendChoice, OpenOptions};
 
 fn main() -> gpuio::Result<()> {
@@ -45,13 +45,14 @@ fn main() -> gpuio::Result<()> {
     };
     let push = |be: &mut Box<dyn backend::Backend>, tag: usize, ptr: *mut u8, offset: u64| {
         let req = IoRequest {
-            op: IoOp::Read,
+            kind: IoKind::Read(Span {
+                ptr,
+                len: 4096,
+                fixed: None,
+            }),
             file: file.clone(),
             direct: true,
             offset,
-            ptr,
-            len: 4096,
-            fixed: None,
             tag: tag as u64,
         };
         // SAFETY: every buffer outlives the loop and carries one request at a time.

@@ -219,13 +219,13 @@ impl Backend for Gated {
         let g = &self.gate;
         let n = g.requests_now.fetch_add(1, Ordering::SeqCst) + 1;
         g.requests_max.fetch_max(n, Ordering::SeqCst);
-        let b = g.bytes_now.fetch_add(req.len as u64, Ordering::SeqCst) + req.len as u64;
+        let b = g.bytes_now.fetch_add(req.len() as u64, Ordering::SeqCst) + req.len() as u64;
         g.bytes_max.fetch_max(b, Ordering::SeqCst);
         g.pushed_total.fetch_add(1, Ordering::SeqCst);
         g.log.lock().unwrap().push(req.file.id());
         g.events.lock().unwrap().push(('P', req.offset));
         self.offsets.insert(req.tag, req.offset);
-        self.lens.insert(req.tag, req.len as u64);
+        self.lens.insert(req.tag, req.len() as u64);
         self.held.push_back(req);
         g.held.fetch_add(1, Ordering::SeqCst);
         Ok(())

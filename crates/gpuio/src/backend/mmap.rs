@@ -39,7 +39,7 @@ use memmap2::{Mmap, MmapOptions};
 use parking_lot::Mutex;
 
 use super::threads::{Executor, SyscallExecutor, WorkerPool};
-use super::{BackendConfig, BackendKind, IoOp, IoRequest, MmapAdvice};
+use super::{BackendConfig, BackendKind, IoKind, IoRequest, MmapAdvice, Span};
 use crate::error::Result;
 
 thread_local! {
@@ -232,7 +232,7 @@ impl Mapper {
         Ok(m)
     }
 
-    fn read(&self, req: &IoRequest) -> i64 {
+    fn read(&self, req: &IoRequest, span: &Span) -> i64 {
         for _ in 0..FAULT_RETRIES_MAX {
             let epoch = mapping_fault_epoch();
             // The file's length now: never touch a page past it (module docs, point 1).
@@ -240,10 +240,10 @@ impl Mapper {
                 Ok(l) => l,
                 Err(e) => return neg_errno(&e),
             };
-            if req.offset >= file_len || req.len == 0 {
+            if req.offset >= file_len || span.len == 0 {
                 return 0;
             }
-            let end = req.offset.saturating_add(req.len as u64).min(file_len);
+            let end = req.offset.saturating_add(span.len as u64).min(file_len);
             let map = match self.mapping(req, end, file_len, epoch) {
                 Ok(m) => m,
                 Err(r) => return r,
@@ -251,8 +251,9 @@ impl Mapper {
             let n = (end - req.offset) as usize;
             // SAFETY: offset + n <= end <= map.len(), and `map` (an Arc) stays mapped during the copy;
             // the Backend::push contract keeps ptr..ptr+len valid and exclusive, and n <= len.
-            let clean =
-                unsafe { copy_from_mapping(map.map.as_ptr().add(req.offset as usize), req.ptr, n) };
+            let clean = unsafe {
+                copy_from_mapping(map.map.as_ptr().add(req.offset as usize), span.ptr, n)
+            };
             if clean && mapping_fault_epoch() == epoch {
                 // A file cut inside the last page copied reads zeros past its new end instead of
                 // faulting: count only the bytes the file still holds, as `pread` would.
@@ -277,9 +278,9 @@ impl Mapper {
 
 impl Executor for Mapper {
     fn execute(&self, req: &IoRequest) -> i64 {
-        match req.op {
-            IoOp::Write | IoOp::Sync => SyscallExecutor.execute(req),
-            IoOp::Read => self.read(req),
+        match &req.kind {
+            IoKind::Write(_) | IoKind::Sync => SyscallExecutor.execute(req),
+            IoKind::Read(span) => self.read(req, span),
         }
     }
 }

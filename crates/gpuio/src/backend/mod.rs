@@ -161,7 +161,7 @@ impl BackendConfig {
     }
 }
 
-/// What a request does.
+/// What a request does, without its memory (see [`IoKind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoOp {
     Read,
@@ -170,22 +170,47 @@ pub enum IoOp {
     Sync,
 }
 
-/// One transfer handed to a backend.
+/// The memory a read or write moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub ptr: *mut u8,
+    pub len: usize,
+    /// io_uring fixed-buffer index covering `ptr..ptr+len`, if registered.
+    pub fixed: Option<u16>,
+}
+
+/// What a request does, with the memory it moves: a sync moves none, so it carries none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read(Span),
+    Write(Span),
+    /// `fdatasync`-like flush of the file.
+    Sync,
+}
+
+impl IoKind {
+    /// `op` over `span` (a sync ignores it).
+    pub fn new(op: IoOp, span: Span) -> IoKind {
+        match op {
+            IoOp::Read => IoKind::Read(span),
+            IoOp::Write => IoKind::Write(span),
+            IoOp::Sync => IoKind::Sync,
+        }
+    }
+}
+
+/// One request handed to a backend.
 ///
-/// The memory at `ptr..ptr+len` must stay valid (and, for reads, unaliased) until the completion carrying
+/// The memory of its [`Span`] must stay valid (and, for reads, unaliased) until the completion carrying
 /// `tag` has been reaped; that is why [`Backend::push`] is `unsafe`.
 #[derive(Debug, Clone)]
 pub struct IoRequest {
-    pub op: IoOp,
+    pub kind: IoKind,
     /// The file; keeping it here also keeps its descriptors open while the request is in flight.
     pub file: File,
     /// Use the file's `O_DIRECT` descriptor (when it has one) rather than the buffered one.
     pub direct: bool,
     pub offset: u64,
-    pub ptr: *mut u8,
-    pub len: usize,
-    /// io_uring fixed-buffer index covering `ptr..ptr+len`, if registered.
-    pub fixed: Option<u16>,
     pub tag: u64,
 }
 
@@ -200,6 +225,39 @@ impl IoRequest {
         } else {
             self.file.buffered_fd()
         }
+    }
+
+    pub fn op(&self) -> IoOp {
+        match self.kind {
+            IoKind::Read(_) => IoOp::Read,
+            IoKind::Write(_) => IoOp::Write,
+            IoKind::Sync => IoOp::Sync,
+        }
+    }
+
+    /// The memory a read or write moves; `None` for a sync.
+    pub fn span(&self) -> Option<&Span> {
+        match &self.kind {
+            IoKind::Read(s) | IoKind::Write(s) => Some(s),
+            IoKind::Sync => None,
+        }
+    }
+
+    pub fn span_mut(&mut self) -> Option<&mut Span> {
+        match &mut self.kind {
+            IoKind::Read(s) | IoKind::Write(s) => Some(s),
+            IoKind::Sync => None,
+        }
+    }
+
+    /// Bytes it moves (0 for a sync).
+    pub fn len(&self) -> usize {
+        self.span().map_or(0, |s| s.len)
+    }
+
+    /// Whether it moves no bytes (a sync, or an empty transfer).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

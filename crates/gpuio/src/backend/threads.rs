@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
-use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest, Waker, WAKE_TAG};
+use super::{Backend, BackendConfig, BackendKind, IoDone, IoKind, IoRequest, Waker, WAKE_TAG};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Most worker threads a pool starts; deeper queues wait in the job channel.
@@ -36,17 +36,17 @@ impl Executor for SyscallExecutor {
         let fd = req.fd();
         // SAFETY: the Backend::push contract keeps ptr..ptr+len valid and exclusive until completion.
         let rc = unsafe {
-            match req.op {
-                IoOp::Read => {
-                    libc::pread(fd, req.ptr.cast(), req.len, req.offset as libc::off_t) as i64
+            match req.kind {
+                IoKind::Read(s) => {
+                    libc::pread(fd, s.ptr.cast(), s.len, req.offset as libc::off_t) as i64
                 }
-                IoOp::Write => libc::pwrite(
+                IoKind::Write(s) => libc::pwrite(
                     fd,
-                    req.ptr.cast_const().cast(),
-                    req.len,
+                    s.ptr.cast_const().cast(),
+                    s.len,
                     req.offset as libc::off_t,
                 ) as i64,
-                IoOp::Sync => libc::fdatasync(fd) as i64,
+                IoKind::Sync => libc::fdatasync(fd) as i64,
             }
         };
         if rc < 0 {

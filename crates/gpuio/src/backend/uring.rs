@@ -16,7 +16,9 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use rustc_hash::FxHashMap;
 
 use super::threads::{SyscallExecutor, WorkerPool};
-use super::{Backend, BackendConfig, BackendKind, IoDone, IoOp, IoRequest, Waker, WAKE_TAG};
+use super::{
+    Backend, BackendConfig, BackendKind, IoDone, IoKind, IoOp, IoRequest, Span, Waker, WAKE_TAG,
+};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::{BufferPool, Registration};
@@ -349,25 +351,34 @@ impl UringBackend {
 
     fn entry(&mut self, req: &IoRequest) -> squeue::Entry {
         let slot = self.file_slot(&req.file, req.direct);
-        let len = req.len as u32;
+        // `push` refused anything longer than u32::MAX.
+        let len = req.len() as u32;
         macro_rules! build {
             ($fd:expr) => {
-                match (req.op, req.fixed) {
-                    (IoOp::Read, Some(i)) => opcode::ReadFixed::new($fd, req.ptr, len, i)
+                match req.kind {
+                    IoKind::Read(Span {
+                        ptr,
+                        fixed: Some(i),
+                        ..
+                    }) => opcode::ReadFixed::new($fd, ptr, len, i)
                         .offset(req.offset)
                         .build(),
-                    (IoOp::Read, None) => opcode::Read::new($fd, req.ptr, len)
+                    IoKind::Read(Span { ptr, .. }) => {
+                        opcode::Read::new($fd, ptr, len).offset(req.offset).build()
+                    }
+                    IoKind::Write(Span {
+                        ptr,
+                        fixed: Some(i),
+                        ..
+                    }) => opcode::WriteFixed::new($fd, ptr.cast_const(), len, i)
                         .offset(req.offset)
                         .build(),
-                    (IoOp::Write, Some(i)) => {
-                        opcode::WriteFixed::new($fd, req.ptr.cast_const(), len, i)
+                    IoKind::Write(Span { ptr, .. }) => {
+                        opcode::Write::new($fd, ptr.cast_const(), len)
                             .offset(req.offset)
                             .build()
                     }
-                    (IoOp::Write, None) => opcode::Write::new($fd, req.ptr.cast_const(), len)
-                        .offset(req.offset)
-                        .build(),
-                    (IoOp::Sync, _) => opcode::Fsync::new($fd)
+                    IoKind::Sync => opcode::Fsync::new($fd)
                         .flags(types::FsyncFlags::DATASYNC)
                         .build(),
                 }
@@ -408,8 +419,8 @@ impl UringBackend {
     /// (tmpfs, which cannot read without blocking), so either way one core's copy bandwidth at best.
     fn copies_on_threads(&self, req: &IoRequest) -> bool {
         self.copy_pool.is_some()
-            && req.op == IoOp::Read
-            && req.len >= self.copy_min_bytes
+            && req.op() == IoOp::Read
+            && req.len() >= self.copy_min_bytes
             && req.file.is_memory_resident()
     }
 
@@ -460,7 +471,7 @@ impl Backend for UringBackend {
             // SAFETY: the same contract, passed on.
             return unsafe { pool.push(req) };
         }
-        if req.len > u32::MAX as usize {
+        if req.len() > u32::MAX as usize {
             return Err(req);
         }
         let entry = self.entry(&req);

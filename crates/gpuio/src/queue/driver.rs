@@ -32,7 +32,7 @@ use super::engine::{EngineConfig, Msg, BACKEND_FAILURES_MAX, REAP_WAIT};
 use super::outcome::{self, AfterShort, Attempt, Verdict};
 use super::plan::{self, PlanInput, SegKind, Segments, TaskPlan};
 use super::{QueueKind, QueueShared};
-use crate::backend::{Backend, BackendKind, IoDone, IoOp, IoRequest};
+use crate::backend::{Backend, BackendKind, IoDone, IoKind, IoOp, IoRequest, Span};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::{BufferPool, IoBuffer, PooledBuf};
@@ -751,14 +751,16 @@ impl Driver {
             }
         };
         task.started = self.now;
-        let req = IoRequest {
-            op: task.op,
-            file: task.file.clone(),
-            direct: task.direct,
-            offset: task.file_off,
+        let span = Span {
             ptr: task.ptr,
             len: task.len,
             fixed: task.fixed,
+        };
+        let req = IoRequest {
+            kind: IoKind::new(task.op, span),
+            file: task.file.clone(),
+            direct: task.direct,
+            offset: task.file_off,
             tag: tag as u64,
         };
         self.slab[tag] = Some(task);

@@ -39,7 +39,9 @@ use super::engine::EngineConfig;
 use super::inline::{self, InlineLimits, Transfer};
 use super::outcome::{self, AfterShort, Attempt, Verdict};
 use super::stats::{QueueStats, Tally};
-use crate::backend::{self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoOp, IoRequest};
+use crate::backend::{
+    self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoKind, IoOp, IoRequest, Span,
+};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::{BufferPool, IoBuffer, MemoryBudget, Registration, Wait};
@@ -540,20 +542,23 @@ impl LocalQueue {
             let slot = self.slots[index as usize]
                 .as_mut()
                 .expect("a ready slot is taken");
-            let rest = slot.len - slot.done;
-            let ptr = match slot.kind {
-                Kind::Sync => std::ptr::null_mut(),
-                // SAFETY: done < len <= the buffer's length, so the pointer stays inside the buffer.
-                _ => unsafe { slot.base().add(slot.done) },
+            let kind = match slot.kind {
+                Kind::Sync => IoKind::Sync,
+                _ => IoKind::new(
+                    slot.io_op(),
+                    Span {
+                        // SAFETY: done < len <= the buffer's length: the pointer stays inside it.
+                        ptr: unsafe { slot.base().add(slot.done) },
+                        len: slot.len - slot.done,
+                        fixed: slot.fixed,
+                    },
+                ),
             };
             let req = IoRequest {
-                op: slot.io_op(),
+                kind,
                 file: slot.file.clone(),
                 direct: slot.direct,
                 offset: slot.offset + slot.done as u64,
-                ptr,
-                len: rest,
-                fixed: slot.fixed,
                 tag: index as u64,
             };
             slot.started = Instant::now();
