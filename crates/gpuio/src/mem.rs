@@ -715,6 +715,15 @@ impl IoBuffer {
             IoBuffer::Pooled(p) => p.fixed_index(),
         }
     }
+    /// The fixed index to use on a ring that registered exactly `pools`: a buffer of a pool
+    /// registered with another ring (another engine, a `LocalQueue`) has an index that means
+    /// nothing there (the kernel fails such a transfer with EFAULT), so it goes unregistered.
+    pub(crate) fn fixed_index_among(&self, pools: &[BufferPool]) -> Option<u16> {
+        match self {
+            IoBuffer::Pooled(p) if pools.iter().any(|q| p.is_from(q)) => p.fixed_index(),
+            _ => None,
+        }
+    }
     pub fn as_aligned(&self) -> &AlignedBuf {
         match self {
             IoBuffer::Owned(b) => b,

@@ -515,3 +515,61 @@ fn small_transfers_of_memory_backed_files_are_served_when_taken() {
     assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
     assert!(e.to_string().contains(&tail.to_string()), "{e}");
 }
+
+/// A pool's fixed-buffer indices belong to the ring that registered it. Its buffers used on another
+/// engine or queue go unregistered there (before, engine B used engine A's indices and the kernel
+/// failed the read with EFAULT, "Bad address").
+#[test]
+fn pools_registered_elsewhere_are_used_unregistered() {
+    if !gpuio_testkit::kind_works(BackendKind::Uring) {
+        return;
+    }
+    let dir = scratch_dir(Place::Disk);
+    let (file, model) = random_file(dir.path(), DirectMode::Auto, 12);
+    let engine = |n: usize| {
+        let e = gpuio::Engine::new(gpuio_testkit::test_config(BackendKind::Uring)).unwrap();
+        // Registered pools of its own, so that foreign indices would land on real table entries.
+        let own = e.buffer_pool(4096, n).unwrap();
+        (e, own)
+    };
+    let (a, _a_own) = engine(2);
+    let (b, _b_own) = engine(5);
+    let from_a = a.buffer_pool(64 << 10, 2).unwrap();
+    assert!(
+        matches!(
+            from_a.registration(),
+            gpuio::mem::Registration::Fixed { .. }
+        ),
+        "{:?}",
+        from_a.registration()
+    );
+    let mut local = LocalQueue::new(config(BackendKind::Uring, 4)).unwrap();
+    let from_local = local.buffer_pool(64 << 10, 2).unwrap();
+    // Engine B reads into a buffer of A's pool and of the local queue's pool.
+    let q = b.queue(gpuio::QueueDesc::default()).unwrap();
+    for (what, buf) in [
+        ("engine A's pool", from_a.get()),
+        ("the local queue's pool", from_local.get()),
+    ] {
+        let mut cb = q.command_buffer();
+        let id = cb.load(&file, 65536, buf).unwrap();
+        let mut done = cb
+            .commit()
+            .unwrap()
+            .finish()
+            .unwrap_or_else(|e| panic!("{what} on engine B: {e}"));
+        let got = done.take_buffer(id).unwrap();
+        assert!(got.as_aligned()[..] == model[65536..131072], "{what}");
+    }
+    // The local queue reads into a buffer of engine A's pool, and of its own (registered here).
+    local.read(&file, 0, from_a.get(), 1).unwrap();
+    local.read(&file, 131072, from_local.get(), 2).unwrap();
+    let mut done = drain(&mut local);
+    done.sort_by_key(|d| d.user);
+    assert_eq!(done.len(), 2);
+    for (d, off) in done.iter().zip([0usize, 131072]) {
+        assert_eq!(*d.result.as_ref().unwrap(), 65536, "request {}", d.user);
+        let b = d.buf.as_ref().unwrap().as_aligned();
+        assert!(b[..] == model[off..off + 65536], "request {}", d.user);
+    }
+}

@@ -35,7 +35,7 @@ use super::{QueueKind, QueueShared};
 use crate::backend::{Backend, BackendKind, IoDone, IoKind, IoOp, IoRequest, Span};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
-use crate::mem::{BufferPool, IoBuffer, PooledBuf};
+use crate::mem::{BufferPool, IoBuffer, PooledBuf, Registration};
 
 /// The OS page size (the page cache's granularity), 4096 if it cannot be read.
 fn os_page_bytes() -> u64 {
@@ -125,6 +125,9 @@ pub(super) struct Driver {
     retries_max: u32,
     shorts_max: u32,
     bounce: BufferPool,
+    /// Pools the engine registered with this backend (`Engine::buffer_pool`): only their buffers'
+    /// fixed indices mean anything on this ring.
+    registered: Vec<BufferPool>,
     cbs: FxHashMap<u64, ActiveCb>,
     queues: FxHashMap<u64, QueueState>,
     /// Queue ids by priority, highest first.
@@ -162,6 +165,7 @@ impl Driver {
             retries_max: cfg.retries_max,
             shorts_max: cfg.short_transfers_max,
             bounce,
+            registered: Vec::new(),
             cbs: FxHashMap::default(),
             queues: FxHashMap::default(),
             levels: Default::default(),
@@ -300,6 +304,9 @@ impl Driver {
             Msg::RunCallback(f, status) => f(&status),
             Msg::RegisterPool(pool, reply) => {
                 let reg = self.backend.register_pool(&pool);
+                if let Registration::Fixed { .. } = reg {
+                    self.registered.push(pool);
+                }
                 let _ = reply.send(reg);
             }
         }
@@ -340,8 +347,12 @@ impl Driver {
             stages.push(start..b);
             start = b;
         }
+        let registered = &self.registered;
         let (shared_base, shared_fixed) = match shared_buf.as_mut() {
-            Some(b) => (b.as_aligned_mut().as_mut_ptr(), b.fixed_index()),
+            Some(b) => (
+                b.as_aligned_mut().as_mut_ptr(),
+                b.fixed_index_among(registered),
+            ),
             None => (std::ptr::null_mut(), None),
         };
         let backend_kind = self.backend.kind();
@@ -353,7 +364,7 @@ impl Driver {
                     // SAFETY: buf_offset <= buf.len() was checked when the command was recorded.
                     (Some(b), _) => (
                         unsafe { b.as_aligned_mut().as_mut_ptr().add(rec.buf_offset) },
-                        b.fixed_index(),
+                        b.fixed_index_among(registered),
                     ),
                     // SAFETY: buf_offset + len <= the shared buffer's length was checked when the
                     // command was recorded; the buffer moves into this command buffer's entry below

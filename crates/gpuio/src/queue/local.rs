@@ -443,12 +443,7 @@ impl LocalQueue {
             && offset % block == 0
             && (len as u64) % block == 0
             && addr % (align.mem_align as usize).max(1) == 0;
-        let fixed = match &buf {
-            Some(IoBuffer::Pooled(p)) if self.pools.iter().any(|pool| p.is_from(pool)) => {
-                p.fixed_index()
-            }
-            _ => None,
-        };
+        let fixed = buf.as_ref().and_then(|b| b.fixed_index_among(&self.pools));
         self.slots[index as usize] = Some(Slot {
             user,
             kind,
