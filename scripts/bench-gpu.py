@@ -699,14 +699,16 @@ def s_rings():
                 f"{j['gather_sync']['requests_per_sec']:.0f} rows/s, prefetch "
                 f"{j['gather_prefetch']['requests_per_sec']:.0f} rows/s, speedup {j['prefetch_speedup']:.2f}x; "
                 f"{j['publisher']}")
-        for extra in ([], ["--threads", "4"]):
+        # The engine's shared thread, and each application thread on its own ring (--local).
+        for extra in ([], ["--threads", "4"], ["--local"], ["--local", "--threads", "4"]):
             h, _, err = gpuio(["bench", "--file", RINGS_FILE, "--pattern", "randread", "--block-size", "4K",
                                "--queue-depth", "64", "--duration", "3", "--json"] + extra, timeout=30)
             if h is None:
                 log(f"host engine randread {' '.join(extra)}: FAILED {err}")
                 continue
             record("rings-host", extra=extra, raw=h)
-            log(f"host engine 4K randread QD64 {' '.join(extra) or '(one thread)'}: {h['iops']:.0f} IOPS")
+            log(f"host engine 4K randread QD64 {' '.join(extra) or '(one thread)'}: {h['iops']:.0f} IOPS "
+                f"({h['backend']})")
         # The DLRM-style gather workload, host page cache against the kernel's device cache: same rows,
         # same checksum; prefetch (host: next batch; kernel: next row) against synchronous.
         sums = {}
