@@ -511,16 +511,16 @@ impl LocalQueue {
         let deadline = Instant::now() + timeout;
         let want = min.min(self.in_flight() + self.finished.len());
         loop {
-            self.push_ready();
-            if self.finished.len() >= want {
-                // What was just pushed goes to the kernel with the next wait or submit: one system
-                // call for a whole round of re-issued requests.
-                return Ok(self.finished.len());
-            }
+            let pushed = self.push_ready();
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if self.finished.len() >= want || left.is_zero() {
+                if pushed > 0 {
+                    // Hand them to the kernel now rather than at the next call.
+                    self.reap(0, Some(Duration::ZERO))?;
+                }
                 return Ok(self.finished.len());
             }
+            // Submits what was pushed and waits, in one system call.
             self.reap(1, Some(left))?;
         }
     }
@@ -532,7 +532,9 @@ impl LocalQueue {
         Some(done)
     }
 
-    fn push_ready(&mut self) {
+    /// Pushes ready requests to the backend while it has room; returns how many.
+    fn push_ready(&mut self) -> usize {
+        let mut pushed = 0;
         while let Some(&index) = self.ready.front() {
             let slot = self.slots[index as usize]
                 .as_mut()
@@ -563,10 +565,12 @@ impl LocalQueue {
                 Ok(()) => {
                     self.ready.pop_front();
                     self.pushed += 1;
+                    pushed += 1;
                 }
                 Err(_) => break,
             }
         }
+        pushed
     }
 
     fn reap(&mut self, min: usize, timeout: Option<Duration>) -> Result<()> {
