@@ -114,11 +114,12 @@ pub struct BenchArgs {
     #[arg(long)]
     inline_threads: Option<usize>,
     /// Each application thread submits and reaps its own I/Os on its own ring (gpuio::LocalQueue)
-    /// instead of handing them to the engine's thread: fio's model, with no priorities between
-    /// queues, callbacks or inline serving. With --compare the engine runs too.
+    /// instead of handing them to the engine's thread: fio's model, without the engine's priorities
+    /// between queues, callbacks or inline workers. With --compare the engine runs too.
     #[arg(long)]
     local: bool,
-    /// Also run, on the same file: a single-thread pread loop, the thread-pool and mmap backends, and fio
+    /// Also run, on the same file: the other way of driving the backend (a local queue, or with
+    /// --local the engine), a single-thread pread loop, the thread-pool and mmap backends, and fio
     /// (when installed); print each one's ratio to gpu-io.
     #[arg(long)]
     compare: bool,

@@ -1,5 +1,6 @@
 //! Serving a command buffer on the committing thread: small loads and stores of files on a
-//! memory-backed filesystem (tmpfs, ramfs).
+//! memory-backed filesystem (tmpfs, ramfs). [`transfer`] also serves such requests of a
+//! [`LocalQueue`](super::LocalQueue) when they are taken.
 //!
 //! For such files a read or write is a copy between the page cache and the caller's memory that never
 //! waits for a device. Handing it to the engine thread and then to the kernel's io-wq workers (tmpfs
