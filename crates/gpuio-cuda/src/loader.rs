@@ -386,18 +386,88 @@ pub(crate) fn device_checksum(
     Ok(digest.finalize() as u32)
 }
 
+/// The staging buffers: a pool of the engine's, each page-locked with the device where it allows,
+/// unpinned when dropped.
+pub(crate) struct Staging {
+    pub(crate) pool: BufferPool,
+    device: Arc<dyn Device>,
+    /// Staging buffers that were page-locked (address, length, device address where mapped).
+    pinned: Vec<(usize, usize, Option<DevicePtr>)>,
+    note: String,
+    alloc: Duration,
+    registration: Duration,
+    pinning: Duration,
+}
+
+impl Staging {
+    fn new(engine: &Engine, device: &Arc<dyn Device>, cfg: &LoaderConfig) -> Result<Staging> {
+        let (pool, alloc, registration) =
+            engine.buffer_pool_timed(cfg.staging_bytes, cfg.staging_buffers)?;
+        let mut staging = Staging {
+            pool,
+            device: device.clone(),
+            pinned: Vec::new(),
+            note: String::new(),
+            alloc,
+            registration,
+            pinning: Duration::ZERO,
+        };
+        // Page-lock every staging buffer once: take them all out, pin, give them back.
+        let t = Instant::now();
+        let mut bufs = Vec::with_capacity(cfg.staging_buffers);
+        for _ in 0..cfg.staging_buffers {
+            bufs.push(staging.pool.try_get()?);
+        }
+        let mut refused = None;
+        for b in &mut bufs {
+            let (ptr, len) = (b.as_mut_ptr(), b.capacity());
+            // SAFETY: pool buffers never move or get freed while the pool lives; `staging` holds
+            // the pool and unpins in Drop.
+            match unsafe { staging.device.pin_host(ptr, len) } {
+                Ok(Some(p)) => staging.pinned.push((ptr as usize, len, p.mapped)),
+                Ok(None) => {}
+                Err(e) => refused = Some(e),
+            }
+        }
+        staging.note = match refused {
+            None => format!(
+                "{} staging buffers of {} bytes page-locked",
+                staging.pinned.len(),
+                cfg.staging_bytes
+            ),
+            Some(e) => format!(
+                "staging buffers not all page-locked ({} of {}): {e}; copies from the others are staged by the driver",
+                staging.pinned.len(),
+                cfg.staging_buffers
+            ),
+        };
+        staging.pinning = t.elapsed();
+        Ok(staging)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // No copy is pending: every load and store synchronizes its stream before returning.
+        for &(ptr, len, _) in &self.pinned {
+            // SAFETY: pinned in `new` with this device; the pool still holds the memory.
+            unsafe { self.device.unpin_host(ptr as *mut u8, len) };
+        }
+    }
+}
+
 /// Moves file ranges to a device through pinned staging buffers.
 pub struct Loader {
     pub(crate) device: Arc<dyn Device>,
     pub(crate) queue: IoQueue,
-    pub(crate) pool: BufferPool,
+    engine: Engine,
+    /// Made in [`Loader::new`], except on the direct path, which needs none until a pack entry or a
+    /// store asks for them (then made once, by [`Loader::staging`]).
+    staging: std::sync::OnceLock<Staging>,
+    staging_making: parking_lot::Mutex<()>,
     pub(crate) stream: parking_lot::Mutex<Box<dyn CopyStream>>,
-    /// Staging buffers that were page-locked (address, length, device address where mapped),
-    /// unpinned on drop.
-    pinned: Vec<(usize, usize, Option<DevicePtr>)>,
     /// The device's direct reader, or why there is none (asked once, unless the path is `Staged`).
     direct: std::result::Result<Arc<dyn DirectRead>, String>,
-    pin_note: String,
     setup: SetupTimes,
     pub(crate) cfg: LoaderConfig,
 }
@@ -407,7 +477,7 @@ impl std::fmt::Debug for Loader {
         f.debug_struct("Loader")
             .field("device", &self.device.label())
             .field("cfg", &self.cfg)
-            .field("pin_note", &self.pin_note)
+            .field("pin_note", &self.pin_note())
             .finish()
     }
 }
@@ -423,9 +493,13 @@ impl Loader {
         let t = Instant::now();
         let queue = engine.queue(QueueDesc::default())?;
         setup.queue = t.elapsed();
-        let (pool, alloc, registration) =
-            engine.buffer_pool_timed(cfg.staging_bytes, cfg.staging_buffers)?;
-        (setup.staging_alloc, setup.registration) = (alloc, registration);
+        let staging = std::sync::OnceLock::new();
+        if cfg.path != PathChoice::Direct {
+            let s = Staging::new(engine, &device, &cfg)?;
+            (setup.staging_alloc, setup.registration, setup.pinning) =
+                (s.alloc, s.registration, s.pinning);
+            let _ = staging.set(s);
+        }
         let t = Instant::now();
         let stream = device.copy_stream()?;
         setup.copy_stream = t.elapsed();
@@ -439,49 +513,31 @@ impl Loader {
             PathChoice::Direct => device.direct_reader(),
         };
         setup.direct_reader = t.elapsed();
-        let mut loader = Loader {
+        setup.total = begun.elapsed();
+        Ok(Loader {
             device,
             queue,
-            pool,
+            engine: engine.clone(),
+            staging,
+            staging_making: parking_lot::Mutex::new(()),
             stream: parking_lot::Mutex::new(stream),
-            pinned: Vec::new(),
             direct,
-            pin_note: String::new(),
             setup,
             cfg,
-        };
-        // Page-lock every staging buffer once: take them all out, pin, give them back.
-        let t = Instant::now();
-        let mut bufs = Vec::with_capacity(cfg.staging_buffers);
-        for _ in 0..cfg.staging_buffers {
-            bufs.push(loader.pool.try_get()?);
+        })
+    }
+
+    /// The staging buffers, made now if this is their first use (on the direct path).
+    pub(crate) fn staging(&self) -> Result<&Staging> {
+        if let Some(s) = self.staging.get() {
+            return Ok(s);
         }
-        let mut refused = None;
-        for b in &mut bufs {
-            let (ptr, len) = (b.as_mut_ptr(), b.capacity());
-            // SAFETY: pool buffers never move or get freed while the pool lives; the loader holds
-            // the pool and unpins in Drop.
-            match unsafe { loader.device.pin_host(ptr, len) } {
-                Ok(Some(p)) => loader.pinned.push((ptr as usize, len, p.mapped)),
-                Ok(None) => {}
-                Err(e) => refused = Some(e),
-            }
+        let _making = self.staging_making.lock();
+        if let Some(s) = self.staging.get() {
+            return Ok(s);
         }
-        loader.pin_note = match refused {
-            None => format!(
-                "{} staging buffers of {} bytes page-locked",
-                loader.pinned.len(),
-                cfg.staging_bytes
-            ),
-            Some(e) => format!(
-                "staging buffers not all page-locked ({} of {}): {e}; copies from the others are staged by the driver",
-                loader.pinned.len(),
-                cfg.staging_buffers
-            ),
-        };
-        loader.setup.pinning = t.elapsed();
-        loader.setup.total = begun.elapsed();
-        Ok(loader)
+        let s = Staging::new(&self.engine, &self.device, &self.cfg)?;
+        Ok(self.staging.get_or_init(|| s))
     }
 
     /// Where this loader's construction spent its time.
@@ -497,11 +553,19 @@ impl Loader {
     }
     /// Whether (and how many) staging buffers are page-locked, and why not.
     pub fn pin_note(&self) -> &str {
-        &self.pin_note
+        match self.staging.get() {
+            Some(s) => &s.note,
+            None => "no staging buffers: the direct path reads without them",
+        }
     }
-    /// The staging pool (its `available()` is the number of staging buffers not in use).
-    pub fn staging_pool(&self) -> &BufferPool {
-        &self.pool
+    /// The staging pool (its `available()` is the number of staging buffers not in use), made now
+    /// if the loader has none yet (the direct path makes them on first use).
+    pub fn staging_pool(&self) -> Result<&BufferPool> {
+        Ok(&self.staging()?.pool)
+    }
+    /// Whether the staging buffers exist (the direct path makes them only when first needed).
+    pub fn has_staging(&self) -> bool {
+        self.staging.get().is_some()
     }
 
     /// Validates the safetensors file at `path`, allocates one device buffer for its body and loads
@@ -736,20 +800,12 @@ impl Loader {
     /// The device address of a staging buffer's first byte, where the device maps it.
     fn mapped_address(&self, host: *const u8) -> Option<DevicePtr> {
         let a = host as usize;
-        self.pinned
+        self.staging
+            .get()?
+            .pinned
             .iter()
             .find(|&&(p, l, _)| a >= p && a < p + l)
             .and_then(|&(p, _, m)| m.map(|m| m + (a - p) as u64))
-    }
-}
-
-impl Drop for Loader {
-    fn drop(&mut self) {
-        // No copy is pending: every load synchronizes its stream before returning.
-        for &(ptr, len, _) in &self.pinned {
-            // SAFETY: pinned in new with this device; the pool still holds the memory.
-            unsafe { self.device.unpin_host(ptr as *mut u8, len) };
-        }
     }
 }
 
@@ -1003,7 +1059,7 @@ impl<'a> Run<'a> {
 
     /// A staging buffer not in use: from the pool, or one whose copy has finished.
     fn free_buffer(&mut self, stream: &mut dyn CopyStream) -> Result<Option<IoBuffer>> {
-        if let Ok(b) = self.loader.pool.try_get() {
+        if let Ok(b) = self.loader.staging()?.pool.try_get() {
             return Ok(Some(b.into()));
         }
         if let Some(&(ticket, ..)) = self.copies.front() {

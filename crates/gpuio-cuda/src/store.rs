@@ -449,7 +449,7 @@ impl<'a> StoreRun<'a> {
                 self.write_front()?;
             }
             if self.more_to_copy() {
-                if let Ok(buf) = self.loader.pool.try_get() {
+                if let Ok(buf) = self.loader.staging()?.pool.try_get() {
                     self.issue_copy(stream, buf.into())?;
                     continue;
                 }

@@ -145,7 +145,7 @@ fn an_index_loads_every_shard_byte_exact_with_staging_set_up_once() {
             8,
             "{label}: one device allocation per shard"
         );
-        assert_eq!(loader.staging_pool().available(), 3, "{label}");
+        assert_eq!(loader.staging_pool().unwrap().available(), 3, "{label}");
         assert_eq!(dev.reuse_violations(), 0, "{label}");
         drop(loader);
         assert_eq!(dev.pinned_bytes(), 0, "{label}");
@@ -369,7 +369,11 @@ fn a_read_fault_in_the_middle_of_shard_2_releases_everything() {
         );
         assert!(handle.counts().hard_errors() >= 1);
         assert_eq!(dev.allocated_bytes(), 0, "device memory left after a fault");
-        assert_eq!(loader.staging_pool().available(), 3, "staging not returned");
+        assert_eq!(
+            loader.staging_pool().unwrap().available(),
+            3,
+            "staging not returned"
+        );
         // The same loader loads the checkpoint once the fault is gone.
         handle.set_plan(FaultPlan::none());
         check(&loader.load_safetensors_many(&paths).unwrap(), &want);

@@ -210,7 +210,7 @@ fn child_staged_load_dma() {
             assert_eq!(model.stats.pio_copies, 0);
             check_model(&model, &want);
         }
-        assert_eq!(loader.staging_pool().available(), buffers);
+        assert_eq!(loader.staging_pool().unwrap().available(), buffers);
         drop(loader);
         assert_clean_calls();
         assert_all_released();
@@ -358,7 +358,7 @@ fn child_out_of_memory() {
     assert!(std::fs::metadata(&large).unwrap().len() > 200_000);
     let e = loader.load_safetensors(&large).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::OutOfMemory, "{e}");
-    assert_eq!(loader.staging_pool().available(), 2);
+    assert_eq!(loader.staging_pool().unwrap().available(), 2);
     // The failure left the device usable.
     check_model(&model, &want);
     drop(model);

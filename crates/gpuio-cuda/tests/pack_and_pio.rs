@@ -113,7 +113,7 @@ fn pack_entries_load_byte_exact_for_every_codec_range_and_staging_count() {
                     0,
                     "a staging buffer was reused under a copy"
                 );
-                assert_eq!(loader.staging_pool().available(), buffers);
+                assert_eq!(loader.staging_pool().unwrap().available(), buffers);
             }
         }
     }
@@ -148,7 +148,7 @@ fn a_damaged_pack_chunk_is_corrupt_and_nothing_is_left_in_flight() {
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     let msg = e.to_string();
     assert!(msg.contains("big") && msg.contains("chunk"), "{msg}");
-    assert_eq!(loader.staging_pool().available(), 2);
+    assert_eq!(loader.staging_pool().unwrap().available(), 2);
     // No copy of the damaged chunk's device range happened.
     let damaged = buf.ptr() + c.logical_offset;
     assert!(
@@ -250,7 +250,7 @@ fn a_failed_programmed_io_copy_is_an_error_and_releases_everything() {
         .load_range(&file, 0, &buf, 0, bytes.len() as u64)
         .unwrap_err();
     assert!(e.to_string().contains("injected failure of copy 2"), "{e}");
-    assert_eq!(loader.staging_pool().available(), 2);
+    assert_eq!(loader.staging_pool().unwrap().available(), 2);
     drop(buf);
     assert_eq!(dev.allocated_bytes(), 0);
 }

@@ -38,10 +38,13 @@ fn check(loader: &Loader, buf: &DeviceBuffer, want: &[u8]) {
     let mut got = vec![0u8; want.len()];
     buf.read(0, &mut got).unwrap();
     assert!(got == want, "bytes differ");
-    assert_eq!(
-        loader.staging_pool().available(),
-        loader.config().staging_buffers
-    );
+    // (Asking for the pool would make it on the direct path, which has none until it needs one.)
+    if loader.has_staging() {
+        assert_eq!(
+            loader.staging_pool().unwrap().available(),
+            loader.config().staging_buffers
+        );
+    }
 }
 
 #[test]
@@ -93,6 +96,57 @@ fn direct_reads_into_device_memory_with_no_staging() {
         "the direct path made a staging copy"
     );
     check(&loader, &buf, &bytes[7..]);
+    assert!(
+        !loader.has_staging(),
+        "a direct-path loader made staging buffers it never used"
+    );
+    assert_eq!(dev.pinned_bytes(), 0);
+    assert!(
+        loader.pin_note().contains("direct path"),
+        "{}",
+        loader.pin_note()
+    );
+}
+
+#[test]
+fn a_direct_path_loader_makes_its_staging_buffers_when_a_store_needs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, bytes) = file_with(dir.path(), 1_500_000);
+    let (dev, loader) = setup(true, None, PathChoice::Direct);
+    let file = gpuio::File::open(&p).unwrap();
+    let buf = DeviceBuffer::alloc(loader.device(), bytes.len()).unwrap();
+    loader
+        .load_range(&file, 0, &buf, 0, bytes.len() as u64)
+        .unwrap();
+    assert!(!loader.has_staging());
+    // Device → file goes through staging: made now, once, page-locked like a staged loader's.
+    let out_path = dir.path().join("out");
+    let out = OpenOptions::create().open(&out_path).unwrap();
+    loader
+        .store_range(&buf, 0, &out, 0, bytes.len() as u64)
+        .unwrap();
+    assert!(loader.has_staging());
+    assert!(
+        loader.pin_note().contains("page-locked"),
+        "{}",
+        loader.pin_note()
+    );
+    let pinned = dev.pinned_bytes();
+    assert_eq!(
+        pinned,
+        (loader.config().staging_buffers * loader.config().staging_bytes) as u64
+    );
+    loader
+        .store_range(&buf, 0, &out, 0, bytes.len() as u64)
+        .unwrap();
+    assert_eq!(dev.pinned_bytes(), pinned, "made once");
+    assert!(std::fs::read(&out_path).unwrap() == bytes);
+    assert_eq!(
+        loader.staging_pool().unwrap().available(),
+        loader.config().staging_buffers
+    );
+    drop(loader);
+    assert_eq!(dev.pinned_bytes(), 0, "unpinned with the loader");
 }
 
 #[test]

@@ -50,7 +50,11 @@ fn random_files_load_byte_exact_with_1_2_3_staging_buffers_on_every_backend() {
                 0,
                 "{label}: a staging buffer was reused too early"
             );
-            assert_eq!(loader.staging_pool().available(), buffers, "{label}");
+            assert_eq!(
+                loader.staging_pool().unwrap().available(),
+                buffers,
+                "{label}"
+            );
             assert_eq!(dev.pinned_bytes(), (buffers * (64 << 10)) as u64);
             drop(loader);
             assert_eq!(dev.pinned_bytes(), 0, "{label}: staging still pinned");
@@ -126,7 +130,7 @@ fn read_faults_fail_the_load_and_release_everything() {
             "device memory left after a read fault"
         );
         assert_eq!(
-            loader.staging_pool().available(),
+            loader.staging_pool().unwrap().available(),
             2,
             "staging buffer not returned"
         );
@@ -168,7 +172,7 @@ fn out_of_device_memory_is_typed_and_leaves_nothing() {
     assert_eq!(e.kind(), ErrorKind::OutOfMemory, "{e}");
     assert!(e.to_string().contains(&*b.display().to_string()), "{e}");
     assert_eq!(dev.allocated_bytes(), held, "the failed load kept memory");
-    assert_eq!(loader.staging_pool().available(), 2);
+    assert_eq!(loader.staging_pool().unwrap().available(), 2);
     check_model(&model_a, &want_a); // the first model is intact
     drop(model_a);
     assert_eq!(dev.allocated_bytes(), 0);
@@ -193,7 +197,7 @@ fn a_copy_failing_mid_load_releases_device_and_staging_memory() {
             "{e}"
         );
         assert_eq!(dev.allocated_bytes(), 0);
-        assert_eq!(loader.staging_pool().available(), 3);
+        assert_eq!(loader.staging_pool().unwrap().available(), 3);
         drop(loader);
         assert_eq!(dev.pinned_bytes(), 0);
     }

@@ -147,7 +147,11 @@ fn device_ranges_store_byte_exact_with_1_2_3_staging_buffers_on_every_backend() 
                     len,
                     "{what}"
                 );
-                assert_eq!(loader.staging_pool().available(), buffers, "{what}");
+                assert_eq!(
+                    loader.staging_pool().unwrap().available(),
+                    buffers,
+                    "{what}"
+                );
             }
             assert_eq!(dev.reuse_violations(), 0, "{label}");
             ran.push(label.clone());
@@ -291,7 +295,7 @@ fn write_faults_fail_the_store_with_the_file_and_offset_and_release_every_buffer
                         && ctx.contains(&format!("at file offset {start}")),
                     "{what}: {e}"
                 );
-                assert_eq!(loader.staging_pool().available(), 2, "{what}");
+                assert_eq!(loader.staging_pool().unwrap().available(), 2, "{what}");
                 // The loader works once the fault is gone, and the bytes are exact.
                 handle.set_plan(FaultPlan::none());
                 loader.store_range(&src, 0, &file, 4000, n as u64).unwrap();
@@ -365,7 +369,7 @@ fn a_failed_device_to_host_copy_fails_the_store_and_releases_every_buffer() {
         assert!(s.contains("device-to-host copy"), "{s}");
         assert!(s.contains("chunk"), "{s}");
         assert!(s.contains(&*path.display().to_string()), "{s}");
-        assert_eq!(loader.staging_pool().available(), 3, "copy {j}");
+        assert_eq!(loader.staging_pool().unwrap().available(), 3, "copy {j}");
         assert_eq!(dev.allocated_bytes(), n as u64, "only the source buffer");
         // The stream's error is sticky (as on a GPU): a new loader on the same device works.
         drop(loader);
@@ -409,7 +413,7 @@ fn bad_ranges_are_refused_before_anything_is_written() {
         "something was written"
     );
     assert_eq!(d2h_copies(&dev).len(), 0, "something was copied");
-    assert_eq!(loader.staging_pool().available(), 2);
+    assert_eq!(loader.staging_pool().unwrap().available(), 2);
 }
 
 /// A random safetensors file (see `common::random_model`).
@@ -443,7 +447,7 @@ fn a_loaded_model_saves_back_byte_for_byte_on_every_backend() {
                 assert!(stats.chunks >= 2, "{label}: too small to stage: {stats:?}");
                 assert_eq!(read_header(&out).unwrap(), read_header(&input).unwrap());
                 assert!(temp_files(dir.path()).is_empty(), "{label}");
-                assert_eq!(loader.staging_pool().available(), buffers);
+                assert_eq!(loader.staging_pool().unwrap().available(), buffers);
             }
         }
     }
@@ -545,7 +549,7 @@ fn assert_failed_save_leaves_nothing(
         temp_files(dir)
     );
     assert_eq!(
-        loader.staging_pool().available(),
+        loader.staging_pool().unwrap().available(),
         loader.config().staging_buffers,
         "{what}"
     );
