@@ -244,6 +244,67 @@ fn progress_tick(pb: Option<&ProgressBar>, start: Instant, last: &mut Instant) {
     }
 }
 
+/// What a user of mmap would advise for the pattern (finding 226).
+fn mmap_advice(spec: &Spec) -> gpuio::MmapAdvice {
+    if spec.pattern.is_random() {
+        gpuio::MmapAdvice::Random
+    } else {
+        gpuio::MmapAdvice::Sequential
+    }
+}
+
+/// Opens the file a run measures. Reads are measured cold unless asked otherwise (`--warm`): the
+/// page cache is dropped before the file is opened, so that the device is measured (and a file just
+/// made is not taken for a warm one and read buffered).
+fn open_target(spec: &Spec, path: &Path, opts: EngineOpts) -> Result<gpuio::File> {
+    let open = if spec.pattern.is_write() {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read()
+    };
+    open.direct(opts.direct)
+        .cold(!spec.pattern.is_write() && !opts.warm)
+        .open(path)
+}
+
+/// The offsets application thread `thread` issues: every thread walks the same order and takes every
+/// `threads`-th offset, so together they visit each block once per pass, as one thread would.
+fn thread_offsets(spec: &Spec, thread: usize) -> impl Iterator<Item = u64> {
+    Offsets::new(spec, 0x9E37_79B9_7F4A_7C15)
+        .skip(thread)
+        .step_by(spec.threads.max(1))
+}
+
+/// Runs `drive(thread, ops_max, progress)` on `spec.threads` application threads and returns each
+/// one's result. Reads: the pass split between threads; writes: bounded by the duration only.
+/// Thread 0 reports progress.
+fn on_threads<T: Send>(
+    spec: &Spec,
+    pb: Option<&ProgressBar>,
+    drive: impl Fn(usize, u64, Option<&ProgressBar>) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    let threads = spec.threads.max(1);
+    let quota = spec.ops_max();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let ops = if quota == u64::MAX {
+                    quota
+                } else {
+                    quota / threads as u64 + u64::from((t as u64) < quota % threads as u64)
+                };
+                let pb = if t == 0 { pb } else { None };
+                let drive = &drive;
+                scope.spawn(move || drive(t, ops, pb))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("benchmark thread panicked"))
+            .collect()
+    })
+}
+
 /// Runs `spec` through the engine for `duration`, from `spec.threads` application threads.
 ///
 /// Each thread has its own queue on one engine and keeps `queue_depth` I/Os for the backend (so the
@@ -260,49 +321,15 @@ pub fn run_engine(
     label: &str,
     pb: Option<&ProgressBar>,
 ) -> Result<Measurement> {
-    let threads = spec.threads.max(1);
     let mut cfg = opts.engine_config();
-    cfg.backend.queue_depth = spec.queue_depth * threads;
-    // What a user of mmap would advise for the pattern (finding 226).
-    cfg.backend.mmap_advice = if spec.pattern.is_random() {
-        gpuio::MmapAdvice::Random
-    } else {
-        gpuio::MmapAdvice::Sequential
-    };
+    cfg.backend.queue_depth = spec.queue_depth * spec.threads.max(1);
+    cfg.backend.mmap_advice = mmap_advice(spec);
     let engine = Engine::new(cfg)?;
-    let open = if spec.pattern.is_write() {
-        OpenOptions::read_write()
-    } else {
-        OpenOptions::read()
-    };
-    // Reads are measured cold unless asked otherwise (`--warm`): the page cache is dropped before
-    // the file is opened, so that the device is measured (and a file just made is not taken for a
-    // warm one and read buffered).
-    let file = open
-        .direct(opts.direct)
-        .cold(!spec.pattern.is_write() && !opts.warm)
-        .open(path)?;
-    let quota = spec.ops_max();
+    let file = open_target(spec, path, opts)?;
     let cpu0 = cpu_now();
     let start = Instant::now();
-    let results: Vec<Result<(u64, QueueStats)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (engine, file) = (&engine, &file);
-                // Reads: the pass split between threads; writes: bounded by the duration only.
-                let ops = if quota == u64::MAX {
-                    quota
-                } else {
-                    quota / threads as u64 + u64::from((t as u64) < quota % threads as u64)
-                };
-                let pb = if t == 0 { pb } else { None };
-                scope.spawn(move || drive(spec, engine, file, t, ops, start, pb))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("benchmark thread panicked"))
-            .collect()
+    let results = on_threads(spec, pb, |t, ops, pb| {
+        drive(spec, &engine, &file, t, ops, start, pb)
     });
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = cpu_now();
@@ -352,11 +379,7 @@ fn drive(
     let pool = engine.buffer_pool(spec.block_size, cbs * batch)?;
     let (tx, rx) = mpsc::channel::<usize>();
     let mut slots: Vec<Option<Completion>> = (0..cbs).map(|_| None).collect();
-    // Every thread walks the same order and takes every `threads`-th offset: together they visit
-    // each block once per pass, as one thread would.
-    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15)
-        .skip(thread)
-        .step_by(spec.threads.max(1));
+    let mut offsets = thread_offsets(spec, thread);
     let mut to_issue = ops_max;
     let mut submit = |slot: usize, mut bufs: Vec<IoBuffer>| -> Result<Option<Completion>> {
         bufs.truncate(to_issue.min(bufs.len() as u64) as usize);
@@ -460,7 +483,6 @@ pub fn run_local(
     label: &str,
     pb: Option<&ProgressBar>,
 ) -> Result<Measurement> {
-    let threads = spec.threads.max(1);
     let engine_cfg = opts.engine_config();
     let mut cfg = LocalConfig {
         backend: engine_cfg.backend,
@@ -468,41 +490,12 @@ pub fn run_local(
         ..LocalConfig::default()
     };
     cfg.backend.queue_depth = spec.queue_depth;
-    cfg.backend.mmap_advice = if spec.pattern.is_random() {
-        gpuio::MmapAdvice::Random
-    } else {
-        gpuio::MmapAdvice::Sequential
-    };
-    let open = if spec.pattern.is_write() {
-        OpenOptions::read_write()
-    } else {
-        OpenOptions::read()
-    };
-    let file = open
-        .direct(opts.direct)
-        .cold(!spec.pattern.is_write() && !opts.warm)
-        .open(path)?;
-    let quota = spec.ops_max();
+    cfg.backend.mmap_advice = mmap_advice(spec);
+    let file = open_target(spec, path, opts)?;
     let cpu0 = cpu_now();
     let start = Instant::now();
-    type ThreadResult = Result<(u64, QueueStats, gpuio::BackendKind)>;
-    let results: Vec<ThreadResult> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (cfg, file) = (cfg.clone(), &file);
-                let ops = if quota == u64::MAX {
-                    quota
-                } else {
-                    quota / threads as u64 + u64::from((t as u64) < quota % threads as u64)
-                };
-                let pb = if t == 0 { pb } else { None };
-                scope.spawn(move || drive_local(spec, cfg, file, t, ops, start, pb))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("benchmark thread panicked"))
-            .collect()
+    let results = on_threads(spec, pb, |t, ops, pb| {
+        drive_local(spec, cfg.clone(), &file, t, ops, start, pb)
     });
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = cpu_now();
@@ -544,9 +537,7 @@ fn drive_local(
 ) -> Result<(u64, QueueStats, gpuio::BackendKind)> {
     let mut queue = LocalQueue::new(cfg)?;
     let pool = queue.buffer_pool(spec.block_size, spec.queue_depth)?;
-    let mut offsets = Offsets::new(spec, 0x9E37_79B9_7F4A_7C15)
-        .skip(thread)
-        .step_by(spec.threads.max(1));
+    let mut offsets = thread_offsets(spec, thread);
     let deadline = start + spec.duration;
     let mut issued = 0u64;
     let mut issue = |queue: &mut LocalQueue, buf: IoBuffer| -> Result<()> {

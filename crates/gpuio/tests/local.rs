@@ -42,6 +42,15 @@ fn random_file(dir: &std::path::Path, direct: DirectMode, seed: u64) -> (File, V
     (file, model)
 }
 
+/// Fault runs alternate between the disk (O_DIRECT) and /dev/shm by seed.
+fn place_of(seed: u64) -> Place {
+    if seed % 2 == 0 {
+        Place::Disk
+    } else {
+        Place::Shm
+    }
+}
+
 /// Waits for everything in flight; returns what finished, in order.
 fn drain(q: &mut LocalQueue) -> Vec<LocalDone> {
     let mut out = Vec::new();
@@ -283,11 +292,7 @@ fn transient_errors_and_short_transfers_are_hidden_under_faults() {
     for kind in working_kinds() {
         for seed in 0..6u64 {
             let what = format!("{kind:?} seed {seed}");
-            let dir = scratch_dir(if seed % 2 == 0 {
-                Place::Disk
-            } else {
-                Place::Shm
-            });
+            let dir = scratch_dir(place_of(seed));
             let (file, model) = random_file(dir.path(), DirectMode::Auto, seed);
             let (mut q, faults) =
                 faulty_local_queue(config(kind, 8), seed, FaultPlan::benign(0.3)).unwrap();
@@ -336,11 +341,7 @@ fn eio_and_enospc_fail_their_request_naming_file_and_offset() {
 /// or failed naming the file and its offset, one failed request per hard fault.
 fn hard_errors_are_reported(kind: BackendKind, seed: u64) {
     let what = format!("{kind:?} seed {seed}");
-    let dir = scratch_dir(if seed % 2 == 0 {
-        Place::Disk
-    } else {
-        Place::Shm
-    });
+    let dir = scratch_dir(place_of(seed));
     let (file, model) = random_file(dir.path(), DirectMode::Auto, seed);
     let plan = FaultPlan::benign(0.1)
         .with_read_eio(0.2)

@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -36,16 +36,6 @@ use crate::backend::{Backend, BackendKind, IoDone, IoKind, IoOp, IoRequest, Span
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::file::File;
 use crate::mem::{BufferPool, IoBuffer, PooledBuf, Registration};
-
-/// The OS page size (the page cache's granularity), 4096 if it cannot be read.
-fn os_page_bytes() -> u64 {
-    static PAGE: OnceLock<u64> = OnceLock::new();
-    // SAFETY: sysconf reads a system constant.
-    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as u64,
-        _ => 4096,
-    })
-}
 
 /// One command being executed.
 struct CmdExec {
@@ -373,14 +363,7 @@ impl Driver {
                     (None, false) => (std::ptr::null_mut(), None),
                 };
                 let align = rec.file.align();
-                let mut block = (align.offset_align as u64).max(512);
-                if rec.kind == CmdKind::Store {
-                    // A store's buffered head and tail must not share a page with its direct middle
-                    // (nor with another store's direct blocks): the kernel cannot invalidate a page
-                    // dirtied during a direct write, warns "Page cache invalidation failure on direct
-                    // I/O", fails the next fsync with EIO and may write the stale page back.
-                    block = block.max(os_page_bytes());
-                }
+                let block = plan::direct_block(align, rec.kind == CmdKind::Store);
                 // The mmap engine reads through mappings, where O_DIRECT means nothing; a block larger
                 // than a quarter bounce buffer cannot be bounced, so such files go buffered.
                 let direct = rec.file.is_direct()

@@ -92,12 +92,7 @@ impl EngineConfig {
                 "task size {t} must be a multiple of 4096 in {TASK_SIZE_MIN}..={TASK_SIZE_MAX}"
             )));
         }
-        if self.inline_max_bytes > INLINE_MAX_BYTES_MAX {
-            return Err(Error::invalid(format!(
-                "inline transfer limit {} is above {INLINE_MAX_BYTES_MAX}",
-                self.inline_max_bytes
-            )));
-        }
+        super::inline::check_max_bytes(self.inline_max_bytes)?;
         if self.inline_threads > INLINE_THREADS_MAX {
             return Err(Error::invalid(format!(
                 "inline worker count {} is above {INLINE_THREADS_MAX}",
@@ -212,15 +207,12 @@ impl Engine {
         inline_allowed: bool,
     ) -> Result<Engine> {
         config.validate()?;
-        let inline = InlineLimits {
-            max_bytes: if inline_allowed {
-                config.inline_max_bytes
-            } else {
-                0
-            },
-            retries_max: config.retries_max,
-            shorts_max: config.short_transfers_max,
-        };
+        let inline = InlineLimits::new(
+            inline_allowed,
+            config.inline_max_bytes,
+            config.retries_max,
+            config.short_transfers_max,
+        );
         explain.reasons.push(match inline.max_bytes {
             0 if !inline_allowed => {
                 "every transfer goes through the backend (custom backend)".to_string()

@@ -26,6 +26,7 @@
 use std::time::Instant;
 
 use super::command::{CmdKind, CommandError, CommandId, Output, Recorded, Status};
+use super::engine::INLINE_MAX_BYTES_MAX;
 use super::outcome::{self, AfterShort, Attempt, Verdict};
 use super::stats::{QueueStats, Tally};
 use crate::backend::IoOp;
@@ -40,6 +41,34 @@ pub(crate) struct InlineLimits {
     pub max_bytes: usize,
     pub retries_max: u32,
     pub shorts_max: u32,
+}
+
+impl InlineLimits {
+    /// Transfers of up to `max_bytes` served on the calling thread, or none when not `allowed` (a
+    /// custom backend, which must see every transfer).
+    pub(crate) fn new(
+        allowed: bool,
+        max_bytes: usize,
+        retries_max: u32,
+        shorts_max: u32,
+    ) -> InlineLimits {
+        InlineLimits {
+            max_bytes: if allowed { max_bytes } else { 0 },
+            retries_max,
+            shorts_max,
+        }
+    }
+}
+
+/// Refuses an inline transfer limit above [`INLINE_MAX_BYTES_MAX`]: larger copies belong on the copy
+/// threads.
+pub(crate) fn check_max_bytes(max_bytes: usize) -> crate::error::Result<()> {
+    if max_bytes > INLINE_MAX_BYTES_MAX {
+        return Err(Error::invalid(format!(
+            "inline transfer limit {max_bytes} is above {INLINE_MAX_BYTES_MAX}"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a command buffer can be served on the committing thread.

@@ -20,8 +20,8 @@
 //! `SINGLE_ISSUER`).
 //!
 //! A request goes through the file's direct descriptor when its offset, length and buffer address are
-//! aligned for direct I/O (stores: to the page, see `driver.rs`), and through the buffered descriptor
-//! otherwise — there is no bounce buffer here, so nothing is copied twice. A small load or store of a
+//! aligned for direct I/O (stores: to the page, `plan::direct_block`), and through the buffered
+//! descriptor otherwise — there is no bounce buffer here, so nothing is copied twice. A small load or store of a
 //! memory-backed file (tmpfs) is a copy that never waits for a device; it is served when it is taken,
 //! with `pread`/`pwrite` on the calling thread, as the engine's `commit` serves it (`queue::inline`,
 //! [`LocalConfig::inline_max_bytes`]): io_uring would hand it to a kernel worker thread instead.
@@ -33,11 +33,11 @@ use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use super::command::CmdKind;
-use super::command::CommandBuffer;
+use super::command::{CmdKind, CommandBuffer};
 use super::engine::EngineConfig;
 use super::inline::{self, InlineLimits, Transfer};
 use super::outcome::{self, AfterShort, Attempt, Verdict};
+use super::plan;
 use super::stats::{QueueStats, Tally};
 use crate::backend::{
     self, Backend, BackendConfig, BackendKind, Explain, IoDone, IoKind, IoOp, IoRequest, Span,
@@ -63,6 +63,13 @@ pub struct LocalConfig {
     /// Loads and stores of memory-backed files up to this size are served when taken, on the calling
     /// thread (as [`EngineConfig::inline_max_bytes`]); 0 sends everything to the backend.
     pub inline_max_bytes: usize,
+}
+
+impl LocalConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.backend.validate()?;
+        super::inline::check_max_bytes(self.inline_max_bytes)
+    }
 }
 
 impl Default for LocalConfig {
@@ -136,23 +143,26 @@ struct Slot {
     started: Instant,
 }
 
-impl Slot {
-    fn io_op(&self) -> IoOp {
-        match self.kind {
+impl Kind {
+    fn io_op(self) -> IoOp {
+        match self {
             Kind::Read { .. } => IoOp::Read,
             Kind::Write => IoOp::Write,
             Kind::Sync => IoOp::Sync,
         }
     }
 
-    fn op(&self) -> Op {
-        match self.kind {
+    /// The operation its errors name.
+    fn op(self) -> Op {
+        match self {
             Kind::Read { .. } => Op::Read,
             Kind::Write => Op::Write,
             Kind::Sync => Op::Sync,
         }
     }
+}
 
+impl Slot {
     fn base(&mut self) -> *mut u8 {
         self.buf
             .as_mut()
@@ -198,9 +208,8 @@ pub struct LocalQueue {
     reaped: Vec<IoDone>,
     /// Pools registered with this queue's ring: only their buffers' fixed indices mean anything here.
     pools: Vec<BufferPool>,
-    retries_max: u32,
-    shorts_max: u32,
-    /// Transfers served on the calling thread (`max_bytes` 0: none).
+    /// Transfers served on the calling thread (`max_bytes` 0: none), and the bounds on retries and
+    /// short transfers every request keeps to.
     inline: InlineLimits,
     /// Behind a lock only because the inline path counts through a [`Tally`]; never contended.
     stats: Mutex<QueueStats>,
@@ -223,6 +232,7 @@ impl LocalQueue {
     /// Builds the backend `config` asks for (probed as [`Engine::new`](super::Engine::new) does) and binds
     /// it to the calling thread.
     pub fn new(config: LocalConfig) -> Result<LocalQueue> {
+        config.validate()?;
         let (backend, explain) = backend::probe(&config.backend)?;
         LocalQueue::start(config, backend, explain, true)
     }
@@ -244,23 +254,14 @@ impl LocalQueue {
         mut explain: Explain,
         inline_allowed: bool,
     ) -> Result<LocalQueue> {
-        if config.inline_max_bytes > super::engine::INLINE_MAX_BYTES_MAX {
-            return Err(Error::invalid(format!(
-                "inline transfers of up to {} bytes: at most {} allowed",
-                config.inline_max_bytes,
-                super::engine::INLINE_MAX_BYTES_MAX
-            )));
-        }
+        config.validate()?;
         backend.attach_thread()?;
-        let inline = InlineLimits {
-            max_bytes: if inline_allowed {
-                config.inline_max_bytes
-            } else {
-                0
-            },
-            retries_max: config.retries_max,
-            shorts_max: config.short_transfers_max,
-        };
+        let inline = InlineLimits::new(
+            inline_allowed,
+            config.inline_max_bytes,
+            config.retries_max,
+            config.short_transfers_max,
+        );
         if inline.max_bytes > 0 {
             explain.reasons.push(format!(
                 "loads and stores of memory-backed files up to {} served when taken, on the calling thread",
@@ -281,8 +282,6 @@ impl LocalQueue {
             finished: VecDeque::with_capacity(depth),
             reaped: Vec::with_capacity(depth),
             pools: Vec::new(),
-            retries_max: config.retries_max,
-            shorts_max: config.short_transfers_max,
             inline,
             stats: Mutex::new(QueueStats::default()),
             _owner_thread: PhantomData,
@@ -397,15 +396,11 @@ impl LocalQueue {
         buf: Option<IoBuffer>,
         user: u64,
     ) -> std::result::Result<(), Refused> {
-        let op = match kind {
-            Kind::Read { .. } => Op::Read,
-            Kind::Write => Op::Write,
-            Kind::Sync => Op::Sync,
-        };
+        let op = kind.op();
         let len = buf.as_ref().map_or(0, |b| b.len());
-        let checked = match (&buf, kind) {
-            (Some(b), _) => CommandBuffer::check_range(file, op, offset, len as u64, b, 0),
-            (None, _) => Ok(()),
+        let checked = match &buf {
+            Some(b) => CommandBuffer::check_range(file, op, offset, len as u64, b, 0),
+            None => Ok(()),
         }
         .and_then(|()| match kind {
             Kind::Write | Kind::Sync => CommandBuffer::check_writable(file, offset, len as u64),
@@ -428,16 +423,8 @@ impl LocalQueue {
             return Err(Refused { buf, error });
         };
         let align = file.align();
-        let mut block = (align.offset_align as u64).max(512);
-        if kind == Kind::Write {
-            // As the engine's stores (driver.rs): a direct write must not share a page with buffered
-            // writes, or the kernel cannot invalidate the page it dirtied.
-            block = block.max(4096);
-        }
-        let mut buf = buf;
-        let addr = buf
-            .as_mut()
-            .map_or(0, |b| b.as_aligned_mut().as_mut_ptr() as usize);
+        let block = plan::direct_block(align, kind == Kind::Write);
+        let addr = buf.as_ref().map_or(0, |b| b.as_aligned().as_ptr() as usize);
         let direct = file.is_direct()
             && self.explain.backend != BackendKind::Mmap
             && offset % block == 0
@@ -542,7 +529,7 @@ impl LocalQueue {
             let kind = match slot.kind {
                 Kind::Sync => IoKind::Sync,
                 _ => IoKind::new(
-                    slot.io_op(),
+                    slot.kind.io_op(),
                     Span {
                         // SAFETY: done < len <= the buffer's length: the pointer stays inside it.
                         ptr: unsafe { slot.base().add(slot.done) },
@@ -604,17 +591,17 @@ impl LocalQueue {
             }
         }
         let attempt = Attempt {
-            op: slot.io_op(),
+            op: slot.kind.io_op(),
             len: slot.len - slot.done,
             direct: slot.direct,
             block: slot.block,
             retries: slot.retries,
-            retries_max: self.retries_max,
+            retries_max: self.inline.retries_max,
             shorts: slot.shorts,
-            shorts_max: self.shorts_max,
+            shorts_max: self.inline.shorts_max,
             cancelled: false,
         };
-        let op = slot.op();
+        let op = slot.kind.op();
         let at = slot.offset + slot.done as u64;
         let rest = (slot.len - slot.done) as u64;
         let end: Option<Result<usize>> = match outcome::classify(&attempt, d.result) {

@@ -17,6 +17,30 @@
 //! engine plans stores with a block of at least the OS page size. Files without O_DIRECT use
 //! `Buffered` for everything.
 
+/// The OS page size (the page cache's granularity), 4096 if it cannot be read.
+fn os_page_bytes() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf reads a system constant.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
+
+/// The block direct transfers of a file with alignment `align` are planned in. A write's block is at
+/// least the OS page: its buffered parts must not share a page with direct ones (nor with another
+/// write's direct blocks), or the kernel cannot invalidate a page dirtied during a direct write,
+/// warns "Page cache invalidation failure on direct I/O", fails the next fsync with EIO and may
+/// write the stale page back.
+pub(crate) fn direct_block(align: crate::file::DirectAlign, write: bool) -> u64 {
+    let block = (align.offset_align as u64).max(512);
+    if write {
+        block.max(os_page_bytes())
+    } else {
+        block
+    }
+}
+
 /// How one segment's bytes travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SegKind {
