@@ -39,6 +39,14 @@ Sections, in priority order:
   save     saving from device memory: gpuio --save-to against safetensors.torch.save_file and
            torch.save, onto /dev/shm
   pack     an lz4 pack of the model loaded onto the GPU (checked)
+  python   issue 14 on the GPU: the Python package's tests with GPUIO_TEST_DEVICE=cuda:0;
+           load_safetensors(device="cuda:0") zero-copy (every torch tensor's data_ptr is gpu-io's, all
+           in one allocation, freed with the last view) and equal to safetensors'; its loads timed
+           against safetensors, fastsafetensors and InstantTensor from /dev/shm, warm and cold
+  rings    issue 15: kernels read through the request rings against the host engine, from /dev/shm
+           and from the disk; the gather and BFS through the device cache against the host modes
+
+SECTIONS=a,b,c runs those sections in that order (the default: all, in the order above).
 """
 import json
 import os
@@ -52,6 +60,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 OUT = os.path.abspath(os.environ.get("OUT") or os.path.join(ROOT, "bench-gpu-out"))
 GPUIO = os.path.abspath(os.environ.get("GPUIO", os.path.join(ROOT, ".gpu/gpuio")))
 TESTS = os.path.join(ROOT, ".gpu/tests")
+PY_WHEELS = os.path.join(ROOT, ".gpu")  # gpuio-*.whl, the Python package built by bench-gpu.sh
 WHEELS = os.path.join(ROOT, ".whl")
 SITE = "/tmp/site"
 DEVICE = os.environ.get("DEVICE", "cuda:0")
@@ -72,7 +81,7 @@ SHARD_INDEX = os.path.join(SHARD_DIR, "model.safetensors.index.json")
 SECTIONS = [
     ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("shards", 150), ("cold", 150),
     ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
-    ("pack", 90), ("rings", 180),
+    ("pack", 90), ("python", 150), ("rings", 200),
 ]
 
 
@@ -307,6 +316,9 @@ def load_one(kind, p):
             for k, v in f.tensors():
                 d[k] = v
         return d, None
+    if kind == "gpuio-python":
+        import gpuio
+        return gpuio.load_safetensors(p, device="cuda:0", framework="torch"), None
     if kind == "kvikio":
         import cupy, kvikio
         body, hdr = header(p)
@@ -395,7 +407,8 @@ def s_env():
     log(f"gpuio info: exit {p.returncode}")
     if ON_GPU and os.path.isdir(WHEELS):
         log(sh(f"{sys.executable} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
-               f"--upgrade --target {SITE} {WHEELS}/*.whl 2>&1 | tail -3; ls {SITE}", timeout=120)[-600:])
+               f"--upgrade --target {SITE} {WHEELS}/*.whl {PY_WHEELS}/gpuio-*.whl 2>&1 | tail -3; ls {SITE}",
+               timeout=120)[-600:])
 
 
 def s_tests():
@@ -671,6 +684,73 @@ def s_pack():
         os.remove(pack)
 
 
+PY_ZEROCOPY_CHILD = r"""
+import gc, json, os, sys, time
+sys.path.insert(0, "/tmp/site")
+import torch, gpuio
+from safetensors.torch import load_file
+path, out = sys.argv[1:3]
+torch.empty(1, device="cuda"); torch.cuda.synchronize()
+ref = load_file(path, device="cuda:0")
+torch.equal(ref[next(iter(ref))], ref[next(iter(ref))])  # the caching allocator's first blocks, before free0
+torch.cuda.synchronize()
+free0 = torch.cuda.mem_get_info()[0]
+t = time.perf_counter()
+m = gpuio.load_safetensors(path, device="cuda:0", framework="dlpack")
+load_s = time.perf_counter() - t
+free1 = torch.cuda.mem_get_info()[0]
+ts = {k: torch.from_dlpack(v) for k, v in m.items()}
+same_ptr = sum(ts[k].data_ptr() == m[k].data_ptr for k in m)
+lo = min(v.data_ptr for v in m.values())
+hi = max(v.data_ptr + v.nbytes for v in m.values())
+total = sum(v.nbytes for v in m.values())
+del m; gc.collect()  # the torch views alone keep the allocation now
+def as_bytes(x):
+    return x.detach().contiguous().reshape(-1).view(torch.uint8)
+bad = [k for k in ref if not torch.equal(as_bytes(ref[k]), as_bytes(ts[k]))]
+dtypes_ok = sum(ts[k].dtype == ref[k].dtype and ts[k].shape == ref[k].shape for k in ref)
+del ts; gc.collect(); torch.cuda.synchronize()
+free2 = torch.cuda.mem_get_info()[0]
+rec = dict(kind="python-zerocopy", tensors=len(ref), same_data_ptr=same_ptr, dtype_shape_equal=dtypes_ok,
+           mismatches=len(bad), span_bytes=hi - lo, tensor_bytes=total, load_s=load_s,
+           device_bytes_taken=free0 - free1, device_bytes_not_returned=free0 - free2)
+open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
+"""
+
+
+def s_python():
+    """Issue 14 on the GPU: the package's tests, a zero-copy load checked tensor by tensor, and its
+    loads timed against the peers in one process each (the peers' harness, run_peers)."""
+    if ON_GPU:
+        py, env = sys.executable, dict(os.environ, PYTHONPATH=SITE + ":" + os.environ.get("PYTHONPATH", ""))
+    else:  # the rehearsal: the package as scripts/test-python.sh installed it
+        py, env = os.path.join(ROOT, "target/py-venv/bin/python"), dict(os.environ)
+    env.update(GPUIO_TEST_DEVICE=DEVICE, GPUIO_CLI=GPUIO)
+    t = time.perf_counter()
+    p = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "python/tests"],
+                       capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
+    with open(os.path.join(OUT, "tests.log"), "a") as f:
+        f.write(f"==== python/tests (exit {p.returncode}, {time.perf_counter() - t:.1f} s)\n{p.stdout}\n{p.stderr}\n")
+    summary = [l for l in p.stdout.splitlines() if " passed" in l or " failed" in l or " error" in l]
+    log(f"python tests (GPUIO_TEST_DEVICE={DEVICE}): exit {p.returncode}: {summary[-1] if summary else p.stderr[-300:]}")
+    for l in p.stdout.splitlines():
+        if l.startswith("SKIPPED"):
+            log(f"python tests: {l}")
+    record("tests", binary="python/tests", exit=p.returncode, summary=summary)
+    if not ON_GPU:
+        log("python: loads onto the GPU skipped (DEVICE=cpu)")
+        return
+    p = subprocess.run([sys.executable, "-c", PY_ZEROCOPY_CHILD, SHM_MODEL, os.path.join(OUT, "results.jsonl")],
+                       capture_output=True, text=True, timeout=90, env=env)
+    log(f"python zero-copy load of {SHM_MODEL}: {p.stdout.strip()} {p.stderr.strip()[-600:]}")
+    peers = ["gpuio-python", "safetensors", "fastsafetensors", "instanttensor"]
+    run_peers(SHM_MODEL, "py-shm", rounds=2, check=True, peers=peers)
+    sh(f"cat {MODEL} > /dev/null", timeout=60)
+    run_peers(MODEL, "py-warm", rounds=1, check=False, peers=peers[:3])
+    if drop_caches():
+        run_peers(MODEL, "py-cold", rounds=1, cold=True, check=False, peers=peers[:3])
+
+
 RINGS_FILE = os.path.join(SHM_DIR, "gpuio-rings.bin")
 
 
@@ -724,6 +804,36 @@ def s_rings():
             log(f"gather --mode {mode}: {j['rows_per_sec']:.0f} rows/s with prefetch, sync "
                 f"{j['sync']['rows_per_sec']:.0f}, speedup {j['speedup']:.2f}x, hit rate {j['hit_rate']:.3f}; "
                 f"checksum {j['checksum']} equals the host's: {j['checksum'] == sums.get('cache')}")
+        # The same reads from the disk: the file copied to DIR, the page cache dropped before each run.
+        disk = os.path.join(DIR, "gpuio-rings.bin")
+        try:
+            os.makedirs(DIR, exist_ok=True)
+            shutil.copyfile(RINGS_FILE, disk)
+            if not drop_caches():
+                log("rings from the disk: the page cache cannot be dropped here (not root?): skipped")
+            else:
+                j, _, err = gpuio(["rings", disk, "--device", DEVICE, "--threads", "4096", "--rows", "0",
+                                   "--json"], timeout=60)
+                if j is None:
+                    log(f"rings from the disk: FAILED {err}")
+                else:
+                    record("rings-disk", threads=4096, raw=j)
+                    log(f"rings from the disk {disk}, 4096 threads: kernel 4K random reads "
+                        f"{j['random_reads']['requests_per_sec']:.0f}/s ({j['random_reads']['verified_bytes']} "
+                        f"bytes checked)")
+                for extra in ([], ["--local"]):
+                    drop_caches()
+                    h, _, err = gpuio(["bench", "--file", disk, "--pattern", "randread", "--block-size", "4K",
+                                       "--queue-depth", "64", "--duration", "3", "--json"] + extra, timeout=30)
+                    if h is None:
+                        log(f"host engine randread from the disk {' '.join(extra)}: FAILED {err}")
+                        continue
+                    record("rings-host-disk", extra=extra, raw=h)
+                    log(f"host engine 4K randread QD64 from the disk {' '.join(extra) or '(one thread)'}: "
+                        f"{h['iops']:.0f} IOPS ({h['backend']})")
+        finally:
+            if os.path.exists(disk):
+                os.remove(disk)
     finally:
         os.remove(RINGS_FILE)
     # BaM's BFS with the edge array on storage: the kernel's depths against the host's, and TEPS.
@@ -768,11 +878,15 @@ def main():
         globals()["s_" + sys.argv[2]]()
         return
     only = os.environ.get("SECTIONS")
+    timeouts = dict(SECTIONS)
+    order = only.split(",") if only else [name for name, _ in SECTIONS]
+    unknown = [name for name in order if name not in timeouts]
+    if unknown:
+        sys.exit(f"bench-gpu: unknown sections {unknown}; known: {', '.join(timeouts)}")
     start = time.perf_counter()
-    log(f"bench-gpu: DEVICE={DEVICE} SIZE_GIB={SIZE_GIB} BUDGET_S={BUDGET_S} gpuio={GPUIO}")
-    for name, timeout in SECTIONS:
-        if only and name not in only.split(","):
-            continue
+    log(f"bench-gpu: DEVICE={DEVICE} SIZE_GIB={SIZE_GIB} BUDGET_S={BUDGET_S} gpuio={GPUIO} sections={','.join(order)}")
+    for name in order:
+        timeout = timeouts[name]
         left = BUDGET_S - (time.perf_counter() - start)
         if left < 15:
             log(f"== {name}: not run, {left:.0f} s of the budget left")

@@ -2,7 +2,7 @@
 # Prepares one GPU run (issue 12) here, on an ordinary x86-64 machine with Rust and network, so the GPU
 # machine (CUDA driver, PyTorch, safetensors, CuPy; no Rust, no network) only runs it:
 #
-#   scripts/bench-gpu.sh              # here: .gpu/gpuio, .gpu/tests/*, the peer loaders' wheels in .whl/
+#   scripts/bench-gpu.sh              # here: .gpu/gpuio, .gpu/tests/*, .gpu/gpuio-*.whl, the peers' wheels in .whl/
 #   python3 scripts/bench-gpu.py      # there, from the repository root; results in $OUT
 #   DEVICE=cpu SIZE_GIB=0.5 python3 scripts/bench-gpu.py   # a rehearsal here, on the host stand-in
 #
@@ -24,6 +24,10 @@ for l in sys.stdin:
         dst = ".gpu/tests/" + m["target"]["name"]
         subprocess.run(["strip", "-o", dst, m["executable"]], check=True)
         print(dst)'
+# The Python package (python/, abi3), for issue 14's load onto the GPU and its tests there.
+rm -f .gpu/gpuio-*.whl
+(cd python && PATH="$PWD/../target/py-venv/bin:$PATH" maturin build --release -q -o ../.gpu) \
+    || { echo "bench-gpu.sh: building the Python wheel needs maturin (scripts/test-python.sh installs it)" >&2; exit 1; }
 platforms=""
 for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms="$platforms --platform manylinux_${n}_x86_64"; done
 for w in fastsafetensors==0.5.0 instanttensor==0.2.2 kvikio-cu13==26.10.0 libkvikio-cu13==26.10.0 \
