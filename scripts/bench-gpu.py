@@ -39,8 +39,8 @@ Sections, in priority order:
   save     saving from device memory: gpuio --save-to against safetensors.torch.save_file and
            torch.save, onto /dev/shm
   pack     an lz4 pack of the model loaded onto the GPU (checked)
-  python   issue 14 on the GPU: the Python package's tests with GPUIO_TEST_DEVICE=cuda:0;
-           load_safetensors(device="cuda:0") zero-copy (every torch tensor's data_ptr is gpu-io's, all
+  pytest   the Python package's tests with GPUIO_TEST_DEVICE=cuda:0 (the kernels' modes included)
+  python   issue 14 on the GPU: load_safetensors(device="cuda:0") zero-copy (every torch tensor's data_ptr is gpu-io's, all
            in one allocation, freed with the last view) and equal to safetensors'; its loads timed
            against safetensors, fastsafetensors and InstantTensor from /dev/shm, warm and cold
   rings    issue 15: kernels read through the request rings against the host engine, from /dev/shm
@@ -81,7 +81,7 @@ SHARD_INDEX = os.path.join(SHARD_DIR, "model.safetensors.index.json")
 SECTIONS = [
     ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("shards", 150), ("cold", 150),
     ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
-    ("pack", 90), ("python", 150), ("rings", 200),
+    ("pack", 90), ("pytest", 100), ("python", 150), ("rings", 220),
 ]
 
 
@@ -718,17 +718,22 @@ open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
 """
 
 
-def s_python():
-    """Issue 14 on the GPU: the package's tests, a zero-copy load checked tensor by tensor, and its
-    loads timed against the peers in one process each (the peers' harness, run_peers)."""
+def python_env():
+    """The interpreter and environment with the package: carried (GPU) or scripts/test-python.sh's."""
     if ON_GPU:
         py, env = sys.executable, dict(os.environ, PYTHONPATH=SITE + ":" + os.environ.get("PYTHONPATH", ""))
     else:  # the rehearsal: the package as scripts/test-python.sh installed it
         py, env = os.path.join(ROOT, "target/py-venv/bin/python"), dict(os.environ)
     env.update(GPUIO_TEST_DEVICE=DEVICE, GPUIO_CLI=GPUIO)
+    return py, env
+
+
+def s_pytest():
+    """The Python package's tests on this device (GPUIO_TEST_DEVICE: the kernels' modes included)."""
+    py, env = python_env()
     t = time.perf_counter()
     p = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "python/tests"],
-                       capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
+                       capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
     with open(os.path.join(OUT, "tests.log"), "a") as f:
         f.write(f"==== python/tests (exit {p.returncode}, {time.perf_counter() - t:.1f} s)\n{p.stdout}\n{p.stderr}\n")
     summary = [l for l in p.stdout.splitlines() if " passed" in l or " failed" in l or " error" in l]
@@ -737,9 +742,15 @@ def s_python():
         if l.startswith("SKIPPED"):
             log(f"python tests: {l}")
     record("tests", binary="python/tests", exit=p.returncode, summary=summary)
+
+
+def s_python():
+    """Issue 14 on the GPU: a zero-copy load checked tensor by tensor, and the package's loads timed
+    against the peers in one process each (the peers' harness, run_peers)."""
     if not ON_GPU:
         log("python: loads onto the GPU skipped (DEVICE=cpu)")
         return
+    _, env = python_env()
     p = subprocess.run([sys.executable, "-c", PY_ZEROCOPY_CHILD, SHM_MODEL, os.path.join(OUT, "results.jsonl")],
                        capture_output=True, text=True, timeout=90, env=env)
     log(f"python zero-copy load of {SHM_MODEL}: {p.stdout.strip()} {p.stderr.strip()[-600:]}")
@@ -764,17 +775,20 @@ def s_rings():
             for i in range(1024):
                 f.write(block[i % 7:] + block[:i % 7])
     try:
-        for threads in (4096, 16384):
-            args = ["rings", RINGS_FILE, "--device", DEVICE, "--threads", str(threads), "--json"]
+        # GPU threads, then host polling threads serving the rings (default 2).
+        for threads, servers in ((4096, 2), (16384, 2), (4096, 4), (4096, 8), (16384, 8)):
+            args = ["rings", RINGS_FILE, "--device", DEVICE, "--threads", str(threads),
+                    "--server-threads", str(servers), "--json"]
             j, wall, err = gpuio(args, timeout=100)
             if j is None:
-                log(f"rings --threads {threads}: FAILED {err}")
+                log(f"rings --threads {threads} --server-threads {servers}: FAILED {err}")
                 if not ON_GPU:
                     break  # the same failure at every size; rehearse the host half
                 continue
-            record("rings", threads=threads, raw=j)
+            record("rings", threads=threads, server_threads=servers, raw=j)
             rr = j["random_reads"]
-            log(f"rings --threads {threads}: kernel 4K random reads {rr['requests_per_sec']:.0f}/s "
+            log(f"rings --threads {threads} --server-threads {servers}: kernel 4K random reads "
+                f"{rr['requests_per_sec']:.0f}/s "
                 f"({rr['verified_bytes']} bytes checked); gather sync "
                 f"{j['gather_sync']['requests_per_sec']:.0f} rows/s, prefetch "
                 f"{j['gather_prefetch']['requests_per_sec']:.0f} rows/s, speedup {j['prefetch_speedup']:.2f}x; "

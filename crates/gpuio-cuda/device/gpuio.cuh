@@ -34,7 +34,7 @@ constexpr int E_IO = -5, E_BADF = -9, E_AGAIN = -11, E_ACCES = -13, E_FAULT = -1
 
 // Bounds: every loop below ends.
 constexpr u32 CLAIM_ATTEMPTS = 64;       // tail CAS attempts per submission
-constexpr u32 SUBMIT_TRIES = 4096;       // full-ring retries (with backoff) before E_TIMEDOUT
+constexpr u64 SUBMIT_NS = 10000000000ull;  // waiting for a free slot of a full ring before E_TIMEDOUT (10 s)
 constexpr u64 WAIT_NS = 10000000000ull;  // completion wait before E_TIMEDOUT (10 s)
 constexpr u32 BUSY_WAITS = 1u << 20;     // lookups of a BUSY line before E_TIMEDOUT
 constexpr u32 CAS_ATTEMPTS = 64;
@@ -171,16 +171,20 @@ struct Queue {
     return E_AGAIN;
   }
 
-  // Submits, retrying a full ring with backoff: 0, E_TIMEDOUT, E_SHUTDOWN, E_INVAL.
-  __device__ int submit_until(u32 ring, const Request& r, u32 tries = SUBMIT_TRIES) const {
+  // Submits, retrying a full ring with backoff for at most `max_ns` (a deadline, as the host twin
+  // `RingProducer::submit_until` has, not a count of tries: with many more threads than slots a
+  // thread waits for a slot as long as the server takes to serve the requests ahead of it; on an
+  // H200 16384 threads on 2048 slots ran out of 4096 tries): 0, E_TIMEDOUT, E_SHUTDOWN, E_INVAL.
+  __device__ int submit_until(u32 ring, const Request& r, u64 max_ns = SUBMIT_NS) const {
     Backoff b;
-    for (u32 i = 0; i < tries; ++i) {
+    u64 start = clock_ns();
+    for (u32 i = 0;; ++i) {
       int e = submit(ring, r);
       if (e != E_AGAIN) return e;
       if ((i & 255) == 255 && !serving()) return E_SHUTDOWN;
+      if (clock_ns() - start > max_ns) return E_TIMEDOUT;
       b.snooze();
     }
-    return E_TIMEDOUT;
   }
 
   // The result if the request with `tag` on completion word `i` has completed.

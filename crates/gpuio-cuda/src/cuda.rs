@@ -22,7 +22,9 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys;
 use gpuio::{Error, ErrorKind, Result};
 
-use crate::device::{CopyStream, Device, DevicePtr, KernelModule, MemInfo, Pinned, Ticket};
+use crate::device::{
+    CopyStream, Device, DevicePtr, HostToDevice, KernelModule, MemInfo, Pinned, Ticket,
+};
 
 /// Most copies a stream keeps events for before it waits on the oldest (bounds the event pool).
 const EVENTS_MAX: usize = 256;
@@ -614,7 +616,8 @@ impl CudaStream {
 }
 
 impl CudaStream {
-    /// Queues `op` (which enqueues work on `self.stream`) followed by an event: the work's ticket.
+    /// Queues `op` (which enqueues work on `self.stream`, any number of operations) followed by one
+    /// event: the work's ticket. The context is bound once for all of it.
     fn enqueue(&mut self, op: impl FnOnce(sys::CUstream) -> Result<()>) -> Result<Ticket> {
         self.bind()?;
         if self.pending.len() >= EVENTS_MAX {
@@ -691,6 +694,42 @@ impl CopyStream for CudaStream {
             // valid; dst lies inside an allocation; the kernel touches exactly len bytes of each.
             unsafe { crate::kernel::launch(kernel, s, src_mapped, dst, len as u64) }
         })
+    }
+    unsafe fn copy_h2d_many(&mut self, copies: &[HostToDevice]) -> Result<Option<Ticket>> {
+        if copies.is_empty() {
+            return Ok(None);
+        }
+        // One context bind and one event for the lot: per copy only the driver's own call.
+        self.enqueue(|s| {
+            for c in copies {
+                // SAFETY: per the caller, each source stays valid until the ticket completes and
+                // each destination lies inside an allocation.
+                let r =
+                    unsafe { sys::cuMemcpyHtoDAsync_v2(c.dst, c.src as *const c_void, c.len, s) };
+                check(r, "cuMemcpyHtoDAsync")?;
+            }
+            Ok(())
+        })
+        .map(Some)
+    }
+    unsafe fn write_u64_many(&mut self, words: &[(DevicePtr, u64)]) -> Result<Option<Ticket>> {
+        if words.is_empty() {
+            return Ok(None);
+        }
+        let w = match &self.write {
+            Ok(w) => *w,
+            Err(why) => return Err(Error::new(ErrorKind::Unsupported, why.clone())),
+        };
+        self.enqueue(|s| {
+            for &(dst, value) in words {
+                // SAFETY: per the caller, each dst..dst+8 lies in a live allocation, 8-aligned; the
+                // entry point was found in the loaded driver and its device attribute checked.
+                let r = unsafe { (w.f)(s, dst, value, CU_STREAM_WRITE_VALUE_DEFAULT) };
+                check(r, w.symbol)?;
+            }
+            Ok(())
+        })
+        .map(Some)
     }
     unsafe fn write_u64_async(&mut self, dst: DevicePtr, value: u64) -> Result<Ticket> {
         let w = match &self.write {

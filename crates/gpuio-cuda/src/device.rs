@@ -216,6 +216,17 @@ pub trait KernelModule: Send + fmt::Debug {
     fn running(&self) -> bool;
 }
 
+/// One host → device copy of [`CopyStream::copy_h2d_many`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostToDevice {
+    /// The host source.
+    pub src: *const u8,
+    /// Bytes to copy.
+    pub len: usize,
+    /// The device destination.
+    pub dst: DevicePtr,
+}
+
 /// Copies executed in the order they were queued.
 pub trait CopyStream: Send + fmt::Debug {
     /// Queues a copy of `len` bytes from host `src` to device `dst` and returns at once.
@@ -272,6 +283,38 @@ pub trait CopyStream: Send + fmt::Debug {
             ErrorKind::Unsupported,
             "this stream has no stream-ordered value write",
         ))
+    }
+    /// Queues every copy of `copies` in order, as [`copy_h2d_async`](Self::copy_h2d_async) would one
+    /// by one, and returns the ticket of the last (`None` for none). A stream may queue them with
+    /// fewer driver calls than one copy each: the CUDA stream binds its context once and records one
+    /// event for all of them (the rings server's hot path: a round's reads). On an error an unknown
+    /// prefix of them may have been queued: the caller must treat every copy of the call as failed.
+    ///
+    /// # Safety
+    /// As [`copy_h2d_async`](Self::copy_h2d_async), for every copy, until the returned ticket is
+    /// complete.
+    unsafe fn copy_h2d_many(&mut self, copies: &[HostToDevice]) -> Result<Option<Ticket>> {
+        let mut last = None;
+        for c in copies {
+            // SAFETY: per the caller, for each copy.
+            last = Some(unsafe { self.copy_h2d_async(c.src, c.len, c.dst)? });
+        }
+        Ok(last)
+    }
+    /// Queues every `(dst, value)` write of `words` in order, as
+    /// [`write_u64_async`](Self::write_u64_async) would one by one, and returns the ticket of the last
+    /// (`None` for none); like [`copy_h2d_many`](Self::copy_h2d_many), with fewer driver calls where
+    /// the stream can. On an error an unknown prefix of them may have been queued.
+    ///
+    /// # Safety
+    /// As [`write_u64_async`](Self::write_u64_async), for every write.
+    unsafe fn write_u64_many(&mut self, words: &[(DevicePtr, u64)]) -> Result<Option<Ticket>> {
+        let mut last = None;
+        for &(dst, value) in words {
+            // SAFETY: per the caller, for each write.
+            last = Some(unsafe { self.write_u64_async(dst, value)? });
+        }
+        Ok(last)
     }
     /// Whether the copy of `ticket` (and so every copy before it) has finished. A failed copy is an
     /// error here and from every later call.

@@ -68,7 +68,7 @@ use std::sync::Arc;
 pub use checkpoint::{open_and_load, Checkpoint, LoadPhases, LoadedCheckpoint, Shard};
 pub use device::{
     CopyKind, CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, DirectRead, HostDevice,
-    HostDeviceConfig, KernelModule, MemInfo, Pinned, Ticket,
+    HostDeviceConfig, HostToDevice, KernelModule, MemInfo, Pinned, Ticket,
 };
 pub use direct::{load_range_direct, DirectConfig, DirectStats};
 pub use loader::{

@@ -409,6 +409,20 @@ fn workloads_compile_and_their_arguments_match_the_rust_layout() {
             "workloads.cu lacks {e}"
         );
     }
+    // And the other way: every kernel of the PTX is loaded. The BFS kernel once was not, so its
+    // launch failed on the GPU with "was not loaded with this module" (docs/gpu-runs/2026-11-28-h200-run5).
+    let in_ptx: Vec<&str> = WORKLOADS_PTX
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+        .map(|l| l.split('(').next().unwrap().trim())
+        .collect();
+    assert_eq!(in_ptx.len(), 4, "{in_ptx:?}");
+    for e in &in_ptx {
+        assert!(
+            gpuio_cuda::rings::kernels::ENTRIES.contains(e),
+            "{e} is in workloads.ptx but not in kernels::ENTRIES: Workloads::load would not load it"
+        );
+    }
     assert!(WORKLOADS_PTX.contains(".version 7.0"));
     let Some(lib) = find_nvrtc() else {
         eprintln!(

@@ -239,7 +239,7 @@ fn search(
         // u32*, u32, u32*, u32*, u32*, u32, int*, u64*); every buffer lives past the wait below.
         unsafe {
             w.module()
-                .launch("gpuio_bfs_level", blocks, BLOCK, &mut params)?
+                .launch(super::kernels::BFS_LEVEL, blocks, BLOCK, &mut params)?
         };
         if let Err(e) = w.module().synchronize(c.level_timeout) {
             if w.hung() {

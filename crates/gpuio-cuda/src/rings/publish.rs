@@ -108,12 +108,10 @@ impl Publish for StreamWritePublish {
         words: &[(DevicePtr, u64)],
     ) -> Result<()> {
         // Stream order alone places every write after the copies queued before it: nothing to wait
-        // for on the host.
-        for &(addr, w) in words {
-            // SAFETY: completion words lie inside the ring set's device region (a live allocation),
-            // 8-aligned (docs/rings.md, 1.6).
-            unsafe { stream.write_u64_async(addr, w)? };
-        }
+        // for on the host. One call for the round (one context bind and one event on a GPU).
+        // SAFETY: completion words lie inside the ring set's device region (a live allocation),
+        // 8-aligned (docs/rings.md, 1.6).
+        unsafe { stream.write_u64_many(words)? };
         Ok(())
     }
 }

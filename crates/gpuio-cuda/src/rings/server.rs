@@ -47,7 +47,7 @@ use super::layout::{
 };
 use super::publish::PublisherChoice;
 use super::region::RingRegion;
-use crate::device::{CopyStream, Device, DevicePtr, Ticket};
+use crate::device::{CopyStream, Device, DevicePtr, HostToDevice, Ticket};
 
 /// Makes completion words visible to the device, ordered after the data copies of the same round
 /// (the implementations and how one is chosen: [`super::publish`]).
@@ -1443,20 +1443,26 @@ impl Worker {
         let mut res = res.to_vec();
         let mut last = None;
         if let Some(base) = base {
-            for &(i, off) in copies {
-                // SAFETY: the destination was validated against the registered device window; the
-                // source lies in the staging slab, which is not reused before `publish` has waited
-                // for these copies (and the stream is synchronized below).
-                let t = unsafe {
-                    self.stream.copy_h2d_async(
-                        base.add(off),
-                        reqs[i].length as usize,
-                        reqs[i].dev_addr,
-                    )
-                };
-                match t {
-                    Ok(t) => last = Some(t),
-                    Err(_) => res[i] = Some(code::EIO),
+            let batch: Vec<HostToDevice> = copies
+                .iter()
+                .map(|&(i, off)| HostToDevice {
+                    // SAFETY: `off` lies in the staging slab (placed by this round).
+                    src: unsafe { base.add(off) },
+                    len: reqs[i].length as usize,
+                    dst: reqs[i].dev_addr,
+                })
+                .collect();
+            // One call for the round's copies (one context bind and one event on a GPU, not one per
+            // copy). SAFETY: each destination was validated against the registered device window;
+            // the sources lie in the staging slab, which is not reused before `publish` has waited
+            // for these copies (and the stream is synchronized below).
+            match unsafe { self.stream.copy_h2d_many(&batch) } {
+                Ok(t) => last = t,
+                // An unknown prefix was queued: none of them is known to arrive.
+                Err(_) => {
+                    for &(i, _) in copies {
+                        res[i] = Some(code::EIO);
+                    }
                 }
             }
         }
