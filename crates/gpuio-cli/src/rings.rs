@@ -11,6 +11,7 @@ use clap::Args;
 use gpuio::{Engine, EngineConfig, Error, Result};
 use gpuio_cuda::rings::bench::{run as run_bench, RingsBenchConfig};
 use gpuio_cuda::rings::kernels::KernelRun;
+use gpuio_cuda::rings::DeliveryPath;
 use serde_json::json;
 
 #[derive(Args, Debug)]
@@ -47,6 +48,10 @@ pub struct RingsArgs {
     /// Host polling threads serving the rings.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
+    /// How the server hands a round's data and completions to the device: "copies" (a DMA and a
+    /// stream write per request) or "kernel" (one launch per round reading the staging in place).
+    #[arg(long, default_value = "copies")]
+    delivery: DeliveryPath,
     /// Request rings.
     #[arg(long, default_value_t = 8)]
     rings: u32,
@@ -98,6 +103,7 @@ pub fn run(a: RingsArgs) -> Result<()> {
         cache_bytes: a.cache_size,
         warps: a.warps,
         server_threads: a.server_threads,
+        delivery: a.delivery,
         rings: a.rings,
         seed: a.seed,
         timeout: Duration::from_secs(a.timeout),
@@ -111,6 +117,7 @@ pub fn run(a: RingsArgs) -> Result<()> {
             "file_bytes": r.file_bytes,
             "device": r.device,
             "publisher": r.publisher,
+            "delivery": r.delivery,
             "random_reads": run_json(&r.random_reads),
         });
         if let (Some(s), Some(p)) = (&r.gather_sync, &r.gather_prefetch) {
@@ -121,11 +128,12 @@ pub fn run(a: RingsArgs) -> Result<()> {
         return crate::report::print_json(&v);
     }
     outln!(
-        "{} on {} ({} bytes); completions: {}",
+        "{} on {} ({} bytes); completions: {}; delivery: {}",
         a.file.display(),
         r.device,
         r.file_bytes,
-        r.publisher
+        r.publisher,
+        r.delivery
     )?;
     let line = |name: &str, k: &KernelRun| {
         outln!(

@@ -23,7 +23,8 @@ use cudarc::driver::sys;
 use gpuio::{Error, ErrorKind, Result};
 
 use crate::device::{
-    CopyStream, Device, DevicePtr, HostToDevice, KernelModule, MemInfo, Pinned, Ticket,
+    CopyStream, DeliveryDesc, Device, DevicePtr, HostToDevice, KernelModule, MemInfo, Pinned,
+    Ticket,
 };
 
 /// Most copies a stream keeps events for before it waits on the oldest (bounds the event pool).
@@ -730,6 +731,29 @@ impl CopyStream for CudaStream {
             Ok(())
         })
         .map(Some)
+    }
+    unsafe fn deliver_async(
+        &mut self,
+        _descs_host: *const DeliveryDesc,
+        descs_mapped: DevicePtr,
+        n: usize,
+    ) -> Result<Ticket> {
+        let n = u32::try_from(n)
+            .map_err(|_| Error::invalid(format!("{n} deliveries in one launch")))?;
+        // The kernel is loaded into the current context: make it this stream's first.
+        self.bind()?;
+        let kernel = match self
+            .kernel
+            .get_or_insert_with(crate::kernel::CopyKernel::load)
+        {
+            Ok(k) => k.deliver_function(),
+            Err(e) => return Err(e.clone()),
+        };
+        self.enqueue(|s| {
+            // SAFETY: per the caller, the descriptors (mapped pinned host memory) and what they name
+            // stay valid until the ticket completes.
+            unsafe { crate::kernel::launch_deliver(kernel, s, descs_mapped, n) }
+        })
     }
     unsafe fn write_u64_async(&mut self, dst: DevicePtr, value: u64) -> Result<Ticket> {
         let w = match &self.write {

@@ -227,6 +227,24 @@ pub struct HostToDevice {
     pub dst: DevicePtr,
 }
 
+/// One delivery of [`CopyStream::deliver_async`]: `len` bytes from `src` (the device address of
+/// mapped pinned host memory) to device memory `dst`, then the 8-byte `word` stored at `word_addr`
+/// (0: none) after them. The layout is `struct Delivery` of `kernels/copy.cu`, byte for byte.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryDesc {
+    /// Mapped source (a device address of pinned host memory).
+    pub src: DevicePtr,
+    /// Device destination.
+    pub dst: DevicePtr,
+    /// Bytes to copy (0: only the word).
+    pub len: u64,
+    /// Device address of the 8-byte, 8-aligned word (0: none).
+    pub word_addr: DevicePtr,
+    /// The word.
+    pub word: u64,
+}
+
 /// Copies executed in the order they were queued.
 pub trait CopyStream: Send + fmt::Debug {
     /// Queues a copy of `len` bytes from host `src` to device `dst` and returns at once.
@@ -315,6 +333,29 @@ pub trait CopyStream: Send + fmt::Debug {
             last = Some(unsafe { self.write_u64_async(dst, value)? });
         }
         Ok(last)
+    }
+    /// Queues the `n` deliveries described at `descs_host` (whose device address is `descs_mapped`:
+    /// pinned, mapped host memory) as one unit: each one's bytes, then its word, ordered after the
+    /// bytes and after everything queued on the stream before (on a GPU one launch of the
+    /// `gpuio_deliver` kernel, `kernels/copy.cu`: device threads read the sources in place, as
+    /// [`copy_h2d_mapped_async`](Self::copy_h2d_mapped_async) does). [`ErrorKind::Unsupported`]
+    /// where the stream cannot (the caller then copies and publishes request by request).
+    ///
+    /// # Safety
+    /// The descriptors and every source stay valid and unchanged until the ticket is complete;
+    /// every destination and word lies inside a live allocation of this stream's device, the words
+    /// 8-aligned.
+    unsafe fn deliver_async(
+        &mut self,
+        descs_host: *const DeliveryDesc,
+        descs_mapped: DevicePtr,
+        n: usize,
+    ) -> Result<Ticket> {
+        let _ = (descs_host, descs_mapped, n);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this stream has no batched delivery",
+        ))
     }
     /// Whether the copy of `ticket` (and so every copy before it) has finished. A failed copy is an
     /// error here and from every later call.
@@ -1070,6 +1111,42 @@ impl CopyStream for HostStream {
         }
         self.device.check_range(dst, 8)?;
         self.enqueue_value(CopyKind::WriteValue64, 0, 8, dst as usize, value)
+    }
+    unsafe fn deliver_async(
+        &mut self,
+        descs_host: *const DeliveryDesc,
+        descs_mapped: DevicePtr,
+        n: usize,
+    ) -> Result<Ticket> {
+        // The stand-in makes each delivery a mapped copy and a value write, checked as those are;
+        // it reads the descriptors now, where a GPU reads them when the launch runs.
+        if descs_mapped != descs_host as u64 {
+            return Err(Error::invalid(format!(
+                "mapped address {descs_mapped:#x} is not the device address of host {:#x}",
+                descs_host as usize
+            )));
+        }
+        let bytes = n * std::mem::size_of::<DeliveryDesc>();
+        self.device.check_pinned(descs_host as usize, bytes)?;
+        let mut last = None;
+        for k in 0..n {
+            // SAFETY: per the caller, n descriptors are readable at descs_host.
+            let d = unsafe { descs_host.add(k).read() };
+            if d.len > 0 {
+                // SAFETY: per the caller (the stand-in's mapped addresses are host addresses).
+                last = Some(unsafe {
+                    self.copy_h2d_mapped_async(d.src as *const u8, d.src, d.len as usize, d.dst)?
+                });
+            }
+            if d.word_addr != 0 {
+                // SAFETY: per the caller.
+                last = Some(unsafe { self.write_u64_async(d.word_addr, d.word)? });
+            }
+        }
+        match last {
+            Some(t) => Ok(t),
+            None => Ok(self.next - 1),
+        }
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
         let st = self.shared.state.lock();

@@ -67,8 +67,8 @@ use std::sync::Arc;
 
 pub use checkpoint::{open_and_load, Checkpoint, LoadPhases, LoadedCheckpoint, Shard};
 pub use device::{
-    CopyKind, CopyRecord, CopyStream, Device, DeviceBuffer, DevicePtr, DirectRead, HostDevice,
-    HostDeviceConfig, HostToDevice, KernelModule, MemInfo, Pinned, Ticket,
+    CopyKind, CopyRecord, CopyStream, DeliveryDesc, Device, DeviceBuffer, DevicePtr, DirectRead,
+    HostDevice, HostDeviceConfig, HostToDevice, KernelModule, MemInfo, Pinned, Ticket,
 };
 pub use direct::{load_range_direct, DirectConfig, DirectStats};
 pub use loader::{

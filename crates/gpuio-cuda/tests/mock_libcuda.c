@@ -71,7 +71,7 @@ static __thread void *current_ctx;
 static int sticky_error;
 
 /* Counters, read by the test through the exported mock_* functions. */
-static long n_launches, n_dma, n_faults, n_bad_calls, n_live_events, n_live_streams, n_live_modules;
+static long n_launches, n_dma, n_faults, n_bad_calls, n_live_events, n_live_streams, n_live_modules, n_deliveries, n_h2d;
 static long n_stream_writes;
 static long n_register_calls, n_unregister_calls;
 static char last_bad[512];
@@ -82,7 +82,8 @@ static struct range regs[MAX_RANGES];
 static size_t alloc_bytes;
 
 /* Stream work: 0 = h2d, 1 = d2h, 2 = kernel copy (device addresses both sides), 3 = 64-bit value
- * write to dev_a. `pinned`: the host range was registered when the copy was queued, so it must
+ * write to dev_a, 4 = the deliveries kernel (`n` descriptors of kernels/copy.cu's struct Delivery at
+ * device address dev_a, read when the op runs, as a GPU reads them when the launch runs). `pinned`: the host range was registered when the copy was queued, so it must
  * still be when the copy runs (the driver reads page-locked memory by DMA at that moment;
  * unregistered or freed memory is a fault). */
 struct op { int kind; CUdeviceptr dev_a; CUdeviceptr dev_b; uintptr_t host; size_t n; int pinned; uint64_t value; };
@@ -90,8 +91,10 @@ struct op { int kind; CUdeviceptr dev_a; CUdeviceptr dev_b; uintptr_t host; size
  * primary-context release) they are dead handles, as on a GPU. */
 struct stream { int live; int gen; long seq_done; long seq_next; struct op ops[MAX_OPS]; long op_seq[MAX_OPS]; int nops; };
 struct event { int live; int gen; struct stream *s; long seq; int queried; };
-struct module { int gen; int unloaded; };
-struct function { int gen; struct module *mod; };
+struct module { int gen; int unloaded; int has_deliver; };
+/* kind 0: gpuio_copy_mapped(src, dst, n); 1: gpuio_deliver(descs, n) */
+struct function { int gen; struct module *mod; int kind; };
+struct delivery { uint64_t src, dst, len, word_addr, word; };
 
 static CUresult bad(CUresult r, const char *fmt, const char *what) {
     n_bad_calls++;
@@ -171,6 +174,28 @@ static void run_op(struct op *o) {
         if (!dst) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
         /* Release: the earlier ops' bytes are visible to whoever acquires this word. */
         __atomic_store_n((uint64_t *)dst, o->value, __ATOMIC_RELEASE);
+        break;
+    }
+    case 4: {
+        /* The descriptors must be mapped host memory still registered; each source mapped host or
+         * device memory, each destination and word device memory. */
+        uintptr_t ds = o->dev_a >> 60 == 2 ? dev_to_host(o->dev_a, o->n * sizeof(struct delivery), 0) : 0;
+        if (!ds) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
+        for (size_t k = 0; k < o->n; k++) {
+            struct delivery d;
+            memcpy(&d, (void *)(ds + k * sizeof d), sizeof d);
+            if (d.len) {
+                uintptr_t src = dev_to_host(d.src, d.len, 0), dst = dev_to_host(d.dst, d.len, 1);
+                if (!src || !dst || d.dst >> 60 != 1) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
+                memmove((void *)dst, (void *)src, d.len);
+            }
+            if (d.word_addr) {
+                uintptr_t w = d.word_addr % 8 == 0 && d.word_addr >> 60 == 1 ? dev_to_host(d.word_addr, 8, 1) : 0;
+                if (!w) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
+                /* After this delivery's bytes (the kernel's fence, then a release store). */
+                __atomic_store_n((uint64_t *)w, d.word, __ATOMIC_RELEASE);
+            }
+        }
         break;
     }
     }
@@ -532,7 +557,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *
     if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
     else if (!dev_to_host(dst, n, 1)) r = BAD(INVALID_VALUE, "destination is not device memory");
     else if (!src) r = BAD(INVALID_VALUE, "null source");
-    else { n_dma++; r = enqueue(s, (struct op){0, dst, 0, (uintptr_t)src, n, find(regs, (uintptr_t)src, n) != NULL}); }
+    else { n_dma++; n_h2d++; r = enqueue(s, (struct op){0, dst, 0, (uintptr_t)src, n, find(regs, (uintptr_t)src, n) != NULL}); }
     pthread_mutex_unlock(&lock);
     return r;
 }
@@ -578,7 +603,12 @@ CUresult cuModuleLoadData(void **m, const void *image) {
     CUresult r = SUCCESS;
     if (!image) r = BAD(INVALID_VALUE, "null image");
     else if (!strstr((const char *)image, ".entry gpuio_copy_mapped")) r = BAD(INVALID_IMAGE, "no gpuio_copy_mapped entry");
-    else { struct module *mod = malloc(sizeof *mod); mod->gen = ctx_gen; mod->unloaded = 0; *m = mod; n_live_modules++; }
+    else {
+        struct module *mod = malloc(sizeof *mod);
+        mod->gen = ctx_gen; mod->unloaded = 0;
+        mod->has_deliver = strstr((const char *)image, ".entry gpuio_deliver(") != NULL;
+        *m = mod; n_live_modules++;
+    }
     pthread_mutex_unlock(&lock);
     return r;
 }
@@ -588,8 +618,13 @@ CUresult cuModuleGetFunction(void **f, void *m, const char *name) {
     CUresult r = SUCCESS;
     struct module *mod = m;
     if (!mod || mod->gen != ctx_gen || mod->unloaded) r = BAD(INVALID_HANDLE, "module of a reset context, or unloaded");
-    else if (!name || strcmp(name, "gpuio_copy_mapped") != 0) r = BAD(NOT_FOUND, "unknown function");
-    else { struct function *fn = malloc(sizeof *fn); fn->gen = mod->gen; fn->mod = mod; *f = fn; }
+    else if (!name || (strcmp(name, "gpuio_copy_mapped") != 0 && !(mod->has_deliver && strcmp(name, "gpuio_deliver") == 0)))
+        r = BAD(NOT_FOUND, "unknown function");
+    else {
+        struct function *fn = malloc(sizeof *fn);
+        fn->gen = mod->gen; fn->mod = mod; fn->kind = strcmp(name, "gpuio_deliver") == 0;
+        *f = fn;
+    }
     pthread_mutex_unlock(&lock);
     return r;
 }
@@ -620,9 +655,16 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
     else if (!params || extra) r = BAD(INVALID_VALUE, "kernelParams must be given, extra null");
     else {
         /* The parameters are read now, as the driver does: the caller's locals may die after. */
-        uint64_t src = *(uint64_t *)params[0], dst = *(uint64_t *)params[1], n = *(uint64_t *)params[2];
         n_launches++;
-        r = enqueue(s, (struct op){2, src, dst, 0, (size_t)n, 0});
+        if (fn->kind == 1) {
+            uint64_t descs = *(uint64_t *)params[0];
+            unsigned n = *(unsigned *)params[1];
+            n_deliveries += n;
+            r = enqueue(s, (struct op){4, descs, 0, 0, (size_t)n, 0});
+        } else {
+            uint64_t src = *(uint64_t *)params[0], dst = *(uint64_t *)params[1], n = *(uint64_t *)params[2];
+            r = enqueue(s, (struct op){2, src, dst, 0, (size_t)n, 0});
+        }
     }
     pthread_mutex_unlock(&lock);
     return r;
@@ -631,6 +673,8 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
 /* ---- counters for the test ---- */
 
 long mock_kernel_launches(void) { return n_launches; }
+long mock_deliveries(void) { return n_deliveries; }
+long mock_h2d_copies(void) { return n_h2d; }
 long mock_dma_copies(void) { return n_dma; }
 long mock_stream_writes(void) { return n_stream_writes; }
 /* Device address - host address of device memory (for CPU threads playing a kernel). */

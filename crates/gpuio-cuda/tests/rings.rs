@@ -20,8 +20,8 @@ use gpuio_cuda::rings::layout::{
     self, code, OP_FLUSH, OP_FSYNC, OP_READ, OP_WRITE, SERVER_STOPPED,
 };
 use gpuio_cuda::rings::{
-    HostStorePublish, Publish, Request, RingConfig, RingProducer, RingRegion, RingServer,
-    RingStats, ServerConfig, ROUNDS_IN_FLIGHT_MAX,
+    DeliveryPath, HostStorePublish, Publish, Request, RingConfig, RingProducer, RingRegion,
+    RingServer, RingStats, ServerConfig, ROUNDS_IN_FLIGHT_MAX,
 };
 use gpuio_cuda::{Device, DeviceBuffer, HostDevice, HostDeviceConfig};
 use gpuio_testkit::{
@@ -67,6 +67,8 @@ fn publisher() -> Box<dyn Publish> {
 thread_local! {
     /// `rounds_in_flight` for every [`Rig`] this thread builds (set by [`with_rounds`]).
     static ROUNDS: Cell<Option<usize>> = const { Cell::new(None) };
+    /// How every [`Rig`] this thread builds delivers rounds (`many_producers_...` run both).
+    static DELIVERY: Cell<DeliveryPath> = const { Cell::new(DeliveryPath::Copies) };
 }
 
 /// Runs `f` once with one round in flight per polling thread and once with two.
@@ -105,6 +107,7 @@ impl Rig {
         if let Some(n) = ROUNDS.with(|r| r.get()) {
             server.rounds_in_flight = n;
         }
+        server.delivery = DELIVERY.with(|d| d.get());
         let dir = scratch_dir(place);
         let path = make_file(dir.path(), file_lines);
         let host = HostDevice::new(dev);
@@ -279,6 +282,9 @@ fn random_traffic(place: Place, engine: &Engine, label: &str) {
     for h in handles {
         expect.extend(h.join().unwrap());
     }
+    let by_kernel = DELIVERY.with(|d| d.get()) == DeliveryPath::Kernel;
+    let delivery = rig.server.as_ref().unwrap().delivery().to_string();
+    assert_eq!(delivery.starts_with("kernel"), by_kernel, "{delivery}");
     let stats = rig.shutdown();
     assert_eq!(stats.errors, 0, "{label}: {stats:?}");
     assert_eq!(stats.requests, stats.reads + stats.writes);
@@ -317,6 +323,23 @@ fn many_producers_random_lines_every_byte_checked() {
                 }
             }
         });
+    });
+}
+
+/// The same traffic with every round delivered by the deliveries kernel (on the stand-in: each
+/// delivery a mapped copy, then its word, in stream order).
+#[test]
+fn many_producers_kernel_delivery_every_byte_checked() {
+    within(240, || {
+        DELIVERY.with(|d| d.set(DeliveryPath::Kernel));
+        with_rounds(|| {
+            for (label, engine) in engines() {
+                for place in [Place::Disk, Place::Shm] {
+                    random_traffic(place, &engine, &label);
+                }
+            }
+        });
+        DELIVERY.with(|d| d.set(DeliveryPath::Copies));
     });
 }
 

@@ -28,8 +28,8 @@ use gpuio_cuda::cuda::CudaDevice;
 use gpuio_cuda::device::{CopyStream, DevicePtr, Ticket};
 use gpuio_cuda::rings::layout::{code, OP_READ, OP_WRITE};
 use gpuio_cuda::rings::{
-    Publish, PublisherChoice, PublisherKind, Request, RingConfig, RingProducer, RingRegion,
-    RingServer, ServerConfig,
+    DeliveryPath, Publish, PublisherChoice, PublisherKind, Request, RingConfig, RingProducer,
+    RingRegion, RingServer, ServerConfig,
 };
 use gpuio_cuda::{Device, DeviceBuffer};
 use gpuio_testkit::{faulty_engine_with, scratch_dir, test_config, within, FaultPlan, Place, Rng};
@@ -46,6 +46,17 @@ const WAIT: Duration = Duration::from_secs(20);
 fn mock_rings_stream_write_publisher() {
     run_child(
         "child_rings_stream_write",
+        &[("MOCK_CUDA_COPY_DELAY_US", "300")],
+    );
+}
+
+/// Each polling round delivered by one launch of the deliveries kernel (`gpuio_deliver`): the
+/// producers check every read's bytes the moment its word is seen, with engine faults injected;
+/// no read goes by DMA and no word by a stream write.
+#[test]
+fn mock_rings_kernel_delivery() {
+    run_child(
+        "child_rings_kernel_delivery",
         &[("MOCK_CUDA_COPY_DELAY_US", "300")],
     );
 }
@@ -370,8 +381,15 @@ fn open_rw(path: &std::path::Path) -> File {
         .unwrap()
 }
 
-/// The full scenario with the publisher the device calls for, which must be `want`.
-fn serve_and_check(want: PublisherKind, symbol: &str, faults: bool, rounds: usize) {
+/// The full scenario with the publisher the device calls for, which must be `want`, and the rounds
+/// delivered by `delivery`.
+fn serve_and_check(
+    want: PublisherKind,
+    symbol: &str,
+    faults: bool,
+    rounds: usize,
+    delivery: DeliveryPath,
+) {
     let s = setup();
     let plan = if faults {
         FaultPlan::none()
@@ -389,9 +407,19 @@ fn serve_and_check(want: PublisherKind, symbol: &str, faults: bool, rounds: usiz
         s.region.clone(),
         vec![open_rw(&s.path)],
         (s.lines.ptr(), s.lines.len()),
-        server_config(),
+        ServerConfig {
+            delivery,
+            ..server_config()
+        },
     )
     .unwrap();
+    let by_kernel = delivery == DeliveryPath::Kernel;
+    assert_eq!(
+        server.delivery().starts_with("kernel"),
+        by_kernel,
+        "{}",
+        server.delivery()
+    );
     let choice = server.publisher().cloned().unwrap();
     assert_eq!(choice.kind, want, "{choice:?}");
     assert!(choice.reason.contains(symbol), "{choice:?}");
@@ -405,6 +433,7 @@ fn serve_and_check(want: PublisherKind, symbol: &str, faults: bool, rounds: usiz
     // (mock_libcuda.c, DEV_BIAS), live while `s` is.
     let producer = unsafe { RingProducer::with_device_bias(s.region.clone(), bias) };
     let writes_before = counter("mock_stream_writes");
+    let (deliveries_before, h2d_before) = (counter("mock_deliveries"), counter("mock_h2d_copies"));
     let (seen, _) = {
         let stats_seen = produce(&s, &producer, rounds, true);
         let stats = server.shutdown();
@@ -425,7 +454,29 @@ fn serve_and_check(want: PublisherKind, symbol: &str, faults: bool, rounds: usiz
         assert_eq!(seen.failed, 0, "{seen:?}");
     }
     let stream_writes = counter("mock_stream_writes") - writes_before;
+    let deliveries = (counter("mock_deliveries") - deliveries_before) as u64;
+    if by_kernel {
+        // Every request's word (and every read's bytes) went out through the kernel: no DMA, no
+        // stream write (no delivery failed here, so the publisher never stood in).
+        assert!(
+            deliveries >= seen.ok + seen.failed,
+            "{deliveries} deliveries for {} requests",
+            seen.ok + seen.failed
+        );
+        assert_eq!(stream_writes, 0);
+        assert_eq!(
+            counter("mock_h2d_copies"),
+            h2d_before,
+            "reads copied by DMA"
+        );
+    } else {
+        assert_eq!(
+            deliveries, 0,
+            "the copies path launched the deliveries kernel"
+        );
+    }
     match want {
+        _ if by_kernel => {}
         PublisherKind::StreamWrite => assert!(
             stream_writes as u64 >= seen.ok + seen.failed,
             "{stream_writes} stream writes for {} requests",
@@ -451,6 +502,7 @@ fn child_rings_stream_write() {
             "cuStreamWriteValue64_v2",
             true,
             40,
+            DeliveryPath::Copies,
         )
     });
 }
@@ -466,6 +518,7 @@ fn child_rings_copy_word() {
             "CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS (122) is 0",
             true,
             40,
+            DeliveryPath::Copies,
         )
     });
 }
@@ -481,6 +534,23 @@ fn child_rings_v1_stream_write() {
             "cuStreamWriteValue64 on",
             false,
             10,
+            DeliveryPath::Copies,
+        )
+    });
+}
+
+#[test]
+fn child_rings_kernel_delivery() {
+    if !is_child() {
+        return;
+    }
+    within(240, || {
+        serve_and_check(
+            PublisherKind::StreamWrite,
+            "cuStreamWriteValue64_v2",
+            true,
+            40,
+            DeliveryPath::Kernel,
         )
     });
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use gpuio::{Engine, Error, File, Result};
 
+use super::deliver::DeliveryPath;
 use super::kernels::{self, DeviceCache, KernelRun, Workloads};
 use super::layout::RingConfig;
 use super::region::RingRegion;
@@ -40,6 +41,8 @@ pub struct RingsBenchConfig {
     pub warps: u32,
     /// Host polling threads.
     pub server_threads: usize,
+    /// How the server delivers rounds to the device.
+    pub delivery: DeliveryPath,
     /// Rings (kernels pick one by block).
     pub rings: u32,
     pub seed: u64,
@@ -60,6 +63,7 @@ impl Default for RingsBenchConfig {
             cache_bytes: 64 << 20,
             warps: 1024,
             server_threads: 2,
+            delivery: DeliveryPath::Copies,
             rings: 8,
             seed: 1,
             timeout: Duration::from_secs(120),
@@ -74,6 +78,8 @@ pub struct RingsBenchReport {
     pub file_bytes: u64,
     /// How completions reach device memory, and why.
     pub publisher: String,
+    /// How rounds reached the device ([`RingServer::delivery`]).
+    pub delivery: String,
     pub random_reads: KernelRun,
     /// Without and with prefetch (absent when no rows were asked for).
     pub gather_sync: Option<KernelRun>,
@@ -129,6 +135,7 @@ pub fn run(
     };
     let server_config = ServerConfig {
         threads: c.server_threads,
+        delivery: c.delivery,
         ..ServerConfig::default()
     };
     let mut state = c.seed | 1;
@@ -149,6 +156,7 @@ pub fn run(
         || "given".to_string(),
         |p| format!("{}: {}", p.kind.name(), p.reason),
     );
+    let delivery = server.delivery().to_string();
     let random_reads = kernels::random_reads(
         &mut w,
         &server,
@@ -225,6 +233,7 @@ pub fn run(
         device: device.label(),
         file_bytes: size,
         publisher,
+        delivery,
         random_reads,
         gather_sync,
         gather_prefetch,

@@ -48,6 +48,7 @@
 
 pub mod bench;
 pub mod bfs;
+pub mod deliver;
 pub mod kernels;
 pub mod layout;
 pub mod line;
@@ -56,6 +57,7 @@ pub mod publish;
 pub mod region;
 pub mod server;
 
+pub use deliver::DeliveryPath;
 pub use layout::{code, Layout, RingConfig};
 pub use line::{LineCache, LineState, Lookup, Word32};
 pub use producer::{Request, RingProducer};

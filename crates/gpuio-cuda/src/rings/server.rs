@@ -41,13 +41,14 @@ use gpuio::{
     QueueDesc, Result, Status,
 };
 
+use super::deliver::{DeliveryPath, DeliverySlab};
 use super::layout::{
     code, completion_word, slot_word, OP_FLUSH, OP_FSYNC, OP_READ, OP_WRITE, SERVER_SERVING,
     SERVER_STOPPED, SERVER_STOPPING, SLOT_FREE, SLOT_SUBMITTED,
 };
 use super::publish::PublisherChoice;
 use super::region::RingRegion;
-use crate::device::{CopyStream, Device, DevicePtr, HostToDevice, Ticket};
+use crate::device::{CopyStream, DeliveryDesc, Device, DevicePtr, HostToDevice, Ticket};
 
 /// Makes completion words visible to the device, ordered after the data copies of the same round
 /// (the implementations and how one is chosen: [`super::publish`]).
@@ -135,6 +136,9 @@ pub struct ServerConfig {
     /// deliver, then poll again). Each round has its own staging slab of `staging_bytes`, so a
     /// thread holds `rounds_in_flight × staging_bytes` of staging memory.
     pub rounds_in_flight: usize,
+    /// How a round's read data and completion words reach the device ([`DeliveryPath`]); what ran
+    /// is [`RingServer::delivery`].
+    pub delivery: DeliveryPath,
 }
 
 /// The most rounds a polling thread may keep in flight ([`ServerConfig::rounds_in_flight`]).
@@ -150,6 +154,7 @@ impl Default for ServerConfig {
             io_timeout: Duration::from_secs(30),
             idle_sleep_max: Duration::from_micros(200),
             rounds_in_flight: 2,
+            delivery: DeliveryPath::Copies,
         }
     }
 }
@@ -276,6 +281,8 @@ struct Shared {
     /// Staging slabs page-locked, and what [`RingServer::staging_pinning`] says.
     staging_pinned: u64,
     staging_note: String,
+    /// What [`RingServer::delivery`] says.
+    delivery_note: String,
 }
 
 /// The running server; [`shutdown`](Self::shutdown) (or drop) stops it.
@@ -369,6 +376,12 @@ impl RingServer {
         &self.shared.staging_note
     }
 
+    /// How rounds reach the device ([`ServerConfig::delivery`]), and, where the kernel was asked
+    /// for and could not be used, why.
+    pub fn delivery(&self) -> &str {
+        &self.shared.delivery_note
+    }
+
     fn start_with(
         engine: &Engine,
         region: Arc<RingRegion>,
@@ -435,6 +448,40 @@ impl RingServer {
             };
             staging.push((pins, pool, free));
         }
+        // The kernel delivery reads the staging slabs in place: they must be mapped, and each thread
+        // needs a mapped descriptor array.
+        let mut slabs: Vec<Option<DeliverySlab>> = (0..nthreads).map(|_| None).collect();
+        let delivery_note = match (config.delivery, &unpinned) {
+            (DeliveryPath::Copies, _) => {
+                "copies: a host → device copy and a published completion word per request".to_string()
+            }
+            (DeliveryPath::Kernel, Some(why)) => format!(
+                "copies (the kernel delivery needs page-locked staging: {why})"
+            ),
+            (DeliveryPath::Kernel, None) if staging.iter().any(|(p, _, _)| !p.all_mapped()) => format!(
+                "copies (the kernel delivery needs staging mapped into the device; {} does not map it)",
+                device.label()
+            ),
+            (DeliveryPath::Kernel, None) => {
+                let mut why = None;
+                for slab in slabs.iter_mut() {
+                    match DeliverySlab::new(&device, config.batch_max)? {
+                        Ok(s) => *slab = Some(s),
+                        Err(w) => {
+                            why = Some(w);
+                            break;
+                        }
+                    }
+                }
+                match why {
+                    None => "kernel: one gpuio_deliver launch per round reads the staging slab in place and writes the completion words after the bytes".to_string(),
+                    Some(w) => {
+                        slabs.iter_mut().for_each(|s| *s = None);
+                        format!("copies (the kernel delivery's descriptor arrays: {w})")
+                    }
+                }
+            }
+        };
         let staging_pinned = staging.iter().map(|(p, _, _)| p.len() as u64).sum::<u64>();
         let staging_note = match &unpinned {
             None => format!(
@@ -456,9 +503,10 @@ impl RingServer {
             publisher: choice,
             staging_pinned,
             staging_note,
+            delivery_note,
         });
         let mut workers = Vec::new();
-        for (t, (pins, pool, free)) in staging.into_iter().enumerate() {
+        for (t, ((pins, pool, free), kernel)) in staging.into_iter().zip(slabs).enumerate() {
             let my: Vec<u32> = (0..rings)
                 .filter(|r| *r as usize % config.threads == t)
                 .collect();
@@ -489,6 +537,7 @@ impl RingServer {
                 device: device.clone(),
                 publish,
                 pins,
+                kernel,
                 start: 0,
             });
         }
@@ -595,6 +644,9 @@ struct Worker {
     publish: Box<dyn Publish>,
     /// The staging slabs' page-locking, released in `Drop` after the stream has drained.
     pins: StagingPins,
+    /// The descriptor array of [`DeliveryPath::Kernel`] (None: copies). Dropped, and so unpinned,
+    /// with the fields, after `Drop` drained the stream.
+    kernel: Option<DeliverySlab>,
     start: usize,
 }
 
@@ -647,8 +699,8 @@ impl CopyStream for ClosedStream {
 /// [`release`](Self::release), or when this is dropped.
 struct StagingPins {
     device: Arc<dyn Device>,
-    /// `(address, length)` of every slab pinned and not yet unpinned.
-    ranges: Vec<(usize, usize)>,
+    /// `(address, length, device address where mapped)` of every slab pinned and not yet unpinned.
+    ranges: Vec<(usize, usize, Option<DevicePtr>)>,
 }
 
 impl StagingPins {
@@ -681,7 +733,7 @@ impl StagingPins {
             // SAFETY: a pool buffer's memory stays allocated at this address while its pool lives;
             // the caller keeps the pool (and the slabs) until these pins are released.
             match unsafe { device.pin_host(ptr, len) } {
-                Ok(Some(_)) => pins.ranges.push((ptr as usize, len)),
+                Ok(Some(p)) => pins.ranges.push((ptr as usize, len, p.mapped)),
                 Ok(None) => {
                     pins.release();
                     return Ok(Err(format!(
@@ -717,9 +769,21 @@ impl StagingPins {
         self.ranges.len()
     }
 
+    /// Whether every slab is pinned and mapped into the device (none pinned: false).
+    fn all_mapped(&self) -> bool {
+        !self.ranges.is_empty() && self.ranges.iter().all(|r| r.2.is_some())
+    }
+
+    /// The device address of host address `ptr` inside a pinned, mapped slab.
+    fn mapped(&self, ptr: usize) -> Option<DevicePtr> {
+        self.ranges.iter().find_map(|&(a, len, m)| {
+            (ptr >= a && ptr < a + len).then(|| m.map(|m| m + (ptr - a) as u64))?
+        })
+    }
+
     /// Unpins every range still pinned (each once).
     fn release(&mut self) {
-        for (ptr, len) in self.ranges.drain(..) {
+        for (ptr, len, _) in self.ranges.drain(..) {
             // SAFETY: pinned by `pin` on this device; the memory is still allocated (the owner
             // releases before freeing it) and no queued copy reads it (the worker drained its
             // stream first; on a failed start no copy was ever queued from it).
@@ -1441,6 +1505,17 @@ impl Worker {
         base: Option<*const u8>,
     ) {
         let mut res = res.to_vec();
+        if let Some(mapped) =
+            base.and_then(|b| self.kernel.as_ref().and(self.pins.mapped(b as usize)))
+        {
+            if self.deliver_by_kernel(reqs, &mut res, copies, mapped) {
+                self.count_delivered(reqs, &res);
+            } else {
+                // The reads failed (EIO now): their words go out by the publisher, with no copies.
+                self.deliver(reqs, &res, &[], None);
+            }
+            return;
+        }
         let mut last = None;
         if let Some(base) = base {
             let batch: Vec<HostToDevice> = copies
@@ -1489,6 +1564,73 @@ impl Worker {
                 self.renew_stream();
             }
         }
+        self.count_delivered(reqs, &res);
+    }
+
+    /// Delivers the round with one `gpuio_deliver` launch from the staging slab mapped at `mapped`
+    /// (`copies`: `(request, offset in the slab)` of the reads with data), then synchronizes. On
+    /// a failure the reads' results become EIO and `false` says the caller must publish the words
+    /// itself, on the fresh stream this made.
+    fn deliver_by_kernel(
+        &mut self,
+        reqs: &[Desc],
+        res: &mut [Option<i32>],
+        copies: &[(usize, usize)],
+        mapped: DevicePtr,
+    ) -> bool {
+        let Some(slab) = self.kernel.as_mut() else {
+            return false;
+        };
+        let region = &self.shared.region;
+        let count = region.layout().config.completion_count;
+        let mut offset: Vec<Option<usize>> = vec![None; reqs.len()];
+        for &(i, off) in copies {
+            offset[i] = Some(off);
+        }
+        let descs: Vec<DeliveryDesc> = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (src, dst, len) = match offset[i] {
+                    Some(off) => (mapped + off as u64, d.dev_addr, d.length as u64),
+                    None => (0, 0, 0),
+                };
+                let (word_addr, word) = if d.completion < count {
+                    (
+                        region.completion_addr(d.completion),
+                        completion_word(d.tag, res[i].unwrap_or(code::EIO)),
+                    )
+                } else {
+                    (0, 0)
+                };
+                DeliveryDesc {
+                    src,
+                    dst,
+                    len,
+                    word_addr,
+                    word,
+                }
+            })
+            .collect();
+        // SAFETY: the sources lie in the mapped staging slab, not reused before the synchronize
+        // below; destinations were validated against the registered device window and the words lie
+        // in the ring set's device region; the previous round's launch was synchronized.
+        let ran = descs
+            .chunks(slab.capacity())
+            .try_for_each(|chunk| unsafe { slab.launch(self.stream.as_mut(), chunk) }.map(|_| ()))
+            .and_then(|()| self.stream.synchronize());
+        if ran.is_ok() {
+            return true;
+        }
+        for &(i, _) in copies {
+            res[i] = Some(code::EIO);
+        }
+        self.renew_stream();
+        false
+    }
+
+    /// Counts a delivered round's errors and unanswerable requests, and each ring's completions.
+    fn count_delivered(&self, reqs: &[Desc], res: &[Option<i32>]) {
         let shared = self.shared.clone();
         let c = &shared.counters;
         let mut per_ring: BTreeMap<u32, u64> = BTreeMap::new();
