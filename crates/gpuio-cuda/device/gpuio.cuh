@@ -21,7 +21,7 @@ typedef unsigned long long u64;
 constexpr u32 MAGIC = 0x51525047u;         // "GPRQ"
 constexpr u32 DEVICE_MAGIC = 0x44525047u;  // "GPRD"
 constexpr u16 VERSION_MAJOR = 1;
-constexpr u16 VERSION_MINOR = 0;
+constexpr u16 VERSION_MINOR = 1;
 
 constexpr u32 SLOT_FREE = 0, SLOT_CLAIMED = 1, SLOT_SUBMITTED = 2;
 constexpr u16 OP_READ = 1, OP_WRITE = 2, OP_FLUSH = 3, OP_FSYNC = 4;
@@ -63,7 +63,8 @@ static_assert(sizeof(RequestSlot) == 64, "RequestSlot is 64 bytes");
 
 struct RingTail {
   u64 tail;
-  u64 reserved[7];
+  u64 taken;  // a lower bound on the positions the host took (docs/rings.md 1.5), host-written
+  u64 reserved[6];
 };
 static_assert(sizeof(RingTail) == 64, "RingTail is 64 bytes");
 
@@ -146,6 +147,9 @@ struct Queue {
     u64* tail = &tails[ring].tail;
     for (u32 attempt = 0; attempt < CLAIM_ATTEMPTS; ++attempt) {
       u64 pos = ld_acquire_gpu(tail);
+      // Full by the host's hint (device memory): no PCIe read. Threads waiting for a slot of a full
+      // ring poll here, not the slot's state word in host memory.
+      if ((long long)(pos - ld_acquire_gpu(&tails[ring].taken)) >= (long long)n) return E_AGAIN;
       u32 lap = (u32)(pos / n);
       RequestSlot* s = &slots[(u64)ring * n + pos % n];
       u64 w = ld_acquire_sys(&s->state);  // host memory: one PCIe read

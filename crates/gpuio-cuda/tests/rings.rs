@@ -362,7 +362,7 @@ fn host_region_bytes_are_the_spec() {
     let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
     let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
     assert_eq!(&h[0..4], b"GPRQ");
-    assert_eq!((h[4], h[5], h[6], h[7]), (1, 0, 0, 0));
+    assert_eq!((h[4], h[5], h[6], h[7]), (1, 0, 1, 0), "version 1.1");
     assert_eq!(u32_at(h, 8), 128);
     assert_eq!(u32_at(h, 12), 4);
     assert_eq!(u32_at(h, 16), 256);
@@ -379,7 +379,10 @@ fn host_region_bytes_are_the_spec() {
     assert_eq!(u32_at(h, 84), 64 << 10);
     let d = dev_read(rig.region.device_ptr(), 64);
     assert_eq!(&d[0..4], b"GPRD");
+    assert_eq!((d[4], d[5], d[6], d[7]), (1, 0, 1, 0), "version 1.1");
     assert_eq!((u32_at(&d, 8), u32_at(&d, 12)), (4, 4096));
+    let taken = |r: u32| u64_at(&dev_read(rig.region.tail_addr(r), 16), 8);
+    assert_eq!(taken(2), 0, "nothing taken yet");
     // One request: its slot's bytes after the host took it (state FREE, lap 1, ring 2 slot 0).
     let req = Request {
         opcode: OP_READ,
@@ -402,6 +405,10 @@ fn host_region_bytes_are_the_spec() {
     assert_eq!(u32_at(h, s + 40), 0xabcd);
     assert_eq!(u64_at(h, l.ring_control(2)), 1, "head");
     assert_eq!(u64_at(h, l.ring_control(2) + 8), 1, "completed");
+    // The taken hint at offset 8 of the ring's tail line (device memory) came with the completion.
+    assert_eq!(u64_at(&dev_read(rig.region.tail_addr(2), 16), 0), 1, "tail");
+    assert_eq!(taken(2), 1, "taken hint");
+    assert_eq!(taken(1), 0);
     let cw = dev_read(rig.region.completion_addr(9), 8);
     assert_eq!(
         u64::from_le_bytes(cw.try_into().unwrap()),

@@ -356,6 +356,16 @@ fn layout_asserts() -> String {
         "completion_count",
         offset_of!(QueueArg, completion_count),
     );
+    a(
+        "gpuio::RingTail",
+        "tail",
+        offset_of!(layout::RingTail, tail),
+    );
+    a(
+        "gpuio::RingTail",
+        "taken",
+        offset_of!(layout::RingTail, taken),
+    );
     a("gpuio::CacheDesc", "q", offset_of!(CacheArg, q));
     a("gpuio::CacheDesc", "page", offset_of!(CacheArg, page));
     a("gpuio::CacheDesc", "slot_of", offset_of!(CacheArg, slot_of));
@@ -384,6 +394,7 @@ fn layout_asserts() -> String {
     for (ty, size) in [
         ("gpuio::Queue", size_of::<QueueArg>()),
         ("gpuio::CacheDesc", size_of::<CacheArg>()),
+        ("gpuio::RingTail", size_of::<layout::RingTail>()),
         ("gpuio::array<unsigned int>", size_of::<CacheArg>()),
     ] {
         out.push_str(&format!(

@@ -25,7 +25,7 @@ pub const DEVICE_MAGIC: u32 = u32::from_le_bytes(*b"GPRD");
 /// Incompatible layout changes bump the major version; readers refuse another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Compatible additions (a reserved field given a meaning that zero keeps off) bump the minor.
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 
 pub const HEADER_BYTES: usize = 128;
 pub const RING_CONTROL_BYTES: usize = 64;
@@ -237,12 +237,15 @@ pub struct DeviceHeader {
 }
 
 /// One per ring in the device region (64 bytes, one cache line so rings do not share one): the
-/// next position a producer claims. Device threads only.
+/// next position a producer claims (device threads only), and since version 1.1 how many of the
+/// ring's positions the host has at least taken (written by the host, after each round; a lower
+/// bound that lets a producer see a full ring without reading a slot across PCIe).
 #[repr(C)]
 #[derive(Debug)]
 pub struct RingTail {
     pub tail: AtomicU64,
-    pub reserved: [u64; 7],
+    pub taken: AtomicU64,
+    pub reserved: [u64; 6],
 }
 
 /// The shape of a region: how many rings, slots, completions.
@@ -487,6 +490,7 @@ mod tests {
         assert_eq!(offset_of!(DeviceHeader, completion_count), 12);
         assert_eq!(size_of::<RingTail>(), RING_TAIL_BYTES);
         assert_eq!(offset_of!(RingTail, tail), 0);
+        assert_eq!(offset_of!(RingTail, taken), 8);
         for a in [
             align_of::<RegionHeader>(),
             align_of::<RequestSlot>(),

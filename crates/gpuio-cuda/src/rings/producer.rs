@@ -81,6 +81,12 @@ impl RingProducer {
         unsafe { AtomicU64::from_ptr(self.host_address(self.region.tail_addr(ring)) as *mut u64) }
     }
 
+    fn taken(&self, ring: u32) -> &AtomicU64 {
+        // SAFETY: as for `tail`: the hint lies in the live device region, 8-aligned, and is only
+        // ever accessed atomically.
+        unsafe { AtomicU64::from_ptr(self.host_address(self.region.taken_addr(ring)) as *mut u64) }
+    }
+
     fn completion(&self, i: u32) -> &AtomicU64 {
         assert!(i < self.region.layout().config.completion_count);
         // SAFETY: as for `tail`; index checked.
@@ -102,8 +108,13 @@ impl RingProducer {
         }
         let n = cfg.slots_per_ring as u64;
         let tail = self.tail(ring);
+        let taken = self.taken(ring);
         for _ in 0..CLAIM_ATTEMPTS {
             let pos = tail.load(Ordering::Relaxed);
+            // Full by the host's hint (device memory), before reading the slot (host memory).
+            if pos.wrapping_sub(taken.load(Ordering::Acquire)) as i64 >= n as i64 {
+                return Err(code::EAGAIN);
+            }
             let lap = (pos / n) as u32;
             let slot = self.region.slot(ring, (pos % n) as u32);
             let w = slot.state.load(Ordering::Acquire);

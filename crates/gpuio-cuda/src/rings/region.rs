@@ -122,6 +122,10 @@ impl RingRegion {
     pub fn tail_addr(&self, r: u32) -> DevicePtr {
         self.dev.ptr() + self.layout.tail(r) as u64
     }
+    /// The device address of ring `r`'s taken hint (docs/rings.md, 1.5), 8 bytes after its tail.
+    pub fn taken_addr(&self, r: u32) -> DevicePtr {
+        self.tail_addr(r) + 8
+    }
 
     pub fn header(&self) -> &RegionHeader {
         // SAFETY: written in `new`; only its atomic field changes afterwards.

@@ -1578,9 +1578,9 @@ impl Worker {
         copies: &[(usize, usize)],
         mapped: DevicePtr,
     ) -> bool {
-        let Some(slab) = self.kernel.as_mut() else {
+        if self.kernel.is_none() {
             return false;
-        };
+        }
         let region = &self.shared.region;
         let count = region.layout().config.completion_count;
         let mut offset: Vec<Option<usize>> = vec![None; reqs.len()];
@@ -1611,7 +1611,13 @@ impl Worker {
                     word,
                 }
             })
+            .chain(self.taken_words().map(|(word_addr, word)| DeliveryDesc {
+                word_addr,
+                word,
+                ..DeliveryDesc::default()
+            }))
             .collect();
+        let slab = self.kernel.as_mut().expect("checked above");
         // SAFETY: the sources lie in the mapped staging slab, not reused before the synchronize
         // below; destinations were validated against the registered device window and the words lie
         // in the ring set's device region; the previous round's launch was synchronized.
@@ -1653,10 +1659,11 @@ impl Worker {
         }
     }
 
+    /// The round's completion words, then this thread's rings' taken hints.
     fn words(&self, reqs: &[Desc], res: &[Option<i32>]) -> Vec<(DevicePtr, u64)> {
         let region = &self.shared.region;
         let count = region.layout().config.completion_count;
-        let mut words = Vec::with_capacity(reqs.len());
+        let mut words = Vec::with_capacity(reqs.len() + self.rings.len());
         for (i, d) in reqs.iter().enumerate() {
             if d.completion >= count {
                 continue;
@@ -1667,6 +1674,19 @@ impl Worker {
                 completion_word(d.tag, r),
             ));
         }
+        words.extend(self.taken_words());
         words
+    }
+
+    /// `(address, value)` of the taken hint of every ring this thread serves: how many of its
+    /// positions this thread has taken so far (docs/rings.md, 1.5). Published with every round, so
+    /// the hint a producer reads only ever lags; taking requests is always followed by a round that
+    /// publishes it, so it never stays behind for good.
+    fn taken_words(&self) -> impl Iterator<Item = (DevicePtr, u64)> + '_ {
+        let region = &self.shared.region;
+        self.rings
+            .iter()
+            .zip(&self.heads)
+            .map(|(&r, &head)| (region.taken_addr(r), head))
     }
 }
