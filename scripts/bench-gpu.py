@@ -815,16 +815,17 @@ def s_rings():
         # The DLRM-style gather workload, host page cache against the kernel's device cache: same rows,
         # same checksum; prefetch (host: next batch; kernel: next row) against synchronous.
         sums = {}
-        for mode, extra in (("cache", []), ("gpu-cache", ["--device", DEVICE])):
+        gpu = ["--device", DEVICE]
+        for mode, extra in (("cache", []), ("gpu-cache", gpu), ("gpu-cache", gpu + ["--delivery", "kernel"])):
             j, _, err = gpuio(["gather", "--table", RINGS_FILE, "--row-bytes", "4096", "--batch", "4096",
                                "--batches", "20", "--cache-size", "10%", "--prefetch", "on", "--mode", mode,
                                "--json"] + extra, timeout=60)
             if j is None:
-                log(f"gather --mode {mode}: FAILED {err}")
+                log(f"gather --mode {mode} {' '.join(extra)}: FAILED {err}")
                 continue
-            record("gather", mode=mode, raw=j)
-            sums[mode] = j["checksum"]
-            log(f"gather --mode {mode}: {j['rows_per_sec']:.0f} rows/s with prefetch, sync "
+            record("gather", mode=mode, extra=extra, raw=j)
+            sums.setdefault(mode, j["checksum"])
+            log(f"gather --mode {mode} {' '.join(extra)}: {j['rows_per_sec']:.0f} rows/s with prefetch, sync "
                 f"{j['sync']['rows_per_sec']:.0f}, speedup {j['speedup']:.2f}x, hit rate {j['hit_rate']:.3f}; "
                 f"checksum {j['checksum']} equals the host's: {j['checksum'] == sums.get('cache')}")
         # The same reads from the disk: the file copied to DIR, the page cache dropped before each run.
@@ -876,20 +877,23 @@ def s_rings():
                for i in range(0, len(offs) - 8, 8)]
         source = max(range(len(deg)), key=lambda v: deg[v])
         depths = {}
-        for mode, extra in (("memory", []), ("cache", []), ("gpu-cache", ["--device", DEVICE])):
-            out = os.path.join(SHM_DIR, f"gpuio-depths-{mode}")
+        gpu = ["--device", DEVICE]
+        for label, mode, extra in (("memory", "memory", []), ("cache", "cache", []),
+                                   ("gpu-cache", "gpu-cache", gpu),
+                                   ("gpu-cache kernel delivery", "gpu-cache", gpu + ["--delivery", "kernel"])):
+            out = os.path.join(SHM_DIR, "gpuio-depths")
             j, wall, err = gpuio(["bfs", g, "--source", str(source), "--mode", mode, "--cache-size", "20%",
                                   "--depths-out", out, "--json"] + extra, timeout=90)
             if j is None:
-                log(f"bfs --mode {mode}: FAILED {err}")
+                log(f"bfs --mode {label}: FAILED {err}")
                 continue
-            record("bfs", mode=mode, scale=scale, raw=j)
+            record("bfs", mode=mode, extra=extra, scale=scale, raw=j)
             with open(out, "rb") as f:
-                depths[mode] = f.read()
+                depths[label] = f.read()
             os.remove(out)
-            log(f"bfs scale {scale} --mode {mode}: {j['seconds']:.3f} s, {j['teps'] / 1e6:.1f} M TEPS, "
+            log(f"bfs scale {scale} --mode {label}: {j['seconds']:.3f} s, {j['teps'] / 1e6:.1f} M TEPS, "
                 f"{j['levels']} levels, {j['vertices_reached']} reached; depths equal memory mode's: "
-                f"{depths.get(mode) == depths.get('memory')}")
+                f"{depths.get(label) == depths.get('memory')}")
     finally:
         for suffix in (".bel.col", ".bel.dst"):
             if os.path.exists(g + suffix):

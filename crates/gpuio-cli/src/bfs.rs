@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use gpuio::size::format_bytes;
 use gpuio::Result;
+use gpuio_cuda::rings::DeliveryPath;
 use gpuio_workloads::bfs::{self as wl, BfsConfig};
 use gpuio_workloads::cache::{parse_cache_size, CacheSize};
 use serde_json::{json, Value};
@@ -68,6 +69,10 @@ pub struct BfsArgs {
     /// The GPU of --mode gpu-cache.
     #[arg(long, default_value = "cuda:0")]
     device: String,
+    /// How the ring server hands lines to the GPU in --mode gpu-cache: "copies" (a DMA and a stream
+    /// write per request) or "kernel" (one launch per polling round).
+    #[arg(long, default_value = "copies")]
+    delivery: DeliveryPath,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -85,6 +90,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
         issue_threads: a.issue_threads,
         depths_out: a.depths_out.clone(),
         device: a.device.clone(),
+        delivery: a.delivery,
     };
     let pb = crate::stream::spinner(a.json);
     let r = wl::bfs(&cfg, &mut |p| crate::stream::show_progress(pb.as_ref(), p));

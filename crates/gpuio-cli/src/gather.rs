@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use gpuio::size::format_bytes;
 use gpuio::Result;
+use gpuio_cuda::rings::DeliveryPath;
 use gpuio_workloads::cache::{parse_cache_size, CacheSize};
 use gpuio_workloads::gather::{self as wl, parse_dist, Dist, GatherConfig, GatherRun};
 use serde_json::{json, Value};
@@ -67,6 +68,10 @@ pub struct GatherArgs {
     /// The GPU of --mode gpu-cache.
     #[arg(long, default_value = "cuda:0")]
     device: String,
+    /// How the ring server hands lines to the GPU in --mode gpu-cache: "copies" (a DMA and a stream
+    /// write per request) or "kernel" (one launch per polling round).
+    #[arg(long, default_value = "copies")]
+    delivery: DeliveryPath,
     /// Copy every row out of the cache into a batch buffer, even where the rows could be read in
     /// place (a read-only table, rows inside one line, two batches' lines fitting in the cache).
     #[arg(long)]
@@ -125,6 +130,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
         copy_rows: a.copy_rows,
         gpu: a.mode == "gpu-cache",
         device: a.device.clone(),
+        delivery: a.delivery,
     };
     let spinner = crate::stream::spinner(a.json);
     let r = wl::gather(&cfg, &mut |p| {

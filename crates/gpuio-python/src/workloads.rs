@@ -246,6 +246,8 @@ fn _graph_bfs<'py>(
         issue_threads: 0,
         depths_out,
         device: device.into(),
+        // The ring server's measured default; the kernel delivery is the CLI's --delivery.
+        delivery: Default::default(),
     };
     let r = py.allow_threads(|| bfs::bfs_with(&cfg, &mut |p| prog.on(p)));
     let r = prog.finish(py, r)?;

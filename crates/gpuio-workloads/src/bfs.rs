@@ -85,6 +85,9 @@ pub struct BfsConfig {
     pub depths_out: Option<PathBuf>,
     /// The GPU of [`Mode::GpuCache`] (`--device`, default `cuda:0`).
     pub device: String,
+    /// How the ring server delivers lines to the device in [`Mode::GpuCache`] (`--delivery`,
+    /// default copies; see `gpuio_cuda::rings::DeliveryPath`).
+    pub delivery: gpuio_cuda::rings::DeliveryPath,
 }
 
 impl BfsConfig {
@@ -101,6 +104,7 @@ impl BfsConfig {
             issue_threads: 0,
             depths_out: None,
             device: "cuda:0".into(),
+            delivery: gpuio_cuda::rings::DeliveryPath::Copies,
         }
     }
 
@@ -500,6 +504,7 @@ fn traverse_gpu(
         &gpuio_cuda::rings::bfs::GpuBfsConfig {
             cache_bytes: capacity,
             line_bytes,
+            delivery: cfg.delivery,
             ..Default::default()
         },
     )?;

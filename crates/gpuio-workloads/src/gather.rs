@@ -110,6 +110,9 @@ pub struct GatherConfig {
     pub gpu: bool,
     /// The GPU of `gpu` (`--device`, default `cuda:0`).
     pub device: String,
+    /// How the ring server delivers lines to the device when `gpu` (`--delivery`, default copies;
+    /// see `gpuio_cuda::rings::DeliveryPath`).
+    pub delivery: gpuio_cuda::rings::DeliveryPath,
 }
 
 impl GatherConfig {
@@ -132,6 +135,7 @@ impl GatherConfig {
             copy_rows: false,
             gpu: false,
             device: "cuda:0".into(),
+            delivery: gpuio_cuda::rings::DeliveryPath::Copies,
         }
     }
 

@@ -72,6 +72,7 @@ pub(crate) fn run_once(
         cache.window(),
         ServerConfig {
             threads: 2,
+            delivery: a.delivery,
             ..ServerConfig::default()
         },
     )?;

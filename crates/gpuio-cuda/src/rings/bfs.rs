@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use gpuio::{Engine, Error, ErrorKind, File, Result};
 
+use super::deliver::DeliveryPath;
 use super::kernels::{upload, CacheArg, DeviceCache, Workloads, BLOCK};
 use super::layout::RingConfig;
 use super::region::RingRegion;
@@ -32,6 +33,8 @@ pub struct GpuBfsConfig {
     /// cache's lines).
     pub warps: u32,
     pub server_threads: usize,
+    /// How the server delivers lines to the device.
+    pub delivery: DeliveryPath,
     pub rings: u32,
     /// The longest one level may take.
     pub level_timeout: Duration,
@@ -44,6 +47,7 @@ impl Default for GpuBfsConfig {
             line_bytes: 16 << 10,
             warps: 8192,
             server_threads: 2,
+            delivery: DeliveryPath::Copies,
             rings: 8,
             level_timeout: Duration::from_secs(120),
         }
@@ -109,6 +113,7 @@ pub fn bfs(
         cache.window(),
         ServerConfig {
             threads: c.server_threads,
+            delivery: c.delivery,
             ..ServerConfig::default()
         },
     )?;
