@@ -464,8 +464,10 @@ impl RingServer {
             ),
             (DeliveryPath::Kernel, None) => {
                 let mut why = None;
+                // A round's requests and the taken hints of the thread's rings fit in one launch.
+                let capacity = config.batch_max + rings as usize;
                 for slab in slabs.iter_mut() {
-                    match DeliverySlab::new(&device, config.batch_max)? {
+                    match DeliverySlab::new(&device, capacity)? {
                         Ok(s) => *slab = Some(s),
                         Err(w) => {
                             why = Some(w);
@@ -1618,13 +1620,16 @@ impl Worker {
             }))
             .collect();
         let slab = self.kernel.as_mut().expect("checked above");
-        // SAFETY: the sources lie in the mapped staging slab, not reused before the synchronize
-        // below; destinations were validated against the registered device window and the words lie
-        // in the ring set's device region; the previous round's launch was synchronized.
-        let ran = descs
-            .chunks(slab.capacity())
-            .try_for_each(|chunk| unsafe { slab.launch(self.stream.as_mut(), chunk) }.map(|_| ()))
-            .and_then(|()| self.stream.synchronize());
+        // One launch (the array holds a full round and the hints); should a round ever not fit,
+        // each launch is synchronized before the array is rewritten for the next.
+        let ran = descs.chunks(slab.capacity()).try_for_each(|chunk| {
+            // SAFETY: the sources lie in the mapped staging slab, not reused before the synchronize
+            // below; destinations were validated against the registered device window and the
+            // words lie in the ring set's device region; the previous launch from the array was
+            // synchronized.
+            unsafe { slab.launch(self.stream.as_mut(), chunk) }?;
+            self.stream.synchronize()
+        });
         if ran.is_ok() {
             return true;
         }
