@@ -457,7 +457,7 @@ def s_h2d():
 
 
 def staging_sweep(path, tag):
-    for extra in (["--staging-buffers", "4"], ["--staging-buffers", "8"],
+    for extra in (["--staging-buffers", "2"], ["--staging-buffers", "3"], ["--staging-buffers", "8"],
                   ["--staging-size", "64M", "--staging-buffers", "4"],
                   ["--staging-size", "4M", "--staging-buffers", "16"],
                   ["--backend", "threads"], ["--staging-buffers", "1"]):
