@@ -69,9 +69,14 @@ def test_gpu_cache_modes_match_the_host_or_say_they_need_a_gpu(tmp_path):
     host = gpuio.graph.bfs(prefix, 1, mode="memory")
     gpu = gpuio.graph.bfs(prefix, 1, mode="gpu-cache", device=device)
     assert np.array_equal(host["depths"], gpu["depths"])
+    # BaM's figures: line requests, the lookups they were misses of, requests per warp.
+    assert 0 < gpu["requests"] <= gpu["line_lookups"], gpu
+    assert 0.0 <= gpu["hit_rate"] < 1.0 and gpu["requests_per_warp"] > 0, gpu
     a = gpuio.gather(table, 256, 8, 4)
     b = gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device)
     assert a["run"]["checksum"] == b["run"]["checksum"]
+    assert b["run"]["warps"] > 0 and b["run"]["requests_per_warp"] > 0, b["run"]
+    assert "warps" not in a["run"]
 
 
 def test_the_same_seed_gives_the_same_graph(tmp_path):

@@ -99,12 +99,15 @@ pub fn run(a: BfsArgs) -> Result<()> {
     }
     let r = r?;
     if a.json {
-        let (hit_rate, reads, iops) = match (&r.cache, r.iops()) {
-            (Some(c), Some(iops)) => (
+        let (hit_rate, reads, iops) = match (&r.cache, &r.gpu, r.iops()) {
+            (Some(c), _, Some(iops)) => (
                 json!(c.stats.hit_rate()),
                 json!(c.stats.reads_issued),
                 json!(iops),
             ),
+            (None, Some(g), Some(iops)) => {
+                (json!(g.hit_rate()), json!(g.reads_issued), json!(iops))
+            }
             _ => (Value::Null, Value::Null, Value::Null),
         };
         let mut v = json!({
@@ -145,6 +148,16 @@ pub fn run(a: BfsArgs) -> Result<()> {
                 o.insert("evictions".into(), json!(s.evictions));
                 o.insert("bytes_read".into(), json!(s.bytes_read));
                 o.insert("bytes_requested".into(), json!(s.bytes_requested));
+            }
+            if let Some(g) = &r.gpu {
+                o.insert("cache_bytes".into(), json!(g.cache_bytes));
+                o.insert("line_bytes".into(), json!(g.line_bytes));
+                o.insert("requests".into(), json!(g.requests));
+                o.insert("line_lookups".into(), json!(g.line_lookups));
+                o.insert("warps_launched".into(), json!(g.warps_launched));
+                o.insert("requests_per_warp".into(), json!(g.requests_per_warp()));
+                o.insert("bytes_read".into(), json!(g.bytes_read));
+                o.insert("delivery".into(), json!(g.delivery));
             }
         }
         crate::report::print_json(&v)?;
@@ -195,6 +208,22 @@ pub fn run(a: BfsArgs) -> Result<()> {
                 format_bytes(s.bytes_read as f64),
                 s.lines_loaded,
                 s.reads_issued as f64 / r.seconds.max(1e-9)
+            )?;
+        }
+        if let Some(g) = &r.gpu {
+            outln!(
+                "device cache: {} of {} lines: {} line requests ({:.0}/s) for {} lookups, hit rate {:.1}%, {:.2} requests per warp ({} warps), {} reads ({}); delivery: {}",
+                format_bytes(g.cache_bytes as f64),
+                format_bytes(g.line_bytes as f64),
+                g.requests,
+                g.requests as f64 / r.seconds.max(1e-9),
+                g.line_lookups,
+                g.hit_rate() * 100.0,
+                g.requests_per_warp(),
+                g.warps_launched,
+                g.reads_issued,
+                format_bytes(g.bytes_read as f64),
+                g.delivery
             )?;
         }
         if let Some(p) = &a.depths_out {

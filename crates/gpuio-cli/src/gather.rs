@@ -82,7 +82,7 @@ pub struct GatherArgs {
 }
 
 fn run_json(r: &GatherRun, rows: u64) -> Value {
-    json!({
+    let mut v = json!({
         "seconds": r.seconds,
         "rows_per_sec": r.rows_per_sec(rows),
         "iops": r.iops(),
@@ -94,7 +94,13 @@ fn run_json(r: &GatherRun, rows: u64) -> Value {
         "bytes_read": r.bytes_read,
         "wait_seconds": r.wait_seconds,
         "issue_seconds": r.issue_seconds,
-    })
+    });
+    if r.warps > 0 {
+        // GPU cache mode: each miss is a line request a warp sent through the rings.
+        v["warps"] = json!(r.warps);
+        v["requests_per_warp"] = json!(r.misses as f64 / r.warps as f64);
+    }
+    v
 }
 
 fn run_line(name: &str, r: &GatherRun, rows: u64) -> String {

@@ -268,6 +268,12 @@ fn _graph_bfs<'py>(
     if let Some(c) = &r.cache {
         d.set_item("hit_rate", c.stats.hit_rate())?;
     }
+    if let Some(g) = &r.gpu {
+        d.set_item("hit_rate", g.hit_rate())?;
+        d.set_item("requests", g.requests)?;
+        d.set_item("requests_per_warp", g.requests_per_warp())?;
+        d.set_item("line_lookups", g.line_lookups)?;
+    }
     let bytes: Vec<u8> = r.depths.iter().flat_map(|v| v.to_le_bytes()).collect();
     d.set_item("depths", PyBytes::new(py, &bytes))?;
     Ok(d)
@@ -284,6 +290,10 @@ fn run_dict<'py>(py: Python<'py>, r: &gather::GatherRun) -> PyResult<Bound<'py, 
     d.set_item("misses", r.misses)?;
     d.set_item("bytes_read", r.bytes_read)?;
     d.set_item("checksum", format!("{:016x}", r.checksum))?;
+    if r.warps > 0 {
+        d.set_item("warps", r.warps)?;
+        d.set_item("requests_per_warp", r.misses as f64 / r.warps as f64)?;
+    }
     Ok(d)
 }
 

@@ -136,6 +136,62 @@ pub struct BfsCacheReport {
     pub stats: CacheStats,
 }
 
+/// GPU cache mode's settings and counters: BaM's figures (requests per second, hit rate, requests
+/// per warp).
+#[derive(Debug, Clone)]
+pub struct BfsGpuReport {
+    /// The device cache's capacity and line size.
+    pub cache_bytes: u64,
+    pub line_bytes: u64,
+    /// Line requests the kernels sent through the rings (each a miss that started a fill; a miss
+    /// on a line already being filled waits for it and sends none).
+    pub requests: u64,
+    /// Reads the server issued for them (adjacent lines coalesced).
+    pub reads_issued: u64,
+    pub bytes_read: u64,
+    /// Line lookups the kernel made: one per distinct line of each 32-edge chunk of each scanned
+    /// vertex (a warp's lanes that want the same line look it up once). Counted on the host from
+    /// the offsets and the depths, exactly as the kernel walks them.
+    pub line_lookups: u64,
+    /// Warps launched over all levels.
+    pub warps_launched: u64,
+    /// How the ring server delivered the lines.
+    pub delivery: String,
+}
+
+impl BfsGpuReport {
+    /// Lookups that found their line (resident, or already being filled by another warp).
+    pub fn hit_rate(&self) -> f64 {
+        1.0 - (self.requests as f64 / self.line_lookups.max(1) as f64).min(1.0)
+    }
+    /// Requests per warp launched.
+    pub fn requests_per_warp(&self) -> f64 {
+        self.requests as f64 / self.warps_launched.max(1) as f64
+    }
+}
+
+/// The device cache lines `gpuio_bfs_level` (crates/gpuio-cuda/device/workloads.cu) looks up: for
+/// every vertex it scans (every reached one), each 32-edge chunk of its edges touches the lines of
+/// elements `e + header` for its edges `e`; a chunk's lanes share a lookup per distinct line.
+pub fn gpu_line_lookups(offsets: &[u64], depths: &[i32], line_bytes: u64) -> u64 {
+    let header = gpuio_cuda::rings::bfs::BEL_HEADER_ELEMENTS;
+    let line_of = |e: u64| (e + header) * 8 / line_bytes.max(8);
+    let mut lookups = 0;
+    for (v, &d) in depths.iter().enumerate() {
+        if d < 0 {
+            continue;
+        }
+        let (start, end) = (offsets[v], offsets[v + 1]);
+        let mut base = start;
+        while base < end {
+            let last = (base + 32).min(end) - 1;
+            lookups += line_of(last) - line_of(base) + 1;
+            base += 32;
+        }
+    }
+    lookups
+}
+
 /// What a search found and what it cost.
 #[derive(Debug, Clone)]
 pub struct BfsResult {
@@ -166,16 +222,21 @@ pub struct BfsResult {
     pub load_seconds: Option<f64>,
     /// Cache mode: the cache's settings and counters.
     pub cache: Option<BfsCacheReport>,
+    /// GPU cache mode: the device cache's settings and counters.
+    pub gpu: Option<BfsGpuReport>,
     /// Every vertex's depth, -1 for unreachable.
     pub depths: Vec<i32>,
 }
 
 impl BfsResult {
-    /// Cache reads per second (cache mode).
+    /// Cache reads per second (cache mode), or line requests per second (GPU cache mode).
     pub fn iops(&self) -> Option<f64> {
-        self.cache
-            .as_ref()
-            .map(|c| c.stats.reads_issued as f64 / self.seconds.max(1e-9))
+        let per_sec = |n: u64| n as f64 / self.seconds.max(1e-9);
+        match (&self.cache, &self.gpu) {
+            (Some(c), _) => Some(per_sec(c.stats.reads_issued)),
+            (None, Some(g)) => Some(per_sec(g.requests)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -481,7 +542,7 @@ fn traverse_gpu(
     bel: &Bel,
     source: u32,
     progress: Report<'_>,
-) -> Result<Traversal> {
+) -> Result<(Traversal, BfsGpuReport)> {
     let device = gpuio_cuda::open_device(&cfg.device)?;
     let capacity = cache_bytes(cfg.cache, bel.dst_bytes, cfg.line_size)?;
     let line_bytes = u32::try_from(cfg.line_size)
@@ -509,13 +570,24 @@ fn traverse_gpu(
         },
     )?;
     let reached = run.depths.iter().filter(|&&d| d >= 0).count() as u64;
-    Ok(Traversal {
+    let report = BfsGpuReport {
+        cache_bytes: capacity,
+        line_bytes: cfg.line_size,
+        requests: run.server.requests,
+        reads_issued: run.server.transfers,
+        bytes_read: run.server.bytes_read,
+        line_lookups: gpu_line_lookups(&bel.offsets, &run.depths, cfg.line_size),
+        warps_launched: run.warps_launched,
+        delivery: run.delivery,
+    };
+    let t = Traversal {
         depths: run.depths,
         levels: run.levels,
         reached,
         scanned: run.edges_scanned,
         seconds: run.seconds,
-    })
+    };
+    Ok((t, report))
 }
 
 fn drop_os_cache(f: &std::fs::File, path: &Path) -> Result<()> {
@@ -645,6 +717,7 @@ pub fn bfs_with(cfg: &BfsConfig, progress: Report<'_>) -> Result<BfsResult> {
     };
     let faults0 = major_faults();
     let mut load_seconds = None;
+    let mut gpu = None;
     let (t, cache) = match cfg.mode {
         Mode::Memory => {
             report(
@@ -686,7 +759,11 @@ pub fn bfs_with(cfg: &BfsConfig, progress: Report<'_>) -> Result<BfsResult> {
             };
             (traverse(&bel, source, &mut e, progress)?, None)
         }
-        Mode::GpuCache => (traverse_gpu(cfg, &bel, source, progress)?, None),
+        Mode::GpuCache => {
+            let (t, g) = traverse_gpu(cfg, &bel, source, progress)?;
+            gpu = Some(g);
+            (t, None)
+        }
         Mode::Cache => {
             let capacity = cache_bytes(cfg.cache, bel.dst_bytes, cfg.line_size)?;
             let engine = cache_engine(cfg.queue_depth, capacity)?;
@@ -773,6 +850,28 @@ pub fn bfs_with(cfg: &BfsConfig, progress: Report<'_>) -> Result<BfsResult> {
         note,
         load_seconds,
         cache,
+        gpu,
         depths: t.depths,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_line_lookups;
+
+    /// 8 edges per 64-byte line, and the `.bel` header's two elements before edge 0.
+    #[test]
+    fn line_lookups_count_distinct_lines_per_32_edge_chunk_of_reached_vertices() {
+        let offsets = [0, 3, 40, 40, 50];
+        // Vertex 0: edges 0..3 (elements 2..5, line 0): 1. Vertex 1: edges 3..35 (lines 0..=4): 5,
+        // then 35..40 (lines 4..=5): 2. Vertex 2: no edges. Vertex 3: unreached, not scanned.
+        assert_eq!(gpu_line_lookups(&offsets, &[0, 1, 2, -1], 64), 8);
+        assert_eq!(gpu_line_lookups(&offsets, &[0, 1, 2, 1], 64), 8 + 2);
+        assert_eq!(gpu_line_lookups(&offsets, &[-1, -1, -1, -1], 64), 0);
+        // One line holds everything: one lookup per chunk.
+        assert_eq!(
+            gpu_line_lookups(&offsets, &[0, 1, 2, 1], 1 << 16),
+            1 + 2 + 1
+        );
+    }
 }

@@ -298,6 +298,8 @@ pub struct GatherRun {
     pub joined: u64,
     pub bytes_read: u64,
     pub checksum: u64,
+    /// GPU cache mode: warps launched over all batches (0 on the host).
+    pub warps: u64,
 }
 
 fn busy_wait(us: u64) {
@@ -507,6 +509,7 @@ fn run_once(
         joined: s.joined,
         bytes_read: s.bytes_read,
         checksum: sum,
+        warps: 0,
     })
 }
 

@@ -99,6 +99,7 @@ pub(crate) fn run_once(
         joined: 0,
         bytes_read: stats.bytes_read,
         checksum,
+        warps: WARPS as u64 * a.batches as u64,
     })
 }
 

@@ -68,6 +68,10 @@ pub struct GpuBfsRun {
     pub server: RingStats,
     /// How completions reach device memory, and why.
     pub publisher: String,
+    /// How the server delivered lines ([`RingServer::delivery`]).
+    pub delivery: String,
+    /// Warps launched over all levels (each takes frontier vertices until none is left).
+    pub warps_launched: u64,
 }
 
 /// Searches from `source` the graph whose `n + 1` vertex `offsets` are given and whose edges are
@@ -126,8 +130,9 @@ pub fn bfs(
         std::mem::forget(cache);
         std::mem::forget(region);
     }
+    let delivery = server.delivery().to_string();
     let stats = server.shutdown();
-    let (depths, levels, edges_scanned, seconds) = r?;
+    let (depths, levels, edges_scanned, seconds, warps_launched) = r?;
     Ok(GpuBfsRun {
         depths,
         levels,
@@ -135,6 +140,8 @@ pub fn bfs(
         seconds,
         server: stats,
         publisher,
+        delivery,
+        warps_launched,
     })
 }
 
@@ -148,7 +155,8 @@ fn read_u32(buf: &DeviceBuffer) -> Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-type Found = (Vec<i32>, u32, u64, f64);
+/// Depths, levels, edges scanned, seconds, warps launched.
+type Found = (Vec<i32>, u32, u64, f64, u64);
 
 fn search(
     w: &mut Workloads,
@@ -180,11 +188,13 @@ fn search(
 
     let max_warps = c.warps.clamp(1, (cache.arg().slots / 4).max(1));
     let mut frontier_len = 1u32;
+    let mut warps_launched = 0u64;
     let mut level = 0u32;
     let t0 = Instant::now();
     loop {
         upload(d, &[0u8; 4], next_len.ptr())?;
         let warps = frontier_len.min(max_warps);
+        warps_launched += warps as u64;
         let blocks = (warps * 32).div_ceil(BLOCK);
         let (
             mut a,
@@ -284,7 +294,13 @@ fn search(
         .collect();
     let mut s = [0u8; 8];
     scanned.read(0, &mut s)?;
-    Ok((depths, level + 1, u64::from_le_bytes(s), seconds))
+    Ok((
+        depths,
+        level + 1,
+        u64::from_le_bytes(s),
+        seconds,
+        warps_launched,
+    ))
 }
 
 /// Failed reads fail the search with their code (`Io`); destinations out of range mean a corrupt
