@@ -893,7 +893,9 @@ def s_rings():
             os.remove(out)
             log(f"bfs scale {scale} --mode {label}: {j['seconds']:.3f} s, {j['teps'] / 1e6:.1f} M TEPS, "
                 f"{j['levels']} levels, {j['vertices_reached']} reached; depths equal memory mode's: "
-                f"{depths.get(label) == depths.get('memory')}")
+                f"{depths.get(label) == depths.get('memory')}"
+                + (f"; {j['requests']} line requests, hit rate {j['hit_rate']:.3f}, "
+                   f"{j['requests_per_warp']:.2f} per warp" if "requests_per_warp" in j else ""))
     finally:
         for suffix in (".bel.col", ".bel.dst"):
             if os.path.exists(g + suffix):
