@@ -770,6 +770,18 @@ def s_python():
 RINGS_FILE = os.path.join(SHM_DIR, "gpuio-rings.bin")
 
 
+def host_randread(path, where, extra):
+    """The host engine's 4 KiB random reads of `path` (QD 64, 3 s): the reference of the rings."""
+    h, _, err = gpuio(["bench", "--file", path, "--pattern", "randread", "--block-size", "4K",
+                       "--queue-depth", "64", "--duration", "3", "--json"] + extra, timeout=30)
+    if h is None:
+        log(f"host engine randread{where} {' '.join(extra)}: FAILED {err}")
+        return
+    record("rings-host" + ("-disk" if where else ""), extra=extra, raw=h)
+    log(f"host engine 4K randread QD64{where} {' '.join(extra) or '(one thread)'}: {h['iops']:.0f} IOPS "
+        f"({h['backend']})")
+
+
 def s_rings():
     """Issue 15: GPU threads read through the request rings (random 4 KiB reads; a gather through
     the device cache, synchronous and with prefetch), every byte checked by gpuio itself, against the
@@ -804,14 +816,7 @@ def s_rings():
                 f"{j['publisher']}")
         # The engine's shared thread, and each application thread on its own ring (--local).
         for extra in ([], ["--threads", "4"], ["--local"], ["--local", "--threads", "4"]):
-            h, _, err = gpuio(["bench", "--file", RINGS_FILE, "--pattern", "randread", "--block-size", "4K",
-                               "--queue-depth", "64", "--duration", "3", "--json"] + extra, timeout=30)
-            if h is None:
-                log(f"host engine randread {' '.join(extra)}: FAILED {err}")
-                continue
-            record("rings-host", extra=extra, raw=h)
-            log(f"host engine 4K randread QD64 {' '.join(extra) or '(one thread)'}: {h['iops']:.0f} IOPS "
-                f"({h['backend']})")
+            host_randread(RINGS_FILE, "", extra)
         # The DLRM-style gather workload, host page cache against the kernel's device cache: same rows,
         # same checksum; prefetch (host: next batch; kernel: next row) against synchronous.
         sums = {}
@@ -836,25 +841,20 @@ def s_rings():
             if not drop_caches():
                 log("rings from the disk: the page cache cannot be dropped here (not root?): skipped")
             else:
-                j, _, err = gpuio(["rings", disk, "--device", DEVICE, "--threads", "4096", "--rows", "0",
-                                   "--json"], timeout=60)
-                if j is None:
-                    log(f"rings from the disk: FAILED {err}")
-                else:
-                    record("rings-disk", threads=4096, raw=j)
-                    log(f"rings from the disk {disk}, 4096 threads: kernel 4K random reads "
-                        f"{j['random_reads']['requests_per_sec']:.0f}/s ({j['random_reads']['verified_bytes']} "
-                        f"bytes checked)")
+                for delivery in ("copies", "kernel"):
+                    drop_caches()
+                    j, _, err = gpuio(["rings", disk, "--device", DEVICE, "--threads", "4096", "--rows", "0",
+                                       "--delivery", delivery, "--json"], timeout=60)
+                    if j is None:
+                        log(f"rings from the disk --delivery {delivery}: FAILED {err}")
+                        continue
+                    record("rings-disk", threads=4096, delivery=delivery, raw=j)
+                    log(f"rings from the disk {disk}, 4096 threads, --delivery {delivery}: kernel 4K random "
+                        f"reads {j['random_reads']['requests_per_sec']:.0f}/s "
+                        f"({j['random_reads']['verified_bytes']} bytes checked)")
                 for extra in ([], ["--local"]):
                     drop_caches()
-                    h, _, err = gpuio(["bench", "--file", disk, "--pattern", "randread", "--block-size", "4K",
-                                       "--queue-depth", "64", "--duration", "3", "--json"] + extra, timeout=30)
-                    if h is None:
-                        log(f"host engine randread from the disk {' '.join(extra)}: FAILED {err}")
-                        continue
-                    record("rings-host-disk", extra=extra, raw=h)
-                    log(f"host engine 4K randread QD64 from the disk {' '.join(extra) or '(one thread)'}: "
-                        f"{h['iops']:.0f} IOPS ({h['backend']})")
+                    host_randread(disk, " from the disk", extra)
         finally:
             if os.path.exists(disk):
                 os.remove(disk)

@@ -1056,6 +1056,26 @@ impl HostStream {
     }
 }
 
+impl HostStream {
+    /// What a device read of pinned, mapped host memory needs on the stand-in: mapping on, the
+    /// mapped address the host address itself, and the range pinned.
+    fn check_mapped_read(&self, host: *const u8, mapped: DevicePtr, len: usize) -> Result<()> {
+        if self.device.0.cfg.no_host_mapping {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the cpu stand-in was configured without host mapping",
+            ));
+        }
+        if mapped != host as u64 {
+            return Err(Error::invalid(format!(
+                "mapped address {mapped:#x} is not the device address of host {:#x}",
+                host as usize
+            )));
+        }
+        self.device.check_pinned(host as usize, len)
+    }
+}
+
 impl CopyStream for HostStream {
     unsafe fn copy_h2d_async(
         &mut self,
@@ -1082,19 +1102,7 @@ impl CopyStream for HostStream {
         len: usize,
         dst: DevicePtr,
     ) -> Result<Ticket> {
-        if self.device.0.cfg.no_host_mapping {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the cpu stand-in was configured without host mapping",
-            ));
-        }
-        if src_mapped != src_host as u64 {
-            return Err(Error::invalid(format!(
-                "mapped address {src_mapped:#x} is not the device address of host {:#x}",
-                src_host as usize
-            )));
-        }
-        self.device.check_pinned(src_host as usize, len)?;
+        self.check_mapped_read(src_host, src_mapped, len)?;
         self.device.check_range(dst, len)?;
         self.enqueue(
             CopyKind::HostToDeviceMapped,
@@ -1120,14 +1128,8 @@ impl CopyStream for HostStream {
     ) -> Result<Ticket> {
         // The stand-in makes each delivery a mapped copy and a value write, checked as those are;
         // it reads the descriptors now, where a GPU reads them when the launch runs.
-        if descs_mapped != descs_host as u64 {
-            return Err(Error::invalid(format!(
-                "mapped address {descs_mapped:#x} is not the device address of host {:#x}",
-                descs_host as usize
-            )));
-        }
         let bytes = n * std::mem::size_of::<DeliveryDesc>();
-        self.device.check_pinned(descs_host as usize, bytes)?;
+        self.check_mapped_read(descs_host as *const u8, descs_mapped, bytes)?;
         let mut last = None;
         for k in 0..n {
             // SAFETY: per the caller, n descriptors are readable at descs_host.

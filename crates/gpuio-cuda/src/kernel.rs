@@ -132,29 +132,12 @@ pub unsafe fn launch(
     ];
     // SAFETY: three parameters matching the kernel's (u64, u64, u64) signature; the caller
     // vouches for the memory.
-    let r = unsafe {
-        sys::cuLaunchKernel(
-            function,
-            blocks_for(n),
-            1,
-            1,
-            THREADS,
-            1,
-            1,
-            0,
-            stream,
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    if r == sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::new(
+    unsafe { launch_blocks(function, stream, blocks_for(n), &mut params) }.map_err(|r| {
+        Error::new(
             ErrorKind::Io,
             format!("launching the programmed-I/O copy of {n} bytes: {r:?}"),
-        ))
-    }
+        )
+    })
 }
 
 /// Launches `function` (a loaded [`CopyKernel`]'s, see [`CopyKernel::deliver_function`]) to make
@@ -180,10 +163,30 @@ pub unsafe fn launch_deliver(
     ];
     // SAFETY: two parameters matching the kernel's (const Delivery*, unsigned int) signature; the
     // caller vouches for the memory.
+    unsafe { launch_blocks(function, stream, n.min(BLOCKS_MAX as u32), &mut params) }.map_err(|r| {
+        Error::new(
+            ErrorKind::Io,
+            format!("launching the delivery of {n} ring requests: {r:?}"),
+        )
+    })
+}
+
+/// Launches `function` with `blocks` blocks of [`THREADS`] threads, no shared memory, on `stream`.
+///
+/// # Safety
+/// `params` matches the kernel's parameters, and the memory they name stays valid until the stream
+/// has run it.
+unsafe fn launch_blocks(
+    function: sys::CUfunction,
+    stream: sys::CUstream,
+    blocks: u32,
+    params: &mut [*mut c_void],
+) -> std::result::Result<(), sys::CUresult> {
+    // SAFETY: per the caller.
     let r = unsafe {
         sys::cuLaunchKernel(
             function,
-            n.min(BLOCKS_MAX as u32),
+            blocks,
             1,
             1,
             THREADS,
@@ -198,10 +201,7 @@ pub unsafe fn launch_deliver(
     if r == sys::CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
-        Err(Error::new(
-            ErrorKind::Io,
-            format!("launching the delivery of {n} ring requests: {r:?}"),
-        ))
+        Err(r)
     }
 }
 
