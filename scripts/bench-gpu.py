@@ -81,7 +81,7 @@ SHARD_INDEX = os.path.join(SHARD_DIR, "model.safetensors.index.json")
 SECTIONS = [
     ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("shards", 150), ("cold", 150),
     ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
-    ("pack", 90), ("pytest", 100), ("python", 150), ("rings", 220),
+    ("pack", 90), ("pytest", 100), ("python", 150), ("rings", 300),
 ]
 
 
@@ -798,8 +798,9 @@ def s_rings():
                                            (16384, 2, "kernel"), (4096, 4, "kernel"), (4096, 8, "copies"),
                                            (4096, 8, "kernel")):
             args = ["rings", RINGS_FILE, "--device", DEVICE, "--threads", str(threads),
-                    "--server-threads", str(servers), "--delivery", delivery, "--json"]
-            j, wall, err = gpuio(args, timeout=100)
+                    "--server-threads", str(servers), "--delivery", delivery, "--timeout", "30", "--json"]
+            # A kernel stuck past 30 s fails the run (gpuio cancels it); the child's own limit is a backstop.
+            j, wall, err = gpuio(args, timeout=45)
             if j is None:
                 log(f"rings --threads {threads} --server-threads {servers} --delivery {delivery}: FAILED {err}")
                 if not ON_GPU:
@@ -883,7 +884,7 @@ def s_rings():
                                    ("gpu-cache kernel delivery", "gpu-cache", gpu + ["--delivery", "kernel"])):
             out = os.path.join(SHM_DIR, "gpuio-depths")
             j, wall, err = gpuio(["bfs", g, "--source", str(source), "--mode", mode, "--cache-size", "20%",
-                                  "--depths-out", out, "--json"] + extra, timeout=90)
+                                  "--depths-out", out, "--json"] + extra, timeout=60)
             if j is None:
                 log(f"bfs --mode {label}: FAILED {err}")
                 continue
