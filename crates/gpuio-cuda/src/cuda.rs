@@ -575,6 +575,18 @@ impl CudaStream {
         // SAFETY: ctx is the primary context this stream retained.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
     }
+    /// The deliveries kernel's function, its module loaded into the context on first use (made
+    /// current first).
+    fn deliver_function(&mut self) -> Result<sys::CUfunction> {
+        self.bind()?;
+        match self
+            .kernel
+            .get_or_insert_with(crate::kernel::CopyKernel::load)
+        {
+            Ok(k) => Ok(k.deliver_function()),
+            Err(e) => Err(e.clone()),
+        }
+    }
     fn event(&mut self) -> Result<sys::CUevent> {
         if let Some(e) = self.spare.pop() {
             return Ok(e);
@@ -740,15 +752,7 @@ impl CopyStream for CudaStream {
     ) -> Result<Ticket> {
         let n = u32::try_from(n)
             .map_err(|_| Error::invalid(format!("{n} deliveries in one launch")))?;
-        // The kernel is loaded into the current context: make it this stream's first.
-        self.bind()?;
-        let kernel = match self
-            .kernel
-            .get_or_insert_with(crate::kernel::CopyKernel::load)
-        {
-            Ok(k) => k.deliver_function(),
-            Err(e) => return Err(e.clone()),
-        };
+        let kernel = self.deliver_function()?;
         self.enqueue(|s| {
             // SAFETY: per the caller, the descriptors (mapped pinned host memory) and what they name
             // stay valid until the ticket completes.
@@ -768,6 +772,13 @@ impl CopyStream for CudaStream {
                 w.symbol,
             )
         })
+    }
+    fn preload_deliver(&mut self) -> Result<()> {
+        // An empty launch (it reads no descriptor) makes the driver load the code now, while no
+        // kernel of ours is waiting on this stream.
+        // SAFETY: zero deliveries: the launch touches no memory.
+        let t = unsafe { self.deliver_async(std::ptr::null(), 0, 0)? };
+        self.wait(t)
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
         self.retire(ticket, false)

@@ -357,6 +357,18 @@ pub trait CopyStream: Send + fmt::Debug {
             "this stream has no batched delivery",
         ))
     }
+    /// Makes [`deliver_async`](Self::deliver_async) ready to run while other kernels run: loads its
+    /// code into the device and runs it once, empty, waiting for that. A GPU driver may load a
+    /// kernel's code only at its first launch and wait for the context to go idle to do so (CUDA's
+    /// lazy loading: the CUDA C++ Programming Guide, "Lazy Loading", on concurrent execution), which
+    /// a kernel spinning on this stream's deliveries never lets happen. Call it before such a kernel
+    /// is launched. [`ErrorKind::Unsupported`] where the stream has no batched delivery.
+    fn preload_deliver(&mut self) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this stream has no batched delivery",
+        ))
+    }
     /// Whether the copy of `ticket` (and so every copy before it) has finished. A failed copy is an
     /// error here and from every later call.
     fn is_done(&mut self, ticket: Ticket) -> Result<bool>;
@@ -1149,6 +1161,9 @@ impl CopyStream for HostStream {
             Some(t) => Ok(t),
             None => Ok(self.next - 1),
         }
+    }
+    fn preload_deliver(&mut self) -> Result<()> {
+        Ok(()) // the stand-in's deliveries are host code, always loaded
     }
     fn is_done(&mut self, ticket: Ticket) -> Result<bool> {
         let st = self.shared.state.lock();

@@ -144,6 +144,9 @@ pub unsafe fn launch(
 /// the `n` deliveries described at `descs` (the device address of mapped pinned host memory holding
 /// `n` [`DeliveryDesc`](crate::device::DeliveryDesc)s) on `stream`.
 ///
+/// `n` = 0 still launches (one block, which reads nothing): that is how a stream has the driver load
+/// the code before it is needed (see `CopyStream::preload_deliver`).
+///
 /// # Safety
 /// The descriptors stay readable and unchanged, and every source readable and destination and
 /// completion word writable by the device, until the stream has run it.
@@ -153,9 +156,6 @@ pub unsafe fn launch_deliver(
     descs: DevicePtr,
     n: u32,
 ) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
     let (mut d, mut count) = (descs, n);
     let mut params = [
         &mut d as *mut u64 as *mut c_void,
@@ -163,12 +163,14 @@ pub unsafe fn launch_deliver(
     ];
     // SAFETY: two parameters matching the kernel's (const Delivery*, unsigned int) signature; the
     // caller vouches for the memory.
-    unsafe { launch_blocks(function, stream, n.min(BLOCKS_MAX as u32), &mut params) }.map_err(|r| {
-        Error::new(
-            ErrorKind::Io,
-            format!("launching the delivery of {n} ring requests: {r:?}"),
-        )
-    })
+    unsafe { launch_blocks(function, stream, n.clamp(1, BLOCKS_MAX as u32), &mut params) }.map_err(
+        |r| {
+            Error::new(
+                ErrorKind::Io,
+                format!("launching the delivery of {n} ring requests: {r:?}"),
+            )
+        },
+    )
 }
 
 /// Launches `function` with `blocks` blocks of [`THREADS`] threads, no shared memory, on `stream`.

@@ -27,6 +27,12 @@
  * (mock_register_calls, mock_unregister_calls; mock_registered is the ranges registered now), and
  * MOCK_CUDA_FAIL_REGISTER_NTH=<n> makes the n-th cuMemHostRegister call (from 1) fail with
  * CUDA_ERROR_OUT_OF_MEMORY, registering nothing, as the driver does when it cannot lock the pages.
+ *
+ * Lazy loading: a driver may load a kernel's code only at its first launch, and wait for the context
+ * to go idle to do it (the CUDA C++ Programming Guide, "Lazy Loading"); a kernel that spins until
+ * that launch has run then never lets it. The CPU threads playing a long-running kernel say so with
+ * mock_kernel_started() / mock_kernel_stopped(); meanwhile loading a module, or a function's first
+ * launch, is a refused call (CUDA_ERROR_NOT_READY here, a deadlock on a GPU).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -63,6 +69,8 @@ enum {
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int initialized;
+/* A kernel that waits on other launches is running (the test's CPU threads play it). */
+static int kernel_running;
 static int ctx_refs;      /* primary context retain count */
 static int ctx_gen = 1;   /* bumped when the primary context is reset (last release) */
 static int primary_ctx_storage;
@@ -93,7 +101,7 @@ struct stream { int live; int gen; long seq_done; long seq_next; struct op ops[M
 struct event { int live; int gen; struct stream *s; long seq; int queried; };
 struct module { int gen; int unloaded; int has_deliver; };
 /* kind 0: gpuio_copy_mapped(src, dst, n); 1: gpuio_deliver(descs, n) */
-struct function { int gen; struct module *mod; int kind; };
+struct function { int gen; struct module *mod; int kind; int loaded; };
 struct delivery { uint64_t src, dst, len, word_addr, word; };
 
 static CUresult bad(CUresult r, const char *fmt, const char *what) {
@@ -178,7 +186,8 @@ static void run_op(struct op *o) {
     }
     case 4: {
         /* The descriptors must be mapped host memory still registered; each source mapped host or
-         * device memory, each destination and word device memory. */
+         * device memory, each destination and word device memory. No descriptors: nothing read. */
+        if (o->n == 0) break;
         uintptr_t ds = o->dev_a >> 60 == 2 ? dev_to_host(o->dev_a, o->n * sizeof(struct delivery), 0) : 0;
         if (!ds) { n_faults++; sticky_error = ILLEGAL_ADDRESS; return; }
         for (size_t k = 0; k < o->n; k++) {
@@ -601,7 +610,8 @@ CUresult cuModuleLoadData(void **m, const void *image) {
     pthread_mutex_lock(&lock);
     CTX();
     CUresult r = SUCCESS;
-    if (!image) r = BAD(INVALID_VALUE, "null image");
+    if (kernel_running) r = BAD(NOT_READY, "loading code while a kernel runs (a driver may wait for the context to go idle: deadlock)");
+    else if (!image) r = BAD(INVALID_VALUE, "null image");
     else if (!strstr((const char *)image, ".entry gpuio_copy_mapped")) r = BAD(INVALID_IMAGE, "no gpuio_copy_mapped entry");
     else {
         struct module *mod = malloc(sizeof *mod);
@@ -622,7 +632,7 @@ CUresult cuModuleGetFunction(void **f, void *m, const char *name) {
         r = BAD(NOT_FOUND, "unknown function");
     else {
         struct function *fn = malloc(sizeof *fn);
-        fn->gen = mod->gen; fn->mod = mod; fn->kind = strcmp(name, "gpuio_deliver") == 0;
+        fn->gen = mod->gen; fn->mod = mod; fn->kind = strcmp(name, "gpuio_deliver") == 0; fn->loaded = 0;
         *f = fn;
     }
     pthread_mutex_unlock(&lock);
@@ -653,7 +663,10 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
     else if (shared > 48 * 1024) r = BAD(INVALID_VALUE, "too much shared memory");
     else if (!valid_stream(s)) r = BAD(INVALID_HANDLE, "not a live stream");
     else if (!params || extra) r = BAD(INVALID_VALUE, "kernelParams must be given, extra null");
+    else if (!fn->loaded && kernel_running)
+        r = BAD(NOT_READY, "a function's first launch (its code loaded lazily) while a kernel runs: a driver may wait for the context to go idle, which the running kernel never lets happen (deadlock)");
     else {
+        fn->loaded = 1;
         /* The parameters are read now, as the driver does: the caller's locals may die after. */
         n_launches++;
         if (fn->kind == 1) {
@@ -673,6 +686,8 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
 /* ---- counters for the test ---- */
 
 long mock_kernel_launches(void) { return n_launches; }
+long mock_kernel_started(void) { pthread_mutex_lock(&lock); kernel_running = 1; pthread_mutex_unlock(&lock); return 1; }
+long mock_kernel_stopped(void) { pthread_mutex_lock(&lock); kernel_running = 0; pthread_mutex_unlock(&lock); return 0; }
 long mock_deliveries(void) { return n_deliveries; }
 long mock_h2d_copies(void) { return n_h2d; }
 long mock_dma_copies(void) { return n_dma; }

@@ -441,8 +441,12 @@ fn serve_and_check(
     let producer = unsafe { RingProducer::with_device_bias(s.region.clone(), bias) };
     let writes_before = counter("mock_stream_writes");
     let (deliveries_before, h2d_before) = (counter("mock_deliveries"), counter("mock_h2d_copies"));
+    // From here the CPU producers play a kernel that spins on the rings: the server may load no
+    // code now (a GPU driver's lazy loading would deadlock).
+    counter("mock_kernel_started");
     let (seen, _) = {
         let stats_seen = produce(&s, &producer, rounds, true);
+        counter("mock_kernel_stopped");
         let stats = server.shutdown();
         eprintln!("{want}: {:?}; {stats:?}", stats_seen.0);
         assert_eq!(stats.requests, stats_seen.0.ok + stats_seen.0.failed);

@@ -514,9 +514,19 @@ impl RingServer {
                 .collect();
             // On a failure here `pins` is released first, while the pool and slabs still hold the
             // memory; once the worker exists, its Drop does that.
-            let made = device
-                .copy_stream()
-                .and_then(|stream| Ok((stream, engine.queue(QueueDesc::default())?, publisher()?)));
+            // With the kernel delivery, its code is loaded now, before any kernel waits on it (see
+            // `CopyStream::preload_deliver`: a first launch under a running kernel can deadlock).
+            let made = device.copy_stream().and_then(|mut stream| {
+                if kernel.is_some() {
+                    stream.preload_deliver().map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            format!("preparing the kernel delivery on {}: {e}", device.label()),
+                        )
+                    })?;
+                }
+                Ok((stream, engine.queue(QueueDesc::default())?, publisher()?))
+            });
             let (stream, queue, publish) = match made {
                 Ok(m) => m,
                 Err(e) => {
