@@ -37,6 +37,7 @@ constexpr u32 CLAIM_ATTEMPTS = 64;       // tail CAS attempts per submission
 constexpr u64 SUBMIT_NS = 10000000000ull;  // waiting for a free slot of a full ring before E_TIMEDOUT (10 s)
 constexpr u64 WAIT_NS = 10000000000ull;  // completion wait before E_TIMEDOUT (10 s)
 constexpr u32 BUSY_WAITS = 1u << 20;     // lookups of a BUSY line before E_TIMEDOUT
+constexpr u64 CLAIM_WAIT_NS = 1000000000ull;  // a miss finding no line to evict, before E_BUSY (1 s)
 constexpr u32 CAS_ATTEMPTS = 64;
 
 struct RegionHeader {
@@ -357,8 +358,15 @@ __device__ inline void fill_failed(const CacheDesc& c, u32 p, u32 s, bool had_sl
 }
 
 // Pins line `p` (filling it on a miss); its slot in *slot. 0 or an error code.
+//
+// A miss that finds no line to evict (every slot pinned, being filled, or just used: with thousands
+// of warps missing at once that is a passing state, run 7 of docs/gpu-runs saw a BFS level fail on
+// it) gives the line back, pauses, and looks again; E_BUSY only when that lasts CLAIM_WAIT_NS (BaM
+// issue #11: an error, never a hang). The twin (src/rings/line.rs) makes one claim per call: the
+// retry is this policy on top of the same transitions.
 __device__ inline int acquire(const CacheDesc& c, u32 p, u32* slot) {
   Backoff b;
+  u64 busy_since = 0;
   for (u32 i = 0; i <= BUSY_WAITS; ++i) {
     LookupKind k;
     int e = lookup(c, p, &k, slot);
@@ -372,7 +380,14 @@ __device__ inline int acquire(const CacheDesc& c, u32 p, u32* slot) {
     e = claim_slot(c, &s);
     if (e) {
       fill_failed(c, p, 0, false);
-      return e;
+      const u64 now = clock_ns();
+      if (busy_since == 0) {
+        busy_since = now;
+      } else if (now - busy_since > CLAIM_WAIT_NS) {
+        return e;
+      }
+      b.snooze();
+      continue;
     }
     e = line_io(c, OP_READ, p, s);
     if (e) {
@@ -383,7 +398,7 @@ __device__ inline int acquire(const CacheDesc& c, u32 p, u32* slot) {
     *slot = s;
     return 0;
   }
-  return E_TIMEDOUT;
+  return busy_since ? E_BUSY : E_TIMEDOUT;
 }
 
 // Writes line `p` back if MODIFIED and unpinned: 1 written, 0 clean, E_BUSY (pinned/busy), or the
@@ -437,9 +452,10 @@ struct array {
       return t;
     }
     u32 s;
-    t.err = claim_slot(c, &s);
-    if (t.err) {
+    if (claim_slot(c, &s) != 0) {
+      // No line to evict now: give the line back and let wait() acquire it (it retries).
       fill_failed(c, t.line, 0, false);
+      t.slot = SLOT_RESERVED;
       return t;
     }
     Request r;

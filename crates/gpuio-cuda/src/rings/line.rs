@@ -306,6 +306,9 @@ impl<W: Word32> LineCache<W> {
 
     /// Looks line `p` up and fills it on a miss (`load(line, slot)`), backing off with `snooze`
     /// while it is busy, at most `waits` times ([`code::ETIMEDOUT`] then). Returns the slot, pinned.
+    /// A miss that finds no slot gives the line back and returns [`code::EBUSY`] at once; the
+    /// device's `acquire` (gpuio.cuh) calls the same transitions again after a pause, for up to
+    /// `CLAIM_WAIT_NS`, since with thousands of warps missing at once that state passes.
     pub fn acquire(
         &self,
         p: u32,
