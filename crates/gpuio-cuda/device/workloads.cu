@@ -102,6 +102,9 @@ extern "C" __global__ void gpuio_bfs_level(gpuio::array<u64> edges, u64 edge_bas
     const u64 start = offsets[v], end = offsets[v + 1];
     if (lane == 0) atomicAdd(scanned, end - start);
     for (u64 base = start; base < end; base += 32) {
+      // The whole warp (the loop is warp-uniform) meets here, so read()'s coalescing sees every
+      // lane that wants a line, not those left apart by the last batch's branches.
+      __syncwarp();
       const u64 e = base + lane;
       if (e < end) {
         int err = 0;

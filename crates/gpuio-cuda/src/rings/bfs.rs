@@ -274,6 +274,19 @@ fn search(
                 format!("level {level} claims {found} new vertices of {n}: the kernel misbehaved"),
             ));
         }
+        // The next frontier in vertex order: warp k takes frontier[k], so the warps running at
+        // once then read neighbouring vertices' edges, which share cache lines (in discovery
+        // order they are random lines, and a cache of a fifth of the edges thrashes: run 8 of
+        // docs/gpu-runs read the 251 MB edge file 158 times over). BaM's BFS gets the same
+        // order by scanning the vertices in order each level.
+        let mut order = vec![0u8; found as usize * 4];
+        nxt.read(0, &mut order)?;
+        let mut vertices: Vec<u32> = order
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        vertices.sort_unstable();
+        upload(d, &words(&vertices), nxt.ptr())?;
         std::mem::swap(&mut cur, &mut nxt);
         frontier_len = found;
         level += 1;
