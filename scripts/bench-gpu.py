@@ -375,6 +375,7 @@ def run_peers(path, tag, rounds=1, cold=False, check=True, peers=PEERS, timeout=
     if not ON_GPU:
         log(f"{tag} peers: skipped (DEVICE={DEVICE}: the peers load onto a GPU)")
         return
+    install_wheels()
     try:
         p = subprocess.run([sys.executable, "-c", PEER_CHILD, path, tag, ",".join(peers), str(rounds),
                             "1" if cold else "0", "1" if check else "0",
@@ -408,7 +409,13 @@ def s_env():
     p = subprocess.run([GPUIO, "info", "--json"], capture_output=True, text=True, timeout=60)
     open(os.path.join(OUT, "info.json"), "w").write(p.stdout + p.stderr)
     log(f"gpuio info: exit {p.returncode}")
-    if ON_GPU and os.path.isdir(WHEELS):
+    install_wheels(force=True)
+
+
+def install_wheels(force=False):
+    """The peers' wheels and gpuio's into SITE: always from the env section, else where missing
+    (every Python section needs them; run 9 ran pytest without the env section and found no gpuio)."""
+    if ON_GPU and os.path.isdir(WHEELS) and (force or not os.path.isdir(os.path.join(SITE, "gpuio"))):
         log(sh(f"{sys.executable} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
                f"--upgrade --target {SITE} {WHEELS}/*.whl {PY_WHEELS}/gpuio-*.whl 2>&1 | tail -3; ls {SITE}",
                timeout=120)[-600:])
@@ -729,6 +736,7 @@ open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
 def python_env():
     """The interpreter and environment with the package: carried (GPU) or scripts/test-python.sh's."""
     if ON_GPU:
+        install_wheels()
         py, env = sys.executable, dict(os.environ, PYTHONPATH=SITE + ":" + os.environ.get("PYTHONPATH", ""))
     else:  # the rehearsal: the package as scripts/test-python.sh installed it
         py, env = os.path.join(ROOT, "target/py-venv/bin/python"), dict(os.environ)
