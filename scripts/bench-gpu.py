@@ -896,6 +896,7 @@ def bfs_scale(scale):
         depths = {}
         gpu = ["--device", DEVICE]
         for label, mode, extra in (("memory", "memory", []), ("cache", "cache", []),
+                                   ("gpu-memory", "gpu-memory", gpu),
                                    ("gpu-cache kernel delivery", "gpu-cache", gpu + ["--delivery", "kernel"]),
                                    ("gpu-cache", "gpu-cache", gpu)):
             out = os.path.join(SHM_DIR, "gpuio-depths")
@@ -909,7 +910,8 @@ def bfs_scale(scale):
                 depths[label] = f.read()
             os.remove(out)
             log(f"bfs scale {scale} --mode {label}: {j['seconds']:.3f} s, {j['teps'] / 1e6:.1f} M TEPS, "
-                f"{j['levels']} levels, {j['vertices_reached']} reached; depths equal memory mode's: "
+                + (f"(load {j['load_seconds']:.3f} s apart) " if j.get("load_seconds") else "")
+                + f"{j['levels']} levels, {j['vertices_reached']} reached; depths equal memory mode's: "
                 f"{depths.get(label) == depths.get('memory')}"
                 + (f"; {j['requests']} line requests, hit rate {j['hit_rate']:.3f}, "
                    f"{j['requests_per_warp']:.2f} per warp, {j['bytes_read'] / 1e9:.2f} GB read" if "requests_per_warp" in j else ""))

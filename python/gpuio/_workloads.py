@@ -50,8 +50,9 @@ def bfs(prefix: _Path, source: int, *, mode: str = "cache", cache_size: Optional
         progress_interval: float = 0.1, device: str = "cuda:0") -> dict:
     """Breadth-first search of the graph at ``prefix`` from ``source``. ``mode``: ``"cache"`` (the
     edge file through gpu-io's page cache; ``cache_size`` like ``"20%"`` or ``"256M"``), ``"memory"``,
-    ``"mmap"``, or ``"gpu-cache"`` (on the GPU ``device``: a kernel reads the edges itself through a
-    device cache of ``cache_size``). Returns the summary, with ``depths`` a numpy int32 array (-1:
+    ``"mmap"``, ``"gpu-cache"`` (on the GPU ``device``: a kernel reads the edges itself through a
+    device cache of ``cache_size``) or ``"gpu-memory"`` (the same search with every edge copied into
+    device memory first: gpu-cache's in-memory reference). Returns the summary, with ``depths`` a numpy int32 array (-1:
     unreachable). ``progress``: see the module docs (one step per level)."""
     r = _gpuio._graph_bfs(os.fspath(prefix), source, mode, cache_size, line_size, queue_depth,
                           coalesce, None if depths_out is None else os.fspath(depths_out), progress,

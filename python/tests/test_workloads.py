@@ -59,8 +59,9 @@ def test_gpu_cache_modes_match_the_host_or_say_they_need_a_gpu(tmp_path):
     table = tmp_path / "t.bin"
     np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8).tofile(table)
     if device == "cpu":
-        with pytest.raises(gpuio.Error, match="cpu runs no kernels"):
-            gpuio.graph.bfs(prefix, 1, mode="gpu-cache", device=device)
+        for mode in ("gpu-cache", "gpu-memory"):
+            with pytest.raises(gpuio.Error, match="cpu runs no kernels"):
+                gpuio.graph.bfs(prefix, 1, mode=mode, device=device)
         with pytest.raises(gpuio.Error, match="cpu runs no kernels"):
             gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device)
         with pytest.raises(ValueError):
@@ -72,6 +73,10 @@ def test_gpu_cache_modes_match_the_host_or_say_they_need_a_gpu(tmp_path):
     # BaM's figures: line requests, the lookups they were misses of, requests per warp.
     assert 0 < gpu["requests"] <= gpu["line_lookups"], gpu
     assert 0.0 <= gpu["hit_rate"] < 1.0 and gpu["requests_per_warp"] > 0, gpu
+    # The in-memory reference on the GPU finds the same depths, its load reported apart.
+    mem = gpuio.graph.bfs(prefix, 1, mode="gpu-memory", device=device)
+    assert np.array_equal(host["depths"], mem["depths"])
+    assert mem["load_seconds"] > 0, mem
     a = gpuio.gather(table, 256, 8, 4)
     b = gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device)
     assert a["run"]["checksum"] == b["run"]["checksum"]

@@ -21,6 +21,9 @@ pub enum Mode {
     Mmap,
     /// On a GPU (--device): the kernel reads the edges itself through a device cache of --cache-size.
     GpuCache,
+    /// On a GPU (--device), the whole edge file copied into device memory first (load time
+    /// reported apart): the in-memory reference of gpu-cache.
+    GpuMemory,
 }
 
 impl From<Mode> for wl::Mode {
@@ -30,6 +33,7 @@ impl From<Mode> for wl::Mode {
             Mode::Memory => wl::Mode::Memory,
             Mode::Mmap => wl::Mode::Mmap,
             Mode::GpuCache => wl::Mode::GpuCache,
+            Mode::GpuMemory => wl::Mode::GpuMemory,
         }
     }
 }
@@ -66,7 +70,7 @@ pub struct BfsArgs {
     /// Write every vertex's depth here as little-endian i32, -1 for unreachable.
     #[arg(long, value_name = "FILE")]
     depths_out: Option<PathBuf>,
-    /// The GPU of --mode gpu-cache.
+    /// The GPU of --mode gpu-cache and gpu-memory.
     #[arg(long, default_value = "cuda:0")]
     device: String,
     /// How the ring server hands lines to the GPU in --mode gpu-cache: "copies" (a DMA and a stream

@@ -122,6 +122,31 @@ extern "C" __global__ void gpuio_bfs_level(gpuio::array<u64> edges, u64 edge_bas
   }
 }
 
+// The same level with every edge already in device memory (`edges`: the whole .bel.dst file, header
+// included, so edge e is element e + edge_base as above): the reference the device cache is measured
+// against (issue 15: "BFS with all edges in GPU memory"). Same warps, same order, same claims.
+extern "C" __global__ void gpuio_bfs_level_mem(const u64* __restrict__ edges, u64 edge_base,
+                                               const u64* offsets, u64 n, const u32* frontier,
+                                               u32 frontier_len, u32* next, u32* next_len, u32* depth,
+                                               u32 level, int* errors, u64* scanned) {
+  const int lane = threadIdx.x & 31;
+  const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+  const u64 warps = (gridDim.x * (u64)blockDim.x) >> 5;
+  for (u64 k = warp; k < frontier_len; k += warps) {
+    const u32 v = frontier[k];
+    const u64 start = offsets[v], end = offsets[v + 1];
+    if (lane == 0) atomicAdd(scanned, end - start);
+    for (u64 e = start + lane; e < end; e += 32) {
+      const u64 u = edges[e + edge_base];
+      if (u >= n) {
+        if (atomicAdd(&errors[1], 1) == 0) errors[3] = (int)(e & 0x7fffffff);
+      } else if (atomicCAS(&depth[u], 0xffffffffu, level + 1) == 0xffffffffu) {
+        next[atomicAdd(next_len, 1u)] = (u32)u;
+      }
+    }
+  }
+}
+
 // Layout probe for the host: the sizes and offsets of the argument structs, written to out[] so a
 // test on a GPU can compare them with the Rust structs too (tests/rings_nvrtc.rs checks them at
 // compile time with static_assert).

@@ -229,9 +229,10 @@ fn _graph_bfs<'py>(
         "memory" => bfs::Mode::Memory,
         "mmap" => bfs::Mode::Mmap,
         "gpu-cache" => bfs::Mode::GpuCache,
+        "gpu-memory" => bfs::Mode::GpuMemory,
         m => {
             return Err(PyValueError::new_err(format!(
-                "mode {m:?}: cache, memory, mmap or gpu-cache"
+                "mode {m:?}: cache, memory, mmap, gpu-cache or gpu-memory"
             )))
         }
     };

@@ -45,6 +45,9 @@ pub enum Mode {
     /// On a GPU ([`BfsConfig::device`]): the offsets and depths in device memory, the edges read by
     /// the kernel itself through the device cache and the request rings (`gpuio_cuda::rings::bfs`).
     GpuCache,
+    /// On a GPU, with the whole edge file copied into device memory first (load time reported
+    /// apart): the reference [`Mode::GpuCache`] is measured against, BaM's in-memory BFS.
+    GpuMemory,
 }
 
 impl Mode {
@@ -55,6 +58,7 @@ impl Mode {
             Mode::Memory => "memory",
             Mode::Mmap => "mmap",
             Mode::GpuCache => "gpu-cache",
+            Mode::GpuMemory => "gpu-memory",
         }
     }
 }
@@ -762,6 +766,34 @@ pub fn bfs_with(cfg: &BfsConfig, progress: Report<'_>) -> Result<BfsResult> {
         Mode::GpuCache => {
             let (t, g) = traverse_gpu(cfg, &bel, source, progress)?;
             gpu = Some(g);
+            (t, None)
+        }
+        Mode::GpuMemory => {
+            let device = gpuio_cuda::open_device(&cfg.device)?;
+            report(
+                progress,
+                Progress::Phase(format!(
+                    "loading {} into {}, then searching there",
+                    bel.dst_path.display(),
+                    device.label()
+                )),
+            )?;
+            let run = gpuio_cuda::rings::bfs::bfs_in_memory(
+                &device,
+                &bel.dst_path,
+                &bel.offsets,
+                source as u64,
+                &gpuio_cuda::rings::bfs::GpuBfsConfig::default(),
+            )?;
+            load_seconds = Some(run.load_seconds);
+            let reached = run.depths.iter().filter(|&&d| d >= 0).count() as u64;
+            let t = Traversal {
+                depths: run.depths,
+                levels: run.levels,
+                reached,
+                scanned: run.edges_scanned,
+                seconds: run.seconds,
+            };
             (t, None)
         }
         Mode::Cache => {

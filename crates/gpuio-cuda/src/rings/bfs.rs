@@ -84,17 +84,7 @@ pub fn bfs(
     source: u64,
     c: &GpuBfsConfig,
 ) -> Result<GpuBfsRun> {
-    let n = offsets.len().saturating_sub(1) as u64;
-    if n == 0 || n >= u32::MAX as u64 {
-        return Err(Error::invalid(format!(
-            "a graph of {n} vertices: 1..2^32-1 are supported"
-        )));
-    }
-    if source >= n {
-        return Err(Error::invalid(format!(
-            "source vertex {source} is not in a graph of {n} vertices"
-        )));
-    }
+    let n = check_graph(offsets, source)?;
     let mut w = Workloads::load(device)?;
     let file = File::open(edge_file)?;
     let size = file.len()?;
@@ -124,7 +114,7 @@ pub fn bfs(
     let publisher = server
         .publisher()
         .map_or_else(String::new, |p| format!("{}: {}", p.kind.name(), p.reason));
-    let r = search(&mut w, &cache, offsets, n, source, c);
+    let r = search(&mut w, Edges::Cache(&cache), offsets, n, source, c);
     if r.is_err() && w.hung() {
         // A kernel still running reads the cache and the rings: keep them.
         std::mem::forget(cache);
@@ -145,6 +135,79 @@ pub fn bfs(
     })
 }
 
+/// What [`bfs_in_memory`] found and cost.
+#[derive(Debug, Clone)]
+pub struct GpuMemoryBfsRun {
+    /// Every vertex's depth, -1 for unreachable.
+    pub depths: Vec<i32>,
+    pub levels: u32,
+    pub edges_scanned: u64,
+    /// From the first level's launch to the last level's end.
+    pub seconds: f64,
+    /// Reading the edge file and copying it into device memory, before the search.
+    pub load_seconds: f64,
+    pub warps_launched: u64,
+}
+
+/// The reference of [`bfs`]: the same search, same kernel shape and frontier order, with the whole
+/// edge file copied into device memory first (`gpuio_bfs_level_mem`); what BaM calls the
+/// in-memory BFS. Needs device memory for the edge file and the depths.
+pub fn bfs_in_memory(
+    device: &Arc<dyn Device>,
+    edge_file: &Path,
+    offsets: &[u64],
+    source: u64,
+    c: &GpuBfsConfig,
+) -> Result<GpuMemoryBfsRun> {
+    let n = check_graph(offsets, source)?;
+    let mut w = Workloads::load(device)?;
+    let t0 = Instant::now();
+    let bytes = std::fs::read(edge_file)
+        .map_err(|e| Error::from_io(gpuio::error::Op::Read, &e).with_path(edge_file))?;
+    let edges = DeviceBuffer::alloc(device, bytes.len().max(8))?;
+    upload(device.as_ref(), &bytes, edges.ptr())?;
+    drop(bytes);
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let r = search(&mut w, Edges::Memory(edges.ptr()), offsets, n, source, c);
+    if r.is_err() && w.hung() {
+        std::mem::forget(edges); // a kernel still running reads it
+    }
+    let (depths, levels, edges_scanned, seconds, warps_launched) = r?;
+    Ok(GpuMemoryBfsRun {
+        depths,
+        levels,
+        edges_scanned,
+        seconds,
+        load_seconds,
+        warps_launched,
+    })
+}
+
+/// Where a level's kernel reads the edges.
+#[derive(Clone, Copy)]
+enum Edges<'a> {
+    /// Through the device cache (`gpuio_bfs_level`).
+    Cache(&'a DeviceCache),
+    /// The edge file in device memory at this address (`gpuio_bfs_level_mem`).
+    Memory(u64),
+}
+
+/// The vertex count of a graph with these offsets, checked against the source.
+fn check_graph(offsets: &[u64], source: u64) -> Result<u64> {
+    let n = offsets.len().saturating_sub(1) as u64;
+    if n == 0 || n >= u32::MAX as u64 {
+        return Err(Error::invalid(format!(
+            "a graph of {n} vertices: 1..2^32-1 are supported"
+        )));
+    }
+    if source >= n {
+        return Err(Error::invalid(format!(
+            "source vertex {source} is not in a graph of {n} vertices"
+        )));
+    }
+    Ok(n)
+}
+
 fn words(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -160,7 +223,7 @@ type Found = (Vec<i32>, u32, u64, f64, u64);
 
 fn search(
     w: &mut Workloads,
-    cache: &DeviceCache,
+    edges: Edges<'_>,
     offsets: &[u64],
     n: u64,
     source: u64,
@@ -186,7 +249,13 @@ fn search(
     let scanned = DeviceBuffer::alloc(&device, 8)?;
     upload(d, &[0u8; 8], scanned.ptr())?;
 
-    let max_warps = c.warps.clamp(1, (cache.arg().slots / 4).max(1));
+    let (max_warps, kernel) = match edges {
+        Edges::Cache(cache) => (
+            c.warps.clamp(1, (cache.arg().slots / 4).max(1)),
+            super::kernels::BFS_LEVEL,
+        ),
+        Edges::Memory(_) => (c.warps.max(1), super::kernels::BFS_LEVEL_MEM),
+    };
     let mut frontier_len = 1u32;
     let mut warps_launched = 0u64;
     let mut level = 0u32;
@@ -196,8 +265,16 @@ fn search(
         let warps = frontier_len.min(max_warps);
         warps_launched += warps as u64;
         let blocks = (warps * 32).div_ceil(BLOCK);
+        // The first parameter: the cache's descriptor, or the edges' device address.
+        let (mut a, mut edges_ptr) = match edges {
+            Edges::Cache(cache) => (Some(cache.arg()), 0u64),
+            Edges::Memory(ptr) => (None, ptr),
+        };
+        let first = match a.as_mut() {
+            Some(a) => a as *mut CacheArg as *mut std::ffi::c_void,
+            None => &mut edges_ptr as *mut u64 as *mut std::ffi::c_void,
+        };
         let (
-            mut a,
             mut base,
             mut op,
             mut nn,
@@ -209,21 +286,7 @@ fn search(
             mut lv,
             mut ep,
             mut sp,
-        ): (
-            CacheArg,
-            u64,
-            u64,
-            u64,
-            u64,
-            u32,
-            u64,
-            u64,
-            u64,
-            u32,
-            u64,
-            u64,
-        ) = (
-            cache.arg(),
+        ): (u64, u64, u64, u64, u32, u64, u64, u64, u32, u64, u64) = (
             BEL_HEADER_ELEMENTS,
             off.ptr(),
             n,
@@ -237,7 +300,7 @@ fn search(
             scanned.ptr(),
         );
         let mut params = [
-            &mut a as *mut CacheArg as *mut std::ffi::c_void,
+            first,
             &mut base as *mut u64 as *mut _,
             &mut op as *mut u64 as *mut _,
             &mut nn as *mut u64 as *mut _,
@@ -251,11 +314,9 @@ fn search(
             &mut sp as *mut u64 as *mut _,
         ];
         // SAFETY: the parameters match gpuio_bfs_level(array<u64>, u64, const u64*, u64, const
-        // u32*, u32, u32*, u32*, u32*, u32, int*, u64*); every buffer lives past the wait below.
-        unsafe {
-            w.module()
-                .launch(super::kernels::BFS_LEVEL, blocks, BLOCK, &mut params)?
-        };
+        // u32*, u32, u32*, u32*, u32*, u32, int*, u64*), or gpuio_bfs_level_mem with a const u64*
+        // first; every buffer (and `a` or `edges_ptr`) lives past the wait below.
+        unsafe { w.module().launch(kernel, blocks, BLOCK, &mut params)? };
         if let Err(e) = w.module().synchronize(c.level_timeout) {
             if w.hung() {
                 // The kernel may still use every one of them.

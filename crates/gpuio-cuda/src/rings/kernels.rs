@@ -32,11 +32,19 @@ pub const RAND_READS: &str = "gpuio_rand_reads";
 pub const GATHER_ROWS: &str = "gpuio_gather_rows";
 /// `gpuio_bfs_level`: one BFS level with the edges read through the device cache (`super::bfs`).
 pub const BFS_LEVEL: &str = "gpuio_bfs_level";
+/// The same level with the edges in device memory (the in-memory reference).
+pub const BFS_LEVEL_MEM: &str = "gpuio_bfs_level_mem";
 /// `gpuio_layout_probe`: the kernels' view of the shared structures' layout.
 pub const LAYOUT_PROBE: &str = "gpuio_layout_probe";
 /// Every entry point of [`WORKLOADS_PTX`], all loaded by [`Workloads::load`] (a launch of a name not
 /// loaded fails; a test checks this list against the PTX's `.entry` lines).
-pub const ENTRIES: [&str; 4] = [RAND_READS, GATHER_ROWS, BFS_LEVEL, LAYOUT_PROBE];
+pub const ENTRIES: [&str; 5] = [
+    RAND_READS,
+    GATHER_ROWS,
+    BFS_LEVEL,
+    BFS_LEVEL_MEM,
+    LAYOUT_PROBE,
+];
 /// Threads per block of every launch.
 pub const BLOCK: u32 = 256;
 
