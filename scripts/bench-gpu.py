@@ -726,9 +726,16 @@ dtypes_ok = sum(ts[k].dtype == ref[k].dtype and ts[k].shape == ref[k].shape for 
 del ts; gc.collect(); torch.cuda.synchronize()
 torch.cuda.empty_cache()  # torch.equal's temporaries (the largest tensor's size in bools) stay cached otherwise
 free2 = torch.cuda.mem_get_info()[0]
+# A second load and release: what the first left behind once (run 7: 96.5 MB, the driver's code and
+# contexts' first use, or gpu-io's) against what every load leaves (a leak would show here again).
+m = gpuio.load_safetensors(path, device="cuda:0", framework="dlpack")
+ts = {k: torch.from_dlpack(v) for k, v in m.items()}
+del m, ts; gc.collect(); torch.cuda.synchronize(); torch.cuda.empty_cache()
+free3 = torch.cuda.mem_get_info()[0]
 rec = dict(kind="python-zerocopy", tensors=len(ref), same_data_ptr=same_ptr, dtype_shape_equal=dtypes_ok,
            mismatches=len(bad), span_bytes=hi - lo, tensor_bytes=total, load_s=load_s,
-           device_bytes_taken=free0 - free1, device_bytes_not_returned=free0 - free2)
+           device_bytes_taken=free0 - free1, device_bytes_not_returned=free0 - free2,
+           second_load_bytes_not_returned=free2 - free3)
 open(out, "a").write(json.dumps(rec) + "\n"); print(json.dumps(rec), flush=True)
 """
 
