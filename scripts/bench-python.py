@@ -3,6 +3,7 @@
 
     scripts/test-python.sh -q -k nothing     # builds the package into target/py-venv (once)
     target/py-venv/bin/python scripts/bench-python.py [ROUNDS] [SIZE_MIB]
+    PARTS=loads TMPDIR=/mnt/lo target/py-venv/bin/python scripts/bench-python.py 5 1024
 
 1. load_safetensors(device="cpu") against safetensors.numpy.load_file on the same file (float32
    tensors, SIZE_MIB in all), cold (page cache dropped: written back, then POSIX_FADV_DONTNEED) and
@@ -224,10 +225,16 @@ def per_call():
 
 def main():
     work = tempfile.mkdtemp(prefix="gpuio-pybench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    # PARTS=loads,random,per_call (default all); TMPDIR picks the file system, e.g. one on a RAM-backed
+    # loop device (`losetup --direct-io=on`) to stand in for storage faster than one core's copies.
+    parts = os.environ.get("PARTS", "loads,random,per_call").split(",")
     try:
-        loads(work)
-        random_reads(work)
-        per_call()
+        if "loads" in parts:
+            loads(work)
+        if "random" in parts:
+            random_reads(work)
+        if "per_call" in parts:
+            per_call()
     finally:
         os.rmdir(work)
     print(f"raw results: {OUT}")
