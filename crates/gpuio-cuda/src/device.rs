@@ -106,6 +106,14 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// `ptr` came from [`alloc_raw`](Self::alloc_raw) with `bytes` on this device, is not freed yet,
     /// and no queued copy still writes to it.
     unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize);
+    /// Like [`alloc_raw`](Self::alloc_raw), for a buffer that will receive a file range starting
+    /// at an offset ≡ `phase` modulo 4096: a device whose direct reads can use `O_DIRECT` into its
+    /// memory (the host stand-in) places the first byte at an address ≡ `phase`, so those reads
+    /// need no bounce; others allocate as `alloc_raw` does. Freed with [`free_raw`](Self::free_raw).
+    fn alloc_raw_phased(&self, bytes: usize, phase: usize) -> Result<DevicePtr> {
+        let _ = phase;
+        self.alloc_raw(bytes)
+    }
     /// Page-locks host memory used as a staging buffer (so copies from it are true DMA) and maps it
     /// into the device's address space where the device can read host memory in place. `Ok(None)`
     /// with nothing done where the device has no such notion.
@@ -398,7 +406,16 @@ impl fmt::Debug for DeviceBuffer {
 impl DeviceBuffer {
     /// Allocates `len` bytes on `device`.
     pub fn alloc(device: &Arc<dyn Device>, len: usize) -> Result<DeviceBuffer> {
-        let ptr = if len == 0 { 0 } else { device.alloc_raw(len)? };
+        Self::alloc_phased(device, len, 0)
+    }
+    /// A buffer for a file range that starts at an offset ≡ `phase` modulo 4096 (see
+    /// [`Device::alloc_raw_phased`]).
+    pub fn alloc_phased(device: &Arc<dyn Device>, len: usize, phase: usize) -> Result<DeviceBuffer> {
+        let ptr = if len == 0 {
+            0
+        } else {
+            device.alloc_raw_phased(len, phase)?
+        };
         Ok(DeviceBuffer {
             device: device.clone(),
             ptr,
@@ -508,6 +525,8 @@ struct HostShared {
     /// Copies whose source changed between queueing and execution.
     reuse_violations: AtomicU64,
     direct_reads: AtomicU64,
+    /// Bytes the direct reader read with `O_DIRECT` (the rest of its reads went buffered).
+    direct_io_bytes: AtomicU64,
 }
 
 /// Device memory that is host memory: the stand-in for a GPU in tests and on machines without one
@@ -526,6 +545,7 @@ impl HostDevice {
             unpin_calls: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             reuse_violations: AtomicU64::new(0),
+            direct_io_bytes: AtomicU64::new(0),
             direct_reads: AtomicU64::new(0),
         }))
     }
@@ -570,6 +590,10 @@ impl HostDevice {
     /// Direct reads done so far (successful or not).
     pub fn direct_reads(&self) -> u64 {
         self.0.direct_reads.load(Ordering::Relaxed)
+    }
+    /// Bytes the direct reader read with `O_DIRECT`, bypassing the page cache, so far.
+    pub fn direct_io_bytes(&self) -> u64 {
+        self.0.direct_io_bytes.load(Ordering::Relaxed)
     }
 
     /// Checks that `ptr..ptr+len` lies in one live allocation (or, with `mapped_too`, in one range
@@ -635,6 +659,10 @@ impl Device for HostDevice {
         "host memory standing in for a device".into()
     }
     fn alloc_raw(&self, bytes: usize) -> Result<DevicePtr> {
+        self.alloc_raw_phased(bytes, 0)
+    }
+    fn alloc_raw_phased(&self, bytes: usize, phase: usize) -> Result<DevicePtr> {
+        let phase = phase % HostMem::PAGE;
         self.0.alloc_calls.fetch_add(1, Ordering::Relaxed);
         let mut st = self.0.state.lock();
         if let Some(cap) = self.0.cfg.capacity_bytes {
@@ -648,13 +676,13 @@ impl Device for HostDevice {
                 ));
             }
         }
-        let mem = HostMem::zeroed(bytes).ok_or_else(|| {
+        let mem = HostMem::zeroed(bytes, phase).ok_or_else(|| {
             Error::new(
                 ErrorKind::OutOfMemory,
                 format!("cannot allocate {bytes} bytes of host memory for the cpu device"),
             )
         })?;
-        let ptr = mem.ptr.as_ptr() as u64;
+        let ptr = mem.start();
         st.allocs.insert(ptr, mem);
         st.allocated_bytes += bytes as u64;
         Ok(ptr)
@@ -739,9 +767,12 @@ impl Device for HostDevice {
 /// The stand-in's "device memory": zeroed host memory, freed on drop.
 struct HostMem {
     ptr: std::ptr::NonNull<u8>,
+    /// Bytes taken from the OS or the allocator, `skip` included.
     len: usize,
-    /// Mapped with `mmap` (large) rather than taken from the allocator (small).
+    /// Mapped with `mmap` (large) rather than taken from the allocator (small, page-aligned).
     mapped: bool,
+    /// Bytes before the allocation's first byte ([`Device::alloc_raw_phased`]'s phase).
+    skip: usize,
 }
 
 // SAFETY: plain owned memory; every access goes through the device's checked copies.
@@ -756,21 +787,32 @@ impl fmt::Debug for HostMem {
 impl HostMem {
     /// Allocations from this size on are mapped from the OS and advised as transparent huge pages.
     const HUGE: usize = 2 << 20;
+    /// Every allocation's base is aligned to this (the OS page).
+    const PAGE: usize = 4096;
+
+    fn small_layout(len: usize) -> Option<std::alloc::Layout> {
+        std::alloc::Layout::from_size_align(len, Self::PAGE).ok()
+    }
 
     /// `len` zero bytes (at least one), or `None` when there is no memory. Never a pass over the
     /// memory in user space: fresh pages from the OS are zero already; large allocations ask for huge
     /// pages and have the kernel populate them at once, so copies into them do not fault (page faults
     /// were most of a load's time into fresh stand-in memory).
-    fn zeroed(len: usize) -> Option<HostMem> {
-        let len = len.max(1);
+    ///
+    /// The first byte is at an address ≡ `phase` modulo [`Self::PAGE`] (`phase` < `PAGE`), so a file
+    /// range starting at an offset ≡ `phase` can be read into it with `O_DIRECT`.
+    fn zeroed(len: usize, phase: usize) -> Option<HostMem> {
+        debug_assert!(phase < Self::PAGE);
+        let len = len.max(1) + phase;
         if len < Self::HUGE {
-            let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+            let layout = Self::small_layout(len)?;
             // SAFETY: the layout has a non-zero size.
             let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
             return Some(HostMem {
                 ptr,
                 len,
                 mapped: false,
+                skip: phase,
             });
         }
         // SAFETY: an anonymous private mapping of len bytes, owned by the value returned.
@@ -799,11 +841,18 @@ impl HostMem {
             ptr: std::ptr::NonNull::new(p as *mut u8)?,
             len,
             mapped: true,
+            skip: phase,
         })
     }
 
+    /// The allocation's first byte.
+    fn start(&self) -> u64 {
+        self.ptr.as_ptr() as u64 + self.skip as u64
+    }
+
+    /// The allocation's bytes (the phase's skipped bytes not counted).
     fn len(&self) -> usize {
-        self.len
+        self.len - self.skip
     }
 }
 
@@ -813,16 +862,52 @@ impl Drop for HostMem {
             // SAFETY: mapped in `zeroed` with this length, unmapped once.
             unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
         } else {
-            let layout = std::alloc::Layout::array::<u8>(self.len).expect("valid at allocation");
+            let layout = Self::small_layout(self.len).expect("valid at allocation");
             // SAFETY: allocated in `zeroed` with this layout, freed once.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
         }
     }
 }
 
-/// The stand-in's direct path: `pread` from the file straight into "device" memory.
+/// The stand-in's direct path: `pread` from the file straight into "device" memory. Where the file
+/// was opened with `O_DIRECT` and the destination's address and the file offset agree modulo the
+/// file's alignment (a buffer from [`Device::alloc_raw_phased`] with the range's phase), the aligned
+/// middle of each read bypasses the page cache, so a cold file reaches memory in one pass with the
+/// storage's own queue depth; the unaligned head and tail, and everything else, are read buffered.
 #[derive(Debug)]
 struct HostDirectRead(HostDevice);
+
+/// Reads `len` bytes of `fd` at `offset` into `dst` until done or end of file; `EINTR` retried.
+/// Returns the bytes read and, on failure, the error at the first byte not read.
+///
+/// # Safety
+/// `dst..dst+len` is writable and touched by nothing else during the call.
+unsafe fn pread_full(fd: i32, dst: usize, len: usize, offset: u64) -> (usize, Option<std::io::Error>) {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: per the caller.
+        let r = unsafe {
+            libc::pread(
+                fd,
+                (dst + done) as *mut libc::c_void,
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return (done, Some(e));
+        }
+        if r == 0 {
+            break;
+        }
+        done += r as usize;
+    }
+    (done, None)
+}
 
 impl DirectRead for HostDirectRead {
     fn describe(&self) -> String {
@@ -847,31 +932,55 @@ impl DirectRead for HostDirectRead {
             .with_path(file.path())
             .with_range(offset, len as u64));
         }
+        let fail = |at: u64, e: std::io::Error| {
+            Error::from_io(gpuio::error::Op::Read, &e)
+                .with_path(file.path())
+                .with_range(at, len as u64 - (at - offset))
+        };
+        // The O_DIRECT middle: from the first aligned offset, a whole number of aligned blocks.
+        let a = file.align();
+        let block = (a.offset_align as u64).max(a.mem_align as u64).max(1);
+        let (head, mid) = if file.is_direct() && dst.wrapping_sub(offset) % block == 0 {
+            let head = ((block - offset % block) % block).min(len as u64) as usize;
+            (head, (len - head) / block as usize * block as usize)
+        } else {
+            (len, 0)
+        };
         let mut done = 0usize;
-        while done < len {
-            // SAFETY: dst..dst+len lies in a live allocation (checked) that the caller does not let
-            // anyone else touch during the call.
-            let r = unsafe {
-                libc::pread(
-                    file.buffered_fd(),
-                    (dst as usize + done) as *mut libc::c_void,
-                    len - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::from_io(gpuio::error::Op::Read, &e)
-                    .with_path(file.path())
-                    .with_range(offset + done as u64, (len - done) as u64));
+        // SAFETY (all three reads): dst..dst+len lies in a live allocation (checked) that the caller
+        // does not let anyone else touch during the call.
+        let (r, e) = unsafe { pread_full(file.buffered_fd(), dst as usize, head, offset) };
+        done += r;
+        if let Some(e) = e {
+            return Err(fail(offset + done as u64, e));
+        }
+        if r < head {
+            return Ok(done); // end of file
+        }
+        if mid > 0 {
+            let (r, e) =
+                unsafe { pread_full(file.fast_fd(), dst as usize + done, mid, offset + done as u64) };
+            done += r;
+            dev.0.direct_io_bytes.fetch_add(r as u64, Ordering::Relaxed);
+            match e {
+                // A file system that refuses this O_DIRECT read after all: the rest goes buffered.
+                Some(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Some(e) => return Err(fail(offset + done as u64, e)),
+                None if r < mid => return Ok(done), // end of file
+                None => {}
             }
-            if r == 0 {
-                break;
-            }
-            done += r as usize;
+        }
+        let (r, e) = unsafe {
+            pread_full(
+                file.buffered_fd(),
+                dst as usize + done,
+                len - done,
+                offset + done as u64,
+            )
+        };
+        done += r;
+        if let Some(e) = e {
+            return Err(fail(offset + done as u64, e));
         }
         Ok(done)
     }

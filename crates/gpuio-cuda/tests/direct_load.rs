@@ -167,6 +167,52 @@ fn loads_are_byte_exact_for_every_thread_count_chunk_size_length_and_file_mode()
     }
 }
 
+/// Buffers placed at the range's phase within a page (`DeviceBuffer::alloc_phased`, as the
+/// safetensors loaders allocate a body): the stand-in reads the aligned middle of each chunk with
+/// `O_DIRECT` straight into them, the unaligned head and tail buffered, and every byte still equals
+/// the file's; with the phase wrong, or a buffered file, nothing goes `O_DIRECT` and the bytes are
+/// the same.
+#[test]
+fn phased_buffers_take_o_direct_reads_for_the_aligned_middle_byte_exact() {
+    let dir = scratch_dir(Place::Disk);
+    let file_len = (2 << 20) + 4321;
+    let (path, want) = write_file(dir.path(), "data", file_len, 9);
+    let cases: [(u64, u64); 7] = [
+        (0, file_len as u64),
+        (1, 4095),
+        (100, 3 * 4096),
+        (4095, 1 << 20),
+        (8192, 64 << 10),
+        (12_345, file_len as u64 - 12_345),
+        (file_len as u64 - 5000, 5000),
+    ];
+    for (mode, file) in open_both(&path) {
+        for right_phase in [true, false] {
+            for &(offset, len) in &cases {
+                let (dev, device, reader) = device(None);
+                let label = format!("{mode}, {len} bytes at {offset}, phase right: {right_phase}");
+                let phase = (offset % PAGE) as usize + usize::from(!right_phase) * 8;
+                let buf = DeviceBuffer::alloc_phased(&device, len as usize, phase).unwrap();
+                assert_eq!(buf.ptr() % PAGE, (phase as u64) % PAGE, "{label}");
+                load_range_direct(&reader, &file, offset, &buf, 0, len, cfg(2, 64 << 10))
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                let (o, l) = (offset as usize, len as usize);
+                assert!(read_back(&buf) == want[o..o + l], "{label}: bytes differ from the file");
+                // Exactly the whole blocks of the file's direct alignment inside the range went
+                // O_DIRECT (chunks after the first start on a page), or none did.
+                let a = file.align();
+                let block = u64::from(a.offset_align.max(a.mem_align)).max(1);
+                let whole = ((offset + len) / block).saturating_sub(offset.div_ceil(block)) * block;
+                if mode == "direct" && right_phase {
+                    assert_eq!(dev.direct_io_bytes(), whole, "{label}");
+                } else {
+                    assert_eq!(dev.direct_io_bytes(), 0, "{label}");
+                }
+            }
+        }
+    }
+}
+
 /// One call of a wrapped reader.
 #[derive(Debug, Clone, Copy)]
 struct Call {

@@ -28,11 +28,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// How a load into host memory reads its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HostRead {
-    /// Straight into the destination by parallel `pread`s (one copy): data already in memory (warm
-    /// in the page cache, or on tmpfs).
+    /// Straight into the destination by parallel `pread`s: one copy from the page cache for data
+    /// already in memory, `O_DIRECT` with no copy for a cold file on a disk (`gpuio_cuda::host`).
     Direct,
-    /// `O_DIRECT` reads into staging buffers, then copied: a cold file on a disk, where the deep
-    /// queue of direct reads gets more from the device than buffered reads with readahead.
+    /// Through staging buffers, then copied: pack entries, whose chunks are decoded on the CPU.
     Staged,
 }
 
@@ -61,15 +60,6 @@ fn loader(device: &str, host_read: HostRead) -> gpuio::Result<Arc<Loader>> {
     };
     let l = Arc::new(Loader::new(&engine()?, dev, cfg)?);
     Ok(map.lock().entry(key).or_insert(l).clone())
-}
-
-/// How a load of `path` into host memory should read it (see [`HostRead`]).
-fn host_read_for(path: &Path) -> gpuio::Result<HostRead> {
-    Ok(if gpuio_cuda::host::reads_straight_into_host(&[path])? {
-        HostRead::Direct
-    } else {
-        HostRead::Staged
-    })
 }
 
 /// A safetensors model loaded into one allocation on a device. Its tensors are views into that
@@ -194,7 +184,7 @@ fn _load_safetensors(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Mo
                 }
                 None => {
                     let host_read = match device.parse()? {
-                        gpuio_cuda::Target::Cpu => host_read_for(&path)?,
+                        gpuio_cuda::Target::Cpu => HostRead::Direct,
                         _ => HostRead::Staged,
                     };
                     let l = loader(device, host_read)?;
