@@ -301,11 +301,16 @@ pub(crate) fn prepare_shard(
     let body_len = usize::try_from(header.body_len)
         .map_err(|_| Error::invalid(format!("body of {} bytes is too large", header.body_len)))?;
     let t = Instant::now();
-    // Placed at the body's phase within a page, so a device that reads files into its memory with
-    // O_DIRECT (the host stand-in's direct path) needs no bounce.
-    let phase = (header.body_offset % 4096) as usize;
-    let buffer = DeviceBuffer::alloc_phased(device, body_len, phase)
-        .map_err(|e| e.with_context(format!("loading {}", path.display())))?;
+    // A file read with O_DIRECT gets a buffer placed at its body's phase within a page, so a device
+    // that reads files into its memory with O_DIRECT (the host stand-in's direct path) needs no
+    // bounce.
+    let buffer = if file.is_direct() {
+        let phase = (header.body_offset % 4096) as usize;
+        DeviceBuffer::alloc_phased(device, body_len, phase)
+    } else {
+        DeviceBuffer::alloc(device, body_len)
+    }
+    .map_err(|e| e.with_context(format!("loading {}", path.display())))?;
     Ok(PreparedShard {
         file,
         buffer,

@@ -106,10 +106,11 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// `ptr` came from [`alloc_raw`](Self::alloc_raw) with `bytes` on this device, is not freed yet,
     /// and no queued copy still writes to it.
     unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize);
-    /// Like [`alloc_raw`](Self::alloc_raw), for a buffer that will receive a file range starting
-    /// at an offset ≡ `phase` modulo 4096: a device whose direct reads can use `O_DIRECT` into its
-    /// memory (the host stand-in) places the first byte at an address ≡ `phase`, so those reads
-    /// need no bounce; others allocate as `alloc_raw` does. Freed with [`free_raw`](Self::free_raw).
+    /// Like [`alloc_raw`](Self::alloc_raw), for a buffer that will receive a file range read with
+    /// `O_DIRECT`, starting at an offset ≡ `phase` modulo 4096: a device whose direct reads can
+    /// use `O_DIRECT` into its memory (the host stand-in) places the first byte at an address ≡
+    /// `phase`, so those reads need no bounce, and backs it with pages suited to them; others
+    /// allocate as `alloc_raw` does. Freed with [`free_raw`](Self::free_raw).
     fn alloc_raw_phased(&self, bytes: usize, phase: usize) -> Result<DevicePtr> {
         let _ = phase;
         self.alloc_raw(bytes)
@@ -406,9 +407,14 @@ impl fmt::Debug for DeviceBuffer {
 impl DeviceBuffer {
     /// Allocates `len` bytes on `device`.
     pub fn alloc(device: &Arc<dyn Device>, len: usize) -> Result<DeviceBuffer> {
-        Self::alloc_phased(device, len, 0)
+        let ptr = if len == 0 { 0 } else { device.alloc_raw(len)? };
+        Ok(DeviceBuffer {
+            device: device.clone(),
+            ptr,
+            len,
+        })
     }
-    /// A buffer for a file range that starts at an offset ≡ `phase` modulo 4096 (see
+    /// A buffer for a file range read with `O_DIRECT` from an offset ≡ `phase` modulo 4096 (see
     /// [`Device::alloc_raw_phased`]).
     pub fn alloc_phased(device: &Arc<dyn Device>, len: usize, phase: usize) -> Result<DeviceBuffer> {
         let ptr = if len == 0 {
@@ -587,6 +593,34 @@ impl HostDevice {
     pub fn mapped_ranges(&self) -> usize {
         self.0.state.lock().mapped.len()
     }
+    /// An allocation of `bytes` whose first byte is at `phase` within a page; `for_direct_io`: it
+    /// will receive `O_DIRECT` reads (see [`HostMem::zeroed`]).
+    fn alloc_host(&self, bytes: usize, phase: usize, for_direct_io: bool) -> Result<DevicePtr> {
+        self.0.alloc_calls.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.0.state.lock();
+        if let Some(cap) = self.0.cfg.capacity_bytes {
+            if st.allocated_bytes + bytes as u64 > cap {
+                return Err(Error::new(
+                    ErrorKind::OutOfMemory,
+                    format!(
+                        "cannot allocate {bytes} bytes on cpu: {} of {cap} bytes in use",
+                        st.allocated_bytes
+                    ),
+                ));
+            }
+        }
+        let mem = HostMem::zeroed(bytes, phase, for_direct_io).ok_or_else(|| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!("cannot allocate {bytes} bytes of host memory for the cpu device"),
+            )
+        })?;
+        let ptr = mem.start();
+        st.allocs.insert(ptr, mem);
+        st.allocated_bytes += bytes as u64;
+        Ok(ptr)
+    }
+
     /// Direct reads done so far (successful or not).
     pub fn direct_reads(&self) -> u64 {
         self.0.direct_reads.load(Ordering::Relaxed)
@@ -659,33 +693,10 @@ impl Device for HostDevice {
         "host memory standing in for a device".into()
     }
     fn alloc_raw(&self, bytes: usize) -> Result<DevicePtr> {
-        self.alloc_raw_phased(bytes, 0)
+        self.alloc_host(bytes, 0, false)
     }
     fn alloc_raw_phased(&self, bytes: usize, phase: usize) -> Result<DevicePtr> {
-        let phase = phase % HostMem::PAGE;
-        self.0.alloc_calls.fetch_add(1, Ordering::Relaxed);
-        let mut st = self.0.state.lock();
-        if let Some(cap) = self.0.cfg.capacity_bytes {
-            if st.allocated_bytes + bytes as u64 > cap {
-                return Err(Error::new(
-                    ErrorKind::OutOfMemory,
-                    format!(
-                        "cannot allocate {bytes} bytes on cpu: {} of {cap} bytes in use",
-                        st.allocated_bytes
-                    ),
-                ));
-            }
-        }
-        let mem = HostMem::zeroed(bytes, phase).ok_or_else(|| {
-            Error::new(
-                ErrorKind::OutOfMemory,
-                format!("cannot allocate {bytes} bytes of host memory for the cpu device"),
-            )
-        })?;
-        let ptr = mem.start();
-        st.allocs.insert(ptr, mem);
-        st.allocated_bytes += bytes as u64;
-        Ok(ptr)
+        self.alloc_host(bytes, phase % HostMem::PAGE, true)
     }
     unsafe fn free_raw(&self, ptr: DevicePtr, bytes: usize) {
         let mut st = self.0.state.lock();
@@ -785,7 +796,7 @@ impl fmt::Debug for HostMem {
 }
 
 impl HostMem {
-    /// Allocations from this size on are mapped from the OS and advised as transparent huge pages.
+    /// Allocations from this size on are mapped from the OS.
     const HUGE: usize = 2 << 20;
     /// Every allocation's base is aligned to this (the OS page).
     const PAGE: usize = 4096;
@@ -795,13 +806,13 @@ impl HostMem {
     }
 
     /// `len` zero bytes (at least one), or `None` when there is no memory. Never a pass over the
-    /// memory in user space: fresh pages from the OS are zero already; large allocations ask for huge
-    /// pages and have the kernel populate them at once, so copies into them do not fault (page faults
-    /// were most of a load's time into fresh stand-in memory).
+    /// memory in user space: fresh pages from the OS are zero already, and fault in where they are
+    /// first written (see below for why not huge pages populated at once).
     ///
     /// The first byte is at an address ≡ `phase` modulo [`Self::PAGE`] (`phase` < `PAGE`), so a file
     /// range starting at an offset ≡ `phase` can be read into it with `O_DIRECT`.
-    fn zeroed(len: usize, phase: usize) -> Option<HostMem> {
+    /// `huge`: the buffer is for `O_DIRECT` reads; large ones get transparent huge pages.
+    fn zeroed(len: usize, phase: usize, huge: bool) -> Option<HostMem> {
         debug_assert!(phase < Self::PAGE);
         let len = len.max(1) + phase;
         if len < Self::HUGE {
@@ -829,13 +840,18 @@ impl HostMem {
         if p == libc::MAP_FAILED {
             return None;
         }
-        // SAFETY: advice on the mapping just made; a refusal (THP off, or a kernel before 5.14 without
-        // MADV_POPULATE_WRITE) changes nothing but speed. Huge pages, then populated now, in the kernel:
-        // measured on a 512 MiB load (2 cores), faulting them in during the copies instead cost 1.4–1.8 ×
-        // the end-to-end time, 4 KiB pages populated lazily 1.1 ×.
-        unsafe {
-            libc::madvise(p, len, libc::MADV_HUGEPAGE);
-            libc::madvise(p, len, libc::MADV_POPULATE_WRITE);
+        // Nothing is populated here: the pages fault in where they are first written, in the
+        // threads that read into them. A buffer for O_DIRECT reads asks for huge pages, so a read
+        // pins a few large pages instead of many small ones; others keep 4 KiB pages. Measured with
+        // 1 GiB loads in one Python process, warm and cold alternating, on this machine's VM
+        // (scripts/bench-python.py's pattern): huge pages populated at allocation (the earlier
+        // policy) gave cold 0.48–0.92 s but warm 0.27–1.83 s, 1.0–1.7 s of it zeroing (`perf`:
+        // clear_page_rep under folio_zero_user) in about half the loads; 4 KiB pages, lazily: warm
+        // 0.28–0.33 s, cold 0.77–1.98 s; huge pages, lazily: cold 0.39–0.60 s, warm 0.18–0.98 s;
+        // 4 KiB pages populated at once: warm 0.46–0.50 s, cold 1.40–2.03 s.
+        if huge {
+            // SAFETY: advice on the mapping just made; a refusal (THP off) changes nothing but speed.
+            unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
         }
         Some(HostMem {
             ptr: std::ptr::NonNull::new(p as *mut u8)?,
@@ -1302,3 +1318,4 @@ impl Drop for HostStream {
         }
     }
 }
+
