@@ -301,10 +301,10 @@ pub(crate) fn prepare_shard(
     let body_len = usize::try_from(header.body_len)
         .map_err(|_| Error::invalid(format!("body of {} bytes is too large", header.body_len)))?;
     let t = Instant::now();
-    // A file read with O_DIRECT gets a buffer placed at its body's phase within a page, so a device
-    // that reads files into its memory with O_DIRECT (the host stand-in's direct path) needs no
-    // bounce.
-    let buffer = if file.is_direct() {
+    // A file on a device, read with O_DIRECT, gets a buffer placed at its body's phase within a page,
+    // so a device that reads files into its memory with O_DIRECT (the host stand-in's direct path)
+    // needs no bounce. (tmpfs accepts O_DIRECT too, but there it is a memcpy like any read.)
+    let buffer = if file.is_direct() && !file.is_memory_resident() {
         let phase = (header.body_offset % 4096) as usize;
         DeviceBuffer::alloc_phased(device, body_len, phase)
     } else {

@@ -890,7 +890,7 @@ impl Drop for HostMem {
 }
 
 /// The stand-in's direct path: `pread` from the file straight into "device" memory. Where the file
-/// was opened with `O_DIRECT` and the destination's address and the file offset agree modulo the
+/// was opened with `O_DIRECT` (and is not on tmpfs) and the destination's address and the file offset agree modulo the
 /// file's alignment (a buffer from [`Device::alloc_raw_phased`] with the range's phase), the aligned
 /// middle of each read bypasses the page cache, so a cold file reaches memory in one pass with the
 /// storage's own queue depth; the unaligned head and tail, and everything else, are read buffered.
@@ -960,7 +960,10 @@ impl DirectRead for HostDirectRead {
         // The O_DIRECT middle: from the first aligned offset, a whole number of aligned blocks.
         let a = file.align();
         let block = (a.offset_align as u64).max(a.mem_align as u64).max(1);
-        let (head, mid) = if file.is_direct() && dst.wrapping_sub(offset) % block == 0 {
+        // On tmpfs (which accepts O_DIRECT) a direct read is a memcpy like a buffered one: not worth
+        // the alignment.
+        let worth = file.is_direct() && !file.is_memory_resident();
+        let (head, mid) = if worth && dst.wrapping_sub(offset) % block == 0 {
             let head = ((block - offset % block) % block).min(len as u64) as usize;
             (head, (len - head) / block as usize * block as usize)
         } else {
