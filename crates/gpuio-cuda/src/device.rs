@@ -796,7 +796,7 @@ impl fmt::Debug for HostMem {
 }
 
 impl HostMem {
-    /// Allocations from this size on are mapped from the OS and advised as transparent huge pages.
+    /// Allocations from this size on are mapped from the OS.
     const HUGE: usize = 2 << 20;
     /// Every allocation's base is aligned to this (the OS page).
     const PAGE: usize = 4096;
@@ -806,8 +806,8 @@ impl HostMem {
     }
 
     /// `len` zero bytes (at least one), or `None` when there is no memory. Never a pass over the
-    /// memory in user space: fresh pages from the OS are zero already; large allocations ask for huge
-    /// pages, populated at once in the kernel unless the buffer is for `O_DIRECT` reads (below).
+    /// memory in user space: fresh pages from the OS are zero already, and fault in where they are
+    /// first written; a buffer for `O_DIRECT` reads asks for huge pages (below).
     ///
     /// The first byte is at an address ≡ `phase` modulo [`Self::PAGE`] (`phase` < `PAGE`), so a file
     /// range starting at an offset ≡ `phase` can be read into it with `O_DIRECT`.
@@ -840,22 +840,19 @@ impl HostMem {
         if p == libc::MAP_FAILED {
             return None;
         }
-        // Huge pages either way. A buffer for memcpy-speed reads (a file in memory) has them
-        // populated now, in the kernel: measured on a 512 MiB load (2 cores), faulting them in during
-        // the copies instead cost 1.4–1.8 × the end-to-end time, 4 KiB pages populated lazily 1.1 ×,
-        // and 4 KiB pages lazily held `gpuio load /dev/shm/... --device cpu` at 0.40–0.78 × the best
-        // backend's read rate against 1.01–1.14 × (docs/bench-runs/2026-11-28-ea5e504-load-cpu-shm,
-        // -53963df-load-cpu-shm). A buffer for O_DIRECT reads is left to fault under the reads:
-        // 1 GiB cold loads in one Python process took 0.39–0.60 s so, 0.48–0.92 s populated; populating
-        // 1 GiB of huge pages on this VM sometimes stalls 1.0–1.7 s zeroing them (`perf`:
-        // clear_page_rep under folio_zero_user), which warm loads into populated buffers still meet.
-        // SAFETY: advice on the mapping just made; a refusal (THP off, or a kernel before 5.14 without
-        // MADV_POPULATE_WRITE) changes nothing but speed.
-        unsafe {
-            libc::madvise(p, len, libc::MADV_HUGEPAGE);
-            if !for_direct_io {
-                libc::madvise(p, len, libc::MADV_POPULATE_WRITE);
-            }
+        // Nothing is populated here: pages fault in where the reading threads first write them.
+        // A buffer for O_DIRECT reads asks for huge pages, so a read pins a few large pages rather
+        // than many small ones; others keep 4 KiB pages. Measured on this 2-core VM, 1 GiB loads in
+        // one Python process (docs/bench-runs/2026-11-28-*-python-loads-*): huge pages populated at
+        // allocation (the earlier policy) took warm loads 0.27–1.87 s, 1.0–1.7 s of it zeroing
+        // (`perf`: clear_page_rep under folio_zero_user) in about half of them; 4 KiB pages faulting
+        // lazily, 0.28–0.36 s. Cold (O_DIRECT): huge pages faulting lazily 0.39–0.60 s, populated
+        // 0.48–0.92 s, 4 KiB pages 0.77–1.98 s. `gpuio load /dev/shm/… --device cpu`, allocation and
+        // transfer together: 0.10–0.44 s lazily, 0.15–0.65 s populated (…-ea5e504-load-cpu-shm,
+        // …-90f4aaf-load-cpu-shm), though the transfer phase alone is faster into prefaulted pages.
+        if for_direct_io {
+            // SAFETY: advice on the mapping just made; a refusal (THP off) changes nothing but speed.
+            unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
         }
         Some(HostMem {
             ptr: std::ptr::NonNull::new(p as *mut u8)?,
