@@ -416,7 +416,11 @@ impl DeviceBuffer {
     }
     /// A buffer for a file range read with `O_DIRECT` from an offset ≡ `phase` modulo 4096 (see
     /// [`Device::alloc_raw_phased`]).
-    pub fn alloc_phased(device: &Arc<dyn Device>, len: usize, phase: usize) -> Result<DeviceBuffer> {
+    pub fn alloc_phased(
+        device: &Arc<dyn Device>,
+        len: usize,
+        phase: usize,
+    ) -> Result<DeviceBuffer> {
         let ptr = if len == 0 {
             0
         } else {
@@ -899,7 +903,12 @@ struct HostDirectRead(HostDevice);
 ///
 /// # Safety
 /// `dst..dst+len` is writable and touched by nothing else during the call.
-unsafe fn pread_full(fd: i32, dst: usize, len: usize, offset: u64) -> (usize, Option<std::io::Error>) {
+unsafe fn pread_full(
+    fd: i32,
+    dst: usize,
+    len: usize,
+    offset: u64,
+) -> (usize, Option<std::io::Error>) {
     let mut done = 0usize;
     while done < len {
         // SAFETY: per the caller.
@@ -967,8 +976,8 @@ impl DirectRead for HostDirectRead {
             (len, 0)
         };
         let mut done = 0usize;
-        // SAFETY (all three reads): dst..dst+len lies in a live allocation (checked) that the caller
-        // does not let anyone else touch during the call.
+        // SAFETY: the head lies in dst..dst+len, a live allocation (checked) that the caller does not
+        // let anyone else touch during the call.
         let (r, e) = unsafe { pread_full(file.buffered_fd(), dst as usize, head, offset) };
         done += r;
         if let Some(e) = e {
@@ -978,8 +987,15 @@ impl DirectRead for HostDirectRead {
             return Ok(done); // end of file
         }
         if mid > 0 {
-            let (r, e) =
-                unsafe { pread_full(file.fast_fd(), dst as usize + done, mid, offset + done as u64) };
+            // SAFETY: the middle follows the head inside dst..dst+len, as above.
+            let (r, e) = unsafe {
+                pread_full(
+                    file.fast_fd(),
+                    dst as usize + done,
+                    mid,
+                    offset + done as u64,
+                )
+            };
             done += r;
             dev.0.direct_io_bytes.fetch_add(r as u64, Ordering::Relaxed);
             match e {
@@ -990,6 +1006,7 @@ impl DirectRead for HostDirectRead {
                 None => {}
             }
         }
+        // SAFETY: the rest of dst..dst+len, as above.
         let (r, e) = unsafe {
             pread_full(
                 file.buffered_fd(),
@@ -1322,4 +1339,3 @@ impl Drop for HostStream {
         }
     }
 }
-

@@ -197,7 +197,10 @@ fn phased_buffers_take_o_direct_reads_for_the_aligned_middle_byte_exact() {
                 load_range_direct(&reader, &file, offset, &buf, 0, len, cfg(2, 64 << 10))
                     .unwrap_or_else(|e| panic!("{label}: {e}"));
                 let (o, l) = (offset as usize, len as usize);
-                assert!(read_back(&buf) == want[o..o + l], "{label}: bytes differ from the file");
+                assert!(
+                    read_back(&buf) == want[o..o + l],
+                    "{label}: bytes differ from the file"
+                );
                 // Exactly the whole blocks of the file's direct alignment inside the range went
                 // O_DIRECT (chunks after the first start on a page), or none did.
                 let a = file.align();
