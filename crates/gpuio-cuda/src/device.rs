@@ -846,14 +846,12 @@ impl HostMem {
         }
         // Nothing is populated here: pages fault in where the reading threads first write them.
         // A buffer for O_DIRECT reads asks for huge pages, so a read pins a few large pages rather
-        // than many small ones; others keep 4 KiB pages. Measured on this 2-core VM, 1 GiB loads in
-        // one Python process (docs/bench-runs/2026-11-28-*-python-loads-*): huge pages populated at
-        // allocation (the earlier policy) took warm loads 0.27–1.87 s, 1.0–1.7 s of it zeroing
-        // (`perf`: clear_page_rep under folio_zero_user) in about half of them; 4 KiB pages faulting
-        // lazily, 0.28–0.36 s. Cold (O_DIRECT): huge pages faulting lazily 0.39–0.60 s, populated
-        // 0.48–0.92 s, 4 KiB pages 0.77–1.98 s. `gpuio load /dev/shm/… --device cpu`, allocation and
-        // transfer together: 0.10–0.44 s lazily, 0.15–0.65 s populated (…-ea5e504-load-cpu-shm,
-        // …-90f4aaf-load-cpu-shm), though the transfer phase alone is faster into prefaulted pages.
+        // than many small ones; others keep 4 KiB pages. Huge pages populated at allocation (the
+        // earlier policy) made warm 1 GiB loads in one Python process take 0.26–1.87 s on this VM,
+        // 1.0–1.7 s of it zeroing them (`perf`: clear_page_rep under folio_zero_user) in about half
+        // the loads, against 0.30–0.54 s now; a 512 MiB `gpuio load /dev/shm/… --device cpu` took
+        // 0.16–0.65 s with its allocation, against 0.11–0.21 s now (docs/BENCHMARKS.md, the Python
+        // section, and docs/bench-runs/2026-11-28-{90f4aaf,ea5e504,8ec9e9e}-*).
         if for_direct_io {
             // SAFETY: advice on the mapping just made; a refusal (THP off) changes nothing but speed.
             unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
