@@ -4,9 +4,9 @@
 //! warm in the page cache, or on a memory-backed filesystem — are copied once; a cold file on a disk
 //! is opened with `O_DIRECT` and its pages go from the device into the destination with no copy at all
 //! (the body's buffer is placed at the file's phase within a page: `Device::alloc_raw_phased`). The
-//! staged path (`O_DIRECT` into staging buffers, then a copy) ran at 0.5–0.6 × that on a cold file,
-//! both on this machine's disk and on a RAM-backed loop device (docs/BENCHMARKS.md, the Python
-//! section); it remains for an explicit `--path staged`.
+//! staged path (`O_DIRECT` into staging buffers, then a copy) took 1.8–2.5 × as long on a cold file,
+//! both on this machine's disk and on a RAM-backed loop device (docs/bench-runs/2026-11-28-a39bfac-load-cpu-cold,
+//! docs/BENCHMARKS.md's Python section); it remains for an explicit `--path staged`.
 //!
 //! This module only decides; it reads nothing but the files' residency (through
 //! [`gpuio::File::open`]'s automatic direct-I/O choice).
