@@ -204,6 +204,41 @@ def test_cuda_load_matches_safetensors(tmp_path):
         assert torch.equal(got[k], v), k
 
 
+def test_cuda_memory_lives_with_the_views_and_is_freed_with_the_last(tmp_path):
+    """Each load's one device allocation stays while any view of it lives and is given back when the
+    last dies: ten loads leave the free memory where it was after the first (which pays one-time
+    costs: contexts, code loaded)."""
+    reason = _cuda_reason()
+    if reason:
+        pytest.skip(reason)
+    import gc
+
+    import torch
+
+    path = tmp_path / "m.safetensors"
+    nbytes = 64 << 20
+    st_numpy.save_file({f"w{i}": np.ones(nbytes // 16, np.float32) for i in range(4)}, str(path))
+
+    def settle():
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info()[0]
+
+    m = gpuio.load_safetensors(path, device="cuda:0", framework="torch")
+    del m
+    free0 = settle()
+    for _ in range(10):
+        m = gpuio.load_safetensors(path, device="cuda:0", framework="torch")
+        views = [t[:1] for t in m.values()]
+        del m
+        held = free0 - settle()
+        assert held >= nbytes, f"{held} bytes held while views live, the model is {nbytes}"
+        del views
+    leaked = free0 - settle()
+    assert leaked < (8 << 20), f"{leaked} bytes not given back after 10 loads"
+
+
 def test_cuda_without_driver_names_what_is_missing(tmp_path):
     if _cuda_reason() is None:
         pytest.skip("a CUDA device is present")
