@@ -241,7 +241,7 @@ pub fn rings_info(device: &dyn Device) -> RingsInfo {
         publisher: PublisherChoice::for_device(device),
         pio_max_bytes: pio,
         pio_reason: if pio == 0 {
-            "lines are copied to the device by DMA at every size (the programmed-I/O threshold is 0): on an H200 a DMA beat the programmed-I/O copy at every size from 64 B to 1 MiB, one copy at a time (gpuio bench --pio-sweep, docs/gpu-runs/2026-11-28-h200-issue12-run1/); --delivery kernel instead has one launch per polling round read all of its lines in place (not yet measured on a GPU)".into()
+            "lines are copied to the device by DMA at every size (the programmed-I/O threshold is 0): on an H200 a DMA beat the programmed-I/O copy at every size from 64 B to 1 MiB, one copy at a time (gpuio bench --pio-sweep, docs/gpu-runs/2026-11-28-h200-issue12-run1/); --delivery kernel instead has one launch per polling round read all of its lines in place (about 6 x the requests per second on an H200: docs/gpu-runs/2026-11-28-h200-run8/ to -run11/)".into()
         } else {
             format!("lines of at most {pio} bytes would be copied by programmed I/O")
         },
