@@ -88,6 +88,7 @@ pub fn bfs(
     let mut w = Workloads::load(device)?;
     let file = File::open(edge_file)?;
     let size = file.len()?;
+    check_edges_fit(offsets, size, edge_file)?;
     let slots = (c.cache_bytes / c.line_bytes.max(1) as u64).clamp(4, 1 << 22) as u32;
     let region = Arc::new(RingRegion::new(
         device,
@@ -164,6 +165,7 @@ pub fn bfs_in_memory(
     let t0 = Instant::now();
     let bytes = std::fs::read(edge_file)
         .map_err(|e| Error::from_io(gpuio::error::Op::Read, &e).with_path(edge_file))?;
+    check_edges_fit(offsets, bytes.len() as u64, edge_file)?;
     let edges = DeviceBuffer::alloc(device, bytes.len().max(8))?;
     upload(device.as_ref(), &bytes, edges.ptr())?;
     drop(bytes);
@@ -190,6 +192,27 @@ enum Edges<'a> {
     Cache(&'a DeviceCache),
     /// The edge file in device memory at this address (`gpuio_bfs_level_mem`).
     Memory(u64),
+}
+
+/// The kernels read element `e + BEL_HEADER_ELEMENTS` of the edge file for every edge e the
+/// offsets name (through the cache's line table, or the copy in device memory): all of them must be
+/// in the file's `len` bytes, or a kernel would index past what was allocated for it.
+fn check_edges_fit(offsets: &[u64], len: u64, edge_file: &Path) -> Result<()> {
+    let need = offsets
+        .last()
+        .and_then(|&m| m.checked_add(BEL_HEADER_ELEMENTS))
+        .and_then(|e| e.checked_mul(8))
+        .unwrap_or(u64::MAX);
+    if len < need {
+        return Err(Error::new(
+            ErrorKind::UnexpectedEof,
+            format!(
+                "the edge file has {len} bytes; the vertex offsets name edges up to byte {need}"
+            ),
+        )
+        .with_path(edge_file));
+    }
+    Ok(())
 }
 
 /// The vertex count of a graph with these offsets, checked against the source.
@@ -403,4 +426,27 @@ fn check_errors(device: &dyn Device, errors: &DeviceBuffer, level: u32) -> Resul
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use gpuio::ErrorKind;
+
+    use super::check_edges_fit;
+
+    #[test]
+    fn an_edge_file_shorter_than_the_offsets_name_is_refused_before_a_kernel_runs() {
+        let f = Path::new("g.bel.dst");
+        // 5 edges after the 16-byte header: 56 bytes needed.
+        let offsets = [0, 2, 5];
+        assert!(check_edges_fit(&offsets, 56, f).is_ok());
+        assert!(check_edges_fit(&offsets, 1 << 20, f).is_ok());
+        let e = check_edges_fit(&offsets, 55, f).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("g.bel.dst"), "{e}");
+        assert!(e.to_string().contains("56"), "{e}");
+        assert!(check_edges_fit(&[0, u64::MAX], u64::MAX - 1, f).is_err());
+    }
 }
