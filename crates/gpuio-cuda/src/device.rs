@@ -499,6 +499,10 @@ pub struct HostDeviceConfig {
     /// Page-lock nothing: [`Device::pin_host`] returns `Ok(None)`, as a device with no notion of
     /// page-locked host memory does (the calls are still counted).
     pub no_pinning: bool,
+    /// The direct reader's `O_DIRECT` reads fail with `EINVAL` before reading anything, as on a file
+    /// system that accepted the `O_DIRECT` open but refuses the read: the reader then reads the
+    /// rest buffered (tested with it).
+    pub refuse_o_direct_reads: bool,
 }
 
 /// One executed copy, for ordering tests.
@@ -985,14 +989,18 @@ impl DirectRead for HostDirectRead {
             return Ok(done); // end of file
         }
         if mid > 0 {
-            // SAFETY: the middle follows the head inside dst..dst+len, as above.
-            let (r, e) = unsafe {
-                pread_full(
-                    file.fast_fd(),
-                    dst as usize + done,
-                    mid,
-                    offset + done as u64,
-                )
+            let (r, e) = if dev.0.cfg.refuse_o_direct_reads {
+                (0, Some(std::io::Error::from_raw_os_error(libc::EINVAL)))
+            } else {
+                // SAFETY: the middle follows the head inside dst..dst+len, as above.
+                unsafe {
+                    pread_full(
+                        file.fast_fd(),
+                        dst as usize + done,
+                        mid,
+                        offset + done as u64,
+                    )
+                }
             };
             done += r;
             dev.0.direct_io_bytes.fetch_add(r as u64, Ordering::Relaxed);

@@ -216,6 +216,35 @@ fn phased_buffers_take_o_direct_reads_for_the_aligned_middle_byte_exact() {
     }
 }
 
+/// A file system that accepts the `O_DIRECT` open but refuses the read (EINVAL): every byte still
+/// arrives, read buffered, and nothing counts as read O_DIRECT.
+#[test]
+fn o_direct_reads_refused_with_einval_fall_back_to_buffered_byte_exact() {
+    let dir = scratch_dir(Place::Disk);
+    let file_len = (1 << 20) + 999;
+    let (path, want) = write_file(dir.path(), "data", file_len, 11);
+    let Some((_, file)) = open_both(&path).into_iter().find(|(m, _)| *m == "direct") else {
+        eprintln!("skipped: O_DIRECT unavailable on this file system (see above)");
+        return;
+    };
+    let dev = HostDevice::new(HostDeviceConfig {
+        direct_reads: true,
+        refuse_o_direct_reads: true,
+        ..HostDeviceConfig::default()
+    });
+    let device: Arc<dyn Device> = Arc::new(dev.clone());
+    let reader = device.direct_reader().unwrap();
+    for (offset, len) in [(0u64, file_len as u64), (4095, 300_000), (8192, 64 << 10)] {
+        let buf =
+            DeviceBuffer::alloc_phased(&device, len as usize, (offset % PAGE) as usize).unwrap();
+        load_range_direct(&reader, &file, offset, &buf, 0, len, cfg(2, 64 << 10)).unwrap();
+        let (o, l) = (offset as usize, len as usize);
+        assert!(read_back(&buf) == want[o..o + l], "{len} bytes at {offset}");
+    }
+    assert_eq!(dev.direct_io_bytes(), 0);
+    assert!(dev.direct_reads() > 0);
+}
+
 /// One call of a wrapped reader.
 #[derive(Debug, Clone, Copy)]
 struct Call {
