@@ -124,7 +124,8 @@ extern "C" __global__ void gpuio_bfs_level(gpuio::array<u64> edges, u64 edge_bas
 
 // The same level with every edge already in device memory (`edges`: the whole .bel.dst file, header
 // included, so edge e is element e + edge_base as above): the reference the device cache is measured
-// against (issue 15: "BFS with all edges in GPU memory"). Same warps, same order, same claims.
+// against (issue 15: "BFS with all edges in GPU memory"): the same frontier order and claims, with as
+// many warps as the search allows (the cache caps them at a quarter of its lines; this needs no cap).
 extern "C" __global__ void gpuio_bfs_level_mem(const u64* __restrict__ edges, u64 edge_base,
                                                const u64* offsets, u64 n, const u32* frontier,
                                                u32 frontier_len, u32* next, u32* next_len, u32* depth,
