@@ -492,6 +492,20 @@ struct Traversal {
     seconds: f64,
 }
 
+impl Traversal {
+    /// A GPU search's result (depths -1 for unreachable), the reached vertices counted from them.
+    fn from_gpu(depths: Vec<i32>, levels: u32, scanned: u64, seconds: f64) -> Traversal {
+        let reached = depths.iter().filter(|&&d| d >= 0).count() as u64;
+        Traversal {
+            depths,
+            levels,
+            reached,
+            scanned,
+            seconds,
+        }
+    }
+}
+
 fn traverse<E: Edges>(
     bel: &Bel,
     source: u32,
@@ -573,7 +587,6 @@ fn traverse_gpu(
             ..Default::default()
         },
     )?;
-    let reached = run.depths.iter().filter(|&&d| d >= 0).count() as u64;
     let report = BfsGpuReport {
         cache_bytes: capacity,
         line_bytes: cfg.line_size,
@@ -584,14 +597,36 @@ fn traverse_gpu(
         warps_launched: run.warps_launched,
         delivery: run.delivery,
     };
-    let t = Traversal {
-        depths: run.depths,
-        levels: run.levels,
-        reached,
-        scanned: run.edges_scanned,
-        seconds: run.seconds,
-    };
+    let t = Traversal::from_gpu(run.depths, run.levels, run.edges_scanned, run.seconds);
     Ok((t, report))
+}
+
+/// [`Mode::GpuMemory`]: the same search on the GPU with every edge copied into device memory first;
+/// returns the traversal and the load time.
+fn traverse_gpu_memory(
+    cfg: &BfsConfig,
+    bel: &Bel,
+    source: u32,
+    progress: Report<'_>,
+) -> Result<(Traversal, f64)> {
+    let device = gpuio_cuda::open_device(&cfg.device)?;
+    report(
+        progress,
+        Progress::Phase(format!(
+            "loading {} into {}, then searching there",
+            bel.dst_path.display(),
+            device.label()
+        )),
+    )?;
+    let run = gpuio_cuda::rings::bfs::bfs_in_memory(
+        &device,
+        &bel.dst_path,
+        &bel.offsets,
+        source as u64,
+        &gpuio_cuda::rings::bfs::GpuBfsConfig::default(),
+    )?;
+    let t = Traversal::from_gpu(run.depths, run.levels, run.edges_scanned, run.seconds);
+    Ok((t, run.load_seconds))
 }
 
 fn drop_os_cache(f: &std::fs::File, path: &Path) -> Result<()> {
@@ -769,31 +804,8 @@ pub fn bfs_with(cfg: &BfsConfig, progress: Report<'_>) -> Result<BfsResult> {
             (t, None)
         }
         Mode::GpuMemory => {
-            let device = gpuio_cuda::open_device(&cfg.device)?;
-            report(
-                progress,
-                Progress::Phase(format!(
-                    "loading {} into {}, then searching there",
-                    bel.dst_path.display(),
-                    device.label()
-                )),
-            )?;
-            let run = gpuio_cuda::rings::bfs::bfs_in_memory(
-                &device,
-                &bel.dst_path,
-                &bel.offsets,
-                source as u64,
-                &gpuio_cuda::rings::bfs::GpuBfsConfig::default(),
-            )?;
-            load_seconds = Some(run.load_seconds);
-            let reached = run.depths.iter().filter(|&&d| d >= 0).count() as u64;
-            let t = Traversal {
-                depths: run.depths,
-                levels: run.levels,
-                reached,
-                scanned: run.edges_scanned,
-                seconds: run.seconds,
-            };
+            let (t, load) = traverse_gpu_memory(cfg, &bel, source, progress)?;
+            load_seconds = Some(load);
             (t, None)
         }
         Mode::Cache => {
