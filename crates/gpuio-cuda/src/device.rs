@@ -407,12 +407,7 @@ impl fmt::Debug for DeviceBuffer {
 impl DeviceBuffer {
     /// Allocates `len` bytes on `device`.
     pub fn alloc(device: &Arc<dyn Device>, len: usize) -> Result<DeviceBuffer> {
-        let ptr = if len == 0 { 0 } else { device.alloc_raw(len)? };
-        Ok(DeviceBuffer {
-            device: device.clone(),
-            ptr,
-            len,
-        })
+        Self::alloc_by(device, len, |d| d.alloc_raw(len))
     }
     /// A buffer for a file range read with `O_DIRECT` from an offset ≡ `phase` modulo 4096 (see
     /// [`Device::alloc_raw_phased`]).
@@ -421,11 +416,15 @@ impl DeviceBuffer {
         len: usize,
         phase: usize,
     ) -> Result<DeviceBuffer> {
-        let ptr = if len == 0 {
-            0
-        } else {
-            device.alloc_raw_phased(len, phase)?
-        };
+        Self::alloc_by(device, len, |d| d.alloc_raw_phased(len, phase))
+    }
+    /// `len` bytes from `alloc` (none for an empty buffer, whose address is 0).
+    fn alloc_by(
+        device: &Arc<dyn Device>,
+        len: usize,
+        alloc: impl FnOnce(&dyn Device) -> Result<DevicePtr>,
+    ) -> Result<DeviceBuffer> {
+        let ptr = if len == 0 { 0 } else { alloc(device.as_ref())? };
         Ok(DeviceBuffer {
             device: device.clone(),
             ptr,
