@@ -420,8 +420,13 @@ fn the_nth_read_failing_stops_the_load_names_file_and_offset_and_leaves_nothing_
                 assert_eq!(at, start, "{label}");
                 assert_eq!(reads, n, "{label}: reads went on after the failure");
             } else {
+                // The failing read's worker raises the stop flag only after its read returns, and
+                // can be preempted in between while the others keep starting chunks, so the bound
+                // is the chunks (with n + threads - 1 this test failed once on 2 busy cores; the
+                // message was not kept, and that bound is the one this race breaks). That nothing
+                // starts after the load returned is checked below.
                 assert!(
-                    reads >= n && reads < n + threads as u64,
+                    reads >= n && reads <= chunks as u64,
                     "{label}: {reads} reads"
                 );
             }
