@@ -279,7 +279,8 @@ class _Graph:
     def bfs(prefix: _Path, source: int, *, mode: str = ..., cache_size: Optional[str] = ...,
             line_size: int = ..., queue_depth: int = ..., coalesce: int = ...,
             depths_out: Optional[_Path] = ..., progress: Optional[_ProgressCallback] = ...,
-            progress_interval: float = ..., device: str = ...) -> dict: ...
+            progress_interval: float = ..., device: str = ..., delivery: str = ...,
+            server_threads: int = ...) -> dict: ...
 
 graph: _Graph
 
@@ -287,4 +288,5 @@ def gather(table: _Path, row_bytes: int, batch: int, batches: int, *, dist: str 
            cache_size: Optional[str] = ..., line_size: int = ..., queue_depth: int = ...,
            prefetch: bool = ..., compute_us: int = ..., seed: int = ...,
            progress: Optional[_ProgressCallback] = ..., progress_interval: float = ...,
-           mode: str = ..., device: str = ...) -> dict: ...
+           mode: str = ..., device: str = ..., delivery: str = ...,
+           server_threads: int = ...) -> dict: ...

@@ -47,16 +47,20 @@ def generate(scale: int, output: _Path, *, degree: int = 16, seed: int = 1, kind
 def bfs(prefix: _Path, source: int, *, mode: str = "cache", cache_size: Optional[str] = None,
         line_size: int = 16384, queue_depth: int = 64, coalesce: int = 131072,
         depths_out: Optional[_Path] = None, progress: _Progress = None,
-        progress_interval: float = 0.1, device: str = "cuda:0") -> dict:
+        progress_interval: float = 0.1, device: str = "cuda:0", delivery: str = "copies",
+        server_threads: int = 0) -> dict:
     """Breadth-first search of the graph at ``prefix`` from ``source``. ``mode``: ``"cache"`` (the
     edge file through gpu-io's page cache; ``cache_size`` like ``"20%"`` or ``"256M"``), ``"memory"``,
     ``"mmap"``, ``"gpu-cache"`` (on the GPU ``device``: a kernel reads the edges itself through a
     device cache of ``cache_size``) or ``"gpu-memory"`` (the same search with every edge copied into
-    device memory first: gpu-cache's in-memory reference). Returns the summary, with ``depths`` a numpy int32 array (-1:
-    unreachable). ``progress``: see the module docs (one step per level)."""
+    device memory first: gpu-cache's in-memory reference). In gpu-cache, ``delivery`` is how the ring
+    server hands lines to the GPU (``"copies"`` or ``"kernel"``, as the CLI's ``--delivery``) and
+    ``server_threads`` its polling threads (0: 4, at most half the cores). Returns the summary, with
+    ``depths`` a numpy int32 array (-1: unreachable). ``progress``: see the module docs (one step per
+    level)."""
     r = _gpuio._graph_bfs(os.fspath(prefix), source, mode, cache_size, line_size, queue_depth,
                           coalesce, None if depths_out is None else os.fspath(depths_out), progress,
-                          progress_interval, device)
+                          progress_interval, device, delivery, server_threads)
     r["depths"] = np.frombuffer(r["depths"], dtype="<i4")
     return r
 
@@ -64,15 +68,17 @@ def bfs(prefix: _Path, source: int, *, mode: str = "cache", cache_size: Optional
 def gather(table: _Path, row_bytes: int, batch: int, batches: int, *, dist: str = "uniform",
            cache_size: Optional[str] = None, line_size: int = 4096, queue_depth: int = 64,
            prefetch: bool = False, compute_us: int = 0, seed: int = 1, progress: _Progress = None,
-           progress_interval: float = 0.1, mode: str = "cache", device: str = "cuda:0") -> dict:
+           progress_interval: float = 0.1, mode: str = "cache", device: str = "cuda:0",
+           delivery: str = "copies", server_threads: int = 0) -> dict:
     """``batches`` gathers of ``batch`` rows of ``row_bytes`` from ``table`` through a page cache
     (``dist``: ``"uniform"`` or ``"zipf:S"``); with ``prefetch`` the next batch is issued before the
     current one is consumed, and a synchronous run over the same rows gives ``speedup``. ``mode``
     ``"gpu-cache"`` gathers on the GPU ``device`` (a kernel reads the rows through a device cache;
-    same rows, same ``checksum``). ``progress``: see the module docs (one step per batch)."""
+    same rows, same ``checksum``; ``delivery`` and ``server_threads`` as in :func:`bfs`).
+    ``progress``: see the module docs (one step per batch)."""
     return _gpuio._gather(os.fspath(table), row_bytes, batch, batches, dist, cache_size, line_size,
                           queue_depth, prefetch, compute_us, seed, progress, progress_interval, mode,
-                          device)
+                          device, delivery, server_threads)
 
 
 graph = SimpleNamespace(generate=generate, bfs=bfs)

@@ -66,6 +66,10 @@ def test_gpu_cache_modes_match_the_host_or_say_they_need_a_gpu(tmp_path):
             gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device)
         with pytest.raises(ValueError):
             gpuio.gather(table, 256, 8, 4, mode="nope")
+        with pytest.raises(ValueError, match="delivery"):
+            gpuio.graph.bfs(prefix, 1, mode="gpu-cache", device=device, delivery="dma")
+        with pytest.raises(ValueError, match="delivery"):
+            gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device, delivery="dma")
         return
     host = gpuio.graph.bfs(prefix, 1, mode="memory")
     gpu = gpuio.graph.bfs(prefix, 1, mode="gpu-cache", device=device)
@@ -77,9 +81,16 @@ def test_gpu_cache_modes_match_the_host_or_say_they_need_a_gpu(tmp_path):
     mem = gpuio.graph.bfs(prefix, 1, mode="gpu-memory", device=device)
     assert np.array_equal(host["depths"], mem["depths"])
     assert mem["load_seconds"] > 0, mem
+    # The kernel delivery and another server size find the same depths.
+    k = gpuio.graph.bfs(prefix, 1, mode="gpu-cache", device=device, delivery="kernel",
+                        server_threads=3)
+    assert np.array_equal(host["depths"], k["depths"])
     a = gpuio.gather(table, 256, 8, 4)
     b = gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device)
     assert a["run"]["checksum"] == b["run"]["checksum"]
+    k = gpuio.gather(table, 256, 8, 4, mode="gpu-cache", device=device, delivery="kernel",
+                     server_threads=1)
+    assert a["run"]["checksum"] == k["run"]["checksum"]
     assert b["run"]["warps"] > 0 and b["run"]["requests_per_warp"] > 0, b["run"]
     assert "warps" not in a["run"]
 

@@ -77,6 +77,10 @@ pub struct BfsArgs {
     /// write per request) or "kernel" (one launch per polling round).
     #[arg(long, default_value = "copies")]
     delivery: DeliveryPath,
+    /// Host polling threads serving the rings in --mode gpu-cache (0: 4, at most half the cores;
+    /// the measured knee on an H200).
+    #[arg(long, default_value_t = 0)]
+    server_threads: usize,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -95,6 +99,7 @@ pub fn run(a: BfsArgs) -> Result<()> {
         depths_out: a.depths_out.clone(),
         device: a.device.clone(),
         delivery: a.delivery,
+        server_threads: a.server_threads,
     };
     let pb = crate::stream::spinner(a.json);
     let r = wl::bfs(&cfg, &mut |p| crate::stream::show_progress(pb.as_ref(), p));

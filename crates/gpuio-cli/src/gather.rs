@@ -72,6 +72,10 @@ pub struct GatherArgs {
     /// write per request) or "kernel" (one launch per polling round).
     #[arg(long, default_value = "copies")]
     delivery: DeliveryPath,
+    /// Host polling threads serving the rings in --mode gpu-cache (0: 4, at most half the cores;
+    /// the measured knee on an H200).
+    #[arg(long, default_value_t = 0)]
+    server_threads: usize,
     /// Copy every row out of the cache into a batch buffer, even where the rows could be read in
     /// place (a read-only table, rows inside one line, two batches' lines fitting in the cache).
     #[arg(long)]
@@ -137,6 +141,7 @@ pub fn run(a: GatherArgs) -> Result<()> {
         gpu: a.mode == "gpu-cache",
         device: a.device.clone(),
         delivery: a.delivery,
+        server_threads: a.server_threads,
     };
     let spinner = crate::stream::spinner(a.json);
     let r = wl::gather(&cfg, &mut |p| {

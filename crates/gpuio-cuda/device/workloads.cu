@@ -83,69 +83,94 @@ extern "C" __global__ void gpuio_gather_rows(gpuio::array<u32> a, const u64* row
   }
 }
 
-// One level of a breadth-first search with the edge array on storage (BaM's BFS): warp w takes
-// frontier vertices w, w + warps, ...; its lanes read the vertex's edges through the device cache
-// (edge e is element e + edge_base of `edges`: the .bel file's 16-byte header is two elements),
-// coalesced per line, and claim each unvisited destination for the next level with a CAS on its
-// depth. next_len counts the next frontier; errors[0] counts failed reads (errors[2] keeps the first
-// code), errors[1] destinations out of range (errors[3] keeps the first such edge's low 32 bits);
-// scanned[0] adds the edges scanned.
-extern "C" __global__ void gpuio_bfs_level(gpuio::array<u64> edges, u64 edge_base, const u64* offsets,
-                                           u64 n, const u32* frontier, u32 frontier_len, u32* next,
-                                           u32* next_len, u32* depth, u32 level, int* errors,
-                                           u64* scanned) {
+// One level of a breadth-first search (BaM's BFS, top-down): the vertices whose depth is `level`
+// are expanded, in vertex order, by warps that take groups of 32 consecutive vertices from a shared
+// counter (`cursor`, zeroed by the host before each level). A lane looks at one vertex of the group;
+// the warp then walks the group's frontier vertices one by one, its lanes reading 32 edges at a time
+// and claiming each unvisited destination for level + 1 with a CAS on its depth. `found` counts the
+// claims (the host stops when a level claims none); `scanned[0]` adds the edges scanned; errors[0]
+// counts failed edge reads (errors[2] keeps the first code), errors[1] destinations out of range
+// (errors[3] keeps the first such edge's low 32 bits).
+//
+// Why this order: the warps running at once hold neighbouring groups, so they read neighbouring
+// edges, which share cache lines; the counter balances a hub's group against many light ones; and
+// the frontier never leaves the device (an earlier version sorted a frontier list on the host
+// between levels, a device-to-host and a host-to-device copy and a sort per level). Scanning every
+// group's depths costs one coalesced 128-byte load per 32 vertices per level.
+//
+// `Edges` is how edge e is read: through the device cache (gpuio::array<u64>::read, warp-coalesced
+// per line) or from device memory (MemEdges); both kernels below are this one function, so the
+// in-memory reference differs from the cached search only in where the edges come from.
+struct MemEdges {
+  const u64* __restrict__ p;
+  __device__ u64 read(u64 i, int* err) const {
+    *err = 0;
+    return p[i];
+  }
+};
+
+template <class Edges>
+__device__ void bfs_level(const Edges& edges, u64 edge_base, const u64* offsets, u64 n, u32* depth,
+                          u32 level, u32* cursor, u32* found, int* errors, u64* scanned) {
+  const unsigned ALL = 0xffffffffu;
   const int lane = threadIdx.x & 31;
-  const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
-  const u64 warps = (gridDim.x * (u64)blockDim.x) >> 5;
-  for (u64 k = warp; k < frontier_len; k += warps) {
-    const u32 v = frontier[k];
-    const u64 start = offsets[v], end = offsets[v + 1];
-    if (lane == 0) atomicAdd(scanned, end - start);
-    for (u64 base = start; base < end; base += 32) {
-      // The whole warp (the loop is warp-uniform) meets here, so read()'s coalescing sees every
-      // lane that wants a line, not those left apart by the last batch's branches.
-      __syncwarp();
-      const u64 e = base + lane;
-      if (e < end) {
-        int err = 0;
-        const u64 u = edges.read(e + edge_base, &err);
-        if (err) {
-          atomicAdd(&errors[0], 1);
-          atomicCAS(&errors[2], 0, err);
-        } else if (u >= n) {
-          if (atomicAdd(&errors[1], 1) == 0) errors[3] = (int)(e & 0x7fffffff);
-        } else if (atomicCAS(&depth[u], 0xffffffffu, level + 1) == 0xffffffffu) {
-          next[atomicAdd(next_len, 1u)] = (u32)u;
+  const u64 groups = (n + 31) / 32;
+  u64 my_scanned = 0;
+  for (;;) {
+    u32 g = 0;
+    if (lane == 0) g = atomicAdd(cursor, 1u);
+    g = __shfl_sync(ALL, g, 0);
+    if (g >= groups) break;
+    const u64 v0 = (u64)g * 32;
+    const u64 mine = v0 + lane;
+    unsigned todo = __ballot_sync(ALL, mine < n && depth[mine] == level);
+    while (todo) {
+      const u64 v = v0 + (__ffs(todo) - 1);
+      todo &= todo - 1;
+      const u64 start = offsets[v], end = offsets[v + 1];
+      my_scanned += end - start;
+      for (u64 base = start; base < end; base += 32) {
+        // The whole warp meets here (the loop is warp-uniform), so read()'s coalescing sees every
+        // lane that wants a line, not those left apart by the last batch's branches.
+        __syncwarp();
+        const u64 e = base + lane;
+        bool claimed = false;
+        if (e < end) {
+          int err = 0;
+          const u64 u = edges.read(e + edge_base, &err);
+          if (err) {
+            atomicAdd(&errors[0], 1);
+            atomicCAS(&errors[2], 0, err);
+          } else if (u >= n) {
+            if (atomicAdd(&errors[1], 1) == 0) errors[3] = (int)(e & 0x7fffffff);
+          } else {
+            claimed = atomicCAS(&depth[u], 0xffffffffu, level + 1) == 0xffffffffu;
+          }
         }
+        const unsigned c = __ballot_sync(ALL, claimed);
+        if (lane == 0 && c) atomicAdd(found, (u32)__popc(c));
       }
     }
   }
+  if (lane == 0 && my_scanned) atomicAdd(scanned, my_scanned);
+}
+
+// The level with the edges read through the device cache (edge e is element e + edge_base of
+// `edges`: the .bel file's 16-byte header is two elements). Launch whole warps.
+extern "C" __global__ void gpuio_bfs_level(gpuio::array<u64> edges, u64 edge_base, const u64* offsets,
+                                           u64 n, u32* depth, u32 level, u32* cursor, u32* found,
+                                           int* errors, u64* scanned) {
+  bfs_level(edges, edge_base, offsets, n, depth, level, cursor, found, errors, scanned);
 }
 
 // The same level with every edge already in device memory (`edges`: the whole .bel.dst file, header
-// included, so edge e is element e + edge_base as above): the reference the device cache is measured
-// against (issue 15: "BFS with all edges in GPU memory"): the same frontier order and claims, with as
-// many warps as the search allows (the cache caps them at a quarter of its lines; this needs no cap).
+// included): the reference the device cache is measured against (issue 15: "BFS with all edges in
+// GPU memory"), with as many warps as the search allows (the cache caps them at a quarter of its
+// lines; this needs no cap).
 extern "C" __global__ void gpuio_bfs_level_mem(const u64* __restrict__ edges, u64 edge_base,
-                                               const u64* offsets, u64 n, const u32* frontier,
-                                               u32 frontier_len, u32* next, u32* next_len, u32* depth,
-                                               u32 level, int* errors, u64* scanned) {
-  const int lane = threadIdx.x & 31;
-  const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
-  const u64 warps = (gridDim.x * (u64)blockDim.x) >> 5;
-  for (u64 k = warp; k < frontier_len; k += warps) {
-    const u32 v = frontier[k];
-    const u64 start = offsets[v], end = offsets[v + 1];
-    if (lane == 0) atomicAdd(scanned, end - start);
-    for (u64 e = start + lane; e < end; e += 32) {
-      const u64 u = edges[e + edge_base];
-      if (u >= n) {
-        if (atomicAdd(&errors[1], 1) == 0) errors[3] = (int)(e & 0x7fffffff);
-      } else if (atomicCAS(&depth[u], 0xffffffffu, level + 1) == 0xffffffffu) {
-        next[atomicAdd(next_len, 1u)] = (u32)u;
-      }
-    }
-  }
+                                               const u64* offsets, u64 n, u32* depth, u32 level,
+                                               u32* cursor, u32* found, int* errors, u64* scanned) {
+  bfs_level(MemEdges{edges}, edge_base, offsets, n, depth, level, cursor, found, errors, scanned);
 }
 
 // Layout probe for the host: the sizes and offsets of the argument structs, written to out[] so a

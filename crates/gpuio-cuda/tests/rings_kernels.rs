@@ -104,10 +104,12 @@ fn gpu_bfs_checks_its_graph_before_the_device() {
 }
 
 /// The host stand-in with a scripted kernel module: the layout probe answers with the host's sizes,
-/// every other launch runs nothing, and a wait either "finishes" or times out with the kernel still
-/// running. What this checks is the host side around a launch: a kernel that outlives its wait keeps
-/// its buffers (nothing freed under it), and a kernel that delivered nothing is caught by the check
-/// against the file.
+/// `gpuio_bfs_level_mem` runs a CPU twin of the kernel where the script says so (the same
+/// parameters, the same counters, a sequential walk of the groups), every other launch runs nothing,
+/// and a wait either "finishes" or times out with the kernel still running. What this checks is the
+/// host side around a launch: a kernel that outlives its wait keeps its buffers (nothing freed under
+/// it), a kernel that delivered nothing is caught by the check against the file, and the BFS's level
+/// loop (counters zeroed, parameters in the kernel's order, the stop when a level claims nothing).
 mod scripted {
     use std::ffi::c_void;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,6 +125,8 @@ mod scripted {
     pub struct Scripted {
         pub host: HostDevice,
         pub hang: Arc<AtomicBool>,
+        /// Whether `gpuio_bfs_level_mem` runs its CPU twin (else nothing).
+        pub bfs_twin: bool,
     }
 
     impl Scripted {
@@ -130,6 +134,7 @@ mod scripted {
             Scripted {
                 host: HostDevice::new(HostDeviceConfig::default()),
                 hang: Arc::new(AtomicBool::new(hang)),
+                bfs_twin: false,
             }
         }
     }
@@ -137,17 +142,69 @@ mod scripted {
     #[derive(Debug)]
     struct Module {
         hang: Arc<AtomicBool>,
+        bfs_twin: bool,
         running: bool,
+    }
+
+    /// `gpuio_bfs_level_mem` (device/workloads.cu) on the CPU, one warp after another: each takes
+    /// groups of 32 vertices from `cursor` until one past the last, expands the group's vertices at
+    /// `level`, and claims unvisited destinations for level + 1, counting them in `found`.
+    ///
+    /// # Safety
+    /// `params` are the kernel's ten, every pointer a live host address of the stand-in.
+    unsafe fn bfs_level_twin(params: &[*mut c_void], warps: u64) {
+        // SAFETY: per the function's contract.
+        unsafe {
+            let arg = |i: usize| *(params[i] as *const u64);
+            let (edges, base, offsets, n) =
+                (arg(0) as *const u64, arg(1), arg(2) as *const u64, arg(3));
+            let depth = arg(4) as *mut u32;
+            let level = *(params[5] as *const u32);
+            let (cursor, found) = (arg(6) as *mut u32, arg(7) as *mut u32);
+            let (errors, scanned) = (arg(8) as *mut i32, arg(9) as *mut u64);
+            let groups = n.div_ceil(32);
+            for _ in 0..warps {
+                loop {
+                    let g = *cursor as u64;
+                    *cursor += 1;
+                    if g >= groups {
+                        break;
+                    }
+                    for v in g * 32..(g * 32 + 32).min(n) {
+                        if *depth.add(v as usize) != level {
+                            continue;
+                        }
+                        let (start, end) = (*offsets.add(v as usize), *offsets.add(v as usize + 1));
+                        *scanned += end - start;
+                        for e in start..end {
+                            let u = *edges.add((e + base) as usize);
+                            if u >= n {
+                                *errors.add(1) += 1;
+                            } else if *depth.add(u as usize) == u32::MAX {
+                                *depth.add(u as usize) = level + 1;
+                                *found += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     impl KernelModule for Module {
         unsafe fn launch(
             &mut self,
             entry: &str,
-            _grid: u32,
-            _block: u32,
+            grid: u32,
+            block: u32,
             params: &mut [*mut c_void],
         ) -> Result<()> {
+            if entry == "gpuio_bfs_level_mem" && self.bfs_twin {
+                assert_eq!(params.len(), 10, "gpuio_bfs_level_mem takes ten parameters");
+                // SAFETY: per the launch's contract, the kernel's parameters on the stand-in.
+                unsafe { bfs_level_twin(params, grid as u64 * block as u64 / 32) };
+                return Ok(());
+            }
             if entry == "gpuio_layout_probe" {
                 // SAFETY: the probe's one parameter is a u64 device address; on the stand-in it is
                 // the host address of a live 24-byte allocation.
@@ -215,6 +272,7 @@ mod scripted {
         fn load_module(&self, _ptx: &str, _entries: &[&str]) -> Result<Box<dyn KernelModule>> {
             Ok(Box::new(Module {
                 hang: self.hang.clone(),
+                bfs_twin: self.bfs_twin,
                 running: false,
             }))
         }
@@ -283,4 +341,108 @@ fn a_hung_kernel_keeps_its_buffers_and_an_idle_one_is_caught_by_the_check() {
             assert_eq!(s.host.allocated_bytes(), before, "buffers freed");
         }
     }
+}
+
+/// A small graph in the `.bel` layout the GPU search reads: `offsets` (n + 1) and the `.bel.dst`
+/// file (16-byte header, u64 destinations); undirected, random, a few isolated vertices.
+fn small_graph(dir: &std::path::Path, n: u64, seed: u64) -> (std::path::PathBuf, Vec<u64>) {
+    let mut x = seed;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut adj = vec![Vec::new(); n as usize];
+    for _ in 0..n * 3 {
+        let (a, b) = (next() % (n - 8), next() % (n - 8)); // the last 8 stay unreachable
+        adj[a as usize].push(b);
+        adj[b as usize].push(a);
+    }
+    let mut offsets = vec![0u64];
+    let mut bytes = vec![0u8; 16];
+    for l in &adj {
+        for &u in l {
+            bytes.extend_from_slice(&u.to_le_bytes());
+        }
+        offsets.push(offsets.last().unwrap() + l.len() as u64);
+    }
+    bytes[..8].copy_from_slice(&offsets.last().unwrap().to_le_bytes());
+    let path = dir.join("g.bel.dst");
+    std::fs::write(&path, bytes).unwrap();
+    (path, offsets)
+}
+
+/// The CPU's breadth-first depths of the same graph (-1: unreachable).
+fn reference_depths(path: &std::path::Path, offsets: &[u64], source: u64) -> Vec<i32> {
+    let bytes = std::fs::read(path).unwrap();
+    let dst = |e: u64| {
+        let i = 16 + e as usize * 8;
+        u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap())
+    };
+    let n = offsets.len() - 1;
+    let mut depth = vec![-1i32; n];
+    depth[source as usize] = 0;
+    let mut frontier = vec![source];
+    let mut d = 0;
+    while !frontier.is_empty() {
+        let mut next = Vec::new();
+        for &v in &frontier {
+            for e in offsets[v as usize]..offsets[v as usize + 1] {
+                let u = dst(e);
+                if depth[u as usize] < 0 {
+                    depth[u as usize] = d + 1;
+                    next.push(u);
+                }
+            }
+        }
+        frontier = next;
+        d += 1;
+    }
+    depth
+}
+
+#[test]
+fn the_gpu_bfs_level_loop_drives_the_kernel_twin_to_the_cpus_depths() {
+    use gpuio_cuda::rings::bfs::{bfs_in_memory, GpuBfsConfig};
+    let dir = tempfile::tempdir().unwrap();
+    // 1000 vertices: 32 groups, one partial; more warps asked for than groups.
+    let (path, offsets) = small_graph(dir.path(), 1000, 7);
+    let mut s = scripted::Scripted::new(false);
+    s.bfs_twin = true;
+    let device: Arc<dyn Device> = Arc::new(s.clone());
+    for (source, warps) in [(0, 8192), (17, 1), (999 - 8, 5)] {
+        let c = GpuBfsConfig {
+            warps,
+            ..GpuBfsConfig::default()
+        };
+        let before = s.host.allocated_bytes();
+        let r = bfs_in_memory(&device, &path, &offsets, source, &c).unwrap();
+        let want = reference_depths(&path, &offsets, source);
+        assert_eq!(r.depths, want, "source {source}, {warps} warps");
+        let levels = *want.iter().max().unwrap() as u32 + 1;
+        assert_eq!(
+            r.levels, levels,
+            "the last level claims nothing and ends the search"
+        );
+        let reached_edges: u64 = (0..1000)
+            .filter(|&v| want[v] >= 0)
+            .map(|v| offsets[v + 1] - offsets[v])
+            .sum();
+        assert_eq!(r.edges_scanned, reached_edges);
+        assert_eq!(r.warps_launched, levels as u64 * warps.min(32) as u64);
+        assert_eq!(s.host.allocated_bytes(), before, "every buffer freed");
+    }
+}
+
+#[test]
+fn a_gpu_bfs_level_that_leaves_groups_untaken_fails_the_search() {
+    use gpuio_cuda::rings::bfs::{bfs_in_memory, GpuBfsConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let (path, offsets) = small_graph(dir.path(), 300, 3);
+    // No twin: the "kernel" runs nothing, so no group is taken.
+    let device: Arc<dyn Device> = Arc::new(scripted::Scripted::new(false));
+    let e = bfs_in_memory(&device, &path, &offsets, 0, &GpuBfsConfig::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("took 0 of 10 vertex groups"), "{e}");
 }

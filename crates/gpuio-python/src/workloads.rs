@@ -207,7 +207,7 @@ fn _graph_generate<'py>(
 #[pyfunction]
 #[pyo3(signature = (prefix, source, mode = "cache", cache_size = None, line_size = 16384,
     queue_depth = 64, coalesce = 131072, depths_out = None, progress = None, progress_interval = 0.1,
-    device = "cuda:0"))]
+    device = "cuda:0", delivery = "copies", server_threads = 0))]
 #[allow(clippy::too_many_arguments)]
 fn _graph_bfs<'py>(
     py: Python<'py>,
@@ -222,8 +222,13 @@ fn _graph_bfs<'py>(
     progress: Option<Py<PyAny>>,
     progress_interval: f64,
     device: &str,
+    delivery: &str,
+    server_threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut prog = PyProgress::new(progress.as_ref(), progress_interval, py)?;
+    let delivery = delivery
+        .parse()
+        .map_err(|e: gpuio::Error| PyValueError::new_err(e.to_string()))?;
     let mode = match mode {
         "cache" => bfs::Mode::Cache,
         "memory" => bfs::Mode::Memory,
@@ -247,8 +252,8 @@ fn _graph_bfs<'py>(
         issue_threads: 0,
         depths_out,
         device: device.into(),
-        // The ring server's measured default; the kernel delivery is the CLI's --delivery.
-        delivery: Default::default(),
+        delivery,
+        server_threads,
     };
     let r = py.allow_threads(|| bfs::bfs_with(&cfg, &mut |p| prog.on(p)));
     let r = prog.finish(py, r)?;
@@ -304,7 +309,8 @@ fn run_dict<'py>(py: Python<'py>, r: &gather::GatherRun) -> PyResult<Bound<'py, 
 #[pyfunction]
 #[pyo3(signature = (table, row_bytes, batch, batches, dist = "uniform", cache_size = None,
     line_size = 4096, queue_depth = 64, prefetch = false, compute_us = 0, seed = 1, progress = None,
-    progress_interval = 0.1, mode = "cache", device = "cuda:0"))]
+    progress_interval = 0.1, mode = "cache", device = "cuda:0", delivery = "copies",
+    server_threads = 0))]
 #[allow(clippy::too_many_arguments)]
 fn _gather<'py>(
     py: Python<'py>,
@@ -323,9 +329,15 @@ fn _gather<'py>(
     progress_interval: f64,
     mode: &str,
     device: &str,
+    delivery: &str,
+    server_threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut prog = PyProgress::new(progress.as_ref(), progress_interval, py)?;
     let mut cfg = gather::GatherConfig::new(table, row_bytes, batch, batches);
+    cfg.delivery = delivery
+        .parse()
+        .map_err(|e: gpuio::Error| PyValueError::new_err(e.to_string()))?;
+    cfg.server_threads = server_threads;
     cfg.gpu = match mode {
         "cache" => false,
         "gpu-cache" => true,

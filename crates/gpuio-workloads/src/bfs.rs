@@ -92,6 +92,9 @@ pub struct BfsConfig {
     /// How the ring server delivers lines to the device in [`Mode::GpuCache`] (`--delivery`,
     /// default copies; see `gpuio_cuda::rings::DeliveryPath`).
     pub delivery: gpuio_cuda::rings::DeliveryPath,
+    /// The ring server's polling threads in [`Mode::GpuCache`], 0 for
+    /// `gpuio_cuda::rings::default_polling_threads` (`--server-threads`, default 0).
+    pub server_threads: usize,
 }
 
 impl BfsConfig {
@@ -109,6 +112,7 @@ impl BfsConfig {
             depths_out: None,
             device: "cuda:0".into(),
             delivery: gpuio_cuda::rings::DeliveryPath::Copies,
+            server_threads: 0,
         }
     }
 
@@ -584,6 +588,7 @@ fn traverse_gpu(
             cache_bytes: capacity,
             line_bytes,
             delivery: cfg.delivery,
+            server_threads: cfg.server_threads,
             ..Default::default()
         },
     )?;

@@ -113,6 +113,9 @@ pub struct GatherConfig {
     /// How the ring server delivers lines to the device when `gpu` (`--delivery`, default copies;
     /// see `gpuio_cuda::rings::DeliveryPath`).
     pub delivery: gpuio_cuda::rings::DeliveryPath,
+    /// The ring server's polling threads when `gpu`, 0 for
+    /// `gpuio_cuda::rings::default_polling_threads` (`--server-threads`, default 0).
+    pub server_threads: usize,
 }
 
 impl GatherConfig {
@@ -136,6 +139,7 @@ impl GatherConfig {
             gpu: false,
             device: "cuda:0".into(),
             delivery: gpuio_cuda::rings::DeliveryPath::Copies,
+            server_threads: 0,
         }
     }
 

@@ -71,7 +71,7 @@ pub(crate) fn run_once(
         vec![p.file.clone()],
         cache.window(),
         ServerConfig {
-            threads: 2,
+            threads: gpuio_cuda::rings::polling_threads(a.server_threads),
             delivery: a.delivery,
             ..ServerConfig::default()
         },

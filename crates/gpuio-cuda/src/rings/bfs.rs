@@ -17,11 +17,14 @@ use super::deliver::DeliveryPath;
 use super::kernels::{upload, CacheArg, DeviceCache, Workloads, BLOCK};
 use super::layout::RingConfig;
 use super::region::RingRegion;
-use super::server::{RingServer, RingStats, ServerConfig};
+use super::server::{polling_threads, RingServer, RingStats, ServerConfig};
 use crate::device::{Device, DeviceBuffer};
 
 /// Bytes of a `.bel` file's header (u64 count, u64 reserved): two u64 elements before edge 0.
 pub const BEL_HEADER_ELEMENTS: u64 = 2;
+
+/// Vertices a warp takes at once from a level's shared counter (one per lane).
+pub const GROUP_VERTICES: u64 = 32;
 
 /// How the search runs.
 #[derive(Debug, Clone)]
@@ -32,6 +35,7 @@ pub struct GpuBfsConfig {
     /// Warps per level at most (each pins at most two lines at a time; capped at a quarter of the
     /// cache's lines).
     pub warps: u32,
+    /// The ring server's polling threads, 0 for [`default_polling_threads`](super::default_polling_threads).
     pub server_threads: usize,
     /// How the server delivers lines to the device.
     pub delivery: DeliveryPath,
@@ -46,7 +50,7 @@ impl Default for GpuBfsConfig {
             cache_bytes: 256 << 20,
             line_bytes: 16 << 10,
             warps: 8192,
-            server_threads: 2,
+            server_threads: 0,
             delivery: DeliveryPath::Copies,
             rings: 8,
             level_timeout: Duration::from_secs(120),
@@ -70,7 +74,8 @@ pub struct GpuBfsRun {
     pub publisher: String,
     /// How the server delivered lines ([`RingServer::delivery`]).
     pub delivery: String,
-    /// Warps launched over all levels (each takes frontier vertices until none is left).
+    /// Warps launched over all levels (each takes groups of 32 vertices from the level's counter until
+    /// none is left).
     pub warps_launched: u64,
 }
 
@@ -107,7 +112,7 @@ pub fn bfs(
         vec![file],
         cache.window(),
         ServerConfig {
-            threads: c.server_threads,
+            threads: polling_threads(c.server_threads),
             delivery: c.delivery,
             ..ServerConfig::default()
         },
@@ -235,12 +240,6 @@ fn words(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn read_u32(buf: &DeviceBuffer) -> Result<u32> {
-    let mut b = [0u8; 4];
-    buf.read(0, &mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
 /// Depths, levels, edges scanned, seconds, warps launched.
 type Found = (Vec<i32>, u32, u64, f64, u64);
 
@@ -263,31 +262,31 @@ fn search(
     let depth = DeviceBuffer::alloc(&device, n as usize * 4)?;
     upload(d, &words(&depth_init), depth.ptr())?;
     drop(depth_init);
-    let mut cur = DeviceBuffer::alloc(&device, n as usize * 4)?;
-    let mut nxt = DeviceBuffer::alloc(&device, n as usize * 4)?;
-    upload(d, &words(&[source as u32]), cur.ptr())?;
-    let next_len = DeviceBuffer::alloc(&device, 4)?;
+    // The level's two counters: the next group of 32 vertices to hand out, then the claims.
+    let counters = DeviceBuffer::alloc(&device, 8)?;
     let errors = DeviceBuffer::alloc(&device, 16)?;
     upload(d, &[0u8; 16], errors.ptr())?;
     let scanned = DeviceBuffer::alloc(&device, 8)?;
     upload(d, &[0u8; 8], scanned.ptr())?;
 
-    let (max_warps, kernel) = match edges {
-        Edges::Cache(cache) => (
-            c.warps.clamp(1, (cache.arg().slots / 4).max(1)),
-            super::kernels::BFS_LEVEL,
-        ),
-        Edges::Memory(_) => (c.warps.max(1), super::kernels::BFS_LEVEL_MEM),
+    let groups = n.div_ceil(GROUP_VERTICES);
+    let max_warps = match edges {
+        Edges::Cache(cache) => c.warps.clamp(1, (cache.arg().slots / 4).max(1)),
+        Edges::Memory(_) => c.warps.max(1),
     };
-    let mut frontier_len = 1u32;
+    let kernel = match edges {
+        Edges::Cache(_) => super::kernels::BFS_LEVEL,
+        Edges::Memory(_) => super::kernels::BFS_LEVEL_MEM,
+    };
+    // Every level scans every group; more warps than groups would find nothing to take.
+    let warps = (max_warps as u64).min(groups) as u32;
+    let blocks = (warps * 32).div_ceil(BLOCK);
     let mut warps_launched = 0u64;
     let mut level = 0u32;
     let t0 = Instant::now();
     loop {
-        upload(d, &[0u8; 4], next_len.ptr())?;
-        let warps = frontier_len.min(max_warps);
+        upload(d, &[0u8; 8], counters.ptr())?;
         warps_launched += warps as u64;
-        let blocks = (warps * 32).div_ceil(BLOCK);
         // The first parameter: the cache's descriptor, or the edges' device address.
         let (mut a, mut edges_ptr) = match edges {
             Edges::Cache(cache) => (Some(cache.arg()), 0u64),
@@ -297,28 +296,24 @@ fn search(
             Some(a) => a as *mut CacheArg as *mut std::ffi::c_void,
             None => &mut edges_ptr as *mut u64 as *mut std::ffi::c_void,
         };
-        let (
-            mut base,
-            mut op,
-            mut nn,
-            mut fp,
-            mut fl,
-            mut np,
-            mut nl,
-            mut dp,
-            mut lv,
-            mut ep,
-            mut sp,
-        ): (u64, u64, u64, u64, u32, u64, u64, u64, u32, u64, u64) = (
+        let (mut base, mut op, mut nn, mut dp, mut lv, mut cp, mut fp, mut ep, mut sp): (
+            u64,
+            u64,
+            u64,
+            u64,
+            u32,
+            u64,
+            u64,
+            u64,
+            u64,
+        ) = (
             BEL_HEADER_ELEMENTS,
             off.ptr(),
             n,
-            cur.ptr(),
-            frontier_len,
-            nxt.ptr(),
-            next_len.ptr(),
             depth.ptr(),
             level,
+            counters.ptr(),
+            counters.ptr() + 4,
             errors.ptr(),
             scanned.ptr(),
         );
@@ -327,28 +322,37 @@ fn search(
             &mut base as *mut u64 as *mut _,
             &mut op as *mut u64 as *mut _,
             &mut nn as *mut u64 as *mut _,
-            &mut fp as *mut u64 as *mut _,
-            &mut fl as *mut u32 as *mut _,
-            &mut np as *mut u64 as *mut _,
-            &mut nl as *mut u64 as *mut _,
             &mut dp as *mut u64 as *mut _,
             &mut lv as *mut u32 as *mut _,
+            &mut cp as *mut u64 as *mut _,
+            &mut fp as *mut u64 as *mut _,
             &mut ep as *mut u64 as *mut _,
             &mut sp as *mut u64 as *mut _,
         ];
-        // SAFETY: the parameters match gpuio_bfs_level(array<u64>, u64, const u64*, u64, const
-        // u32*, u32, u32*, u32*, u32*, u32, int*, u64*), or gpuio_bfs_level_mem with a const u64*
-        // first; every buffer (and `a` or `edges_ptr`) lives past the wait below.
+        // SAFETY: the parameters match gpuio_bfs_level(array<u64>, u64 edge_base, const u64*
+        // offsets, u64 n, u32* depth, u32 level, u32* cursor, u32* found, int* errors, u64*
+        // scanned), or gpuio_bfs_level_mem with a const u64* first; every buffer (and `a` or
+        // `edges_ptr`) lives past the wait below.
         unsafe { w.module().launch(kernel, blocks, BLOCK, &mut params)? };
         if let Err(e) = w.module().synchronize(c.level_timeout) {
             if w.hung() {
                 // The kernel may still use every one of them.
-                std::mem::forget((off, depth, cur, nxt, next_len, errors, scanned));
+                std::mem::forget((off, depth, counters, errors, scanned));
             }
             return Err(e);
         }
         check_errors(d, &errors, level)?;
-        let found = read_u32(&next_len)?;
+        let mut cf = [0u8; 8];
+        counters.read(0, &mut cf)?;
+        let taken = u32::from_le_bytes(cf[..4].try_into().expect("4 bytes"));
+        let found = u32::from_le_bytes(cf[4..].try_into().expect("4 bytes"));
+        // Each warp takes groups until one past the last: fewer means a warp stopped early.
+        if (taken as u64) < groups {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("level {level}: the kernel took {taken} of {groups} vertex groups"),
+            ));
+        }
         if found == 0 {
             break;
         }
@@ -358,21 +362,6 @@ fn search(
                 format!("level {level} claims {found} new vertices of {n}: the kernel misbehaved"),
             ));
         }
-        // The next frontier in vertex order: warp k takes frontier[k], so the warps running at
-        // once then read neighbouring vertices' edges, which share cache lines (in discovery
-        // order they are random lines, and a cache of a fifth of the edges thrashes: run 8 of
-        // docs/gpu-runs read the 251 MB edge file 158 times over). BaM's BFS gets the same
-        // order by scanning the vertices in order each level.
-        let mut order = vec![0u8; found as usize * 4];
-        nxt.read(0, &mut order)?;
-        let mut vertices: Vec<u32> = order
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect();
-        vertices.sort_unstable();
-        upload(d, &words(&vertices), nxt.ptr())?;
-        std::mem::swap(&mut cur, &mut nxt);
-        frontier_len = found;
         level += 1;
     }
     let seconds = t0.elapsed().as_secs_f64();

@@ -66,5 +66,6 @@ pub use publish::{
 };
 pub use region::RingRegion;
 pub use server::{
-    HostStorePublish, Publish, RingServer, RingStats, ServerConfig, ROUNDS_IN_FLIGHT_MAX,
+    default_polling_threads, polling_threads, HostStorePublish, Publish, RingServer, RingStats,
+    ServerConfig, ROUNDS_IN_FLIGHT_MAX,
 };

@@ -141,6 +141,25 @@ pub struct ServerConfig {
     pub delivery: DeliveryPath,
 }
 
+/// Polling threads a workload's server gets unless told otherwise: 4, the knee measured on an
+/// H200 (docs/BENCHMARKS.md, "Runs 7 to 11": 4 KiB requests through the kernel delivery ran at
+/// 0.73–0.89 M/s with 2 threads, 1.36–1.46 M/s with 4 and 1.35–1.49 M/s with 8), and at most half
+/// the cores, since the threads poll and the kernel's launches and the rest of the process need
+/// the others.
+pub fn default_polling_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores / 2).clamp(1, 4)
+}
+
+/// The polling threads of `asked`, 0 for [`default_polling_threads`].
+pub fn polling_threads(asked: usize) -> usize {
+    if asked == 0 {
+        default_polling_threads()
+    } else {
+        asked
+    }
+}
+
 /// The most rounds a polling thread may keep in flight ([`ServerConfig::rounds_in_flight`]).
 pub const ROUNDS_IN_FLIGHT_MAX: usize = 4;
 
