@@ -44,7 +44,11 @@ Sections, in priority order:
            in one allocation, freed with the last view) and equal to safetensors'; its loads timed
            against safetensors, fastsafetensors and InstantTensor from /dev/shm, warm and cold
   rings    issue 15: kernels read through the request rings against the host engine, from /dev/shm
-           and from the disk; the gather and BFS through the device cache against the host modes
+           and from the disk; the gather through the device cache against the host modes, and its
+           prefetch against synchronous with fewer warps (where latency, not the server, bounds it)
+  bfs      issue 15: BaM's BFS through the device cache against the same search with every edge in
+           device memory and the host modes, scales 20, 22, 24 (BFS_SCALE): polling threads 4 and 8,
+           16 and 64 KiB lines, both deliveries
 
 SECTIONS=a,b,c runs those sections in that order (the default: all, in the order above).
 """
@@ -81,7 +85,7 @@ SHARD_INDEX = os.path.join(SHARD_DIR, "model.safetensors.index.json")
 SECTIONS = [
     ("env", 60), ("tests", 90), ("model", 150), ("h2d", 40), ("shm", 150), ("shards", 150), ("cold", 150),
     ("warm", 90), ("coldsweep", 150), ("bench", 60), ("gds", 60), ("pio", 40), ("zerocopy", 60), ("save", 90),
-    ("pack", 90), ("pytest", 100), ("python", 150), ("rings", 300),
+    ("pack", 90), ("pytest", 100), ("python", 150), ("rings", 240), ("bfs", 300),
 ]
 
 
@@ -833,6 +837,20 @@ def s_rings():
                 f"{j['gather_sync']['requests_per_sec']:.0f} rows/s, prefetch "
                 f"{j['gather_prefetch']['requests_per_sec']:.0f} rows/s, speedup {j['prefetch_speedup']:.2f}x; "
                 f"{j['publisher']}")
+        # Prefetch against synchronous where a warp's wait, not the server, sets the pace: fewer warps
+        # (1024 keep 4 polling threads busy without a second request each; runs 7-11 gave 0.70-1.16x).
+        for warps in (64, 256):
+            args = ["rings", RINGS_FILE, "--device", DEVICE, "--reads", "4096", "--rows", "65536",
+                    "--warps", str(warps), "--server-threads", "4", "--delivery", "kernel", "--timeout", "30",
+                    "--json"]
+            j, wall, err = gpuio(args, timeout=60)
+            if j is None:
+                log(f"rings gather --warps {warps}: FAILED {err}")
+                continue
+            record("rings-gather", warps=warps, server_threads=4, delivery="kernel", raw=j)
+            log(f"rings gather --warps {warps} --server-threads 4 --delivery kernel: sync "
+                f"{j['gather_sync']['requests_per_sec']:.0f} rows/s, prefetch "
+                f"{j['gather_prefetch']['requests_per_sec']:.0f} rows/s, speedup {j['prefetch_speedup']:.2f}x")
         # The engine's shared thread, and each application thread on its own ring (--local).
         for extra in ([], ["--threads", "4"], ["--local"], ["--local", "--threads", "4"]):
             host_randread(RINGS_FILE, "", extra)
@@ -879,9 +897,12 @@ def s_rings():
                 os.remove(disk)
     finally:
         os.remove(RINGS_FILE)
-    # BaM's BFS with the edge array on storage: the kernel's depths against the host's, and TEPS.
-    # Run 6: scale 22 through the device cache ran past its 60 s; run 11 took 0.56 s there. Issue 15
-    # asks for scales 24-26. BFS_SCALE takes a list (default 20,22,24 on a GPU).
+
+
+def s_bfs():
+    """BaM's BFS with the edge array on storage: the kernel's depths against the host's, and TEPS.
+    Run 6: scale 22 through the device cache ran past its 60 s; run 11 took 0.56 s there. Issue 15
+    asks for scales 24-26. BFS_SCALE takes a list (default 20,22,24 on a GPU)."""
     for scale in os.environ.get("BFS_SCALE", "20,22,24" if ON_GPU else "16").split(","):
         bfs_scale(scale)
 
@@ -903,9 +924,18 @@ def bfs_scale(scale):
         source = max(range(len(deg)), key=lambda v: deg[v])
         depths = {}
         gpu = ["--device", DEVICE]
+        kernel = gpu + ["--delivery", "kernel"]
+        # The polling threads default to 4 (at most half the cores); 8 and 64 KiB lines say whether the
+        # server's bytes or its requests set the pace.
         for label, mode, extra in (("memory", "memory", []), ("cache", "cache", []),
                                    ("gpu-memory", "gpu-memory", gpu),
-                                   ("gpu-cache kernel delivery", "gpu-cache", gpu + ["--delivery", "kernel"]),
+                                   ("gpu-cache kernel delivery", "gpu-cache", kernel),
+                                   ("gpu-cache kernel delivery, 8 polling threads", "gpu-cache",
+                                    kernel + ["--server-threads", "8"]),
+                                   ("gpu-cache kernel delivery, 64K lines", "gpu-cache",
+                                    kernel + ["--line-size", "64K"]),
+                                   ("gpu-cache kernel delivery, 64K lines, 8 polling threads", "gpu-cache",
+                                    kernel + ["--line-size", "64K", "--server-threads", "8"]),
                                    ("gpu-cache", "gpu-cache", gpu)):
             out = os.path.join(SHM_DIR, "gpuio-depths")
             j, wall, err = gpuio(["bfs", g, "--source", str(source), "--mode", mode, "--cache-size", "20%",
