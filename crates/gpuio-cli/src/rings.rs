@@ -1,8 +1,10 @@
 //! `gpuio rings FILE --device cuda:N [--json]`: GPU kernels issue their own reads of FILE through
 //! the request rings — random reads straight through the rings, then an embedding gather through
-//! the device cache without and with prefetch — every byte checked against the file. Needs a GPU: on
-//! any other device it fails at once, saying why. The library runs it
-//! (`gpuio_cuda::rings::bench`); this module turns flags into its config and prints.
+//! the device cache without and with prefetch — every byte checked against the file. With
+//! `--device cpu` the same random reads come from CPU producer threads on the host stand-in, which
+//! measures the host server alone (no gather: that needs kernels). The library runs both
+//! (`gpuio_cuda::rings::bench`, `gpuio_cuda::rings::host_bench`); this module turns flags into their
+//! configs and prints.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,15 +12,17 @@ use std::time::Duration;
 use clap::Args;
 use gpuio::{Engine, EngineConfig, Error, Result};
 use gpuio_cuda::rings::bench::{run as run_bench, RingsBenchConfig};
+use gpuio_cuda::rings::host_bench::{run as run_host_bench, HostRingsConfig};
 use gpuio_cuda::rings::kernels::KernelRun;
-use gpuio_cuda::rings::DeliveryPath;
+use gpuio_cuda::rings::{DeliveryPath, ServerConfig};
 use serde_json::json;
 
 #[derive(Args, Debug)]
 pub struct RingsArgs {
     /// The file the kernels read (random reads of it, and rows of it through the device cache).
     file: PathBuf,
-    /// The GPU (cuda:N).
+    /// The GPU (cuda:N), or cpu: CPU threads issue the random reads through the rings instead of
+    /// kernels, on the host stand-in (the server measured alone).
     #[arg(long, default_value = "cuda:0")]
     device: String,
     /// Bytes per random read.
@@ -27,9 +31,13 @@ pub struct RingsArgs {
     /// Random reads to issue.
     #[arg(long, default_value_t = 1 << 18)]
     reads: u64,
-    /// GPU threads issuing them (one read in flight each).
+    /// GPU threads issuing them (one read in flight each); with --device cpu, the reads in flight
+    /// over all --producers.
     #[arg(long, default_value_t = 4096)]
     threads: u32,
+    /// CPU producer threads issuing the reads with --device cpu.
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
     /// Rows to gather through the device cache (0: no gather).
     #[arg(long, default_value_t = 1 << 16)]
     rows: u64,
@@ -92,6 +100,9 @@ fn run_json(r: &KernelRun) -> serde_json::Value {
 }
 
 pub fn run(a: RingsArgs) -> Result<()> {
+    if a.device == "cpu" {
+        return run_host(a);
+    }
     let config = RingsBenchConfig {
         file: a.file.clone(),
         read_bytes: u32_arg(a.block_size, "block-size")?,
@@ -156,4 +167,82 @@ pub fn run(a: RingsArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `--device cpu`: CPU producers on the host stand-in.
+fn run_host(a: RingsArgs) -> Result<()> {
+    let config = HostRingsConfig {
+        file: a.file.clone(),
+        read_bytes: u32_arg(a.block_size, "block-size")?,
+        reads: a.reads,
+        in_flight: a.threads,
+        producers: a.producers,
+        server: ServerConfig {
+            threads: a.server_threads,
+            delivery: a.delivery,
+            ..ServerConfig::default()
+        },
+        rings: a.rings,
+        seed: a.seed,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    let device = gpuio_cuda::open_device(&a.device)?;
+    let engine = Engine::new(EngineConfig::default())?;
+    let r = run_host_bench(&engine, &device, &config)?;
+    if a.json {
+        return crate::report::print_json(&json!({
+            "file": a.file,
+            "device": device.label(),
+            "producers": a.producers,
+            "in_flight": a.threads,
+            "server_threads": a.server_threads,
+            "random_reads": {
+                "requests": r.requests,
+                "bytes": r.bytes,
+                "seconds": r.elapsed.as_secs_f64(),
+                "requests_per_sec": r.requests_per_sec(),
+                "bytes_per_sec": r.bytes_per_sec(),
+                "verified_bytes": r.verified_bytes,
+                "server": {
+                    "requests": r.server.requests,
+                    "transfers": r.server.transfers,
+                    "coalesced_reads": r.server.coalesced_reads,
+                    "batches": r.server.batches,
+                    "errors": r.server.errors,
+                    "bytes_read": r.server.bytes_read,
+                },
+            },
+            "cpu": {
+                "producers_s": r.producer_cpu_s,
+                "process_s": r.process_cpu_s,
+                "copy_engine_s": r.copy_engine_cpu_s,
+                "server_us_per_request": r.server_cpu_us_per_request(),
+            },
+        }));
+    }
+    outln!(
+        "{}: {} random reads of {} bytes by {} CPU producer(s), {} in flight, {} polling thread(s)",
+        a.file.display(),
+        r.requests,
+        a.block_size,
+        a.producers,
+        a.threads,
+        a.server_threads
+    )?;
+    outln!(
+        "{:>12.0} requests/s, {:.2} GB/s in {:.3} s ({} bytes checked); {} rounds, {} transfers",
+        r.requests_per_sec(),
+        r.bytes_per_sec() / 1e9,
+        r.elapsed.as_secs_f64(),
+        r.verified_bytes,
+        r.server.batches,
+        r.server.transfers
+    )?;
+    outln!(
+        "CPU: {:.2} µs per request for the server (of the process's {:.3} s, the producers took {:.3} s and the stand-in's copy engine {:.3} s)",
+        r.server_cpu_us_per_request(),
+        r.process_cpu_s,
+        r.producer_cpu_s,
+        r.copy_engine_cpu_s
+    )
 }

@@ -647,35 +647,32 @@ fn sigterm_or_sigint_mid_bench_removes_the_scratch_file() {
 }
 
 /// The GPU-kernel commands on a machine without a GPU's kernels (the host stand-in): one clear line,
-/// exit 1, nothing on standard output, before any file is touched.
+/// exit 1, nothing on standard output, before any file is touched. (`rings --device cpu` runs CPU
+/// producers instead: the next test.)
 #[test]
 fn gpu_kernel_commands_say_they_need_a_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("t.bin");
     std::fs::write(&table, vec![1u8; 1 << 20]).unwrap();
     let t = table.to_str().unwrap();
-    for args in [
-        vec!["rings", t, "--device", "cpu"],
-        vec![
-            "gather",
-            "--table",
-            t,
-            "--row-bytes",
-            "4096",
-            "--batch",
-            "8",
-            "--batches",
-            "1",
-            "--mode",
-            "gpu-cache",
-            "--device",
-            "cpu",
-        ],
-    ] {
-        let out = gpuio(&args);
-        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
-        assert_clean_failure(&args, &["cpu runs no kernels (a GPU is needed)"]);
-    }
+    let args = [
+        "gather",
+        "--table",
+        t,
+        "--row-bytes",
+        "4096",
+        "--batch",
+        "8",
+        "--batches",
+        "1",
+        "--mode",
+        "gpu-cache",
+        "--device",
+        "cpu",
+    ];
+    let out = gpuio(&args);
+    assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+    assert_clean_failure(&args, &["cpu runs no kernels (a GPU is needed)"]);
     let g = dir.path().join("g");
     let gs = g.to_str().unwrap();
     assert!(gpuio(&["graph", "gen", "--scale", "6", "-o", gs])
@@ -692,6 +689,57 @@ fn gpu_kernel_commands_say_they_need_a_gpu() {
         "cpu",
     ];
     assert_clean_failure(&args, &["cpu runs no kernels (a GPU is needed)"]);
+}
+
+/// `rings --device cpu`: CPU producers read through the rings on the host stand-in, every read
+/// served, the sampled ones checked, the server's CPU time reported; a file too small for one read
+/// is refused naming it.
+#[test]
+fn rings_on_the_cpu_serve_cpu_producers() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("t.bin");
+    std::fs::write(
+        &table,
+        (0..1u32 << 18)
+            .flat_map(|i| i.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let t = table.to_str().unwrap();
+    let args = [
+        "rings",
+        t,
+        "--device",
+        "cpu",
+        "--reads",
+        "3000",
+        "--threads",
+        "24",
+        "--producers",
+        "2",
+        "--block-size",
+        "16K",
+        "--json",
+    ];
+    let out = gpuio(&args);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v["random_reads"];
+    assert_eq!(r["requests"], 3000, "{v}");
+    assert_eq!(r["server"]["requests"], 3000, "{v}");
+    assert_eq!(r["server"]["errors"], 0, "{v}");
+    assert!(r["verified_bytes"].as_u64().unwrap() >= 16384, "{v}");
+    assert!(
+        v["cpu"]["server_us_per_request"].as_f64().unwrap() >= 0.0,
+        "{v}"
+    );
+    let small = dir.path().join("small.bin");
+    std::fs::write(&small, [0u8; 100]).unwrap();
+    let s = small.to_str().unwrap();
+    assert_clean_failure(
+        &["rings", s, "--device", "cpu"],
+        &["small.bin", "smaller than one"],
+    );
 }
 
 /// `bench --warm` keeps the file's pages: a file just written is warm, so the automatic choice reads

@@ -502,6 +502,13 @@ pub struct HostDeviceConfig {
     /// system that accepted the `O_DIRECT` open but refuses the read: the reader then reads the
     /// rest buffered (tested with it).
     pub refuse_o_direct_reads: bool,
+    /// Skip the tests' instruments: the CRC-32C of every host source when a copy is queued and again
+    /// when it runs ([`HostDevice::reuse_violations`]), and the record of every copy
+    /// ([`HostDevice::copy_log`], which grows with each one). `open_device("cpu")`, the CLI's and
+    /// Python's stand-in, skips them: they cost two CRCs of every byte copied (a third of the ring
+    /// server's CPU time at 64 KiB requests, measured with `gpuio rings --device cpu`) and memory
+    /// without bound in a long run.
+    pub skip_instruments: bool,
 }
 
 /// One executed copy, for ordering tests.
@@ -588,11 +595,13 @@ impl HostDevice {
     pub fn pinned_bytes(&self) -> u64 {
         self.0.state.lock().pinned.values().map(|&l| l as u64).sum()
     }
-    /// Every copy executed so far, in execution order.
+    /// Every copy executed so far, in execution order (none recorded with
+    /// [`HostDeviceConfig::skip_instruments`]).
     pub fn copy_log(&self) -> Vec<CopyRecord> {
         self.0.log.lock().clone()
     }
-    /// Copies whose source bytes changed between queueing and execution (must stay 0).
+    /// Copies whose source bytes changed between queueing and execution (must stay 0; not checked
+    /// with [`HostDeviceConfig::skip_instruments`]).
     pub fn reuse_violations(&self) -> u64 {
         self.0.reuse_violations.load(Ordering::Relaxed)
     }
@@ -1153,19 +1162,22 @@ fn copy_worker(shared: &StreamShared, device: &HostDevice) {
             // copies to it are pending.
             let src = unsafe { std::slice::from_raw_parts(job.src as *const u8, job.len) };
             if job.crc.is_some_and(|c| c != crc(src)) {
+                // (`crc` is None when the instruments are skipped.)
                 device.0.reuse_violations.fetch_add(1, Ordering::Relaxed);
             }
             // SAFETY: as above.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), job.dst as *mut u8, job.len) };
         }
-        device.0.log.lock().push(CopyRecord {
-            ticket: job.ticket,
-            kind: job.kind,
-            dst: job.dst as u64,
-            len: job.len,
-            started,
-            finished: Instant::now(),
-        });
+        if !device.0.cfg.skip_instruments {
+            device.0.log.lock().push(CopyRecord {
+                ticket: job.ticket,
+                kind: job.kind,
+                dst: job.dst as u64,
+                len: job.len,
+                started,
+                finished: Instant::now(),
+            });
+        }
         let mut st = shared.state.lock();
         if let Some(e) = st_err {
             // Like CUDA's sticky stream errors: every later wait reports it; queued copies are dropped.
@@ -1192,6 +1204,7 @@ impl HostStream {
         value: u64,
     ) -> Result<Ticket> {
         let sum = match kind {
+            _ if self.device.0.cfg.skip_instruments => None,
             CopyKind::HostToDevice | CopyKind::HostToDeviceMapped => {
                 // SAFETY: the caller of the copy promises src..src+len is valid host memory now.
                 let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, len) };

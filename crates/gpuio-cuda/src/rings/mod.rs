@@ -49,6 +49,7 @@
 pub mod bench;
 pub mod bfs;
 pub mod deliver;
+pub mod host_bench;
 pub mod kernels;
 pub mod layout;
 pub mod line;
