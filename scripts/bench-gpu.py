@@ -813,10 +813,14 @@ def s_rings():
             block = os.urandom(1 << 20)
             for i in range(1024):
                 f.write(block[i % 7:] + block[:i % 7])
+    if not ON_GPU:
+        # `gpuio rings --device cpu` runs CPU producers instead of kernels (no gather); its figures are
+        # measured apart (docs/BENCHMARKS.md). Rehearse the rest.
+        log("rings: no GPU; the kernels' sweeps are skipped")
     try:
         # GPU threads, host polling threads serving the rings (default 2), and how rounds reach the
         # device: a copy and a stream write per request, or one deliveries kernel per round.
-        for threads, servers, delivery in ((4096, 2, "copies"), (4096, 2, "kernel"), (16384, 2, "copies"),
+        for threads, servers, delivery in () if not ON_GPU else ((4096, 2, "copies"), (4096, 2, "kernel"), (16384, 2, "copies"),
                                            (16384, 2, "kernel"), (4096, 4, "kernel"), (4096, 8, "copies"),
                                            (4096, 8, "kernel")):
             args = ["rings", RINGS_FILE, "--device", DEVICE, "--threads", str(threads),
@@ -839,7 +843,7 @@ def s_rings():
                 f"{j['publisher']}")
         # Prefetch against synchronous where a warp's wait, not the server, sets the pace: fewer warps
         # (1024 keep 4 polling threads busy without a second request each; runs 7-11 gave 0.70-1.16x).
-        for warps in (64, 256):
+        for warps in (64, 256) if ON_GPU else ():
             args = ["rings", RINGS_FILE, "--device", DEVICE, "--reads", "4096", "--rows", "65536",
                     "--warps", str(warps), "--server-threads", "4", "--delivery", "kernel", "--timeout", "30",
                     "--json"]
@@ -886,7 +890,8 @@ def s_rings():
                         log(f"rings from the disk --delivery {delivery}: FAILED {err}")
                         continue
                     record("rings-disk", threads=4096, delivery=delivery, raw=j)
-                    log(f"rings from the disk {disk}, 4096 threads, --delivery {delivery}: kernel 4K random "
+                    who = "kernel" if ON_GPU else "CPU producers'"
+                    log(f"rings from the disk {disk}, 4096 threads, --delivery {delivery}: {who} 4K random "
                         f"reads {j['random_reads']['requests_per_sec']:.0f}/s "
                         f"({j['random_reads']['verified_bytes']} bytes checked)")
                 for extra in ([], ["--local"]):
