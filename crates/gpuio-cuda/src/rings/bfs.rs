@@ -278,9 +278,16 @@ fn search(
         Edges::Cache(_) => super::kernels::BFS_LEVEL,
         Edges::Memory(_) => super::kernels::BFS_LEVEL_MEM,
     };
-    // Every level scans every group; more warps than groups would find nothing to take.
+    // Every level scans every group; more warps than groups would find nothing to take. Whole
+    // blocks, rounded down, so that the cache's cap on warps holds exactly.
     let warps = (max_warps as u64).min(groups) as u32;
-    let blocks = (warps * 32).div_ceil(BLOCK);
+    let per_block = BLOCK / 32;
+    let (blocks, block) = if warps < per_block {
+        (1, warps * 32)
+    } else {
+        (warps / per_block, BLOCK)
+    };
+    let warps = blocks * block / 32;
     let mut warps_launched = 0u64;
     let mut level = 0u32;
     let t0 = Instant::now();
@@ -333,7 +340,7 @@ fn search(
         // offsets, u64 n, u32* depth, u32 level, u32* cursor, u32* found, int* errors, u64*
         // scanned), or gpuio_bfs_level_mem with a const u64* first; every buffer (and `a` or
         // `edges_ptr`) lives past the wait below.
-        unsafe { w.module().launch(kernel, blocks, BLOCK, &mut params)? };
+        unsafe { w.module().launch(kernel, blocks, block, &mut params)? };
         if let Err(e) = w.module().synchronize(c.level_timeout) {
             if w.hung() {
                 // The kernel may still use every one of them.
