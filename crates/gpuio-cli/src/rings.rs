@@ -146,27 +146,29 @@ pub fn run(a: RingsArgs) -> Result<()> {
         r.publisher,
         r.delivery
     )?;
-    let line = |name: &str, k: &KernelRun| {
-        outln!(
-            "{name:<22} {:>10} requests in {:.3} s: {:>12.0} requests/s, {:>7.2} GB/s ({} threads; {} bytes checked)",
-            k.requests,
-            k.elapsed.as_secs_f64(),
-            k.requests_per_sec(),
-            k.bytes_per_sec() / 1e9,
-            k.threads,
-            k.verified_bytes
-        )
-    };
-    line("random reads", &r.random_reads)?;
+    print_run("random reads", &r.random_reads, "threads")?;
     if let (Some(s), Some(p)) = (&r.gather_sync, &r.gather_prefetch) {
-        line("gather, synchronous", s)?;
-        line("gather, prefetch", p)?;
+        print_run("gather, synchronous", s, "threads")?;
+        print_run("gather, prefetch", p, "threads")?;
         outln!(
             "prefetch speedup {:.2} x",
             s.elapsed.as_secs_f64() / p.elapsed.as_secs_f64()
         )?;
     }
     Ok(())
+}
+
+/// One run's line: requests, time, rates, and what `threads` counts (`issuers`).
+fn print_run(name: &str, k: &KernelRun, issuers: &str) -> Result<()> {
+    outln!(
+        "{name:<22} {:>10} requests in {:.3} s: {:>12.0} requests/s, {:>7.2} GB/s ({} {issuers}; {} bytes checked)",
+        k.requests,
+        k.elapsed.as_secs_f64(),
+        k.requests_per_sec(),
+        k.bytes_per_sec() / 1e9,
+        k.threads,
+        k.verified_bytes
+    )
 }
 
 /// `--device cpu`: CPU producers on the host stand-in.
@@ -196,22 +198,7 @@ fn run_host(a: RingsArgs) -> Result<()> {
             "producers": a.producers,
             "in_flight": a.threads,
             "server_threads": a.server_threads,
-            "random_reads": {
-                "requests": r.requests,
-                "bytes": r.bytes,
-                "seconds": r.elapsed.as_secs_f64(),
-                "requests_per_sec": r.requests_per_sec(),
-                "bytes_per_sec": r.bytes_per_sec(),
-                "verified_bytes": r.verified_bytes,
-                "server": {
-                    "requests": r.server.requests,
-                    "transfers": r.server.transfers,
-                    "coalesced_reads": r.server.coalesced_reads,
-                    "batches": r.server.batches,
-                    "errors": r.server.errors,
-                    "bytes_read": r.server.bytes_read,
-                },
-            },
+            "random_reads": run_json(&r.reads),
             "cpu": {
                 "producers_s": r.producer_cpu_s,
                 "process_s": r.process_cpu_s,
@@ -221,23 +208,13 @@ fn run_host(a: RingsArgs) -> Result<()> {
         }));
     }
     outln!(
-        "{}: {} random reads of {} bytes by {} CPU producer(s), {} in flight, {} polling thread(s)",
+        "{}: random reads by {} CPU producer(s) on {}, {} polling thread(s)",
         a.file.display(),
-        r.requests,
-        a.block_size,
         a.producers,
-        a.threads,
+        device.label(),
         a.server_threads
     )?;
-    outln!(
-        "{:>12.0} requests/s, {:.2} GB/s in {:.3} s ({} bytes checked); {} rounds, {} transfers",
-        r.requests_per_sec(),
-        r.bytes_per_sec() / 1e9,
-        r.elapsed.as_secs_f64(),
-        r.verified_bytes,
-        r.server.batches,
-        r.server.transfers
-    )?;
+    print_run("random reads", &r.reads, "in flight")?;
     outln!(
         "CPU: {:.2} µs per request for the server (of the process's {:.3} s, the producers took {:.3} s and the stand-in's copy engine {:.3} s)",
         r.server_cpu_us_per_request(),

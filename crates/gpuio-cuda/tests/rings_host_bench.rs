@@ -54,15 +54,17 @@ fn cpu_producers_read_through_the_server_and_every_sample_matches_the_file() {
                 &config(path.clone(), producers, in_flight),
             )
             .unwrap();
-            assert_eq!(r.requests, 2000);
+            let k = &r.reads;
+            assert_eq!(k.requests, 2000);
+            assert_eq!(k.threads, in_flight as u64);
             assert_eq!(
-                r.server.requests, 2000,
+                k.server.requests, 2000,
                 "every read reached the server once"
             );
-            assert_eq!(r.server.errors, 0);
-            assert_eq!(r.server.bytes_read, 2000 * 4096);
-            assert_eq!(r.verified_bytes, 2000u64.div_ceil(VERIFY_EVERY) * 4096);
-            assert!(r.requests_per_sec() > 0.0 && r.process_cpu_s >= r.producer_cpu_s);
+            assert_eq!(k.server.errors, 0);
+            assert_eq!(k.server.bytes_read, 2000 * 4096);
+            assert_eq!(k.verified_bytes, 2000u64.div_ceil(VERIFY_EVERY) * 4096);
+            assert!(k.requests_per_sec() > 0.0 && r.process_cpu_s >= r.producer_cpu_s);
         }
     });
 }

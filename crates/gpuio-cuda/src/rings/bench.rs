@@ -93,29 +93,50 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
+/// Random reads of `read_bytes` must be a multiple of 512, at most 1 MiB (shared with
+/// [`super::host_bench`]).
+pub(super) fn check_read_bytes(read_bytes: u32) -> Result<()> {
+    if read_bytes == 0 || read_bytes % 512 != 0 || read_bytes > 1 << 20 {
+        return Err(Error::invalid(format!(
+            "reads of {read_bytes} bytes: a multiple of 512 up to 1 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// `path` opened for random reads of whole `read_bytes` blocks, its size, and the offsets of `reads`
+/// of them drawn from the xorshift `state` (later draws continue from it).
+pub(super) fn open_random_reads(
+    path: &std::path::Path,
+    read_bytes: u32,
+    reads: u64,
+    state: &mut u64,
+) -> Result<(File, u64, Vec<u64>)> {
+    let file = File::open(path)?;
+    let size = file.len()?;
+    let blocks = size / read_bytes as u64;
+    if blocks == 0 {
+        return Err(Error::invalid(format!(
+            "{}: {size} bytes, smaller than one {read_bytes}-byte read",
+            path.display()
+        )));
+    }
+    let offsets = (0..reads)
+        .map(|_| (xorshift(state) % blocks) * read_bytes as u64)
+        .collect();
+    Ok((file, size, offsets))
+}
+
 /// Runs the workloads on `device`.
 pub fn run(
     engine: &Engine,
     device: &Arc<dyn Device>,
     c: &RingsBenchConfig,
 ) -> Result<RingsBenchReport> {
-    if c.read_bytes == 0 || c.read_bytes % 512 != 0 || c.read_bytes > 1 << 20 {
-        return Err(Error::invalid(format!(
-            "reads of {} bytes: a multiple of 512 up to 1 MiB",
-            c.read_bytes
-        )));
-    }
+    check_read_bytes(c.read_bytes)?;
     let mut w = Workloads::load(device)?;
-    let file = File::open(&c.file)?;
-    let size = file.len()?;
-    let blocks = size / c.read_bytes as u64;
-    if blocks == 0 {
-        return Err(Error::invalid(format!(
-            "{}: {size} bytes, smaller than one {}-byte read",
-            c.file.display(),
-            c.read_bytes
-        )));
-    }
+    let mut state = c.seed | 1;
+    let (file, size, offsets) = open_random_reads(&c.file, c.read_bytes, c.reads, &mut state)?;
     let slots = (c.cache_bytes / c.line_bytes.max(1) as u64).clamp(1, 1 << 22) as u32;
     // Whole blocks of threads, one completion word each.
     let threads = c.threads.max(1).div_ceil(kernels::BLOCK) * kernels::BLOCK;
@@ -138,10 +159,6 @@ pub fn run(
         delivery: c.delivery,
         ..ServerConfig::default()
     };
-    let mut state = c.seed | 1;
-    let offsets: Vec<u64> = (0..c.reads)
-        .map(|_| (xorshift(&mut state) % blocks) * c.read_bytes as u64)
-        .collect();
 
     let dst = DeviceBuffer::alloc(device, threads as usize * c.read_bytes as usize)?;
     let region_reads = region()?;

@@ -155,7 +155,7 @@ pub struct GpuMemoryBfsRun {
     pub warps_launched: u64,
 }
 
-/// The reference of [`bfs`]: the same search, same kernel shape and frontier order, with the whole
+/// The reference of [`bfs`]: the same search (the same kernel template and vertex order) with the whole
 /// edge file copied into device memory first (`gpuio_bfs_level_mem`); what BaM calls the
 /// in-memory BFS. Needs device memory for the edge file and the depths.
 pub fn bfs_in_memory(

@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use gpuio::{Engine, Error, ErrorKind, File, Result};
 
+use super::bench::{check_read_bytes, open_random_reads};
+use super::kernels::KernelRun;
 use super::layout::{code, RingConfig, OP_READ};
 use super::producer::{Backoff, Request, RingProducer};
 use super::region::RingRegion;
-use super::server::{HostStorePublish, Publish, RingServer, RingStats, ServerConfig};
+use super::server::{HostStorePublish, Publish, RingServer, ServerConfig};
 use crate::device::{Device, DeviceBuffer};
 
 /// One read in this many is compared with the file byte for byte.
@@ -56,10 +58,10 @@ pub struct HostRingsConfig {
 /// What ran and what it cost.
 #[derive(Debug, Clone)]
 pub struct HostRingsRun {
-    pub requests: u64,
-    pub bytes: u64,
-    pub elapsed: Duration,
-    pub verified_bytes: u64,
+    /// The reads, in the figures a kernel's run reports: `threads` is the reads in flight,
+    /// `elapsed` runs from the first submission to the last completion, `verified_bytes` the
+    /// sampled reads'.
+    pub reads: KernelRun,
     /// CPU seconds of the producer threads.
     pub producer_cpu_s: f64,
     /// CPU seconds of the whole process over the run, producers included.
@@ -67,30 +69,16 @@ pub struct HostRingsRun {
     /// CPU seconds of the stand-in's copy threads (`gpuio-cpu-copy`: what a GPU's copy engine does)
     /// over the run; 0 where `/proc/self/task` cannot be read.
     pub copy_engine_cpu_s: f64,
-    pub server: RingStats,
 }
 
 impl HostRingsRun {
-    pub fn requests_per_sec(&self) -> f64 {
-        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-    pub fn bytes_per_sec(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
     /// CPU microseconds per request of everything but the producers and the stand-in's copy
     /// threads: the server's polling threads and the engine (and the kernel's io_uring workers)
     /// under them.
     pub fn server_cpu_us_per_request(&self) -> f64 {
         (self.process_cpu_s - self.producer_cpu_s - self.copy_engine_cpu_s).max(0.0) * 1e6
-            / self.requests.max(1) as f64
+            / self.reads.requests.max(1) as f64
     }
-}
-
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
 }
 
 fn thread_cpu_s() -> f64 {
@@ -143,28 +131,15 @@ fn cpu_clock(clock: libc::clockid_t) -> f64 {
 
 /// Runs the reads on `device` (the host stand-in).
 pub fn run(engine: &Engine, device: &Arc<dyn Device>, c: &HostRingsConfig) -> Result<HostRingsRun> {
-    if c.read_bytes == 0 || c.read_bytes % 512 != 0 || c.read_bytes > 1 << 20 {
-        return Err(Error::invalid(format!(
-            "reads of {} bytes: a multiple of 512 up to 1 MiB",
-            c.read_bytes
-        )));
-    }
+    check_read_bytes(c.read_bytes)?;
     if !(1..=64).contains(&c.producers) || c.in_flight == 0 || c.in_flight > 1 << 16 {
         return Err(Error::invalid(format!(
             "{} producers with {} reads in flight: 1..=64 producers, 1..=65536 in flight",
             c.producers, c.in_flight
         )));
     }
-    let file = File::open(&c.file)?;
-    let size = file.len()?;
-    let blocks = size / c.read_bytes as u64;
-    if blocks == 0 {
-        return Err(Error::invalid(format!(
-            "{}: {size} bytes, smaller than one {}-byte read",
-            c.file.display(),
-            c.read_bytes
-        )));
-    }
+    let mut state = c.seed | 1;
+    let (file, _, offsets) = open_random_reads(&c.file, c.read_bytes, c.reads, &mut state)?;
     let words = c.in_flight.max(c.producers as u32);
     let region = Arc::new(RingRegion::new(
         device,
@@ -188,10 +163,6 @@ pub fn run(engine: &Engine, device: &Arc<dyn Device>, c: &HostRingsConfig) -> Re
         &publish,
         c.server.clone(),
     )?;
-    let mut state = c.seed | 1;
-    let offsets: Vec<u64> = (0..c.reads)
-        .map(|_| (xorshift(&mut state) % blocks) * c.read_bytes as u64)
-        .collect();
     let next = AtomicU64::new(0);
     let deadline = Instant::now() + c.timeout;
     let before = server.stats();
@@ -243,14 +214,17 @@ pub fn run(engine: &Engine, device: &Arc<dyn Device>, c: &HostRingsConfig) -> Re
         producer_cpu += cpu;
     }
     Ok(HostRingsRun {
-        requests: c.reads,
-        bytes: c.reads * c.read_bytes as u64,
-        elapsed,
-        verified_bytes: verified,
+        reads: KernelRun {
+            requests: c.reads,
+            bytes: c.reads * c.read_bytes as u64,
+            elapsed,
+            server: stats,
+            threads: words as u64,
+            verified_bytes: verified,
+        },
         producer_cpu_s: producer_cpu,
         process_cpu_s: process_cpu,
         copy_engine_cpu_s: copy_cpu,
-        server: stats,
     })
 }
 
