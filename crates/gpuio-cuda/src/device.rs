@@ -505,9 +505,9 @@ pub struct HostDeviceConfig {
     /// Skip the tests' instruments: the CRC-32C of every host source when a copy is queued and again
     /// when it runs ([`HostDevice::reuse_violations`]), and the record of every copy
     /// ([`HostDevice::copy_log`], which grows with each one). `open_device("cpu")`, the CLI's and
-    /// Python's stand-in, skips them: they cost two CRCs of every byte copied (a third of the ring
-    /// server's CPU time at 64 KiB requests, measured with `gpuio rings --device cpu`) and memory
-    /// without bound in a long run.
+    /// Python's stand-in, skips them: they cost two CRCs of every byte copied (31 % of a profile's
+    /// samples of `gpuio rings --device cpu` at 64 KiB requests) and memory without bound in a long
+    /// run.
     pub skip_instruments: bool,
 }
 

@@ -261,7 +261,7 @@ fn produce(
         let mut retries = 0;
         producer
             .submit_until(ring, &req, deadline, &mut retries)
-            .map_err(|e| ring_error(e, "submitting", offsets[i as usize]))
+            .map_err(|e| ring_error(e, "submitting", offsets[i as usize], file))
     };
     // (tag, read index) of the read in flight on each word.
     let mut pending: Vec<Option<(u32, u64)>> = Vec::with_capacity(words.len());
@@ -288,7 +288,7 @@ fn produce(
             progressed = true;
             let off = offsets[i as usize];
             if res != len as i32 {
-                return Err(ring_error(res, "reading", off).with_path(file.path()));
+                return Err(ring_error(res, "reading", off, file));
             }
             if i % VERIFY_EVERY == 0 {
                 std::os::unix::fs::FileExt::read_exact_at(&reference, &mut check, off).map_err(
@@ -332,7 +332,8 @@ fn produce(
     Ok(verified)
 }
 
-fn ring_error(res: i32, what: &str, offset: u64) -> Error {
+/// A read's error result (or a refused submission), naming the file and offset.
+fn ring_error(res: i32, what: &str, offset: u64, file: &File) -> Error {
     Error::new(
         ErrorKind::Io,
         format!(
@@ -340,4 +341,5 @@ fn ring_error(res: i32, what: &str, offset: u64) -> Error {
             code::name(res)
         ),
     )
+    .with_path(file.path())
 }
