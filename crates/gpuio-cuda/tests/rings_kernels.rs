@@ -448,3 +448,20 @@ fn a_gpu_bfs_level_that_leaves_groups_untaken_fails_the_search() {
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("took 0 of 10 vertex groups"), "{e}");
 }
+
+#[test]
+fn a_grid_of_warps_never_exceeds_the_warps_asked_for() {
+    use gpuio_cuda::rings::kernels::{warp_grid, BLOCK};
+    assert_eq!(warp_grid(0), (1, 32), "at least one warp");
+    assert_eq!(warp_grid(1), (1, 32));
+    assert_eq!(warp_grid(7), (1, 224));
+    assert_eq!(warp_grid(8), (1, BLOCK));
+    assert_eq!(warp_grid(13), (1, BLOCK), "rounded down to whole blocks");
+    assert_eq!(warp_grid(16), (2, BLOCK));
+    for asked in 1..5000u32 {
+        let (blocks, block) = warp_grid(asked);
+        let run = blocks * block / 32;
+        assert!(run <= asked && block % 32 == 0 && block <= BLOCK, "{asked}");
+        assert!(run * 2 > asked, "{asked}: {run} is less than half");
+    }
+}

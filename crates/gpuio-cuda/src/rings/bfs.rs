@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use gpuio::{Engine, Error, ErrorKind, File, Result};
 
 use super::deliver::DeliveryPath;
-use super::kernels::{upload, CacheArg, DeviceCache, Workloads, BLOCK};
+use super::kernels::{upload, warp_grid, CacheArg, DeviceCache, Workloads};
 use super::layout::RingConfig;
 use super::region::RingRegion;
 use super::server::{polling_threads, RingServer, RingStats, ServerConfig};
@@ -278,15 +278,8 @@ fn search(
         Edges::Cache(_) => super::kernels::BFS_LEVEL,
         Edges::Memory(_) => super::kernels::BFS_LEVEL_MEM,
     };
-    // Every level scans every group; more warps than groups would find nothing to take. Whole
-    // blocks, rounded down, so that the cache's cap on warps holds exactly.
-    let warps = (max_warps as u64).min(groups) as u32;
-    let per_block = BLOCK / 32;
-    let (blocks, block) = if warps < per_block {
-        (1, warps * 32)
-    } else {
-        (warps / per_block, BLOCK)
-    };
+    // Every level scans every group; more warps than groups would find nothing to take.
+    let (blocks, block) = warp_grid((max_warps as u64).min(groups) as u32);
     let warps = blocks * block / 32;
     let mut warps_launched = 0u64;
     let mut level = 0u32;

@@ -45,8 +45,21 @@ pub const ENTRIES: [&str; 5] = [
     BFS_LEVEL_MEM,
     LAYOUT_PROBE,
 ];
-/// Threads per block of every launch.
+/// Threads per block of every launch (fewer only where a launch wants fewer warps than a block).
 pub const BLOCK: u32 = 256;
+
+/// The grid of at most `warps` warps (at least one): whole blocks of [`BLOCK`], rounded down, or one
+/// smaller block. Returns (blocks, threads per block). Rounded down so that a cap on warps — the
+/// device cache's quarter of its lines, which keeps its lines from all being pinned — holds exactly.
+pub fn warp_grid(warps: u32) -> (u32, u32) {
+    let warps = warps.max(1);
+    let per_block = BLOCK / 32;
+    if warps < per_block {
+        (1, warps * 32)
+    } else {
+        (warps / per_block, BLOCK)
+    }
+}
 
 /// `gpuio::Queue`: what a kernel needs to submit to and wait on a region's rings.
 #[repr(C)]
@@ -477,8 +490,7 @@ pub fn gather_rows_out(
     let errors = DeviceBuffer::alloc(&device, 12)?;
     upload(device.as_ref(), &[0u8; 12], errors.ptr())?;
 
-    let warps = warps.clamp(1, (c.slots / 4).max(1));
-    let blocks = (warps * 32).div_ceil(BLOCK);
+    let (blocks, block) = warp_grid(warps.clamp(1, (c.slots / 4).max(1)));
     let (mut a, mut ip, mut n, mut words, mut op, mut pf, mut e) = (
         c,
         idx.ptr(),
@@ -501,7 +513,7 @@ pub fn gather_rows_out(
     let t0 = Instant::now();
     // SAFETY: the parameters match gpuio_gather_rows(array<u32>, const u64*, u64, u32, u32*, int,
     // int*); the cache, the indices, the output and the error words live past the wait below.
-    unsafe { w.module.launch(GATHER_ROWS, blocks, BLOCK, &mut params)? };
+    unsafe { w.module.launch(GATHER_ROWS, blocks, block, &mut params)? };
     if let Err(e) = w.module.synchronize(timeout) {
         if w.hung() {
             // The kernel may still use them.
@@ -521,7 +533,7 @@ pub fn gather_rows_out(
             bytes: rows.len() as u64 * row_bytes as u64,
             elapsed,
             server: stats,
-            threads: blocks as u64 * BLOCK as u64,
+            threads: blocks as u64 * block as u64,
             verified_bytes: 0,
         },
         got,
