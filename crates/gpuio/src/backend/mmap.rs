@@ -16,10 +16,14 @@
 //!    on its thread, and a process-wide SIGBUS handler that finds the faulting address inside the marked
 //!    range records the fault and maps zero pages over the rest of that range (`MAP_FIXED`), so the copy
 //!    runs to its end instead of dying; the copy then reports the fault, and its bytes are discarded.
-//!    Mappings made before a fault are never used again ([`mapping_fault_epoch`]); the read is retried
-//!    on a fresh mapping of the file's new length (a short read, or `EIO` if the pages still cannot be
-//!    read — a SIGBUS also reports a failed read-in). Faults anywhere else go to the handler that was
-//!    installed before (Rust's own stack-overflow handler, or the default action).
+//!    A copy that may have read such zero pages — its own fault, or another thread's fault whose zeroed
+//!    range overlaps what it read — is retried on a fresh mapping of the file's new length (a short
+//!    read, or `EIO` if the pages still cannot be read — a SIGBUS also reports a failed read-in); a
+//!    cached mapping is dropped once a fault has zeroed part of it. The handler records each zeroed
+//!    range in a small ring ([`FAULT_RANGES`]), so faults on one file's mapping cost another file's
+//!    reads nothing; only when the ring has been lapped, or a record is being written, is a read
+//!    retried without knowing. Faults anywhere else go to the handler that was installed before (Rust's
+//!    own stack-overflow handler, or the default action).
 //!
 //! The handler does only async-signal-safe things: thread-local and atomic loads and stores, and one
 //! `mmap` system call. No `sigsetjmp`/`longjmp` is involved (not sound in Rust), which is why the copy
@@ -51,6 +55,27 @@ thread_local! {
 
 /// Counts SIGBUS faults caught in guarded copies, process-wide.
 static FAULT_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// The virtual range one caught fault replaced with zero pages; `seq` is the fault's number + 1 once
+/// `from` and `to` are written (0 or another number: being written, or overwritten by a later lap).
+struct FaultRange {
+    seq: AtomicU64,
+    from: AtomicUsize,
+    to: AtomicUsize,
+}
+
+/// Faults remembered: fault `e` is in slot `e % FAULT_RANGES_LEN`. Enough that a copy lapping the ring
+/// is rare even under a storm: beside a thread taking one fault per copy, and the flapping-file test,
+/// 64 were lapped by one 8 MiB copy through a fresh mapping on 2 cores (tests/faults.rs); 24 KiB.
+const FAULT_RANGES_LEN: usize = 1024;
+#[allow(clippy::declare_interior_mutable_const)] // the initializer of the array below, not shared
+const NO_RANGE: FaultRange = FaultRange {
+    seq: AtomicU64::new(0),
+    from: AtomicUsize::new(0),
+    to: AtomicUsize::new(0),
+};
+/// The ranges the last [`FAULT_RANGES_LEN`] caught faults zeroed, written by the handler.
+static FAULT_RANGES: [FaultRange; FAULT_RANGES_LEN] = [NO_RANGE; FAULT_RANGES_LEN];
 /// The system's page size, read when the handler is installed.
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 static INSTALL: Once = Once::new();
@@ -61,9 +86,9 @@ struct PrevAction(std::cell::UnsafeCell<std::mem::MaybeUninit<libc::sigaction>>)
 unsafe impl Sync for PrevAction {}
 static PREV: PrevAction = PrevAction(std::cell::UnsafeCell::new(std::mem::MaybeUninit::zeroed()));
 
-/// How many SIGBUS faults guarded copies have caught so far in this process. A mapping made when this
-/// had one value must not be read once it has another: the handler may have replaced some of its pages
-/// with zeros.
+/// How many SIGBUS faults guarded copies have caught so far in this process. Each replaced some pages
+/// of the mapping it hit with zeros; the engine asks which (a private `touched_since`) before it trusts
+/// a copy or a cached mapping made when this had an earlier value.
 pub fn mapping_fault_epoch() -> u64 {
     FAULT_EPOCH.load(Ordering::SeqCst)
 }
@@ -76,9 +101,15 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         let page = PAGE.load(Ordering::Relaxed);
         let from = addr & !(page - 1);
         let to = end.div_ceil(page) * page;
-        // The epoch moves before any page changes, so a copy elsewhere that reads a replaced page sees
-        // the new epoch when it checks after its copy.
-        FAULT_EPOCH.fetch_add(1, Ordering::SeqCst);
+        // The epoch moves, and the range is recorded, before any page changes, so a copy elsewhere that
+        // reads a replaced page sees the new epoch when it checks after its copy, and either this range
+        // or a record it cannot trust (`touched_since`).
+        let e = FAULT_EPOCH.fetch_add(1, Ordering::SeqCst);
+        let r = &FAULT_RANGES[(e % FAULT_RANGES_LEN as u64) as usize];
+        r.seq.store(0, Ordering::SeqCst);
+        r.from.store(from, Ordering::SeqCst);
+        r.to.store(to, Ordering::SeqCst);
+        r.seq.store(e + 1, Ordering::SeqCst);
         let _ = FAULTED.try_with(|f| f.set(true));
         // SAFETY: [from, to) lies inside the mapping the guarded copy is reading (its pages are whole
         // pages of that mapping: the range starts inside it and ends at or before the mapping's last
@@ -117,6 +148,29 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
         f(sig);
     }
+}
+
+/// Whether a fault caught since `epoch` (a [`mapping_fault_epoch`] value) may have replaced pages of
+/// `[start, start + len)` with zeros: a recorded zeroed range overlaps it, or a fault's record is lost
+/// (lapped) or still being written, which counts as overlapping.
+fn touched_since(epoch: u64, start: usize, len: usize) -> bool {
+    let now = mapping_fault_epoch();
+    if now == epoch {
+        return false;
+    }
+    if now - epoch > FAULT_RANGES_LEN as u64 {
+        return true;
+    }
+    let end = start.saturating_add(len);
+    (epoch..now).any(|e| {
+        let r = &FAULT_RANGES[(e % FAULT_RANGES_LEN as u64) as usize];
+        if r.seq.load(Ordering::SeqCst) != e + 1 {
+            return true;
+        }
+        let (from, to) = (r.from.load(Ordering::SeqCst), r.to.load(Ordering::SeqCst));
+        // Rewritten meanwhile: the range read may be another fault's.
+        r.seq.load(Ordering::SeqCst) != e + 1 || (from < end && start < to)
+    })
 }
 
 /// Installs the SIGBUS handler (once per process).
@@ -202,7 +256,9 @@ impl Mapper {
         epoch: u64,
     ) -> std::result::Result<Arc<Mapping>, i64> {
         if let Some(m) = self.maps.lock().get(&req.file.id()) {
-            if m.epoch == epoch && m.map.len() as u64 >= end {
+            if m.map.len() as u64 >= end
+                && !touched_since(m.epoch, m.map.as_ptr() as usize, m.map.len())
+            {
                 return Ok(m.clone());
             }
         }
@@ -254,7 +310,7 @@ impl Mapper {
             let clean = unsafe {
                 copy_from_mapping(map.map.as_ptr().add(req.offset as usize), span.ptr, n)
             };
-            if clean && mapping_fault_epoch() == epoch {
+            if clean && !touched_since(epoch, map.map.as_ptr() as usize + req.offset as usize, n) {
                 // A file cut inside the last page copied reads zeros past its new end instead of
                 // faulting: count only the bytes the file still holds, as `pread` would.
                 return match req.file.len() {
@@ -263,7 +319,8 @@ impl Mapper {
                     Err(e) => neg_errno(&e),
                 };
             }
-            // A fault here or elsewhere since the epoch was read: this mapping may hold zero pages.
+            // A fault in this copy, or one elsewhere that zeroed part of what it read: this mapping may
+            // hold zero pages.
             let mut maps = self.maps.lock();
             if maps
                 .get(&req.file.id())
