@@ -69,16 +69,20 @@ fn cpu_producers_read_through_the_server_and_every_sample_matches_the_file() {
     });
 }
 
+/// The error of a run on an engine with `plan`'s faults (seeded), which must fail.
+fn fail_with(plan: FaultPlan, seed: u64, producers: usize, in_flight: u32) -> gpuio::Error {
+    let dir = tempfile::tempdir().unwrap();
+    let path = file(dir.path());
+    let device: Arc<dyn Device> = open_device("cpu").unwrap();
+    let (engine, _faults) =
+        faulty_engine_with(test_config(BackendKind::Threads), seed, plan).unwrap();
+    run(&engine, &device, &config(path, producers, in_flight)).unwrap_err()
+}
+
 #[test]
 fn engine_faults_fail_the_run_naming_the_file_and_offset() {
     within(120, || {
-        let dir = tempfile::tempdir().unwrap();
-        let path = file(dir.path());
-        let device: Arc<dyn Device> = open_device("cpu").unwrap();
-        let plan = FaultPlan::none().with_read_eio(0.05);
-        let (engine, _faults) =
-            faulty_engine_with(test_config(BackendKind::Threads), 3, plan).unwrap();
-        let e = run(&engine, &device, &config(path.clone(), 2, 16)).unwrap_err();
+        let e = fail_with(FaultPlan::none().with_read_eio(0.05), 3, 2, 16);
         assert_eq!(e.kind(), ErrorKind::Io, "{e}");
         let msg = e.to_string();
         assert!(msg.contains("f.bin") && msg.contains("at offset"), "{msg}");
@@ -88,14 +92,8 @@ fn engine_faults_fail_the_run_naming_the_file_and_offset() {
 #[test]
 fn bytes_that_differ_from_the_file_are_caught_by_the_sample() {
     within(120, || {
-        let dir = tempfile::tempdir().unwrap();
-        let path = file(dir.path());
-        let device: Arc<dyn Device> = open_device("cpu").unwrap();
         // Every read delivers its full length with wrong bytes: only the comparison can tell.
-        let plan = FaultPlan::none().with_corrupt_read(1.0);
-        let (engine, _faults) =
-            faulty_engine_with(test_config(BackendKind::Threads), 4, plan).unwrap();
-        let e = run(&engine, &device, &config(path.clone(), 1, 8)).unwrap_err();
+        let e = fail_with(FaultPlan::none().with_corrupt_read(1.0), 4, 1, 8);
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
         assert!(e.to_string().contains("differs from the file"), "{e}");
     });
