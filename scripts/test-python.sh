@@ -51,6 +51,6 @@ export PATH="$("$run_py" -c "$scheme"):$PATH"
 
 # Run from the repository root so that the installed package, not python/gpuio's sources, is imported.
 status=0
-"$run_py" -m pytest -p no:cacheprovider -q "$root/python/tests" "$@" || status=$?
+"$run_py" -m pytest -p no:cacheprovider -q -rs "$root/python/tests" "$@" || status=$?
 echo "test-python: $(( $(date +%s) - start )) s"
 exit "$status"
